@@ -1,0 +1,1 @@
+"""WorldStereo Studio inference engine (no UI code)."""

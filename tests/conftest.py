@@ -1,0 +1,41 @@
+"""Shared test set-up: offline hub, small thread count, the shared examples, GPU skipping."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; weights are built tiny and saved locally
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("WORLDSTEREO_SHARED", REPO.parent / "shared")).resolve()
+EXAMPLES = SHARED / "examples"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def examples() -> Path:
+    """The shared example inputs (read in place, never copied into the repo)."""
+    if not EXAMPLES.is_dir():
+        pytest.fail(f"shared examples not found at {EXAMPLES}; set WORLDSTEREO_SHARED to the shared folder")
+    return EXAMPLES
+
+
+@pytest.fixture
+def artifacts() -> Path:
+    """A folder for files a test keeps for people to look at (screenshots)."""
+    out = REPO / "tests" / "artifacts"
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,230 @@
+"""WorldStereoTransformer at the tiny official configuration: key contract, forward, branch behaviour."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+
+from engine.models.branches import grid_positions, rotary_at
+from engine.models.config import WorldStereoConfig
+from engine.models.loading import build_transformer, tiny_transformer_config
+from engine.models.transformer import backbone_init_kwargs
+
+OFFICIAL = "reference/official_state_dict_tiny.json"
+B, F, H, W = 1, 3, 16, 16  # latent size; pixel size is 8x
+F_PIX = (F - 1) * 4 + 1
+
+
+@pytest.fixture(scope="module")
+def official(examples):
+    return json.loads((examples.parent / OFFICIAL).read_text())
+
+
+def _inputs(seed=0, refs=0):
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(
+        hidden_states=torch.randn(B, 36, F, H, W, generator=g),
+        timestep=torch.tensor([700.0]),
+        encoder_hidden_states=torch.randn(B, 8, 32, generator=g),
+        encoder_hidden_states_image=torch.randn(B, 4, 24, generator=g),
+        render_latent=torch.randn(B, 16, F, H, W, generator=g),
+        render_mask=(torch.rand(B, 1, F_PIX, H * 8, W * 8, generator=g) > 0.3).float(),
+        camera_embedding=torch.randn(B, 6, F_PIX, H * 8, W * 8, generator=g),
+        camera_qt=torch.randn(B, F, 7, generator=g),
+    )
+    if refs:
+        kw.update(reference_latent=torch.randn(B, 16, refs, H, W, generator=g),
+                  ref_index=torch.arange(refs), camera_qt_ref=torch.randn(B, refs, 7, generator=g),
+                  pointmap_latent=torch.randn(B, 16, F, H, W, generator=g),
+                  ref_pointmap_latent=torch.randn(B, 16, refs, H, W, generator=g))
+    return kw
+
+
+def _perturb_zero_params(model, seed=1):
+    """Give every all-zero parameter (the zero-initialised layers) small random values."""
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and not p.any():
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+                n += 1
+    assert n > 0
+    return model
+
+
+@pytest.fixture(scope="module")
+def memory_model():
+    cfg, base = tiny_transformer_config("worldstereo-memory")
+    return build_transformer(cfg, base, seed=0)
+
+
+@pytest.mark.parametrize("variant", ["worldstereo-camera", "worldstereo-memory"])
+def test_state_dict_matches_official_keys_and_shapes(official, variant):
+    cfg, base = tiny_transformer_config(variant)
+    assert {k: base[k] for k in official["base_transformer_config"]} == official["base_transformer_config"]
+    expected_cn = dict(official["controlnet_cfg"])
+    if variant == "worldstereo-camera":  # the camera checkpoint has neither memory embedding
+        expected_cn.update(ref_embedding=False, main_camera_embedding=False)
+    assert cfg.controlnet_cfg.to_dict() == expected_cn
+    model = build_transformer(cfg, base)
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    want = official["state_dict"][variant]
+    assert sorted(set(want) - set(got)) == []
+    assert sorted(set(got) - set(want)) == []
+    assert {k: got[k] for k in want} == want
+
+
+def test_dmd_variant_has_memory_layout(official):
+    cfg, base = tiny_transformer_config("worldstereo-memory-dmd")
+    got = {k: list(v.shape) for k, v in build_transformer(cfg, base).state_dict().items()}
+    assert got == official["state_dict"]["worldstereo-memory"]
+    assert cfg.dmd_steps == 4
+
+
+def test_rotary_at_reproduces_diffusers_grid(memory_model):
+    x = torch.zeros(1, 36, F, H, W)
+    cos, sin = memory_model.rope(x)
+    t, h, w = grid_positions(range(F), H // 2, W // 2)
+    cos2, sin2 = rotary_at(memory_model.rope, t, h, w)
+    assert torch.equal(cos, cos2) and torch.equal(sin, sin2)
+
+
+@pytest.mark.parametrize("refs", [0, 2])
+def test_forward_shape(memory_model, refs):
+    with torch.no_grad():
+        out = memory_model(**_inputs(refs=refs))
+    assert out.shape == (B, 16, F, H, W)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("variant", ["worldstereo-camera", "worldstereo-memory"])
+def test_zero_init_branches_leave_backbone_output(variant):
+    cfg, base = tiny_transformer_config(variant)
+    model = build_transformer(cfg, base, seed=3)
+    plain = WanTransformer3DModel(**backbone_init_kwargs(base)).eval()
+    plain.load_state_dict(model.backbone_state_dict(), strict=True)
+    kw = _inputs(seed=4)
+    with torch.no_grad():
+        ours = model(**kw)
+        ref = plain(hidden_states=kw["hidden_states"], timestep=kw["timestep"],
+                    encoder_hidden_states=kw["encoder_hidden_states"],
+                    encoder_hidden_states_image=kw["encoder_hidden_states_image"], return_dict=False)[0]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    # ... and the same model without any branch input is the backbone too
+    with torch.no_grad():
+        bare = model(hidden_states=kw["hidden_states"], timestep=kw["timestep"],
+                     encoder_hidden_states=kw["encoder_hidden_states"],
+                     encoder_hidden_states_image=kw["encoder_hidden_states_image"])
+    torch.testing.assert_close(bare, ref, rtol=0, atol=1e-5)
+
+
+def test_branches_act_once_zero_layers_are_perturbed():
+    cfg, base = tiny_transformer_config("worldstereo-memory")
+    model = _perturb_zero_params(build_transformer(cfg, base, seed=5))
+    kw = _inputs(seed=6, refs=2)
+    with torch.no_grad():
+        out = model(**kw)
+        other_ref = model(**{**kw, "reference_latent": kw["reference_latent"].flip(-1)})
+        other_render = model(**{**kw, "render_latent": torch.zeros_like(kw["render_latent"])})
+        other_qt = model(**{**kw, "camera_qt_ref": kw["camera_qt_ref"] + 1})
+        no_refs = model(**{k: v for k, v in kw.items() if k not in ("reference_latent", "ref_index", "camera_qt_ref")})
+    for changed in (other_ref, other_render, other_qt, no_refs):
+        assert (changed - out).abs().max() > 1e-4
+
+
+def test_stitched_references_bound_by_position_not_order():
+    """Reordering the references together with their ref_index is the same set of tokens at the same rotary
+    positions, so the output must not change; moving a reference to another frame must change it."""
+    cfg, base = tiny_transformer_config("worldstereo-memory")
+    model = _perturb_zero_params(build_transformer(cfg, base, seed=7))
+    kw = _inputs(seed=8, refs=2)
+    perm = torch.tensor([1, 0])
+    swapped = {**kw, "reference_latent": kw["reference_latent"][:, :, perm], "ref_index": kw["ref_index"][perm],
+               "camera_qt_ref": kw["camera_qt_ref"][:, perm]}
+    moved = {**kw, "ref_index": torch.tensor([1, 1])}
+    with torch.no_grad():
+        out, out_swapped, out_moved = model(**kw), model(**swapped), model(**moved)
+    torch.testing.assert_close(out_swapped, out, rtol=0, atol=2e-5)
+    assert (out_moved - out).abs().max() > 1e-4
+
+
+def test_branch_mode_attention_stays_inside_each_pair():
+    cfg, base = tiny_transformer_config("worldstereo-memory", memory_mode="branch")
+    model = _perturb_zero_params(build_transformer(cfg, base, seed=9))
+    kw = _inputs(seed=10, refs=2)  # reference r serves latent frame r+1
+    with torch.no_grad():
+        temb = model.condition_embedder(kw["timestep"], kw["encoder_hidden_states"])[0]
+
+        def residuals(ref):
+            return model.memory_branch_residuals(hidden_states=kw["hidden_states"], reference_latent=ref,
+                                                 ref_index=torch.arange(2).unsqueeze(0), temb=temb,
+                                                 pointmap_latent=kw["pointmap_latent"],
+                                                 ref_pointmap_latent=kw["ref_pointmap_latent"])
+
+        base_res = residuals(kw["reference_latent"])
+        ref2 = kw["reference_latent"].clone()
+        ref2[:, :, 1] += torch.randn(ref2[:, :, 1].shape, generator=torch.Generator().manual_seed(0))
+        new_res = residuals(ref2)
+        out, out2 = model(**kw), model(**{**kw, "reference_latent": ref2})
+    per = (H // 2) * (W // 2)
+    for a, b in zip(base_res, new_res):
+        a, b = a.view(B, F, per, -1), b.view(B, F, per, -1)
+        assert not a[:, 0].any()  # the input frame has no reference
+        assert torch.equal(a[:, :2], b[:, :2])  # frames 0 and 1 untouched by reference 1
+        assert (a[:, 2] - b[:, 2]).abs().max() > 1e-4  # frame 2, the one it serves, changes
+    assert (out2 - out).abs().max() > 1e-4
+
+
+def test_mask_embedding_front_padding_is_causal_in_time():
+    """The temporal conv (before GroupNorm couples frames) must give latent frame 0 only pixel frame 0, and pixel
+    frames 1..4 to latent frame 1: what zero-padding 3 frames at the front with kernel = stride = 4 means."""
+    model = build_transformer(*tiny_transformer_config("worldstereo-camera"), seed=11)
+    emb = model.controlnet.controlnet_mask_embedding
+    seen = []
+    hook = emb.mask_proj[0].register_forward_hook(lambda m, i, o: seen.append(o))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 7, F_PIX, 16, 16, generator=g)
+    y = x.clone()
+    y[:, :, 1] += 1.0
+    with torch.no_grad():
+        emb(x), emb(y)
+    hook.remove()
+    a, b = seen
+    assert a.shape[2] == F
+    assert torch.equal(a[:, :, 0], b[:, :, 0])
+    assert (a[:, :, 1] - b[:, :, 1]).abs().max() > 1e-4
+    assert torch.equal(a[:, :, 2], b[:, :, 2])
+
+
+def test_attention_processors_reach_the_branches(memory_model):
+    names = list(memory_model.attn_processors)
+    assert any(n.startswith("controlnet.controlnet_blocks.0.self_attn") for n in names)
+    assert any(n.startswith("blocks.0.attn1") for n in names)
+
+
+def test_bad_mask_frames_are_a_clear_error(memory_model):
+    kw = _inputs()
+    kw["render_mask"] = kw["render_mask"][:, :, :4]
+    kw["camera_embedding"] = kw["camera_embedding"][:, :, :4]
+    with pytest.raises(ValueError, match="frames"):
+        memory_model(**kw)
+
+
+def test_config_round_trip_keeps_unknown_keys(tmp_path):
+    d = {"base_model": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", "latent_cond_mode": "full_vae",
+         "negative_prompt": "blurry", "freeze_backbone": True, "nframe": 21,
+         "scale_map": {"0.625": [480, 768]}, "gen_shift": 3.0, "dmd_steps": 4, "dmd_start_steps": 250,
+         "dmd_end_steps": 1000, "some_future_key": [1, 2],
+         "controlnet_cfg": {"dim": 1024, "ffn_dim": 4096, "num_heads": 8, "time_embed_dim": 5120, "num_layers": 4,
+                            "conv_out_dim": 5120, "add_channels": 7, "mid_channels": 64, "mask_downsample": 4,
+                            "interp": False, "update_ref": True, "ref_embedding": True,
+                            "main_camera_embedding": True, "camera_embedding_dim": 7, "new_branch_key": "x"}}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    cfg = WorldStereoConfig.from_json(tmp_path / "config.json")
+    assert cfg.controlnet_cfg.update_ref is True and cfg.memory_mode == "stitched"
+    back = json.loads(cfg.to_json())
+    assert back.pop("memory_mode") == "stitched"
+    assert back == d

@@ -1,0 +1,4 @@
+from engine.cli import main
+import sys
+
+sys.exit(main())

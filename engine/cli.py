@@ -1,0 +1,158 @@
+"""Command line: ``python -m engine generate|render|engines`` — the same engine the web demo drives.
+
+Every error a person can cause ends in one sentence on stderr and exit code 2; nothing is half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from engine.engines import ENGINES, engine_status, resolve_engine
+
+
+class _Bar:
+    """Maps the engine's ``(fraction, message)`` progress onto one tqdm bar."""
+
+    def __init__(self, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1000, desc=desc, unit="‰", bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} {postfix}")
+        self.last = 0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        pos = int(round(min(max(fraction, 0.0), 1.0) * 1000))
+        if pos > self.last:
+            self.bar.update(pos - self.last)
+            self.last = pos
+        self.bar.set_postfix_str(message[:60], refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _user_errors() -> tuple[type, ...]:
+    from engine.geometry.cameras import CameraFormatError
+    from engine.images import ImageInputError
+    from engine.scene import SceneError
+
+    return (CameraFormatError, ImageInputError, SceneError, ValueError, FileNotFoundError)
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_generate(args) -> int:
+    from engine.geometry import trajectories as traj
+    from engine.scene import Scene, SceneSettings
+
+    if bool(args.image) == bool(args.panorama):
+        raise ValueError("Give exactly one input: --image PATH or --panorama PATH.")
+    names = [t.strip() for t in args.trajectories.split(",") if t.strip()] if args.trajectories else None
+    for name in names or []:
+        preset = name.split(":", 1)[-1]
+        if preset not in traj.PRESETS:
+            raise ValueError(f"Unknown trajectory '{preset}'; choose from: {', '.join(traj.PRESETS)}.")
+    engine = resolve_engine(args.engine, Path(args.weights) if args.weights else None, announce=print)
+    out = Path(args.out)
+    requests = list(names) if names else None
+    if args.camera_json:
+        from engine.geometry.cameras import Cameras
+        from engine.scene import TrajectoryRequest
+
+        requests = (requests or []) + [TrajectoryRequest(name=Path(args.camera_json).stem, cameras=Cameras.from_json(args.camera_json))]
+    if (out / "manifest.json").exists():
+        scene = Scene.open(out)
+        print(f"Resuming the scene in {out} ({len(scene.clips)} clip(s) already done).")
+    else:
+        settings = SceneSettings(engine=engine, seed=args.seed, prompt=args.prompt, device=args.device or _default_device(),
+                                 weights=args.weights, depth=args.depth, frames=args.frames or SceneSettings.frames)
+        bar = _Bar("preparing")
+        try:
+            scene = Scene.create(out, args.image or args.panorama, panorama=bool(args.panorama), settings=settings,
+                                 camera_json=args.camera_json, progress=bar)
+        finally:
+            bar.close()
+    bar = _Bar("generating")
+    t0 = time.perf_counter()
+    try:
+        scene.run(requests, progress=bar)
+    finally:
+        bar.close()
+    print(f"Done in {time.perf_counter() - t0:.1f} s with the '{scene.settings.engine}' engine. Written to {out}:")
+    for clip in scene.clips:
+        print(f"  {clip['folder']}/  clip.mp4 render.mp4 render_mask.mp4 cameras.json references.json")
+    for name in ("scene.ply", "scene.glb", "cameras.json", "transforms.json", "images/", "manifest.json", "scene.zip"):
+        print(f"  {name}")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from engine.render_cli import render_scene
+
+    render_scene(args.scene, args.out, trajectory=args.trajectory, depth=args.depth, frames=args.frames,
+                 max_side=args.max_side, announce=print)
+    print(f"Wrote {args.out}/render.mp4, render_mask.mp4, cameras.json")
+    return 0
+
+
+def cmd_engines(args) -> int:
+    for name in ENGINES:
+        ok, reason = engine_status(name, Path(args.weights) if args.weights else None)
+        print(f"{'available  ' if ok else 'unavailable'}  {reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine", description="WorldStereo Studio engine")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="one photo or panorama in: clips, point cloud, cameras, dataset out")
+    g.add_argument("--image", help="input photo (PNG, JPEG, WebP)")
+    g.add_argument("--panorama", help="input 360° equirectangular panorama (2:1)")
+    g.add_argument("--trajectories", help="comma-separated presets, e.g. up,left,right,orbit (panorama: view0:forward,…)")
+    g.add_argument("--camera-json", help="an official camera.json trajectory to generate as well")
+    g.add_argument("--engine", choices=list(ENGINES), help="default: worldstereo-memory-dmd on a GPU with weights, else preview")
+    g.add_argument("--weights", help="local folder with the checkpoints (else the Hugging Face cache)")
+    g.add_argument("--prompt", help="optional text prompt")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--frames", type=int, help="keyframes per clip (default 21)")
+    g.add_argument("--depth", help="depth model folder/repo, or a depth map (.npy metres / 16-bit PNG) for the input")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    g.add_argument("--out", default="outputs/scene", help="job folder (an existing one is resumed)")
+    g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("render", help="render a scene's 3D cache along a trajectory (GGM inputs)")
+    r.add_argument("--scene", required=True, help="a folder with image.png (+ camera.json), or a job folder")
+    r.add_argument("--out", required=True)
+    r.add_argument("--trajectory", help="a preset name or a camera.json path (default: the scene's camera.json, else orbit)")
+    r.add_argument("--depth", help="depth map of the image (.npy metres or 16-bit PNG)")
+    r.add_argument("--frames", type=int, default=21)
+    r.add_argument("--max-side", type=int, default=768, help="longest image side of the renders")
+    r.set_defaults(func=cmd_render)
+
+    e = sub.add_parser("engines", help="list engines and whether they can run here")
+    e.add_argument("--weights")
+    e.set_defaults(func=cmd_engines)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("Interrupted; finished clips are kept and the run resumes with the same --out.", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Which engines exist, what each needs, and which one a run gets.
+
+Availability is decided without loading or downloading anything (CUDA present? checkpoint files in the given
+folder or the Hugging Face cache?), so the CLI and the UI can say at once why an engine is unavailable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+HUB_REPO = "hanshanxue/WorldStereo"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    variant: Optional[str]  # checkpoint subfolder of HUB_REPO; None for engines without official weights
+    generative: bool  # runs the WorldStereo network (real or tiny random)
+    needs_gpu: bool
+    description: str
+
+
+ENGINES: dict[str, EngineSpec] = {
+    spec.name: spec
+    for spec in (
+        EngineSpec("worldstereo-memory-dmd", "worldstereo-memory-dmd", True, True,
+                   "full model with memory, 4-step DMD sampler (fast)"),
+        EngineSpec("worldstereo-memory", "worldstereo-memory", True, True,
+                   "full model with memory, 40-step UniPC + guidance (best quality, slow)"),
+        EngineSpec("worldstereo-camera", "worldstereo-camera", True, True,
+                   "camera control only (no memory), 40-step UniPC + guidance"),
+        EngineSpec("tiny-random", None, True, False,
+                   "the same architecture at a tiny random size: frames are noise; for tests and smoke runs"),
+        EngineSpec("preview", None, False, False,
+                   "no generative network: renders the 3D cache and fills holes classically (a preview, not generation)"),
+    )
+}
+DEFAULT_GPU_ENGINE = "worldstereo-memory-dmd"
+FALLBACK_ENGINE = "preview"
+
+
+class EngineUnavailable(RuntimeError):
+    """An engine that cannot run here; the message says why in one sentence."""
+
+
+def checkpoint_dir(variant: str, weights: Optional[Path]) -> Optional[Path]:
+    """The local folder holding ``variant``'s config.json + model.safetensors, or None when not present.
+
+    ``weights`` may be the variant folder itself or a folder with one subfolder per variant; without it the
+    Hugging Face cache is searched (no network access).
+    """
+    if weights is not None:
+        for cand in (Path(weights) / variant, Path(weights)):
+            if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
+                return cand
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = []
+    for name in ("config.json", "model.safetensors"):
+        hit = try_to_load_from_cache(HUB_REPO, f"{variant}/{name}")
+        if not isinstance(hit, str):
+            return None
+        found.append(Path(hit).parent)
+    return found[0]
+
+
+def engine_status(name: str, weights: Optional[Path] = None) -> tuple[bool, str]:
+    """``(available, reason)``; ``reason`` is one sentence a person can act on."""
+    spec = ENGINES.get(name)
+    if spec is None:
+        return False, f"Unknown engine '{name}'; choose one of: {', '.join(ENGINES)}."
+    if spec.needs_gpu and not torch.cuda.is_available():
+        return False, f"{name} needs a CUDA GPU and none was found."
+    if spec.variant is not None and checkpoint_dir(spec.variant, weights) is None:
+        where = f"in {weights}" if weights is not None else "in the Hugging Face cache"
+        return False, (
+            f"{name} weights were not found {where}; download them with "
+            f"`huggingface-cli download {HUB_REPO} --include '{spec.variant}/*'` or pass --weights DIR."
+        )
+    return True, f"{name}: {spec.description}."
+
+
+def resolve_engine(requested: Optional[str] = None, weights: Optional[Path] = None,
+                   announce: Callable[[str], None] = print) -> str:
+    """The engine a run uses: the requested one if it can run, else ``preview`` with a one-line reason.
+
+    With nothing requested, the full DMD model where a GPU and its weights are present, else ``preview``.
+    """
+    name = requested or DEFAULT_GPU_ENGINE
+    if name not in ENGINES:
+        raise EngineUnavailable(engine_status(name)[1])
+    ok, reason = engine_status(name, weights)
+    if ok:
+        return name
+    announce(f"{reason} Falling back to the '{FALLBACK_ENGINE}' engine: {ENGINES[FALLBACK_ENGINE].description}.")
+    return FALLBACK_ENGINE

@@ -311,7 +311,14 @@ class Cameras:
             raise CameraFormatError(f"{source}: extrinsics must be rigid world-to-camera transforms (rotation + translation).")
         if (k[:, 0, 0] <= 0).any() or (k[:, 1, 1] <= 0).any():
             raise CameraFormatError(f"{source}: intrinsics must have positive focal lengths.")
+        if np.abs(k[:, 2] - [0, 0, 1]).max() > 1e-6 or np.abs(k[:, 1, 0]).max() > 1e-6:
+            raise CameraFormatError(f"{source}: intrinsics must be pinhole matrices with last row (0, 0, 1).")
         meta = {key: v for key, v in data.items() if key not in ("extrinsic", "intrinsic", "motion_list")}
+        for key in ("width", "height"):
+            if key in meta and not (isinstance(meta[key], int) and not isinstance(meta[key], bool) and meta[key] > 0):
+                raise CameraFormatError(f"{source}: '{key}' must be a positive whole number of pixels.")
+        if width is not None and height is not None and "width" in meta:
+            meta.update(width=int(width), height=int(height))  # an explicit size wins, and is what gets written
         width = width or meta.get("width") or int(round(2 * k[0, 0, 2]))
         height = height or meta.get("height") or int(round(2 * k[0, 1, 2]))
         motion = data.get("motion_list")
@@ -326,20 +333,24 @@ class Cameras:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CameraFormatError(f"Camera file {path} does not exist.") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CameraFormatError(f"Camera file {path} is not valid JSON ({e.__class__.__name__}).") from None
+        except OSError:
+            raise CameraFormatError(f"Camera file {path} does not exist or is not a readable file.") from None
         return cls.from_json_dict(data, width, height, source=f"Camera file {path.name}")
 
 
 def load_camera_bank(path: PathLike) -> tuple[list[str], Cameras]:
     """Read a panorama bank ``cameras.json`` (``{"0000": {"intrinsic", "extrinsic"}, ...}``) in key order."""
     path = Path(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
-    names = sorted(data)
-    cams = Cameras.from_json_dict(
-        {"extrinsic": [data[n]["extrinsic"] for n in names], "intrinsic": [data[n]["intrinsic"] for n in names]},
-        source=f"Camera bank {path.name}",
-    )
-    return names, cams
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        names = sorted(data)
+        merged = {"extrinsic": [data[n]["extrinsic"] for n in names], "intrinsic": [data[n]["intrinsic"] for n in names]}
+    except OSError:
+        raise CameraFormatError(f"Camera bank {path} does not exist or is not a readable file.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, AttributeError):
+        raise CameraFormatError(
+            f"Camera bank {path.name} must map frame names to {{'intrinsic', 'extrinsic'}} objects."
+        ) from None
+    return names, Cameras.from_json_dict(merged, source=f"Camera bank {path.name}")

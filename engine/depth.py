@@ -1,0 +1,521 @@
+"""Monocular depth: MoGe-2 (``moge`` package) when its weights can be had, a stated fallback when not.
+
+Every estimator returns a ``DepthEstimate`` in the project's camera convention (OpenCV axes, pixel-centre
+intrinsics in pixels, z-depth): ``points[..., i, j] = depth[..., i, j] * K^-1 (j+0.5, i+0.5, 1)``.
+Pixels outside ``mask`` (sky, no data) carry depth 0 and point (0, 0, 0), so nothing downstream mistakes
+them for geometry.
+
+Fallbacks, used when MoGe weights are missing (offline, not in the cache) and always announced in one line:
+
+- ``PlaneDepth`` for photos: a fronto-parallel plane at ``DEFAULT_PLANE_DEPTH`` metres with a
+  ``DEFAULT_FOV_X``-degree horizontal field of view. Camera moves then parallax like a postcard, which is
+  honest about knowing nothing of the scene's shape.
+- ``SphereDepth`` for panoramas (applied to the perspective views cut from them): every pixel at the same
+  distance ``DEFAULT_SPHERE_RADIUS`` from the centre, so all views of one panorama agree on one sphere.
+- ``UserDepth``: the user's own depth map, a ``.npy`` of float z-depth in METRES or a 16-bit PNG of z-depth
+  in MILLIMETRES (0 = no data in either). Detected by content, like images.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.geometry.cameras import Cameras, intrinsics_from_fov
+
+PathLike = Union[str, Path]
+
+DEFAULT_MOGE_REPO = "Ruicheng/moge-2-vitl-normal"
+MOGE_CHECKPOINT_FILE = "model.pt"
+DEFAULT_FOV_X = 60.0  # degrees; a typical phone / compact-camera photo
+DEFAULT_PLANE_DEPTH = 3.0  # metres; a room-scale distance
+DEFAULT_SPHERE_RADIUS = 3.0  # metres
+PNG_DEPTH_UNIT = 0.001  # 16-bit PNG depth values are millimetres
+DOWNLOAD_TIMEOUT_S = 10.0
+
+
+class DepthUnavailable(RuntimeError):
+    """MoGe weights or code that cannot be had here; the message says why in one sentence."""
+
+
+class DepthInputError(ValueError):
+    """A user depth file that cannot be used; the message is one sentence saying what to do."""
+
+
+# ---- result type ---------------------------------------------------------------------------------
+
+@dataclass
+class DepthEstimate:
+    """Depth of one image (``[H,W]``) or of a batch (leading ``F``), all in the camera frame of each image.
+
+    depth  ``[...,H,W]``   z-depth in metres (MoGe-2 is metric; fallbacks use their stated scale); 0 where invalid
+    points ``[...,H,W,3]`` camera-frame points (OpenCV axes); ``points[..., 2] == depth``
+    mask   ``[...,H,W]``   bool, True where the depth is real geometry
+    K      ``[...,3,3]``   intrinsics in pixels (pixel-centre convention)
+    source  'moge-2', 'moge-1', 'plane fallback', 'sphere fallback' or 'user depth'
+    """
+
+    depth: torch.Tensor
+    points: torch.Tensor
+    mask: torch.Tensor
+    K: torch.Tensor
+    source: str
+
+    @property
+    def intrinsics(self) -> torch.Tensor:
+        return self.K
+
+    @property
+    def height(self) -> int:
+        return self.depth.shape[-2]
+
+    @property
+    def width(self) -> int:
+        return self.depth.shape[-1]
+
+    @property
+    def fov_x(self) -> torch.Tensor:
+        """Horizontal field of view in degrees (``[...]``)."""
+        return torch.rad2deg(2 * torch.atan(0.5 * self.width / self.K[..., 0, 0]))
+
+    def __len__(self) -> int:
+        if self.depth.dim() != 3:
+            raise TypeError("A single DepthEstimate has no length; only a batch does.")
+        return self.depth.shape[0]
+
+    def __getitem__(self, i: int) -> "DepthEstimate":
+        if self.depth.dim() != 3:
+            raise TypeError("Only a batched DepthEstimate can be indexed.")
+        return DepthEstimate(self.depth[i], self.points[i], self.mask[i], self.K[i], self.source)
+
+    def to(self, device=None, dtype=None) -> "DepthEstimate":
+        return replace(
+            self,
+            depth=self.depth.to(device=device, dtype=dtype),
+            points=self.points.to(device=device, dtype=dtype),
+            mask=self.mask.to(device=device),
+            K=self.K.to(device=device, dtype=dtype),
+        )
+
+    def cameras(self, w2c: Optional[torch.Tensor] = None) -> Cameras:
+        """A ``Cameras`` batch with these intrinsics (identity pose unless ``w2c`` is given)."""
+        k = self.K if self.K.dim() == 3 else self.K[None]
+        if w2c is None:
+            w2c = torch.eye(4, dtype=torch.float64).expand(k.shape[0], 4, 4)
+        return Cameras(torch.as_tensor(w2c, dtype=torch.float64), k.double().cpu(), self.width, self.height)
+
+    @staticmethod
+    def stack(items: Sequence["DepthEstimate"]) -> "DepthEstimate":
+        if not items:
+            raise ValueError("Cannot stack an empty list of depth estimates.")
+        return DepthEstimate(
+            torch.stack([e.depth for e in items]),
+            torch.stack([e.points for e in items]),
+            torch.stack([e.mask for e in items]),
+            torch.stack([e.K for e in items]),
+            items[0].source,
+        )
+
+
+def _camera_rays(K: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``[H,W,3]`` directions with z = 1 through pixel centres (the camera module's convention)."""
+    cams = Cameras(torch.eye(4, dtype=torch.float64), K.detach().double().cpu().reshape(1, 3, 3), width, height)
+    return cams.ray_directions_camera()[0]
+
+
+def _from_depth(depth: torch.Tensor, mask: torch.Tensor, K: torch.Tensor, source: str) -> DepthEstimate:
+    """Build a consistent estimate from z-depth, zeroing invalid pixels."""
+    h, w = depth.shape[-2:]
+    rays = _camera_rays(K, h, w).to(device=depth.device, dtype=depth.dtype)
+    mask = mask & torch.isfinite(depth) & (depth > 0)
+    depth = torch.where(mask, depth, torch.zeros_like(depth))
+    return DepthEstimate(depth, rays * depth[..., None], mask, K.to(device=depth.device, dtype=depth.dtype), source)
+
+
+def _check_image(image: torch.Tensor, batched: bool) -> None:
+    want = 4 if batched else 3
+    if image.dim() != want or image.shape[-3] != 3:
+        shape = "[F,3,H,W]" if batched else "[3,H,W]"
+        raise ValueError(f"Depth estimation needs images shaped {shape} in [0, 1]; got {tuple(image.shape)}.")
+
+
+def _fov_list(fov_x, n: int) -> list[Optional[float]]:
+    if fov_x is None or isinstance(fov_x, (int, float)):
+        return [fov_x] * n
+    vals = torch.as_tensor(fov_x, dtype=torch.float64).reshape(-1).tolist()
+    if len(vals) == 1:
+        return vals * n
+    if len(vals) != n:
+        raise ValueError(f"fov_x must be one value or one per frame ({n}); got {len(vals)}.")
+    return vals
+
+
+class _Estimator:
+    """Common batch handling; subclasses implement ``estimate``."""
+
+    source: str = ""
+
+    def estimate(self, image: torch.Tensor, fov_x: Optional[float] = None) -> DepthEstimate:  # pragma: no cover
+        raise NotImplementedError
+
+    def estimate_batch(self, images: torch.Tensor, fov_x=None) -> DepthEstimate:
+        _check_image(images, batched=True)
+        fovs = _fov_list(fov_x, images.shape[0])
+        return DepthEstimate.stack([self.estimate(img, f) for img, f in zip(images, fovs)])
+
+    def describe(self) -> str:
+        return self.source
+
+
+# ---- MoGe ----------------------------------------------------------------------------------------
+
+def _hub_offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:
+        return True
+
+
+def _looks_like_repo_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
+
+
+def resolve_moge_checkpoint(repo_or_dir: PathLike, local_files_only: Optional[bool] = None) -> Path:
+    """The local ``model.pt`` for a file, a folder holding one, or a hub repo id (cache first; a download
+    only when the hub is not switched off, with a short timeout). Raises ``DepthUnavailable``."""
+    p = Path(repo_or_dir).expanduser()
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if (p / MOGE_CHECKPOINT_FILE).is_file():
+            return p / MOGE_CHECKPOINT_FILE
+        raise DepthUnavailable(f"MoGe folder {p} has no {MOGE_CHECKPOINT_FILE}.")
+    spec = str(repo_or_dir)
+    if not _looks_like_repo_id(spec):
+        raise DepthUnavailable(f"MoGe weights '{spec}' are neither a local file or folder nor a Hugging Face repo id.")
+    try:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    except ImportError:
+        raise DepthUnavailable("huggingface_hub is not installed, so MoGe weights cannot be fetched.") from None
+    cached = try_to_load_from_cache(spec, MOGE_CHECKPOINT_FILE)
+    if isinstance(cached, str):
+        return Path(cached)
+    offline = _hub_offline() if local_files_only is None else local_files_only
+    if offline:
+        raise DepthUnavailable(f"MoGe weights '{spec}' are not in the Hugging Face cache and downloads are switched off.")
+    try:
+        return Path(hf_hub_download(spec, MOGE_CHECKPOINT_FILE, etag_timeout=DOWNLOAD_TIMEOUT_S))
+    except Exception as e:  # network, auth, missing repo: all mean "not available here"
+        raise DepthUnavailable(f"MoGe weights '{spec}' could not be downloaded ({e.__class__.__name__}).") from None
+
+
+class DepthEstimator(_Estimator):
+    """MoGe (v2, or v1) wrapped to return ``DepthEstimate`` in pixel intrinsics."""
+
+    def __init__(self, model: torch.nn.Module, version: str = "v2", resolution_level: int = 9, batch_size: int = 4):
+        self.model = model.eval()
+        self.version = version
+        self.source = "moge-2" if version == "v2" else "moge-1"
+        self.resolution_level = resolution_level
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_or_dir: PathLike = DEFAULT_MOGE_REPO,
+        device: Union[str, torch.device] = "cpu",
+        dtype: Optional[torch.dtype] = None,
+        local_files_only: Optional[bool] = None,
+        **kwargs,
+    ) -> "DepthEstimator":
+        """Load a MoGe checkpoint (``model.pt`` with ``model_config`` + ``model``) from a file, a folder or the hub.
+
+        Unlike ``moge``'s own loader the state dict must match exactly: a checkpoint that leaves weights
+        random is refused instead of producing plausible-looking nonsense.
+        """
+        path = resolve_moge_checkpoint(repo_or_dir, local_files_only)
+        try:
+            from moge.model import import_model_class_by_version
+        except ImportError as e:
+            raise DepthUnavailable(f"The moge package cannot be imported ({e.__class__.__name__}: {e}).") from None
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            config = dict(ckpt["model_config"])
+            state = ckpt["model"]
+        except Exception as e:
+            raise DepthUnavailable(f"MoGe checkpoint {path.name} cannot be read ({e.__class__.__name__}).") from None
+        version = "v2" if "neck" in config else "v1"
+        try:
+            model = import_model_class_by_version(version)(**config)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except Exception as e:
+            raise DepthUnavailable(f"MoGe checkpoint {path.name} does not build a {version} model ({e.__class__.__name__}).") from None
+        if missing or unexpected:
+            raise DepthUnavailable(
+                f"MoGe checkpoint {path.name} does not match its own config ({len(missing)} missing, {len(unexpected)} unexpected weights)."
+            )
+        model = model.to(device=torch.device(device), dtype=dtype or torch.float32)
+        return cls(model, version=version, **kwargs)
+
+    @torch.inference_mode()
+    def estimate_batch(self, images: torch.Tensor, fov_x=None) -> DepthEstimate:
+        _check_image(images, batched=True)
+        n, _, h, w = images.shape
+        fovs = _fov_list(fov_x, n)
+        device = self.device
+        # fp16 autocast only where it is fast and supported (CUDA with fp32 weights).
+        use_fp16 = device.type == "cuda" and self.dtype == torch.float32
+        out = []
+        for start in range(0, n, self.batch_size):
+            chunk = images[start : start + self.batch_size].to(device=device, dtype=self.dtype)
+            chunk_fov = fovs[start : start + self.batch_size]
+            if all(f is None for f in chunk_fov):
+                fov_arg = None
+            elif any(f is None for f in chunk_fov):
+                raise ValueError("fov_x must be given for every frame of a batch or for none.")
+            else:
+                fov_arg = torch.tensor(chunk_fov, device=device, dtype=torch.float32)
+            with warnings.catch_warnings():
+                # moge opens an fp32 autocast region on every device; on CPU torch warns that it is a no-op.
+                warnings.filterwarnings("ignore", message="In CPU autocast")
+                res = self.model.infer(
+                    chunk, resolution_level=self.resolution_level, apply_mask=False, force_projection=True,
+                    fov_x=fov_arg, use_fp16=use_fp16,
+                )
+            depth = res["depth"].float()
+            mask = res["mask"] if "mask" in res else torch.ones_like(depth, dtype=torch.bool)
+            k = res["intrinsics"].float().clone()  # normalised: x by width, y by height
+            k[:, 0, :] *= w
+            k[:, 1, :] *= h
+            k[:, 2, :] = torch.tensor([0.0, 0.0, 1.0], device=k.device)
+            for i in range(depth.shape[0]):
+                out.append(_from_depth(depth[i], mask[i].bool(), k[i], self.source))
+        return DepthEstimate.stack(out)
+
+    def estimate(self, image: torch.Tensor, fov_x: Optional[float] = None) -> DepthEstimate:
+        _check_image(image, batched=False)
+        return self.estimate_batch(image[None], None if fov_x is None else [fov_x])[0]
+
+    def describe(self) -> str:
+        return f"MoGe-{self.version[1]} ({self.device.type})"
+
+
+# ---- fallbacks -----------------------------------------------------------------------------------
+
+class PlaneDepth(_Estimator):
+    """A fronto-parallel plane at ``depth`` metres seen with a ``fov_x``-degree horizontal field of view."""
+
+    source = "plane fallback"
+
+    def __init__(self, depth: float = DEFAULT_PLANE_DEPTH, fov_x: float = DEFAULT_FOV_X):
+        if not (depth > 0 and math.isfinite(depth)):
+            raise ValueError(f"Plane depth must be a positive number of metres; got {depth}.")
+        self.depth, self.fov_x = float(depth), float(fov_x)
+
+    def estimate(self, image: torch.Tensor, fov_x: Optional[float] = None) -> DepthEstimate:
+        _check_image(image, batched=False)
+        h, w = image.shape[-2:]
+        K = intrinsics_from_fov(w, h, fov_x or self.fov_x)[0].float()
+        depth = torch.full((h, w), self.depth, dtype=torch.float32)
+        return _from_depth(depth, torch.ones(h, w, dtype=torch.bool), K, self.source)
+
+    def describe(self) -> str:
+        return f"constant-depth plane ({self.depth:g} m away, {self.fov_x:g}° field of view)"
+
+
+class SphereDepth(_Estimator):
+    """Every pixel at distance ``radius`` from the camera centre (z-depth = radius / |K^-1 (u,v,1)|)."""
+
+    source = "sphere fallback"
+
+    def __init__(self, radius: float = DEFAULT_SPHERE_RADIUS, fov_x: float = DEFAULT_FOV_X):
+        if not (radius > 0 and math.isfinite(radius)):
+            raise ValueError(f"Sphere radius must be a positive number of metres; got {radius}.")
+        self.radius, self.fov_x = float(radius), float(fov_x)
+
+    def estimate(self, image: torch.Tensor, fov_x: Optional[float] = None) -> DepthEstimate:
+        _check_image(image, batched=False)
+        h, w = image.shape[-2:]
+        K = intrinsics_from_fov(w, h, fov_x or self.fov_x)[0].float()
+        rays = _camera_rays(K, h, w).float()
+        depth = self.radius / rays.norm(dim=-1)
+        return _from_depth(depth, torch.ones(h, w, dtype=torch.bool), K, self.source)
+
+    def describe(self) -> str:
+        return f"constant-distance sphere ({self.radius:g} m radius)"
+
+
+def _read_user_depth(path: Path) -> np.ndarray:
+    name = path.name
+    if not path.is_file():
+        raise DepthInputError(f"Depth file '{name}' does not exist; check the path.")
+    head = path.read_bytes()[:8]
+    if head.startswith(b"\x93NUMPY"):
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise DepthInputError(f"Depth file '{name}' is not a readable .npy array ({e.__class__.__name__}).") from None
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise DepthInputError(f"Depth file '{name}' holds {arr.dtype} values; save float depth in metres.")
+        return arr.astype(np.float64)
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                mode = im.mode
+                if not (mode.startswith("I;16") or mode == "I"):
+                    raise DepthInputError(
+                        f"Depth PNG '{name}' is {mode} (8-bit or colour); depth PNGs must be 16-bit greyscale in millimetres."
+                    )
+                arr = np.asarray(im, dtype=np.float64)
+        except DepthInputError:
+            raise
+        except Exception as e:
+            raise DepthInputError(f"Depth PNG '{name}' cannot be decoded ({e.__class__.__name__}); re-export it.") from None
+        return arr * PNG_DEPTH_UNIT
+    raise DepthInputError(f"Depth file '{name}' is neither a .npy array nor a 16-bit PNG.")
+
+
+class UserDepth(_Estimator):
+    """The user's depth map (``.npy`` float metres or 16-bit PNG millimetres; 0 = no data)."""
+
+    source = "user depth"
+
+    def __init__(self, path: PathLike, fov_x: float = DEFAULT_FOV_X):
+        self.path = Path(path)
+        self.fov_x = float(fov_x)
+        arr = _read_user_depth(self.path)
+        name = self.path.name
+        arr = np.squeeze(arr)
+        if arr.ndim != 2:
+            raise DepthInputError(f"Depth file '{name}' must be one HxW map; got shape {arr.shape}.")
+        if not np.isfinite(arr).all():
+            raise DepthInputError(f"Depth file '{name}' contains NaN or infinite values; use 0 for pixels without depth.")
+        if (arr < 0).any():
+            raise DepthInputError(f"Depth file '{name}' contains negative depths; depth must be metres in front of the camera.")
+        if not (arr > 0).any():
+            raise DepthInputError(f"Depth file '{name}' has no positive depth values.")
+        self.depth = torch.from_numpy(arr.astype(np.float32))
+
+    def estimate(self, image: torch.Tensor, fov_x: Optional[float] = None) -> DepthEstimate:
+        _check_image(image, batched=False)
+        h, w = image.shape[-2:]
+        dh, dw = self.depth.shape
+        depth = self.depth
+        if (dh, dw) != (h, w):
+            if abs(math.log((dw / dh) / (w / h))) > 0.01:
+                raise DepthInputError(
+                    f"Depth map '{self.path.name}' is {dw}x{dh} but the image is {w}x{h}; give a depth map of the same shape."
+                )
+            # Nearest neighbour: interpolating across an object edge would invent depths between fore- and background.
+            depth = F.interpolate(depth[None, None], size=(h, w), mode="nearest-exact")[0, 0]
+        K = intrinsics_from_fov(w, h, fov_x or self.fov_x)[0].float()
+        return _from_depth(depth.clone(), depth > 0, K, self.source)
+
+    def describe(self) -> str:
+        return f"user depth from {self.path.name}"
+
+
+AnyEstimator = Union[DepthEstimator, PlaneDepth, SphereDepth, UserDepth]
+
+
+def _is_user_depth_file(p: Path) -> bool:
+    if not p.is_file():
+        return False
+    head = p.read_bytes()[:8]
+    return head.startswith(b"\x93NUMPY") or head.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def load_depth_estimator(
+    spec=None,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    announce: Optional[Callable[[str], None]] = print,
+    panorama: bool = False,
+    local_files_only: Optional[bool] = None,
+) -> AnyEstimator:
+    """The depth estimator a run gets.
+
+    ``spec``: None (MoGe-2 from the hub cache), a hub repo id, a local MoGe file/folder, a user depth file
+    (``.npy`` / 16-bit PNG), ``'plane'`` / ``'sphere'``, or an estimator object (returned as is).
+    When MoGe cannot be had, the plane (photos) or sphere (``panorama=True``) fallback is returned and
+    ``announce`` gets ONE line saying which fallback and why.
+    """
+    if isinstance(spec, _Estimator):
+        return spec
+    if spec in ("plane", "sphere"):
+        return PlaneDepth() if spec == "plane" else SphereDepth()
+    if spec is not None and _is_user_depth_file(Path(spec)):
+        return UserDepth(spec)
+    try:
+        return DepthEstimator.from_pretrained(spec or DEFAULT_MOGE_REPO, device=device, dtype=dtype, local_files_only=local_files_only)
+    except DepthUnavailable as e:
+        fallback = SphereDepth() if panorama else PlaneDepth()
+        reason = " ".join(str(e).split())  # one line, whatever the message held
+        if announce is not None:
+            announce(f"Depth: {reason.rstrip('.')}; using a {fallback.describe()} instead.")
+        return fallback
+
+
+# ---- scale alignment to the 3D cache -------------------------------------------------------------
+
+def align_to(
+    estimate: DepthEstimate,
+    reference_depth: torch.Tensor,
+    valid: torch.Tensor,
+    robust: bool = True,
+    with_shift: bool = True,
+):
+    """Bring ``estimate`` to the cache's scale: ``depth' = scale * depth + shift`` fitted where ``valid``
+    (and the estimate's own mask) on ``reference_depth`` (same shape; a batch is aligned frame by frame).
+
+    Returns ``(aligned_estimate, alignments)`` (one ``Alignment`` per frame, a list for a batch). Points are
+    recomputed from the new depth because a shift does not scale the point map uniformly; pixels whose
+    aligned depth is not positive leave the mask.
+    """
+    from engine.geometry.align import align_depth  # lazily: the cache geometry lives in its own module
+
+    if reference_depth.shape != estimate.depth.shape or valid.shape != estimate.depth.shape:
+        raise ValueError(
+            f"Reference depth {tuple(reference_depth.shape)} and valid mask {tuple(valid.shape)} must match the "
+            f"estimate's depth {tuple(estimate.depth.shape)}."
+        )
+    batched = estimate.depth.dim() == 3
+    items = [estimate[i] for i in range(len(estimate))] if batched else [estimate]
+    refs = reference_depth if batched else reference_depth[None]
+    vals = valid if batched else valid[None]
+    out, alignments = [], []
+    for est, ref, val in zip(items, refs, vals):
+        ref = ref.to(est.depth.device, est.depth.dtype)
+        fit_valid = val.to(est.depth.device).bool() & est.mask
+        al = align_depth(est.depth, ref, fit_valid, robust=robust, with_shift=with_shift)
+        scale = torch.as_tensor(al.scale, dtype=est.depth.dtype, device=est.depth.device)
+        shift = getattr(al, "shift", None)
+        shift = torch.as_tensor(0.0 if shift is None else shift, dtype=est.depth.dtype, device=est.depth.device)
+        aligned = scale * est.depth + shift
+        out.append(_from_depth(aligned, est.mask, est.K, est.source))
+        alignments.append(al)
+    if batched:
+        return DepthEstimate.stack(out), alignments
+    return out[0], alignments[0]

@@ -1,0 +1,300 @@
+"""Monocular depth: a tiny random MoGe-2 saved and loaded through the real checkpoint path, the fallbacks,
+user depth files, the one-line announcement, and the glue to scale alignment."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import types
+import warnings
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.depth import (
+    DEFAULT_FOV_X,
+    DEFAULT_PLANE_DEPTH,
+    DepthEstimate,
+    DepthEstimator,
+    DepthInputError,
+    DepthUnavailable,
+    PlaneDepth,
+    SphereDepth,
+    UserDepth,
+    align_to,
+    load_depth_estimator,
+)
+
+TINY_BACKBONE = "dinov2_tiny_test"
+
+
+def _tiny_backbone(*, pretrained: bool = False, **_):
+    from moge.model.dinov2.layers import MemEffAttention, NestedTensorBlock
+    from moge.model.dinov2.models.vision_transformer import DinoVisionTransformer
+
+    return DinoVisionTransformer(
+        img_size=518, patch_size=14, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
+        block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention), init_values=1.0, block_chunks=0,
+    )
+
+
+def _tiny_config() -> dict:
+    head = lambda out: dict(dim_in=[16, 8, 8, 8, 8], dim_res_blocks=[8, 8, 4, 4, 4], dim_out=[None] * 4 + [out],
+                            resamplers=["conv_transpose"] * 4, res_block_hidden_norm="layer_norm")
+    return dict(
+        encoder=dict(backbone=TINY_BACKBONE, intermediate_layers=2, dim_out=16),
+        neck=dict(dim_in=[18, 2, 2, 2, 2], dim_res_blocks=[16, 8, 8, 8, 8], dim_out=[None] * 5,
+                  resamplers=["conv_transpose"] * 4, res_block_hidden_norm="layer_norm"),
+        points_head=head(3),
+        mask_head=head(1),
+        scale_head=dict(dims=[32, 16, 1]),
+        remap_output="exp",
+        num_tokens_range=[4, 6],
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_moge(tmp_path_factory):
+    """A random MoGe-2 at a tiny size, saved as the official ``model.pt`` layout (model_config + model)."""
+    import moge.model.dinov2.hub.backbones as backbones
+    from moge.model.v2 import MoGeModel
+
+    backbones.__dict__[TINY_BACKBONE] = _tiny_backbone  # the encoder looks its backbone up by name
+    torch.manual_seed(0)
+    config = _tiny_config()
+    model = MoGeModel(**config)
+    with torch.no_grad():
+        # Most pixels valid, some not: the mask logit gets a spatially varying offset through its bias.
+        model.mask_head.output_blocks[-1].bias.fill_(0.3)
+    folder = tmp_path_factory.mktemp("moge")
+    torch.save({"model_config": config, "model": model.state_dict()}, folder / "model.pt")
+    yield folder, model.eval()
+    backbones.__dict__.pop(TINY_BACKBONE, None)
+
+
+def _check_consistent(est: DepthEstimate, h: int, w: int) -> None:
+    assert est.depth.shape == (h, w) and est.points.shape == (h, w, 3) and est.mask.shape == (h, w)
+    assert est.mask.dtype == torch.bool and est.K.shape == (3, 3)
+    torch.testing.assert_close(est.points[..., 2], est.depth)
+    m = est.mask
+    assert m.any()
+    assert (est.depth[m] > 0).all() and (est.depth[~m] == 0).all() and (est.points[~m] == 0).all()
+    # Projection with K lands every valid point on its own pixel centre (j + 0.5, i + 0.5).
+    x, y, z = est.points[m].double().unbind(-1)
+    K = est.K.double()
+    u = K[0, 0] * x / z + K[0, 2]
+    v = K[1, 1] * y / z + K[1, 2]
+    ii, jj = torch.nonzero(m, as_tuple=True)
+    torch.testing.assert_close(u, jj.double() + 0.5, atol=1e-3, rtol=0)
+    torch.testing.assert_close(v, ii.double() + 0.5, atol=1e-3, rtol=0)
+
+
+# ---- MoGe through the real loading path ----------------------------------------------------------
+
+def test_tiny_moge_loads_and_estimates(tiny_moge):
+    folder, reference_model = tiny_moge
+    est = DepthEstimator.from_pretrained(folder)  # a folder holding model.pt, like a hub snapshot
+    assert est.source == "moge-2"
+    for name, p in reference_model.state_dict().items():
+        assert torch.equal(est.model.state_dict()[name], p), name
+
+    g = torch.Generator().manual_seed(1)
+    img = torch.rand(3, 42, 56, generator=g)
+    out = est.estimate(img)
+    _check_consistent(out, 42, 56)
+    assert out.source == "moge-2"
+    # Principal point at the image centre, square pixels (MoGe's model of the camera).
+    assert float(out.K[0, 2]) == pytest.approx(28.0) and float(out.K[1, 2]) == pytest.approx(21.0)
+    assert float(out.K[0, 0]) == pytest.approx(float(out.K[1, 1]), rel=1e-5)
+
+    # Same numbers as moge's own API on the same weights (metric depth, mask from its mask head).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="In CPU autocast")
+        ref = reference_model.infer(img[None], resolution_level=9, apply_mask=False, use_fp16=False)
+    ref_mask = ref["mask"][0] & (ref["depth"][0] > 0)
+    assert torch.equal(out.mask, ref_mask)
+    torch.testing.assert_close(out.depth[out.mask], ref["depth"][0][out.mask])
+
+
+def test_tiny_moge_known_fov_and_batch(tiny_moge):
+    folder, _ = tiny_moge
+    est = DepthEstimator.from_pretrained(folder / "model.pt", batch_size=2)
+    g = torch.Generator().manual_seed(2)
+    imgs = torch.rand(3, 3, 28, 42, generator=g)
+    out = est.estimate_batch(imgs, fov_x=[50.0, 70.0, 90.0])  # two chunks: 2 + 1
+    assert out.depth.shape == (3, 28, 42) and out.K.shape == (3, 3, 3) and len(out) == 3
+    torch.testing.assert_close(out.fov_x.double(), torch.tensor([50.0, 70.0, 90.0], dtype=torch.float64), atol=1e-3, rtol=0)
+    for i in range(3):
+        _check_consistent(out[i], 28, 42)
+    single = est.estimate(imgs[1], fov_x=70.0)
+    torch.testing.assert_close(single.depth, out.depth[1], atol=1e-4, rtol=1e-4)
+
+
+def test_official_loader_reads_our_checkpoint_layout(tiny_moge):
+    from moge.model.v2 import MoGeModel
+
+    folder, reference_model = tiny_moge
+    model = MoGeModel.from_pretrained(folder / "model.pt")
+    for name, p in reference_model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], p)
+
+
+def test_mismatched_checkpoint_refused(tiny_moge, tmp_path):
+    folder, _ = tiny_moge
+    ckpt = torch.load(folder / "model.pt", weights_only=True)
+    ckpt["model"].pop(next(iter(ckpt["model"])))
+    torch.save(ckpt, tmp_path / "model.pt")
+    with pytest.raises(DepthUnavailable, match="1 missing") as e:
+        DepthEstimator.from_pretrained(tmp_path)
+    assert "\n" not in str(e.value)
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(DepthUnavailable, match="no model.pt"):
+        DepthEstimator.from_pretrained(tmp_path / "junk")
+
+
+def test_uncached_hub_repo_offline_is_quick_and_announced():
+    t0 = time.perf_counter()
+    with pytest.raises(DepthUnavailable, match="not in the Hugging Face cache"):
+        DepthEstimator.from_pretrained("nobody-here/no-such-moge", local_files_only=True)
+    lines: list[str] = []
+    est = load_depth_estimator("nobody-here/no-such-moge", announce=lines.append, local_files_only=True)
+    assert isinstance(est, PlaneDepth)
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "plane" in lines[0] and "not in the Hugging Face cache" in lines[0]
+    pano = load_depth_estimator("nobody-here/no-such-moge", announce=lines.append, panorama=True, local_files_only=True)
+    assert isinstance(pano, SphereDepth) and len(lines) == 2 and "sphere" in lines[1]
+    assert time.perf_counter() - t0 < 5.0  # no network wait
+
+
+def test_load_depth_estimator_dispatch(tiny_moge, tmp_path):
+    folder, _ = tiny_moge
+    lines: list[str] = []
+    assert isinstance(load_depth_estimator(folder, announce=lines.append), DepthEstimator)
+    assert isinstance(load_depth_estimator("plane", announce=lines.append), PlaneDepth)
+    np.save(tmp_path / "d.npy", np.full((8, 8), 2.0))
+    assert isinstance(load_depth_estimator(tmp_path / "d.npy", announce=lines.append), UserDepth)
+    assert lines == []  # nothing fell back, nothing to announce
+
+
+# ---- fallbacks -----------------------------------------------------------------------------------
+
+def test_plane_fallback_is_a_fronto_parallel_plane():
+    h, w = 30, 40
+    out = PlaneDepth().estimate(torch.rand(3, h, w))
+    _check_consistent(out, h, w)
+    assert out.source == "plane fallback" and out.mask.all()
+    f = 0.5 * w / math.tan(math.radians(DEFAULT_FOV_X) / 2)
+    jj = torch.arange(w, dtype=torch.float64) + 0.5
+    ii = torch.arange(h, dtype=torch.float64) + 0.5
+    d = DEFAULT_PLANE_DEPTH
+    torch.testing.assert_close(out.points[..., 2].double(), torch.full((h, w), d, dtype=torch.float64))
+    torch.testing.assert_close(out.points[0, :, 0].double(), (jj - w / 2) * d / f, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.points[:, 0, 1].double(), (ii - h / 2) * d / f, atol=1e-5, rtol=0)
+    # A plane: every point satisfies n . p = d with n = +z, and the fit of a plane through them is exact.
+    p = out.points.reshape(-1, 3).double()
+    centred = p - p.mean(0)
+    assert torch.linalg.svdvals(centred)[-1] < 1e-4
+    assert float(PlaneDepth(depth=5.0).estimate(torch.rand(3, h, w), fov_x=90).fov_x) == pytest.approx(90.0)
+
+
+def test_sphere_fallback_constant_distance():
+    out = SphereDepth(radius=4.0).estimate(torch.rand(3, 24, 32), fov_x=120.0)
+    _check_consistent(out, 24, 32)
+    torch.testing.assert_close(out.points.norm(dim=-1), torch.full((24, 32), 4.0), atol=1e-5, rtol=0)
+    assert out.source == "sphere fallback"
+
+
+# ---- user depth ----------------------------------------------------------------------------------
+
+def test_user_depth_npy_metres(tmp_path):
+    rng = np.random.default_rng(0)
+    depth = rng.uniform(0.5, 9.0, size=(20, 30))
+    depth[3, 4] = 0.0  # no data
+    np.save(tmp_path / "d.npy", depth)
+    out = UserDepth(tmp_path / "d.npy").estimate(torch.rand(3, 20, 30))
+    _check_consistent(out, 20, 30)
+    assert out.source == "user depth" and not out.mask[3, 4] and out.mask.sum() == 20 * 30 - 1
+    np.testing.assert_allclose(out.depth.numpy()[out.mask.numpy()], depth[depth > 0], rtol=1e-6)
+
+
+def test_user_depth_png_millimetres(tmp_path):
+    mm = (np.arange(16 * 24, dtype=np.uint32).reshape(16, 24) * 97 + 250).astype(np.uint16)
+    mm[0, 0] = 0
+    Image.fromarray(mm).save(tmp_path / "d.png")
+    assert Image.open(tmp_path / "d.png").mode.startswith("I")
+    out = UserDepth(tmp_path / "d.png").estimate(torch.rand(3, 16, 24))
+    _check_consistent(out, 16, 24)
+    expected_m = mm.astype(np.float64) / 1000.0
+    np.testing.assert_allclose(out.depth.numpy(), expected_m, rtol=1e-6)
+    assert not out.mask[0, 0]
+    # Same aspect, double resolution: nearest-neighbour upsampling keeps the original values.
+    big = UserDepth(tmp_path / "d.png").estimate(torch.rand(3, 32, 48))
+    np.testing.assert_allclose(big.depth.numpy()[1::2, 1::2], expected_m, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda p: np.save(p / "x.npy", np.array([[1.0, np.nan], [1.0, 1.0]])), "NaN"),
+        (lambda p: np.save(p / "x.npy", -np.ones((4, 4))), "negative"),
+        (lambda p: np.save(p / "x.npy", np.ones((2, 4, 4))), "one HxW map"),
+        (lambda p: np.save(p / "x.npy", np.zeros((4, 4))), "no positive"),
+        (lambda p: Image.fromarray(np.full((8, 8), 9, np.uint8)).save(p / "x.npy", format="PNG"), "16-bit"),
+        (lambda p: (p / "x.npy").write_text("hello"), "neither"),
+    ],
+)
+def test_bad_user_depth_one_line_errors(tmp_path, make, match):
+    make(tmp_path)
+    with pytest.raises(DepthInputError, match=match) as e:
+        UserDepth(tmp_path / "x.npy")
+    assert "\n" not in str(e.value) and str(e.value).endswith(".")
+
+
+def test_user_depth_shape_mismatch(tmp_path):
+    np.save(tmp_path / "d.npy", np.ones((10, 10)))
+    with pytest.raises(DepthInputError, match="10x10 but the image is 20x10"):
+        UserDepth(tmp_path / "d.npy").estimate(torch.rand(3, 10, 20))
+    with pytest.raises(DepthInputError, match="does not exist"):
+        UserDepth(tmp_path / "missing.npy")
+
+
+# ---- alignment glue ------------------------------------------------------------------------------
+
+def test_align_to_applies_fitted_scale_and_shift(monkeypatch):
+    """The glue (mask handling, points recomputed from the new depth) against a stand-in fitter whose
+    answer is known; the real fitter is tested by its own module."""
+    calls = []
+
+    def fake_align_depth(depth, reference, valid, robust=True, with_shift=True):
+        calls.append((robust, with_shift, valid.clone()))
+        return types.SimpleNamespace(scale=torch.tensor(2.0), shift=torch.tensor(-1.0))
+
+    fake = types.ModuleType("engine.geometry.align")
+    fake.align_depth = fake_align_depth
+    monkeypatch.setitem(sys.modules, "engine.geometry.align", fake)
+
+    est = PlaneDepth(depth=3.0).estimate_batch(torch.rand(2, 3, 12, 16))
+    valid = torch.ones(2, 12, 16, dtype=torch.bool)
+    valid[:, :4] = False
+    aligned, als = align_to(est, torch.ones(2, 12, 16), valid)
+    assert len(als) == 2 and len(calls) == 2 and calls[0][:2] == (True, True)
+    assert torch.equal(calls[0][2], valid[0])
+    torch.testing.assert_close(aligned.depth, torch.full((2, 12, 16), 5.0))
+    for i in range(2):
+        _check_consistent(aligned[i], 12, 16)
+
+
+def test_align_to_real_module_recovers_scale():
+    pytest.importorskip("engine.geometry.align")
+    est = PlaneDepth(depth=2.0).estimate(torch.rand(3, 12, 16))
+    # A tilted reference so the fit is well posed with a shift: reference = 1.5 * depth + 0.25 varied per row.
+    g = torch.Generator().manual_seed(0)
+    depth = est.depth + torch.rand(12, 16, generator=g)
+    est = DepthEstimate(depth, est.points * (depth / est.depth)[..., None], est.mask, est.K, est.source)
+    ref = 1.5 * depth + 0.25
+    aligned, al = align_to(est, ref, torch.ones(12, 16, dtype=torch.bool))
+    torch.testing.assert_close(aligned.depth, ref, atol=1e-3, rtol=1e-3)
+    _check_consistent(aligned, 12, 16)

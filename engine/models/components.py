@@ -1,0 +1,197 @@
+"""The parts of the Wan2.1 I2V base model around the transformer: VAE, UMT5 text encoder, CLIP image encoder.
+
+They load from the base model's diffusers layout (``vae/``, ``text_encoder/`` + ``tokenizer/``,
+``image_encoder/`` + ``image_processor/``), a local folder or a hub repository id. Encodings follow the Wan
+pipelines: UMT5 last hidden states zeroed past each prompt's tokens, CLIP penultimate hidden states, VAE
+latents normalised by the VAE's ``latents_mean``/``latents_std``. The released WorldStereo 2.0 checkpoints
+work in a "keyframe latent space": every keyframe is VAE-encoded on its own (no temporal compression).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+PathLike = Union[str, Path]
+
+# The Wan backbone splits its cross-attention context as [image tokens ; 512 text tokens] (the 512 is
+# hard-coded in diffusers' Wan attention), so prompts are always padded to exactly this length.
+TEXT_LENGTH = 512
+LATENT_CHANNELS = 16
+
+
+class ComponentLoadError(ValueError):
+    """A base model folder or repository that lacks a part this engine needs."""
+
+
+def resolve_base_model(base_model: PathLike, package_dir: Optional[PathLike] = None) -> str:
+    """A local folder (relative paths resolve against the checkpoint package first) or a hub repo id."""
+    text = str(base_model)
+    if package_dir is not None:
+        cand = Path(package_dir) / text
+        if cand.is_dir():
+            return str(cand.resolve())
+    if Path(text).expanduser().is_dir():
+        return str(Path(text).expanduser().resolve())
+    return text
+
+
+def _execution_device(module: torch.nn.Module, fallback: torch.device) -> torch.device:
+    """Where a module computes: its accelerate hook's target when offloaded, else its parameters' device."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(dev)
+    try:
+        return next(module.parameters()).device
+    except StopIteration:
+        return fallback
+
+
+@dataclass
+class Components:
+    """VAE, text and image encoders of one base model, and the encodings WorldStereo needs from them."""
+
+    vae: torch.nn.Module
+    text_encoder: Optional[torch.nn.Module]
+    tokenizer: object
+    image_encoder: torch.nn.Module
+    image_processor: object
+    device: torch.device
+    dtype: torch.dtype
+    offload_text_encoder: bool = False
+    _prompt_cache: dict = field(default_factory=dict, repr=False)
+
+    # ---------------------------------------------------------------- text
+    def encode_prompt(self, texts: Union[str, Sequence[str]], max_length: int = TEXT_LENGTH) -> torch.Tensor:
+        """UMT5 embeddings ``[B, max_length, D]`` on ``device``/``dtype``; rows past each prompt's tokens are 0.
+
+        Prompts seen before come from a cache, so a multi-clip run encodes its prompts once.
+        """
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        missing = [t for t in dict.fromkeys(texts) if (t, max_length) not in self._prompt_cache]
+        if missing:
+            if self.text_encoder is None:
+                raise RuntimeError("The text encoder was released; create the pipeline again to encode new prompts.")
+            enc = self.tokenizer([" ".join(t.split()) for t in missing], padding="max_length", max_length=max_length,
+                                 truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                 return_tensors="pt")
+            hooked = getattr(self.text_encoder, "_hf_hook", None) is not None
+            if self.offload_text_encoder and not hooked:
+                self.text_encoder.to(self.device)
+            dev = _execution_device(self.text_encoder, self.device)
+            with torch.no_grad():
+                hidden = self.text_encoder(enc.input_ids.to(dev), enc.attention_mask.to(dev)).last_hidden_state
+            keep = enc.attention_mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+            hidden = (hidden * keep).to("cpu", torch.float32)  # Wan zeroes everything past the prompt
+            for t, h in zip(missing, hidden):
+                self._prompt_cache[(t, max_length)] = h
+            if self.offload_text_encoder:
+                self._offload(self.text_encoder)
+        return torch.stack([self._prompt_cache[(t, max_length)] for t in texts]).to(self.device, self.dtype)
+
+    def release_text_encoder(self) -> None:
+        """Drop the text encoder (cached prompt encodings stay usable)."""
+        self.text_encoder = None
+
+    # ---------------------------------------------------------------- image
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP penultimate hidden states ``[B, tokens, D]`` (257 tokens for ViT-H/14) of images ``[B,3,H,W]`` in [0,1]."""
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        pixels = self.image_processor(images=list(images.float().cpu().clamp(0, 1)), do_rescale=False,
+                                      return_tensors="pt").pixel_values
+        dev = _execution_device(self.image_encoder, self.device)
+        enc_dtype = next(self.image_encoder.parameters()).dtype
+        with torch.no_grad():
+            out = self.image_encoder(pixel_values=pixels.to(dev, enc_dtype), output_hidden_states=True)
+        return out.hidden_states[-2].to(self.device, self.dtype)
+
+    # ---------------------------------------------------------------- VAE (keyframe latent space)
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    def encode_frames(self, frames: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """Frames ``[F,3,H,W]`` in [0,1] → normalised latents ``[1,16,F,H/8,W/8]``, each frame encoded alone."""
+        dev = _execution_device(self.vae, self.device)
+        vae_dtype = next(self.vae.parameters()).dtype
+        out = []
+        with torch.no_grad():
+            for part in frames.split(chunk):
+                x = (part.to(dev, vae_dtype) * 2 - 1).unsqueeze(2)  # [n,3,1,H,W]: one-frame videos
+                out.append(self.vae.encode(x).latent_dist.mode())  # the mode, as Wan's I2V conditioning does
+        z = torch.cat(out).squeeze(2).transpose(0, 1).unsqueeze(0).float()  # [1,16,F,h,w]
+        mean, std = self._latent_stats(z)
+        return ((z - mean) / std).to(self.device, self.dtype)
+
+    def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """Normalised latents ``[1,16,F,h,w]`` → frames ``[F,3,8h,8w]`` in [0,1] (float32), frame by frame."""
+        dev = _execution_device(self.vae, self.device)
+        vae_dtype = next(self.vae.parameters()).dtype
+        z = latents.float()
+        mean, std = self._latent_stats(z)
+        z = (z * std + mean)[0].transpose(0, 1).unsqueeze(2)  # [F,16,1,h,w]
+        out = []
+        with torch.no_grad():
+            for part in z.split(chunk):
+                x = self.vae.decode(part.to(dev, vae_dtype)).sample  # [n,3,1,H,W]
+                out.append(((x.float().squeeze(2) + 1) / 2).clamp(0, 1).cpu())
+        return torch.cat(out)
+
+    # ---------------------------------------------------------------- memory
+    def _offload(self, module: torch.nn.Module) -> None:
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "offload"):
+            hook.offload()
+        else:
+            module.to("cpu")
+
+
+def load_components(base_model: PathLike, device: Union[str, torch.device] = "cpu",
+                    dtype: torch.dtype = torch.float32, *, text_encoder_device: Optional[Union[str, torch.device]] = None,
+                    offload_text_encoder: bool = False, vae_dtype: torch.dtype = torch.float32,
+                    image_encoder_dtype: torch.dtype = torch.float32,
+                    revision: Optional[str] = None) -> Components:
+    """Load VAE, UMT5 + tokenizer and CLIP vision + processor from a Wan2.1 I2V diffusers folder or repo.
+
+    ``dtype`` is the text encoder's and the returned embeddings' dtype; the VAE and CLIP run in float32 by
+    default, as the Wan I2V examples do. ``text_encoder_device='cpu'`` keeps UMT5 off the GPU for good;
+    ``offload_text_encoder`` moves it to the CPU after each use.
+    """
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
+
+    device = torch.device(device)
+    src = str(base_model)
+    local = Path(src).is_dir()
+    if local:
+        needed = ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor")
+        absent = [n for n in needed if not (Path(src) / n).is_dir()]
+        if absent:
+            raise ComponentLoadError(f"The base model folder {src} lacks {', '.join(absent)}; point base_model at a "
+                                     "complete Wan2.1 image-to-video diffusers folder.")
+    kw = {} if revision is None else {"revision": revision}
+    try:
+        vae = AutoencoderKLWan.from_pretrained(src, subfolder="vae", torch_dtype=vae_dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)
+        text_encoder = UMT5EncoderModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **kw)
+        image_encoder = CLIPVisionModel.from_pretrained(src, subfolder="image_encoder", dtype=image_encoder_dtype, **kw)
+        image_processor = CLIPImageProcessor.from_pretrained(src, subfolder="image_processor", **kw)
+    except (OSError, ValueError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (offline: download it first or pass a local folder)" if offline and not local else ""
+        raise ComponentLoadError(f"Could not load the base model parts from {src}{hint}: {str(e).splitlines()[0]}") from e
+    for m in (vae, text_encoder, image_encoder):
+        m.eval().requires_grad_(False)
+    vae.to(device)
+    image_encoder.to(device)
+    text_encoder.to(torch.device(text_encoder_device) if text_encoder_device is not None else device)
+    return Components(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, image_encoder=image_encoder,
+                      image_processor=image_processor, device=device, dtype=dtype,
+                      offload_text_encoder=offload_text_encoder)

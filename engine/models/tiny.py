@@ -1,0 +1,92 @@
+"""A complete tiny-random WorldStereo checkpoint package in the official layout.
+
+``write_tiny_package`` writes what a real download looks like, only tiny and random::
+
+    folder/config.json            WorldStereo config; base_model = "base_model" (relative to the package)
+    folder/model.safetensors      full transformer state dict (backbone + branches)
+    folder/base_model/            a diffusers WanImageToVideoPipeline folder: model_index.json, transformer/,
+                                  vae/, text_encoder/, tokenizer/, image_encoder/, image_processor/, scheduler/
+
+so the tiny-random engine goes through exactly the loading code a real checkpoint does. The tokenizer is a
+T5 (Unigram) tokenizer over the package-local vocabulary in ``tiny_vocab/unigram.json``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+import torch
+
+from .loading import build_transformer, save_checkpoint, tiny_transformer_config
+from .transformer import backbone_init_kwargs
+
+VOCAB_FILE = Path(__file__).resolve().parent / "tiny_vocab" / "unigram.json"
+BASE_MODEL_DIR = "base_model"
+TINY_TEXT_LENGTH = 512  # the Wan backbone hard-codes 512 text tokens, so even the tiny tokenizer pads to it
+TINY_CLIP_IMAGE_SIZE = 32
+TINY_CLIP_PATCH = 8  # (32/8)^2 + 1 = 17 image tokens
+
+
+def tiny_tokenizer():
+    """A T5 tokenizer (pad 0, eos 1, unk 2, like UMT5's) over the committed tiny vocabulary."""
+    from transformers import T5Tokenizer
+
+    vocab = [(str(p), float(s)) for p, s in json.loads(VOCAB_FILE.read_text(encoding="utf-8"))["vocab"]]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TINY_TEXT_LENGTH)
+
+
+def _tiny_text_encoder(text_dim: int, vocab_size: int):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(vocab_size=vocab_size, d_model=text_dim, d_kv=text_dim // 2, d_ff=2 * text_dim, num_layers=1,
+                     num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                     feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return UMT5EncoderModel(cfg).eval()
+
+
+def _tiny_image_encoder(image_dim: int):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=image_dim, intermediate_size=2 * image_dim, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=TINY_CLIP_IMAGE_SIZE, patch_size=TINY_CLIP_PATCH,
+                           projection_dim=image_dim, hidden_act="gelu")
+    processor = CLIPImageProcessor(size={"shortest_edge": TINY_CLIP_IMAGE_SIZE},
+                                   crop_size={"height": TINY_CLIP_IMAGE_SIZE, "width": TINY_CLIP_IMAGE_SIZE})
+    return CLIPVisionModel(cfg).eval(), processor
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKLWan
+
+    # four levels keep the real x8 spatial factor; 8 base channels keep it fast on a CPU
+    return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                            temperal_downsample=[False, True, True]).eval()
+
+
+def write_tiny_package(folder: Union[str, Path], variant: str = "worldstereo-memory-dmd", seed: int = 0,
+                       memory_mode: str = "stitched") -> Path:
+    """Write a tiny random checkpoint package for ``variant`` into ``folder`` (created); returns the folder."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config, base_cfg = tiny_transformer_config(variant, base_model=BASE_MODEL_DIR, memory_mode=memory_mode)
+    model = build_transformer(config, base_cfg, seed=seed)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        backbone = WanTransformer3DModel(**backbone_init_kwargs(base_cfg)).eval()
+        # the base model's transformer is the checkpoint's backbone, as for the real release (which fine-tunes it)
+        backbone.load_state_dict(model.backbone_state_dict())
+        tokenizer = tiny_tokenizer()
+        text_encoder = _tiny_text_encoder(base_cfg["text_dim"], len(tokenizer))
+        image_encoder, image_processor = _tiny_image_encoder(base_cfg["image_dim"])
+        vae = _tiny_vae()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                                        flow_shift=float(config.gen_shift or 3.0))
+    pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                   image_processor=image_processor, image_encoder=image_encoder, transformer=backbone)
+    pipe.save_pretrained(folder / BASE_MODEL_DIR, safe_serialization=True)
+    save_checkpoint(model, config, folder)
+    return folder

@@ -125,7 +125,9 @@ class WorldStereoTransformer(WanTransformer3DModel):
             ref_index = torch.arange(num_refs, device=device)
         ref_index = torch.as_tensor(ref_index, dtype=torch.long, device=device)
         if ref_index.ndim == 1:
-            ref_index = ref_index.unsqueeze(0).expand(batch, -1)
+            ref_index = ref_index.unsqueeze(0)
+        if ref_index.ndim == 2 and ref_index.shape[0] == 1:
+            ref_index = ref_index.expand(batch, -1)
         if ref_index.shape != (batch, num_refs):
             raise InputError(f"ref_index has shape {tuple(ref_index.shape)}; it needs [{num_refs}] or [{batch}, {num_refs}] "
                              "(one target frame index per reference).")
@@ -243,8 +245,9 @@ class WorldStereoTransformer(WanTransformer3DModel):
         x = self._tokens(hidden_states)
         rotary = self.rope(hidden_states)
 
-        if timestep.ndim == 0:
-            timestep = timestep.expand(b)
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.numel() == 1 and b > 1 or timestep.ndim == 0:
+            timestep = timestep.reshape(1).expand(b)
         temb, timestep_proj, context, context_img = self.condition_embedder(
             timestep, encoder_hidden_states, encoder_hidden_states_image)
         timestep_proj = timestep_proj.unflatten(1, (6, -1))

@@ -1,0 +1,239 @@
+"""Memory bank and reference retrieval, checked against analytic overlaps and an independent Monte-Carlo
+estimate (random points uniform in the target's frustum volume, numpy, float64)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from engine.geometry.cameras import Cameras, intrinsics_from_fov
+from engine.geometry.memory import MAX_REFS, MemoryBank, MemoryBankError, frustum_overlap
+
+W, H = 32, 24
+
+
+def camera(yaw_deg=0.0, pitch_deg=0.0, center=(0.0, 0.0, 0.0), fov=60.0, width=W, height=H) -> Cameras:
+    """A camera at ``center`` turned by yaw (about world y) then pitch (about its x)."""
+    r_c2w = Rotation.from_euler("YX", [yaw_deg, pitch_deg], degrees=True).as_matrix()
+    c2w = np.eye(4)
+    c2w[:3, :3] = r_c2w
+    c2w[:3, 3] = center
+    return Cameras.from_c2w(torch.tensor(c2w)[None], intrinsics_from_fov(width, height, fov), width, height)
+
+
+# ---- the independent reference -------------------------------------------------------------------
+
+def mc_overlap(a: Cameras, b: Cameras, near: float, far: float, n: int = 40000, seed: int = 0) -> float:
+    """Share of uniformly random points of a's frustum slab [near, far] that b sees (numpy float64)."""
+    rng = np.random.default_rng(seed)
+    ka, kb = a.K[0].numpy(), b.K[0].numpy()
+    wa, wb = a.w2c[0].numpy(), b.w2c[0].numpy()
+    u = rng.uniform(0, a.width, n)
+    v = rng.uniform(0, a.height, n)
+    # Volume element z^2 dz: inverse CDF of z^2 on [near, far].
+    z = np.cbrt(near**3 + rng.uniform(0, 1, n) * (far**3 - near**3))
+    cam_a = np.linalg.solve(ka, np.stack([u, v, np.ones(n)])) * z
+    world = wa[:3, :3].T @ (cam_a - wa[:3, 3:])
+    cam_b = wb[:3, :3] @ world + wb[:3, 3:]
+    zb = cam_b[2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ub = kb[0, 0] * cam_b[0] / zb + kb[0, 2]
+        vb = kb[1, 1] * cam_b[1] / zb + kb[1, 2]
+    seen = (zb >= near) & (zb <= far) & (ub >= 0) & (ub < b.width) & (vb >= 0) & (vb < b.height)
+    return float(seen.mean())
+
+
+def bank_with(cams: list[Cameras], depth_lo=2.0, depth_hi=6.0, seed=0) -> MemoryBank:
+    g = torch.Generator().manual_seed(seed)
+    bank = MemoryBank()
+    for i, c in enumerate(cams):
+        depth = depth_lo + (depth_hi - depth_lo) * torch.rand(1, H, W, generator=g)
+        bank.add(torch.rand(1, 3, H, W, generator=g), c, depth, frame_ids=[10 + i], source=f"s{i % 2}")
+    return bank
+
+
+# ---- frustum overlap -----------------------------------------------------------------------------
+
+def test_identical_camera_overlap_is_one():
+    c = camera(37.0, -12.0, (0.3, -1.2, 2.0), fov=75.0)
+    assert frustum_overlap(c, c, 0.5, 7.0) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("turn", [(180.0, 0.0), (0.0, 180.0), (90.0, 90.0)])
+def test_camera_facing_away_overlap_is_zero(turn):
+    a = camera(10.0, 5.0, (1.0, 0.0, 0.0))
+    b = camera(10.0 + turn[0], 5.0 + turn[1], (1.0, 0.0, 0.0))
+    expected = mc_overlap(a, b, 1.0, 4.0)
+    assert expected == 0.0  # the reference agrees the setup sees nothing in common
+    assert frustum_overlap(a, b, 1.0, 4.0) == 0.0
+
+
+@pytest.mark.parametrize("shift,fov,near,far", [(0.5, 60.0, 1.0, 5.0), (0.2, 90.0, 0.5, 2.0)])
+def test_sideways_shift_matches_closed_form(shift, fov, near, far):
+    # Same orientation, centre moved along x: at depth z the frustum is 2 z tan(fov/2) wide and the shifted
+    # camera misses a strip of width `shift`, so the seen share is the z^2-weighted mean of 1 - shift / width.
+    a = camera(fov=fov)
+    b = camera(center=(shift, 0.0, 0.0), fov=fov)
+    half = math.tan(math.radians(fov) / 2)
+    z1 = (far**2 - near**2) / 2
+    z2 = (far**3 - near**3) / 3
+    expected = 1 - shift / (2 * half) * z1 / z2
+    assert frustum_overlap(a, b, near, far) == pytest.approx(expected, abs=5e-3)
+    assert frustum_overlap(a, b, near, far, samples=16384) == pytest.approx(expected, abs=2e-3)
+
+
+def test_overlap_matches_monte_carlo_on_random_pairs():
+    rng = np.random.default_rng(3)
+    checked = 0
+    for _ in range(12):
+        a = camera(*rng.uniform(-40, 40, 2), center=rng.normal(0, 0.6, 3), fov=rng.uniform(45, 90))
+        b = camera(*rng.uniform(-40, 40, 2), center=rng.normal(0, 0.6, 3), fov=rng.uniform(45, 90),
+                   width=40, height=20)
+        near, far = 1.0, rng.uniform(2.0, 6.0)
+        ref = mc_overlap(a, b, near, far)
+        checked += 0.05 < ref < 0.95
+        assert frustum_overlap(a, b, near, far) == pytest.approx(ref, abs=0.02)
+    assert checked >= 4  # the pairs really were partial overlaps, not only the trivial 0 and 1
+
+
+def test_overlap_rejects_bad_depth_range():
+    c = camera()
+    with pytest.raises(ValueError):
+        frustum_overlap(c, c, 2.0, 1.0)
+    with pytest.raises(ValueError):
+        frustum_overlap(c, c, 0.0, 1.0)
+
+
+# ---- the bank ------------------------------------------------------------------------------------
+
+def test_depth_range_is_percentiles_of_valid_depth():
+    g = torch.Generator().manual_seed(1)
+    depth = 1 + 9 * torch.rand(1, H, W, generator=g)
+    depth[0, :3] = 0.0
+    depth[0, 5, :4] = float("nan")
+    depth[0, 6, :2] = float("inf")
+    bank = MemoryBank()
+    bank.add(torch.rand(1, 3, H, W, generator=g), camera(), depth)
+    d = depth[0].numpy().astype(np.float64)
+    valid = d[np.isfinite(d) & (d > 0)]
+    near, far = bank.depth_range(0)
+    assert near == pytest.approx(np.percentile(valid, 5), rel=1e-6)
+    assert far == pytest.approx(np.percentile(valid, 95), rel=1e-6)
+
+
+def test_add_checks_shapes_and_fits_other_sizes():
+    bank = bank_with([camera()])
+    with pytest.raises(MemoryBankError):
+        bank.add(torch.rand(1, 3, H, W), camera(), torch.ones(1, H, W + 1))
+    with pytest.raises(MemoryBankError):
+        bank.add(torch.rand(2, 3, H, W), camera(), torch.ones(2, H, W))
+    # A frame twice the bank's size is brought to the bank's size with intrinsics to match.
+    big = camera(width=2 * W, height=2 * H)
+    idx = bank.add(torch.rand(1, 3, 2 * H, 2 * W), big, torch.full((1, 2 * H, 2 * W), 3.0))
+    assert idx == [1] and bank.images.shape == (2, 3, H, W) and bank.depths.shape == (2, H, W)
+    assert torch.allclose(bank.cameras.K[1], big.K[0] * torch.tensor([[0.5], [0.5], [1.0]], dtype=torch.float64))
+    assert bank.frame_ids == [10, 1]
+
+
+def test_retrieve_picks_the_largest_monte_carlo_overlap():
+    rng = np.random.default_rng(7)
+    bank_cams = [camera(yaw, rng.uniform(-15, 15), rng.normal(0, 0.4, 3), fov=rng.uniform(50, 80))
+                 for yaw in np.arange(0, 360, 45)]
+    bank = bank_with(bank_cams)
+    targets = [camera(rng.uniform(0, 360), rng.uniform(-10, 10), rng.normal(0, 0.4, 3), fov=60.0) for _ in range(8)]
+    got = bank.retrieve(Cameras.cat(targets), max_refs=8, min_overlap=0.05)
+    checked = 0
+    for t, tc in enumerate(targets):
+        ref = np.array([mc_overlap(tc, bank.cameras[m], *bank.depth_range(m), n=20000, seed=m) for m in range(len(bank))])
+        order = np.argsort(-ref)
+        if ref[order[0]] - ref[order[1]] > 0.05:  # a clear winner (beyond the tie tolerance and MC noise)
+            assert int(got.per_target[t]) == order[0]
+            assert float(got.overlaps[t]) == pytest.approx(ref[order[0]], abs=0.03)
+            checked += 1
+    assert checked >= 5
+
+
+def test_closer_camera_wins_a_tie_in_overlap():
+    # Wide cameras beside the target see all of its frustum slab: both overlaps are exactly 1.
+    target = camera(fov=50.0)
+    far_cam = camera(center=(0.6, 0.0, 0.0), fov=120.0)
+    near_cam = camera(center=(-0.2, 0.0, 0.0), fov=120.0)
+    bank = bank_with([far_cam, near_cam], depth_lo=3.0, depth_hi=4.0)
+    near, far = bank.depth_range(0)
+    assert mc_overlap(target, far_cam, near, far) == 1.0 and mc_overlap(target, near_cam, near, far) == 1.0
+    assert bank.retrieve(target).per_target.tolist() == [1]
+    # Not an artefact of insertion order.
+    assert bank_with([near_cam, far_cam], 3.0, 4.0).retrieve(target).per_target.tolist() == [0]
+    # Only a tie-break: a closer camera that sees clearly less of the target does not win.
+    narrow_close = camera(center=(-0.05, 0.0, 0.0), fov=30.0)
+    bank = bank_with([narrow_close, far_cam], depth_lo=3.0, depth_hi=4.0)
+    assert mc_overlap(target, narrow_close, *bank.depth_range(0)) < 0.8
+    assert bank.retrieve(target).per_target.tolist() == [1]
+
+
+def test_never_more_than_max_refs_and_each_target_gets_its_best_kept_reference():
+    # A full turn of targets over a ring of 12 bank views: every target prefers a different view.
+    bank = bank_with([camera(yaw) for yaw in range(0, 360, 30)])
+    targets = Cameras.cat([camera(yaw + 3.0) for yaw in range(0, 360, 30)])
+    full = bank.retrieve(targets, max_refs=MAX_REFS)
+    assert len(full.refs) <= MAX_REFS
+    o = bank.overlaps(targets)
+    for max_refs in (1, 3, 5):
+        got = bank.retrieve(targets, max_refs=max_refs)
+        assert 1 <= len(got.refs) <= max_refs
+        assert set(got.per_target[got.per_target >= 0].tolist()) == set(got.refs)
+        for t in range(len(targets)):
+            kept_best = max(float(o[t, r]) for r in got.refs)
+            if int(got.per_target[t]) >= 0:
+                assert float(o[t, got.per_target[t]]) >= kept_best - 0.02
+            else:
+                assert kept_best < 0.05
+        # Each ref sits at a target it serves; refs come in time order of those targets.
+        for r, i in zip(got.refs, got.ref_index):
+            assert int(got.per_target[i]) == r
+        assert got.ref_index == sorted(got.ref_index)
+    with pytest.raises(ValueError):
+        bank.retrieve(targets, max_refs=MAX_REFS + 1)
+
+
+def test_min_overlap_and_exclude():
+    bank = bank_with([camera(0.0), camera(20.0), camera(180.0)])
+    targets = Cameras.cat([camera(2.0), camera(90.0, 0.0, fov=30.0)])
+    got = bank.retrieve(targets)
+    assert got.per_target.tolist() == [0, -1]
+    assert got.overlaps[1] == 0.0 and got.refs == [0] and got.ref_index == [0]
+    assert bank.retrieve(targets, exclude=[0]).per_target.tolist() == [1, -1]
+    assert bank.retrieve(targets, max_refs=0).refs == []
+    empty = MemoryBank().retrieve(targets)
+    assert empty.per_target.tolist() == [-1, -1] and empty.refs == []
+
+
+def test_save_load_round_trip(tmp_path):
+    bank = bank_with([camera(0.0), camera(40.0, 10.0, (0.1, 0.2, 0.3)), camera(-30.0)])
+    # Images on the 8-bit grid survive PNG exactly.
+    bank.images = (bank.images * 255).round() / 255
+    folder = tmp_path / "bank"
+    (folder).mkdir()
+    (folder / "stale.txt").write_text("from an earlier save")
+    bank.save(folder)
+    assert not (folder / "stale.txt").exists()  # the folder is replaced as a whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]  # no temporary folders left behind
+    official = json.loads((folder / "camera.json").read_text())
+    assert len(official["extrinsic"]) == 3 and official["width"] == W and official["height"] == H
+    back = MemoryBank.load(folder)
+    assert len(back) == 3
+    assert torch.equal(back.images, bank.images)
+    assert torch.equal(back.depths, bank.depths)
+    assert torch.equal(back.cameras.w2c, bank.cameras.w2c) and torch.equal(back.cameras.K, bank.cameras.K)
+    assert back.frame_ids == bank.frame_ids and back.sources == bank.sources
+    assert [back.depth_range(i) for i in range(3)] == [bank.depth_range(i) for i in range(3)]
+    targets = Cameras.cat([camera(5.0), camera(35.0)])
+    assert back.retrieve(targets).to_json() == bank.retrieve(targets).to_json()
+    MemoryBank().save(tmp_path / "empty")
+    assert len(MemoryBank.load(tmp_path / "empty")) == 0
+    with pytest.raises(MemoryBankError):
+        MemoryBank.load(tmp_path / "missing")

@@ -158,3 +158,18 @@ def test_repo_id_resolves_through_the_hub_cache_offline(tmp_path, saved, monkeyp
     (base / "config.json").write_text((root / VARIANT / "base_model" / "transformer" / "config.json").read_text())
     loaded = load_transformer("hanshanxue/WorldStereo", variant=VARIANT)
     assert torch.equal(loaded.state_dict()["controlnet.proj_out.0.weight"], model.state_dict()["controlnet.proj_out.0.weight"])
+
+
+def test_bfloat16_load_runs_and_tracks_float32(saved):
+    """Half precision with float32 norms/time embedding: same function as the float32 model up to bf16 rounding."""
+    from tests.test_model import _inputs
+
+    root, model, _ = saved
+    half = load_transformer(root, variant=VARIANT, dtype=torch.bfloat16)
+    kw = _inputs(seed=2, refs=2)
+    kw_half = {k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v)
+               for k, v in kw.items()}
+    with torch.no_grad():
+        want, got = model(**kw), half(**kw_half)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()

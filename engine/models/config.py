@@ -33,7 +33,9 @@ class ControlNetConfig:
     add_channels: int = 1
     mid_channels: int = 64
     mask_downsample: int = 4
-    interp: bool = False
+    interp: bool = False  # read here as: resample mask/rays to 8x the latent size when they differ
+    # Kept for round trips only: the release states that stitched references are updated in every block (which the
+    # model always does); no published fact ties this flag to another behaviour.
     update_ref: bool = False
     ref_embedding: bool = False
     main_camera_embedding: bool = False

@@ -274,7 +274,7 @@ class WorldStereoTransformer(WanTransformer3DModel):
                 raise InputError(f"reference_latent is {tuple(reference_latent.shape[-2:])} but the target latents are "
                                  f"{(h, w)}; resize the references to the target size.")
             idx = self._ref_index(ref_index, b, r, hidden_states.device)
-            if int(idx.min()) < 0 or int(idx.max()) + 1 >= fp:
+            if not _tracing() and (int(idx.min()) < 0 or int(idx.max()) + 1 >= fp):
                 raise InputError(f"ref_index must lie in 0..{fp - 2} (target frames after the input frame).")
             if self.memory_branch is not None:
                 mem = self.memory_branch_residuals(hidden_states=hidden_states, reference_latent=reference_latent,
@@ -317,6 +317,11 @@ class WorldStereoTransformer(WanTransformer3DModel):
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """The keys a plain `WanTransformer3DModel` has (for comparisons and for exporting the backbone alone)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(self.BRANCH_PREFIXES)}
+
+
+def _tracing() -> bool:
+    """Under ONNX/TorchScript tracing or torch.compile, data-dependent checks would freeze or break the graph."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 def _sum_residual_lists(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[torch.Tensor]:

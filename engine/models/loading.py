@@ -65,6 +65,8 @@ def tiny_transformer_config(variant: str = "worldstereo-memory", base_model: str
     cn = dict(_TINY_CONTROLNET)
     memory = variant != "worldstereo-camera"
     cn["ref_embedding"] = cn["main_camera_embedding"] = memory
+    if memory_mode == "branch":
+        cn["ref_embedding"] = False  # the paper's branch positions references by pairing, not by an index table
     extra: dict[str, Any] = {}
     if variant == "worldstereo-memory-dmd":
         # Sampler settings of the DMD variant; the shift value is a plausible stand-in (the tiny model is random).

@@ -79,7 +79,7 @@ def engine_status(name: str, weights: Optional[Path] = None) -> tuple[bool, str]
         where = f"in {weights}" if weights is not None else "in the Hugging Face cache"
         return False, (
             f"{name} weights were not found {where}; download them with "
-            f"`huggingface-cli download {HUB_REPO} --include '{spec.variant}/*'` or pass --weights DIR."
+            f"`hf download {HUB_REPO} --include '{spec.variant}/*'` or pass --weights DIR."
         )
     return True, f"{name}: {spec.description}."
 

@@ -200,6 +200,21 @@ def test_never_more_than_max_refs_and_each_target_gets_its_best_kept_reference()
         bank.retrieve(targets, max_refs=MAX_REFS + 1)
 
 
+def test_one_reference_goes_to_the_frame_covering_most():
+    # Narrow views each match one target best; a wide view matches none best but covers all of them.
+    yaws = [-30.0, 0.0, 30.0]
+    bank = bank_with([camera(y, fov=35.0) for y in yaws] + [camera(0.0, fov=140.0)])
+    targets = Cameras.cat([camera(y, fov=35.0) for y in yaws])
+    assert bank.retrieve(targets, max_refs=8).per_target.tolist() == [0, 1, 2]
+    o = bank.overlaps(targets)
+    o = torch.where(o >= 0.05, o, 0.0)
+    cover = o.sum(0)
+    assert int(cover.argmax()) == 3 and float(cover[3]) > float(cover[:3].max()) + 0.1
+    got = bank.retrieve(targets, max_refs=1)
+    assert got.refs == [3] and got.per_target.tolist() == [3, 3, 3]
+    assert got.ref_index == [int(o[:, 3].argmax())]
+
+
 def test_min_overlap_and_exclude():
     bank = bank_with([camera(0.0), camera(20.0), camera(180.0)])
     targets = Cameras.cat([camera(2.0), camera(90.0, 0.0, fov=30.0)])

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 import shutil
 import uuid
@@ -401,15 +402,20 @@ class MemoryBank:
                  exclude: Optional[Iterable[int]] = None, tie_tolerance: float = 0.02,
                  samples: int = DEFAULT_SAMPLES) -> Retrieval:
         """One reference per target camera, at most ``max_refs`` distinct ones (rule in the module doc)."""
-        if not isinstance(max_refs, int) or not 0 <= max_refs <= MAX_REFS:
-            raise MemoryBankError(f"max_refs must be an integer from 0 to {MAX_REFS}; got {max_refs}.")
+        try:
+            limit = operator.index(max_refs)
+        except TypeError:
+            limit = -1
+        if not 0 <= limit <= MAX_REFS:
+            raise MemoryBankError(f"max_refs must be an integer from 0 to {MAX_REFS}; got {max_refs!r}.")
+        max_refs = limit
         t_n = len(targets)
+        if max_refs == 0 or len(self) == 0:
+            return Retrieval(per_target=torch.full((t_n,), -1, dtype=torch.int64), overlaps=torch.zeros(t_n, dtype=torch.float64))
         o = self.overlaps(targets, samples)
         if exclude is not None:
             ex = [int(i) for i in exclude if -len(self) <= int(i) < len(self)]
             o[:, ex] = 0.0
-        if max_refs == 0 or len(self) == 0:
-            return Retrieval(per_target=torch.full((t_n,), -1, dtype=torch.int64), overlaps=torch.zeros(t_n, dtype=torch.float64))
         near, far = self.depth_ranges()
         cost = closeness(targets, self.cameras, torch.sqrt(near * far))
         return select_references(o, cost, max_refs, min_overlap, tie_tolerance)

@@ -1,0 +1,329 @@
+"""Writing results into a job folder: videos, point clouds, cameras, a 3DGS-ready dataset, a zip.
+
+Every writer goes through ``engine.atomicio.atomic_path`` (temporary file beside the target, then
+``os.replace``): a crash or an exception mid-write leaves the previous file intact and no temporary file
+behind. Files are written so that common tools open them unchanged:
+
+- MP4: H.264, yuv420p (plays in browsers); odd sizes are padded by one replicated row/column to even.
+- ``scene.ply``: plain binary point cloud, float32 x,y,z + uint8 red,green,blue (open3d, trimesh, MeshLab).
+- ``scene.glb``: glTF binary with one POINTS primitive and COLOR_0, for gradio's ``gr.Model3D``
+  (which sends every ``.ply`` to its Gaussian-splat renderer).
+- ``splat.ply``: the 3D Gaussian splatting layout (degree-0 SH colour, opacity logit, log scales,
+  identity rotation) for splat viewers.
+- ``camera.json``: the official WorldStereo format; ``transforms.json``: nerfstudio.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import zipfile
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.atomicio import atomic_path, atomic_write_json
+from engine.geometry.cameras import Cameras
+from engine.images import save_image, to_uint8
+
+PathLike = Union[str, Path]
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonic constant, 1 / (2 sqrt(pi))
+SPLAT_OPACITY = 0.99
+# OpenCV (x right, y down, z forward) to the glTF / OpenGL / nerfstudio camera axes (x right, y up, z back).
+OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0])
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: archives are byte-identical run to run
+
+
+class OutputError(ValueError):
+    """Data that cannot be written as asked; the message is one sentence."""
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+def _numpy(x: ArrayLike, dtype=None) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    return x.astype(dtype) if dtype is not None else x
+
+
+def _check_frames(frames: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(frames, torch.Tensor):
+        frames = torch.as_tensor(np.asarray(frames))
+    if frames.dim() != 4 or frames.shape[1] != 3 or frames.shape[0] == 0:
+        raise OutputError(f"{what} needs frames shaped [F,3,H,W] with F > 0; got {tuple(frames.shape)}.")
+    if frames.is_floating_point() and not torch.isfinite(frames).all():
+        raise OutputError(f"{what} got frames with NaN or infinite values.")
+    return frames
+
+
+def _pad_even(frames: torch.Tensor) -> torch.Tensor:
+    h, w = frames.shape[-2:]
+    ph, pw = h % 2, w % 2
+    if ph or pw:
+        # yuv420p stores colour at half resolution, so H.264 needs even sides; replicate the edge.
+        frames = F.pad(frames.float(), (0, pw, 0, ph), mode="replicate")
+    return frames
+
+
+def _points_colors(points: ArrayLike, colors: Optional[ArrayLike], what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[N,3]`` float points and ``[N,3]`` uint8 colours (float colours are in [0,1]); non-finite points dropped."""
+    p = _numpy(points, np.float64)
+    if p.ndim < 1 or p.shape[-1] != 3:
+        raise OutputError(f"{what} needs points shaped [N,3]; got {p.shape}.")
+    p = p.reshape(-1, 3)
+    if colors is None:
+        c = np.full((p.shape[0], 3), 255, np.uint8)
+    else:
+        c = _numpy(colors)
+        c = c.reshape(-1, c.shape[-1]) if c.ndim >= 2 else c
+        if c.ndim != 2 or c.shape[1] < 3 or c.shape[0] != p.shape[0]:
+            raise OutputError(f"{what} needs one RGB colour per point ({p.shape[0]}); got colours shaped {c.shape}.")
+        c = c[:, :3]
+        if c.dtype != np.uint8:
+            c = np.clip(np.round(c.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    keep = np.isfinite(p).all(axis=1)
+    return p[keep], c[keep], keep
+
+
+def _write_binary_ply(path: Path, fields: list[tuple[str, np.dtype]], columns: list[np.ndarray], n: int) -> Path:
+    """Binary little-endian PLY with one ``vertex`` element; a structured array writes it in one go
+    (millions of points in well under a second, no per-point Python)."""
+    dtype = np.dtype([(name, dt) for name, dt in fields])
+    data = np.empty(n, dtype=dtype)
+    for (name, _), col in zip(fields, columns):
+        data[name] = col
+    ply_type = {"f4": "float", "u1": "uchar", "f8": "double", "i4": "int"}
+    header = ["ply", "format binary_little_endian 1.0", f"element vertex {n}"]
+    header += [f"property {ply_type[np.dtype(dt).str[1:]]} {name}" for name, dt in fields]
+    header.append("end_header")
+    with atomic_path(path, suffix=".ply") as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(("\n".join(header) + "\n").encode("ascii"))
+            fh.write(data.tobytes())
+    return path
+
+
+# ---- videos --------------------------------------------------------------------------------------
+
+def write_video(path: PathLike, frames: torch.Tensor, fps: float = 16, crf: int = 17) -> Path:
+    """Frames ``[F,3,H,W]`` in [0,1] to an H.264 yuv420p MP4 (``crf`` 17: visually lossless)."""
+    import imageio.v2 as imageio
+
+    frames = _pad_even(_check_frames(frames, "write_video"))
+    data = to_uint8(frames) if frames.is_floating_point() else frames.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
+    path = Path(path)
+    with atomic_path(path, suffix=".mp4") as tmp:
+        writer = imageio.get_writer(
+            tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p", quality=None,
+            macro_block_size=1, ffmpeg_log_level="error",
+            output_params=["-crf", str(int(crf)), "-movflags", "+faststart"],
+        )
+        try:
+            for frame in data:
+                writer.append_data(frame)
+        finally:
+            writer.close()
+    return path
+
+
+def write_mask_video(path: PathLike, masks: torch.Tensor, fps: float = 16) -> Path:
+    """Bool masks ``[F,H,W]`` as a black/white MP4 (white = True), like the official ``render_mask.mp4``."""
+    masks = torch.as_tensor(masks)
+    if masks.dim() != 3:
+        raise OutputError(f"write_mask_video needs masks shaped [F,H,W]; got {tuple(masks.shape)}.")
+    frames = masks.bool().float()[:, None].expand(-1, 3, -1, -1)
+    return write_video(path, frames, fps=fps)
+
+
+def read_video(path: PathLike) -> torch.Tensor:
+    """An MP4 (or any ffmpeg-readable video) as float ``[F,3,H,W]`` in [0,1]."""
+    import imageio.v2 as imageio
+
+    path = Path(path)
+    if not path.is_file():
+        raise OutputError(f"Video {path.name} does not exist.")
+    try:
+        reader = imageio.get_reader(path, format="FFMPEG")
+        try:
+            frames = [np.asarray(f)[..., :3] for f in reader]
+        finally:
+            reader.close()
+    except Exception as e:
+        raise OutputError(f"Video {path.name} cannot be read ({e.__class__.__name__}).") from None
+    if not frames:
+        raise OutputError(f"Video {path.name} has no frames.")
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def video_fps(path: PathLike) -> float:
+    import imageio.v2 as imageio
+
+    reader = imageio.get_reader(path, format="FFMPEG")
+    try:
+        return float(reader.get_meta_data()["fps"])
+    finally:
+        reader.close()
+
+
+# ---- point clouds --------------------------------------------------------------------------------
+
+def write_point_cloud_ply(path: PathLike, points: ArrayLike, colors: Optional[ArrayLike] = None) -> Path:
+    """Plain binary PLY: float32 x,y,z and uint8 red,green,blue per point (non-finite points dropped)."""
+    p, c, _ = _points_colors(points, colors, "write_point_cloud_ply")
+    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    cols = [p[:, 0], p[:, 1], p[:, 2], c[:, 0], c[:, 1], c[:, 2]]
+    return _write_binary_ply(Path(path), fields, cols, p.shape[0])
+
+
+def write_point_cloud_glb(
+    path: PathLike, points: ArrayLike, colors: Optional[ArrayLike] = None, axes: Optional[np.ndarray] = OPENCV_TO_OPENGL
+) -> Path:
+    """A glTF binary with one POINTS primitive (POSITION + COLOR_0) for ``gr.Model3D``.
+
+    ``axes`` rotates the points into glTF's y-up frame; the default assumes an OpenCV-style world (y down,
+    z forward, as a perspective scene anchored at its first camera is). Pass None to keep coordinates.
+    """
+    import trimesh
+
+    p, c, _ = _points_colors(points, colors, "write_point_cloud_glb")
+    if p.shape[0] == 0:
+        raise OutputError("write_point_cloud_glb got no finite points; there is nothing to show.")
+    if axes is not None:
+        p = p @ np.asarray(axes, dtype=np.float64).T
+    rgba = np.concatenate([c, np.full((c.shape[0], 1), 255, np.uint8)], axis=1)
+    cloud = trimesh.PointCloud(p.astype(np.float32), colors=rgba)
+    data = cloud.export(file_type="glb")
+    with atomic_path(Path(path), suffix=".glb") as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_splat_ply(path: PathLike, points: ArrayLike, colors: Optional[ArrayLike], scale: Union[float, ArrayLike]) -> Path:
+    """Points as isotropic Gaussians in the 3DGS PLY layout.
+
+    Per point: position; normals 0; ``f_dc = (rgb - 0.5) / SH_C0`` (so the viewer's ``0.5 + SH_C0 * f_dc``
+    gives back the colour); ``opacity = logit(SPLAT_OPACITY)``; ``scale_i = log(scale)`` (world units, e.g.
+    the voxel size); rotation the identity quaternion ``(w, x, y, z) = (1, 0, 0, 0)``.
+    """
+    p, c8, keep = _points_colors(points, colors, "write_splat_ply")
+    n = p.shape[0]
+    s = _numpy(scale, np.float64).reshape(-1)
+    if s.size == 1:
+        s = np.full(n, s[0])
+    elif s.size == keep.size:
+        s = s[keep]
+    else:
+        raise OutputError(f"write_splat_ply needs one scale or one per point ({keep.size}); got {s.size}.")
+    if n and not (np.isfinite(s).all() and (s > 0).all()):
+        raise OutputError("write_splat_ply needs positive finite scales.")
+    rgb = c8.astype(np.float64) / 255.0
+    f_dc = (rgb - 0.5) / SH_C0
+    opacity = np.full(n, np.log(SPLAT_OPACITY / (1.0 - SPLAT_OPACITY)))
+    log_s = np.log(s)
+    zeros, ones = np.zeros(n), np.ones(n)
+    names = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
+             "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    cols = [p[:, 0], p[:, 1], p[:, 2], zeros, zeros, zeros, f_dc[:, 0], f_dc[:, 1], f_dc[:, 2], opacity,
+            log_s, log_s, log_s, ones, zeros, zeros, zeros]
+    return _write_binary_ply(Path(path), [(name, "<f4") for name in names], cols, n)
+
+
+# ---- cameras -------------------------------------------------------------------------------------
+
+def write_cameras_json(path: PathLike, cameras: Cameras) -> Path:
+    """The official WorldStereo ``camera.json`` (extrinsic w2c, intrinsic, width, height, motion_list)."""
+    return atomic_write_json(path, cameras.to_json_dict())
+
+
+def opencv_c2w_to_nerfstudio(c2w: np.ndarray) -> np.ndarray:
+    """Camera-to-world with OpenCV camera axes -> nerfstudio/OpenGL camera axes (flip camera y and z)."""
+    out = np.array(c2w, dtype=np.float64, copy=True)
+    out[..., :3, :3] = out[..., :3, :3] @ OPENCV_TO_OPENGL
+    return out
+
+
+def nerfstudio_c2w_to_opencv(c2w: np.ndarray) -> np.ndarray:
+    return opencv_c2w_to_nerfstudio(c2w)  # the flip is its own inverse
+
+
+def write_transforms_json(
+    folder: PathLike, images: torch.Tensor, cameras: Cameras, image_dir: str = "images"
+) -> Path:
+    """A nerfstudio dataset: ``images/frame_00001.png`` ... and ``transforms.json`` (camera_model OPENCV).
+
+    Nerfstudio, like COLMAP and this project, puts pixel centres at ``+0.5``, so ``fl_x, fl_y, cx, cy`` are
+    the intrinsics unchanged. Images are written first and ``transforms.json`` last, so a present
+    ``transforms.json`` always describes complete images.
+    """
+    folder = Path(folder)
+    images = _check_frames(images, "write_transforms_json")
+    n, _, h, w = images.shape
+    if len(cameras) != n:
+        raise OutputError(f"write_transforms_json got {n} images but {len(cameras)} cameras; give one camera per image.")
+    if (cameras.width, cameras.height) != (w, h):
+        cameras = cameras.resized(w, h)
+    c2w = opencv_c2w_to_nerfstudio(cameras.c2w.detach().cpu().double().numpy())
+    K = cameras.K.detach().cpu().double().numpy()
+
+    def intr(k: np.ndarray) -> dict:
+        return {"fl_x": float(k[0, 0]), "fl_y": float(k[1, 1]), "cx": float(k[0, 2]), "cy": float(k[1, 2]), "w": w, "h": h}
+
+    frames = []
+    for i in range(n):
+        rel = f"{image_dir}/frame_{i + 1:05d}.png"
+        save_image(folder / rel, images[i])
+        frames.append({"file_path": rel, "transform_matrix": c2w[i].tolist(), **intr(K[i])})
+    data = {"camera_model": "OPENCV", **intr(K[0]), "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "frames": frames}
+    return atomic_write_json(folder / "transforms.json", data)
+
+
+# ---- manifest and zip ----------------------------------------------------------------------------
+
+def write_manifest(path: PathLike, manifest: dict) -> Path:
+    """A JSON description of a job (paths and other non-JSON values written as strings)."""
+    text = json.dumps(manifest, indent=2, default=str) + "\n"
+    from engine.atomicio import atomic_write_text
+
+    return atomic_write_text(path, text)
+
+
+def _excluded(rel: str, patterns: Sequence[str]) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
+def zip_folder(folder: PathLike, zip_path: PathLike, exclude: Iterable[str] = ()) -> Path:
+    """Zip every file under ``folder`` (sorted, fixed timestamps: identical inputs give identical bytes).
+
+    ``exclude`` holds glob patterns matched against the relative path and the file name. Hidden files
+    (``.name``, which includes in-progress temporary files) and the zip itself are always left out.
+    """
+    folder, zip_path = Path(folder), Path(zip_path)
+    if not folder.is_dir():
+        raise OutputError(f"Cannot zip {folder}: it is not a folder.")
+    patterns = list(exclude)
+    target = zip_path.resolve()
+    files = []
+    for f in sorted(folder.rglob("*"), key=lambda q: q.relative_to(folder).as_posix()):
+        rel = f.relative_to(folder).as_posix()
+        if not f.is_file() or f.resolve() == target or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if not _excluded(rel, patterns):
+            files.append((rel, f))
+    with atomic_path(zip_path, suffix=".zip") as tmp:
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for rel, f in files:
+                info = zipfile.ZipInfo(rel, date_time=ZIP_DATE)
+                info.external_attr = 0o644 << 16
+                # Videos, PNGs and GLBs are already compressed; deflating them again costs time for nothing.
+                stored = f.suffix.lower() in (".mp4", ".png", ".jpg", ".jpeg", ".webp", ".glb", ".zip")
+                info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+                with open(f, "rb") as src, zf.open(info, "w") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+    return zip_path

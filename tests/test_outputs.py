@@ -1,0 +1,339 @@
+"""Result writers: each file is read back by an independent reader (imageio/ffmpeg, open3d, trimesh, a
+hand-written glTF and PLY parser, nerfstudio's axis convention) and checked against what was written."""
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.spatial.transform import Rotation
+
+from engine.geometry.cameras import Cameras, intrinsics_matrix
+from engine.outputs import (
+    SH_C0,
+    SPLAT_OPACITY,
+    OutputError,
+    read_video,
+    write_cameras_json,
+    write_manifest,
+    write_mask_video,
+    write_point_cloud_glb,
+    write_point_cloud_ply,
+    write_splat_ply,
+    write_transforms_json,
+    write_video,
+    zip_folder,
+)
+
+
+def _smooth_frames(n: int, h: int, w: int) -> torch.Tensor:
+    """Smooth colour ramps that move per frame: H.264 at high quality reproduces them closely."""
+    y = torch.linspace(0, 1, h)[:, None].expand(h, w)
+    x = torch.linspace(0, 1, w)[None, :].expand(h, w)
+    frames = []
+    for i in range(n):
+        t = i / max(n - 1, 1)
+        frames.append(torch.stack([x * 0.8 + 0.1 * t, y * 0.7 + 0.2, (x + y) * 0.4 + 0.1 * (1 - t)]))
+    return torch.stack(frames).clamp(0, 1)
+
+
+def _imageio_frames(path) -> tuple[np.ndarray, dict]:
+    reader = imageio.get_reader(path, format="FFMPEG")
+    try:
+        meta = reader.get_meta_data()
+        return np.stack([np.asarray(f) for f in reader]), meta
+    finally:
+        reader.close()
+
+
+# ---- videos --------------------------------------------------------------------------------------
+
+def test_video_roundtrip(tmp_path):
+    frames = _smooth_frames(5, 32, 48)
+    path = write_video(tmp_path / "clip.mp4", frames, fps=16)
+    data, meta = _imageio_frames(path)
+    assert data.shape == (5, 32, 48, 3)
+    assert meta["codec"] == "h264" and meta["pix_fmt"].startswith("yuv420p") and meta["fps"] == pytest.approx(16)
+    ref = frames.permute(0, 2, 3, 1).numpy() * 255
+    assert np.abs(data.astype(np.float64) - ref).mean() < 2.0
+    back = read_video(path)
+    assert back.shape == frames.shape
+    assert (back - frames).abs().mean() < 2 / 255
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_video_odd_size_padded_to_even(tmp_path):
+    frames = _smooth_frames(2, 31, 45)
+    data, _ = _imageio_frames(write_video(tmp_path / "odd.mp4", frames))
+    assert data.shape == (2, 32, 46, 3)
+    ref = frames.permute(0, 2, 3, 1).numpy() * 255
+    assert np.abs(data[:, :31, :45].astype(np.float64) - ref).mean() < 2.0
+    # The padding replicates the last row / column: with content that varies only along the other axis,
+    # the padded row (column) must look like any real one.
+    x_only = _smooth_frames(2, 31, 45)[:, :, :1, :].expand(-1, -1, 31, -1).contiguous()
+    d, _ = _imageio_frames(write_video(tmp_path / "x.mp4", x_only))
+    assert np.abs(d[:, 31, :45].astype(float) - x_only[:, :, 30].permute(0, 2, 1).numpy() * 255).mean() < 2.0
+    y_only = _smooth_frames(2, 31, 45)[..., :1].expand(-1, -1, -1, 45).contiguous()
+    d, _ = _imageio_frames(write_video(tmp_path / "y.mp4", y_only))
+    assert np.abs(d[:, :31, 45].astype(float) - y_only[..., 44].permute(0, 2, 1).numpy() * 255).mean() < 2.0
+
+
+def test_mask_video_roundtrip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(4, 32, 48, dtype=torch.bool)
+    for i in range(4):
+        r = torch.randint(0, 20, (2,), generator=g)
+        masks[i, r[0] : r[0] + 12, r[1] : r[1] + 20] = True
+    data, _ = _imageio_frames(write_mask_video(tmp_path / "mask.mp4", masks))
+    assert data.shape == (4, 32, 48, 3)
+    decoded = data.mean(axis=-1) > 127
+    assert (decoded == masks.numpy()).mean() > 0.99
+
+
+def test_bad_frames_refused(tmp_path):
+    with pytest.raises(OutputError, match=r"\[F,3,H,W\]"):
+        write_video(tmp_path / "x.mp4", torch.rand(3, 32, 32))
+    with pytest.raises(OutputError, match="NaN"):
+        write_video(tmp_path / "x.mp4", torch.full((1, 3, 8, 8), float("nan")))
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- point clouds --------------------------------------------------------------------------------
+
+def _cloud(n: int = 500, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    pts = rng.normal(size=(n, 3)) * [1.0, 2.0, 3.0] + [0, 0, 5]
+    cols = rng.integers(0, 256, size=(n, 3), dtype=np.uint8)
+    return pts, cols
+
+
+def test_ply_opens_in_open3d_and_trimesh(tmp_path):
+    import open3d as o3d
+    import trimesh
+
+    pts, cols = _cloud()
+    pts_with_bad = np.concatenate([pts, [[np.nan, 0, 0], [0, np.inf, 0]]])
+    cols_with_bad = np.concatenate([cols, [[1, 2, 3], [4, 5, 6]]]).astype(np.uint8)
+    path = write_point_cloud_ply(tmp_path / "scene.ply", torch.from_numpy(pts_with_bad), cols_with_bad)
+
+    pcd = o3d.io.read_point_cloud(str(path))
+    assert len(pcd.points) == len(pts)  # non-finite points dropped
+    np.testing.assert_allclose(np.asarray(pcd.points), pts, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(pcd.colors) * 255, cols, atol=1e-6)
+
+    cloud = trimesh.load(path)
+    np.testing.assert_allclose(np.asarray(cloud.vertices), pts, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(cloud.colors)[:, :3], cols)
+
+    # Float colours in [0,1] are scaled to bytes.
+    path2 = write_point_cloud_ply(tmp_path / "f.ply", pts, cols / 255.0)
+    np.testing.assert_allclose(np.asarray(o3d.io.read_point_cloud(str(path2)).colors) * 255, cols, atol=1e-6)
+
+
+def _parse_glb(path):
+    data = path.read_bytes()
+    magic, version, length = struct.unpack("<4sII", data[:12])
+    assert magic == b"glTF" and version == 2 and length == len(data)
+    json_len, json_type = struct.unpack("<I4s", data[12:20])
+    assert json_type == b"JSON"
+    gltf = json.loads(data[20 : 20 + json_len])
+    off = 20 + json_len
+    bin_len, bin_type = struct.unpack("<I4s", data[off : off + 8])
+    assert bin_type == b"BIN\x00"
+    return gltf, data[off + 8 : off + 8 + bin_len]
+
+
+def _accessor(gltf, binary, index, dtype, width):
+    acc = gltf["accessors"][index]
+    view = gltf["bufferViews"][acc["bufferView"]]
+    start = view.get("byteOffset", 0) + acc.get("byteOffset", 0)
+    arr = np.frombuffer(binary, dtype=dtype, count=acc["count"] * width, offset=start)
+    return arr.reshape(acc["count"], width)
+
+
+def test_glb_is_points_with_colours(tmp_path):
+    pts, cols = _cloud(300, seed=1)
+    path = write_point_cloud_glb(tmp_path / "scene.glb", pts, cols)
+    gltf, binary = _parse_glb(path)
+    (prim,) = [p for m in gltf["meshes"] for p in m["primitives"]]
+    assert prim["mode"] == 0  # POINTS
+    assert "COLOR_0" in prim["attributes"] and "POSITION" in prim["attributes"]
+    pos = _accessor(gltf, binary, prim["attributes"]["POSITION"], np.float32, 3)
+    # OpenCV (y down, z forward) to glTF (y up, z back): (x, -y, -z).
+    np.testing.assert_allclose(pos, pts * [1, -1, -1], rtol=1e-6, atol=1e-6)
+    col_acc = gltf["accessors"][prim["attributes"]["COLOR_0"]]
+    assert col_acc["componentType"] == 5121 and col_acc["normalized"]  # uint8 normalised
+    width = 4 if col_acc["type"] == "VEC4" else 3
+    colours = _accessor(gltf, binary, prim["attributes"]["COLOR_0"], np.uint8, width)
+    np.testing.assert_array_equal(colours[:, :3], cols)
+
+
+def _read_binary_ply(path):
+    raw = path.read_bytes()
+    end = raw.index(b"end_header\n") + len(b"end_header\n")
+    header = raw[:end].decode("ascii").splitlines()
+    assert header[1] == "format binary_little_endian 1.0"
+    types = {"float": "<f4", "uchar": "u1"}
+    fields = [(ln.split()[2], types[ln.split()[1]]) for ln in header if ln.startswith("property")]
+    n = int([ln for ln in header if ln.startswith("element vertex")][0].split()[-1])
+    return np.frombuffer(raw[end:], dtype=np.dtype(fields), count=n)
+
+
+def test_splat_ply_layout(tmp_path):
+    pts, cols = _cloud(200, seed=2)
+    scales = np.linspace(0.01, 0.05, 200)
+    path = write_splat_ply(tmp_path / "splat.ply", pts, cols, scales)
+    v = _read_binary_ply(path)
+    names = list(v.dtype.names)
+    for key in ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
+                "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]:
+        assert key in names
+    np.testing.assert_allclose(np.stack([v["x"], v["y"], v["z"]], 1), pts, rtol=1e-6, atol=1e-6)
+    rgb = 0.5 + 0.28209479 * np.stack([v["f_dc_0"], v["f_dc_1"], v["f_dc_2"]], 1)
+    np.testing.assert_allclose(rgb * 255, cols, atol=1e-3)
+    assert SH_C0 == pytest.approx(0.28209479)
+    np.testing.assert_allclose(1 / (1 + np.exp(-v["opacity"])), SPLAT_OPACITY, rtol=1e-5)
+    assert SPLAT_OPACITY > 0.95
+    for k in ("scale_0", "scale_1", "scale_2"):
+        np.testing.assert_allclose(np.exp(v[k]), scales, rtol=1e-5)
+    np.testing.assert_array_equal(v["rot_0"], 1.0)
+    for k in ("rot_1", "rot_2", "rot_3", "nx", "ny", "nz"):
+        np.testing.assert_array_equal(v[k], 0.0)
+    # A single scale applies to every point.
+    v1 = _read_binary_ply(write_splat_ply(tmp_path / "s1.ply", pts, cols, 0.02))
+    np.testing.assert_allclose(np.exp(v1["scale_2"]), 0.02, rtol=1e-5)
+
+
+# ---- cameras -------------------------------------------------------------------------------------
+
+def _random_cameras(n: int, w: int, h: int, seed: int = 0) -> Cameras:
+    rng = np.random.default_rng(seed)
+    rot = Rotation.random(n, random_state=seed).as_matrix()
+    w2c = np.tile(np.eye(4), (n, 1, 1))
+    w2c[:, :3, :3] = rot
+    w2c[:, :3, 3] = rng.normal(size=(n, 3))
+    f = rng.uniform(30, 60, size=n)
+    K = torch.cat([intrinsics_matrix(f[i], f[i] * 1.01, w / 2 + 0.3 * i, h / 2 - 0.2 * i) for i in range(n)])
+    return Cameras(torch.from_numpy(w2c), K, w, h, motion_list=[f"move-{i}" for i in range(n)])
+
+
+def test_cameras_json_official_format(tmp_path):
+    cams = _random_cameras(3, 64, 48)
+    path = write_cameras_json(tmp_path / "camera.json", cams)
+    raw = json.loads(path.read_text())
+    assert set(raw) >= {"extrinsic", "intrinsic", "motion_list"}
+    back = Cameras.from_json(path)
+    torch.testing.assert_close(back.w2c, cams.w2c, atol=1e-12, rtol=0)
+    torch.testing.assert_close(back.K, cams.K, atol=1e-12, rtol=0)
+    assert back.motion_list == cams.motion_list and (back.width, back.height) == (64, 48)
+
+
+def test_transforms_json_nerfstudio(tmp_path):
+    n, h, w = 3, 24, 32
+    cams = _random_cameras(n, w, h, seed=3)
+    images = _smooth_frames(n, h, w)
+    path = write_transforms_json(tmp_path / "dataset", images, cams)
+    data = json.loads(path.read_text())
+    assert data["camera_model"] == "OPENCV" and (data["w"], data["h"]) == (w, h)
+    flip = np.diag([1.0, -1.0, -1.0, 1.0])
+    for i, frame in enumerate(data["frames"]):
+        assert frame["file_path"] == f"images/frame_{i + 1:05d}.png"
+        c2w_gl = np.asarray(frame["transform_matrix"], dtype=np.float64)
+        # nerfstudio cameras look down their -z axis: it must be the OpenCV optical axis (+z row of R).
+        np.testing.assert_allclose(-c2w_gl[:3, 2], cams.w2c[i, 2, :3].numpy(), atol=1e-12)
+        w2c = np.linalg.inv(c2w_gl @ flip)
+        np.testing.assert_allclose(w2c, cams.w2c[i].numpy(), atol=1e-9, rtol=0)
+        K = cams.K[i].numpy()
+        assert (frame["fl_x"], frame["fl_y"], frame["cx"], frame["cy"]) == (K[0, 0], K[1, 1], K[0, 2], K[1, 2])
+        assert (frame["w"], frame["h"]) == (w, h)
+        png = np.asarray(Image.open(tmp_path / "dataset" / frame["file_path"]))
+        expected = np.round(images[i].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        np.testing.assert_array_equal(png, expected)
+    with pytest.raises(OutputError, match="one camera per image"):
+        write_transforms_json(tmp_path / "bad", images[:2], cams)
+
+
+# ---- manifest, zip, atomicity --------------------------------------------------------------------
+
+def test_zip_contains_exactly_the_files_and_is_deterministic(tmp_path):
+    job = tmp_path / "job"
+    (job / "images").mkdir(parents=True)
+    (job / "images" / "a.png").write_bytes(b"png-a")
+    (job / "images" / "b.png").write_bytes(b"png-b")
+    write_manifest(job / "manifest.json", {"engine": "preview", "out": job / "x.mp4"})
+    (job / "cache.pt").write_bytes(b"big cache")
+    (job / ".scene.ply.tmp123.ply").write_bytes(b"half-written")
+    (job / "z.txt").write_text("z" * 1000)
+    z1 = zip_folder(job, job / "result.zip", exclude=["*.pt"])
+    with zipfile.ZipFile(z1) as zf:
+        assert zf.namelist() == ["images/a.png", "images/b.png", "manifest.json", "z.txt"]
+        assert zf.read("z.txt") == b"z" * 1000
+        assert json.loads(zf.read("manifest.json"))["out"] == str(job / "x.mp4")
+    first = z1.read_bytes()
+    import os
+    import time
+
+    (job / "result.zip").unlink()
+    os.utime(job / "z.txt", (time.time() + 100, time.time() + 100))
+    z2 = zip_folder(job, tmp_path / "again.zip", exclude=["*.pt"])
+    assert z2.read_bytes() == first
+
+
+def test_failed_write_keeps_earlier_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    target = write_video(tmp_path / "clip.mp4", _smooth_frames(2, 16, 16))
+    before = target.read_bytes()
+
+    real_get_writer = imageio.get_writer
+
+    class Boom(RuntimeError):
+        pass
+
+    def failing_get_writer(*args, **kwargs):
+        writer = real_get_writer(*args, **kwargs)
+        calls = {"n": 0}
+        real_append = writer.append_data
+
+        def append(frame):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise Boom("disk full")
+            real_append(frame)
+
+        writer.append_data = append
+        return writer
+
+    monkeypatch.setattr(imageio, "get_writer", failing_get_writer)
+    with pytest.raises(Boom):
+        write_video(target, _smooth_frames(3, 16, 16))
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+    monkeypatch.undo()
+
+    # Same for the zip writer, failing part-way through the files.
+    job = tmp_path / "job"
+    job.mkdir()
+    for name in "abc":
+        (job / f"{name}.txt").write_text(name)
+    z = zip_folder(job, tmp_path / "out.zip")
+    zbefore = z.read_bytes()
+    real_open = zipfile.ZipFile.open
+    seen = {"n": 0}
+
+    def failing_open(self, name, mode="r", *a, **k):
+        if mode == "w":
+            seen["n"] += 1
+            if seen["n"] == 2:
+                raise Boom("interrupted")
+        return real_open(self, name, mode, *a, **k)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", failing_open)
+    with pytest.raises(Boom):
+        zip_folder(job, z)
+    monkeypatch.undo()
+    assert z.read_bytes() == zbefore
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4", "job", "out.zip"]

@@ -132,44 +132,52 @@ def bank_cameras(
 
 
 # ---- sampling helpers ----------------------------------------------------------------------------
-def _sample(image: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples ``[C,P]`` of ``image [C,H,W]`` at pixel coordinates ``u, v [P]`` (zeros outside)."""
-    c, h, w = image.shape
-    grid = torch.stack([2 * u / w - 1, 2 * v / h - 1], dim=-1).to(image.dtype).view(1, 1, -1, 2)
-    out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+def _sample(image: torch.Tensor, grid: torch.Tensor, padding: str) -> torch.Tensor:
+    """Bilinear samples ``[C,P]`` of ``image [C,H,W]`` at normalised coordinates ``grid [P,2]`` in ``[-1,1]``."""
+    out = F.grid_sample(image[None], grid.view(1, 1, -1, 2), mode="bilinear", padding_mode=padding, align_corners=False)
     return out[0, :, 0]
 
 
 def _sample_equirect(pano: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples ``[C,P]`` of an equirectangular ``pano [C,H,W]``, wrapping around horizontally."""
+    """Bilinear samples ``[C,P]`` of an equirectangular ``pano [C,H,W]`` at pixel coordinates, wrapping around."""
     # One wrapped column on each side makes the seam interpolate across u = 0 ≡ W; rows clamp at the poles.
     padded = torch.cat([pano[..., -1:], pano, pano[..., :1]], dim=-1)
-    c, h, w = padded.shape
-    u = torch.remainder(u, pano.shape[-1]) + 1
-    grid = torch.stack([2 * u / w - 1, 2 * v / h - 1], dim=-1).to(pano.dtype).view(1, 1, -1, 2)
-    out = F.grid_sample(padded[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out[0, :, 0]
+    _, h, w = padded.shape
+    x = (torch.remainder(u, pano.shape[-1]) + 1).mul_(2 / w).sub_(1)
+    y = (2 / h) * v - 1
+    return _sample(padded, torch.stack([x, y], dim=-1).to(pano.dtype), "border")
 
 
-def _view_pixels(cameras: Cameras, i: int, dirs: torch.Tensor):
-    """Where world directions ``[P,3]`` land in view ``i``: ``u, v, inside [P]`` and the camera ray ``[P,3]``."""
+def _view_hits(cameras: Cameras, i: int, dirs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """World directions ``[P,3]`` that may land in view ``i``: their indices and normalised image coordinates
+    ``[M,2]`` (grid_sample's ``align_corners=False`` frame: the image spans ``[-1,1]``; some fall outside)."""
     r = cameras.R[i].to(dirs.dtype)
-    k = cameras.K[i].to(dirs.dtype)
-    cam = dirs @ r.T
-    z = cam[:, 2]
-    front = z > 1e-6
-    safe = torch.where(front, z, torch.ones_like(z))
-    u = k[0, 0] * cam[:, 0] / safe + k[0, 2]
-    v = k[1, 1] * cam[:, 1] / safe + k[1, 2]
-    inside = front & (u >= 0) & (u <= cameras.width) & (v >= 0) & (v <= cameras.height)
-    return u, v, inside, cam
+    fx, fy = cameras.K[i, 0, 0].item(), cameras.K[i, 1, 1].item()
+    cx, cy = cameras.K[i, 0, 2].item(), cameras.K[i, 1, 2].item()
+    w, h = cameras.width, cameras.height
+    # Cheap cone test first: no ray of the view is further from its axis than its widest corner, so the
+    # projection below runs only on the directions that can land in the image (a quarter of the sphere).
+    tx, ty = max(cx, w - cx) / fx, max(cy, h - cy) / fy
+    cos_max = 1.0 / math.sqrt(1.0 + tx * tx + ty * ty)
+    z = dirs @ r[2]
+    idx = (z >= cos_max - 1e-4).nonzero().squeeze(1)
+    sub = dirs[idx]
+    z = z[idx]
+    a = (sub @ r[0]).div_(z).mul_(2 * fx / w).add_(2 * cx / w - 1)
+    b = (sub @ r[1]).div_(z).mul_(2 * fy / h).add_(2 * cy / h - 1)
+    return idx, torch.stack([a, b], dim=-1)
 
 
-def _border_weight(u: torch.Tensor, v: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Blend weight in a view: 1 at the image centre, falling smoothly to 0 at the border."""
-    a = (2 * u / width - 1).clamp(-1, 1)
-    b = (2 * v / height - 1).clamp(-1, 1)
-    return ((1 - a * a) * (1 - b * b)) ** _WEIGHT_POWER
+def _border_weight(grid: torch.Tensor) -> torch.Tensor:
+    """Blend weight at normalised image coordinates ``[M,2]``: 1 at the centre, smoothly 0 at the border
+    and beyond it, plus a tiny floor inside the image so pixels that only a view's edge sees stay covered."""
+    one_minus_sq = 1 - grid.square()
+    inside = (one_minus_sq >= 0).all(dim=-1)
+    one_minus_sq.clamp_(min=0)
+    wgt = one_minus_sq[:, 0] * one_minus_sq[:, 1]
+    if _WEIGHT_POWER != 1:
+        wgt.pow_(_WEIGHT_POWER)
+    return wgt.add_(inside, alpha=1e-6)
 
 
 def _stitch(
@@ -179,6 +187,8 @@ def _stitch(
     n, c, h, w = values.shape
     if len(cameras) != n:
         raise PanoramaError(f"Got {n} views but {len(cameras)} cameras; pass one camera per view.")
+    if masks is not None and masks.shape != (n, h, w):
+        raise PanoramaError(f"Masks {tuple(masks.shape)} must be [N,H,W] = {(n, h, w)}, one per view.")
     if (h, w) != (cameras.height, cameras.width):
         cameras = cameras.resized(w, h)
     dtype = values.dtype if values.is_floating_point() else torch.float32
@@ -186,20 +196,21 @@ def _stitch(
     acc = torch.zeros(c, dirs.shape[0], device=values.device, dtype=dtype)
     wsum = torch.zeros(dirs.shape[0], device=values.device, dtype=dtype)
     for i in range(n):
-        u, v, inside, _ = _view_pixels(cameras, i, dirs)
-        idx = inside.nonzero().squeeze(1)
+        idx, grid = _view_hits(cameras, i, dirs)
         if idx.numel() == 0:
             continue
-        valid = torch.ones(1, h, w, device=values.device, dtype=dtype) if masks is None else masks[i : i + 1].to(dtype)
-        # Normalised convolution: sample (value·valid, valid) so masked-out pixels never bleed into the result.
-        s = _sample(torch.cat([values[i].to(dtype) * valid, valid]), u[idx], v[idx])
-        cover = s[-1]
-        ok = cover > 1e-3
-        idx, s, cover = idx[ok], s[:, ok], cover[ok]
-        # The small floor keeps pixels that only a view's very border sees covered (and filled).
-        wgt = (_border_weight(u[idx], v[idx], w, h).to(dtype) + 1e-6) * cover
-        acc[:, idx] += (s[:-1] / cover) * wgt
-        wsum[idx] += wgt
+        wgt = _border_weight(grid)
+        if masks is None:
+            contrib = _sample(values[i].to(dtype), grid, "border")
+        else:
+            # Normalised convolution: sample (value·valid, valid) so masked-out pixels never leak in.
+            valid = masks[i : i + 1].to(dtype)
+            s = _sample(torch.cat([values[i].to(dtype) * valid, valid]), grid, "zeros")
+            cover = s[-1] * (s[-1] > 1e-3)
+            contrib = s[:-1] / s[-1].clamp_min(1e-3)
+            wgt = wgt * cover
+        acc.index_add_(1, idx, contrib * wgt)
+        wsum.index_add_(0, idx, wgt)
     covered = wsum > 0
     out = torch.where(covered, acc / wsum.clamp_min(1e-12), torch.zeros_like(acc))
     return out.view(c, height, width), covered.view(height, width)
@@ -219,7 +230,7 @@ def equirect_to_perspective(pano: torch.Tensor, cameras: Cameras) -> torch.Tenso
     _check_pano(pano)
     c, hp, wp = pano.shape
     dtype = pano.dtype if pano.is_floating_point() else torch.float32
-    _, d = cameras.to(device=pano.device).rays()
+    _, d = cameras.to(device=pano.device, dtype=dtype).rays()
     n, h, w, _ = d.shape
     uv = direction_to_equirect(d.reshape(-1, 3), hp, wp)
     out = _sample_equirect(pano.to(dtype), uv[:, 0], uv[:, 1])

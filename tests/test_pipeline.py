@@ -1,0 +1,209 @@
+"""One clip end to end on tiny-random packages, and the encoders against diffusers' Wan I2V pipeline."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.geometry.cameras import Cameras, intrinsics_from_fov
+from engine.models.tiny import write_tiny_package
+from engine.pipeline import ClipInputError, ClipPipeline, References
+from engine.sampling import SamplingCancelled
+
+VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")
+F, H, W = 3, 64, 64
+UNIPC_TEST_STEPS = 5  # the 40-step default is exercised by the sampler tests; a few steps keep this fast
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors on a shared 2-core box: threads only spin
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_packages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_pipeline_packages")
+    return {v: write_tiny_package(root / v, v, seed=0) for v in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_packages):
+    return {v: ClipPipeline.from_pretrained(tiny_packages[v], device="cpu") for v in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    w2c = torch.eye(4, dtype=torch.float64).repeat(F, 1, 1)
+    w2c[:, 0, 3] = -0.2 * torch.arange(F)
+    cams = Cameras(w2c, intrinsics_from_fov(W, H, 60.0, n=F), W, H)
+    ref_w2c = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    ref_w2c[:, 2, 3] = torch.tensor([0.3, -0.3])
+    refs = References(images=torch.rand(2, 3, H, W, generator=g), cameras=Cameras(ref_w2c, cams.K[:2], W, H),
+                      ref_index=torch.tensor([0, 1]))
+    return dict(image=torch.rand(3, H, W, generator=g), cameras=cams, render=torch.rand(F, 3, H, W, generator=g),
+                render_mask=torch.rand(F, H, W, generator=g) > 0.3), refs
+
+
+def run(pipe, inputs, **kw):
+    args, _ = inputs
+    steps = None if pipe.is_distilled else UNIPC_TEST_STEPS
+    return pipe(**args, prompt="a stone house", steps=steps, **kw)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("with_refs", [False, True])
+def test_clip_runs_end_to_end(pipes, inputs, variant, with_refs):
+    out = run(pipes[variant], inputs, references=inputs[1] if with_refs else None, seed=3)
+    assert out.frames.shape == (F, 3, H, W) and out.frames.dtype == torch.float32
+    assert torch.isfinite(out.frames).all() and out.frames.min() >= 0 and out.frames.max() <= 1
+    assert out.latents.shape == (1, 16, F, H // 8, W // 8)
+    # the frames are the VAE decoding of the returned latents
+    assert torch.allclose(pipes[variant].components.decode_latents(out.latents), out.frames, atol=1e-5)
+
+
+def test_fixed_seed_is_deterministic_and_seeds_differ(pipes, inputs):
+    pipe = pipes["worldstereo-memory-dmd"]
+    a = run(pipe, inputs, references=inputs[1], seed=7)
+    b = run(pipe, inputs, references=inputs[1], seed=7)
+    c = run(pipe, inputs, references=inputs[1], seed=8)
+    assert torch.equal(a.frames, b.frames) and torch.equal(a.latents, b.latents)
+    assert not torch.allclose(a.latents, c.latents, atol=1e-3)
+
+
+def test_references_reach_the_memory_model_only(pipes, inputs):
+    mem = pipes["worldstereo-memory-dmd"]
+    assert not torch.allclose(run(mem, inputs, seed=1).latents, run(mem, inputs, references=inputs[1], seed=1).latents)
+    cam = pipes["worldstereo-camera"]  # trained without memory: references are ignored
+    assert torch.equal(run(cam, inputs, seed=1).latents, run(cam, inputs, references=inputs[1], seed=1).latents)
+
+
+def _record_calls(pipe):
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append((kwargs["hidden_states"].shape, kwargs["timestep"].clone(),
+                                                kwargs["encoder_hidden_states"].clone())), with_kwargs=True)
+    return calls, handle
+
+
+def test_dmd_runs_four_unguided_steps(pipes, inputs):
+    pipe = pipes["worldstereo-memory-dmd"]
+    calls, handle = _record_calls(pipe)
+    try:
+        run(pipe, inputs, guidance=5.0)
+    finally:
+        handle.remove()
+    cfg = pipe.config
+    assert len(calls) == cfg.dmd_steps == 4
+    assert all(c[0][0] == 1 and c[0][1] == 36 for c in calls)
+    s = cfg.gen_shift
+    u = [(cfg.dmd_start_steps + (1000 - cfg.dmd_start_steps) * k / 3) / 1000 for k in (3, 2, 1, 0)]
+    assert [float(c[1][0]) for c in calls] == pytest.approx([1000 * s * x / (1 + (s - 1) * x) for x in u], rel=1e-5)
+
+
+def test_guided_variant_batches_cond_and_uncond(pipes, inputs):
+    pipe = pipes["worldstereo-memory"]
+    calls, handle = _record_calls(pipe)
+    try:
+        run(pipe, inputs, negative_prompt="blurry")
+    finally:
+        handle.remove()
+    assert len(calls) == UNIPC_TEST_STEPS
+    assert all(c[0][0] == 2 for c in calls)
+    text = calls[0][2]
+    comps = pipe.components
+    assert torch.equal(text[0], comps.encode_prompt("a stone house")[0])
+    assert torch.equal(text[1], comps.encode_prompt("blurry")[0])
+    # guidance 1 is plain conditional sampling: one sample per forward
+    calls, handle = _record_calls(pipe)
+    try:
+        run(pipe, inputs, guidance=1.0)
+    finally:
+        handle.remove()
+    assert all(c[0][0] == 1 for c in calls)
+
+
+def test_progress_and_cancel(pipes, inputs):
+    pipe = pipes["worldstereo-memory-dmd"]
+    seen = []
+    run(pipe, inputs, progress=lambda f, m: seen.append((f, m)))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert sum("denoising step" in m for _, m in seen) == 4
+    with pytest.raises(SamplingCancelled):
+        run(pipe, inputs, cancel=lambda: True)
+
+
+def test_cpu_offload_hooks_give_the_same_clip(tiny_packages, pipes, inputs):
+    plain = run(pipes["worldstereo-memory-dmd"], inputs, seed=2)
+    offloaded = ClipPipeline.from_pretrained(tiny_packages["worldstereo-memory-dmd"], device="cpu", cpu_offload=True)
+    assert getattr(offloaded.transformer, "_hf_hook", None) is not None
+    assert torch.allclose(run(offloaded, inputs, seed=2).frames, plain.frames, atol=1e-6)
+
+
+def test_bad_inputs_get_one_sentence_errors(pipes, inputs):
+    pipe = pipes["worldstereo-memory-dmd"]
+    args, refs = inputs
+    with pytest.raises(ClipInputError, match="multiple of 16"):
+        pipe(args["image"][:, :40], args["cameras"], args["render"][:, :, :40], args["render_mask"][:, :40])
+    with pytest.raises(ClipInputError, match="cameras"):
+        pipe(args["image"], args["cameras"][0:2], args["render"], args["render_mask"])
+    bad = References(refs.images, refs.cameras, torch.tensor([0, 5]))
+    with pytest.raises(ClipInputError, match="ref_index"):
+        pipe(**args, references=bad)
+
+
+# ---------------------------------------------------------------------------- encoders vs diffusers' Wan I2V
+@pytest.fixture(scope="module")
+def wan_pipe(tiny_packages, monkeypatch_module):
+    from diffusers import WanImageToVideoPipeline
+    from diffusers.pipelines.wan import pipeline_wan_i2v
+
+    # diffusers cleans prompts with ftfy (not installed here); compare on prompts that need no cleaning
+    monkeypatch_module.setattr(pipeline_wan_i2v, "prompt_clean", lambda text: " ".join(text.split()))
+    return WanImageToVideoPipeline.from_pretrained(str(tiny_packages["worldstereo-memory"] / "base_model"))
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_prompt_encoding_matches_diffusers(pipes, wan_pipe):
+    comps = pipes["worldstereo-memory"].components
+    texts = ["a stone house near the lake", "red"]
+    ours = comps.encode_prompt(texts)
+    theirs = wan_pipe._get_t5_prompt_embeds(texts, max_sequence_length=512, device="cpu", dtype=torch.float32)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    n = len(comps.tokenizer("red").input_ids)
+    assert (ours[1, n:] == 0).all() and (ours[1, :n].abs().sum(-1) > 0).all()  # zero exactly past the prompt
+
+
+def test_image_encoding_matches_diffusers(pipes, wan_pipe):
+    from PIL import Image
+
+    comps = pipes["worldstereo-memory"].components
+    g = torch.Generator().manual_seed(5)
+    img = torch.randint(0, 256, (3, 32, 32), generator=g).float() / 255  # exactly representable in uint8
+    pil = Image.fromarray((img * 255).round().byte().permute(1, 2, 0).numpy())
+    ours = comps.encode_image(img)
+    theirs = wan_pipe.encode_image(pil, device="cpu")
+    assert ours.shape == theirs.shape == (1, 17, 24)
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+def test_keyframe_latents_match_diffusers_first_frame_condition(pipes, wan_pipe):
+    comps = pipes["worldstereo-memory"].components
+    g = torch.Generator().manual_seed(6)
+    frames = torch.rand(3, 3, 32, 48, generator=g)
+    ours = comps.encode_frames(frames)
+    assert ours.shape == (1, 16, 3, 4, 6)
+    for i in range(3):
+        # diffusers' I2V condition of a one-frame video is exactly one keyframe's normalised latent
+        _, cond = wan_pipe.prepare_latents(frames[i:i + 1] * 2 - 1, 1, 16, 32, 48, 1, torch.float32, "cpu",
+                                           generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(ours[:, :, i], cond[:, 4:, 0], atol=1e-5)

@@ -5,11 +5,11 @@ Frustum overlap
     depths ``near`` and ``far`` that camera ``b`` also sees (in front of ``b``, between ``near`` and ``far``
     of ``b``'s depth, projecting inside ``b``'s image ``[0,W) x [0,H)``).
     Estimate: a fixed stratified grid of rays through ``a``'s image (cell centres of an ``nx x ny`` grid
-    with ``nx/ny ~ W/H``; uniform in pixels is uniform in solid-angle-per-unit-depth for a pinhole, so each
-    ray carries the same volume). Along one ray ``X_b(z) = z R d + t`` is linear in ``a``'s depth ``z``, so
+    with ``nx/ny ~ W/H``). A pinhole frustum's volume element is ``z^2 dz dx dy`` in normalised image
+    coordinates ``x = (u - cx) / fx``, ``y = (v - cy) / fy``, so rays evenly spaced in pixels carry equal volume. Along one ray ``X_b(z) = z R d + t`` is linear in ``a``'s depth ``z``, so
     every condition of ``b``'s frustum is one linear inequality in ``z`` and the visible part of the ray is
     an interval ``[lo, hi]``; its share of the ray's volume is integrated exactly,
-    ``(hi^3 - lo^3) / (far^3 - near^3)`` (the volume element of a frustum is ``z^2 dz dA``).
+    ``(hi^3 - lo^3) / (far^3 - near^3)``.
     Why not sample depths as well: the exact depth integral removes one dimension of sampling error at no
     cost, and the result is deterministic. The remaining error is the image grid's (shrinks as
     ``1/sqrt(samples)`` at the frustum's silhouette edges).
@@ -21,8 +21,9 @@ Retrieval rule (``MemoryBank.retrieve``), for target cameras ``t`` and bank fram
        ``min_overlap`` and excluded frames count as 0.
     2. Each target's *preferred* frame: the largest overlap; frames within ``tie_tolerance`` of that best
        overlap count as equally good and the *closest* of them wins, closeness being
-       ``|c_t - c_m| / depth_m + angle(axis_t, axis_m)`` (centre distance in units of the frame's median
-       scene depth ``sqrt(near_m * far_m)``, plus the angle between optical axes in radians). A closer
+       ``|c_t - c_m| / sqrt(near_m * far_m) + angle(axis_t, axis_m)`` (centre distance in units of the
+       frame's typical scene depth, plus the angle between optical axes in radians; the angle decides
+       between frames that share a centre, like the panorama views). A closer
        camera sees the same surfaces at a similar scale and from a similar side, which is what the
        stitched reference attention can use best.
     3. If the preferred frames are at most ``max_refs`` distinct frames, they are the references.

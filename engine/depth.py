@@ -250,8 +250,8 @@ class DepthEstimator(_Estimator):
     ) -> "DepthEstimator":
         """Load a MoGe checkpoint (``model.pt`` with ``model_config`` + ``model``) from a file, a folder or the hub.
 
-        Unlike ``moge``'s own loader the state dict must match exactly: a checkpoint that leaves weights
-        random is refused instead of producing plausible-looking nonsense.
+        Unlike ``moge``'s own loader, a checkpoint that would leave weights random (missing keys) is refused
+        instead of producing plausible-looking nonsense.
         """
         path = resolve_moge_checkpoint(repo_or_dir, local_files_only)
         try:
@@ -270,11 +270,17 @@ class DepthEstimator(_Estimator):
             missing, unexpected = model.load_state_dict(state, strict=False)
         except Exception as e:
             raise DepthUnavailable(f"MoGe checkpoint {path.name} does not build a {version} model ({e.__class__.__name__}).") from None
-        if missing or unexpected:
+        # Constant buffers (the encoder's normalisation mean/std) are rebuilt by the constructor; any other
+        # missing weight would stay random, so that checkpoint is refused. Extra keys are ignored, as moge does.
+        missing = [k for k in missing if not k.endswith(("image_mean", "image_std"))]
+        if missing:
             raise DepthUnavailable(
-                f"MoGe checkpoint {path.name} does not match its own config ({len(missing)} missing, {len(unexpected)} unexpected weights)."
+                f"MoGe checkpoint {path.name} does not match its own config ({len(missing)} missing weights, e.g. {missing[0]})."
             )
-        model = model.to(device=torch.device(device), dtype=dtype or torch.float32)
+        try:
+            model = model.to(device=torch.device(device), dtype=dtype or torch.float32)
+        except (RuntimeError, AssertionError) as e:
+            raise DepthUnavailable(f"MoGe cannot be placed on {device} ({e.__class__.__name__}).") from None
         return cls(model, version=version, **kwargs)
 
     @torch.inference_mode()

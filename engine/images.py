@@ -47,7 +47,7 @@ class ImageInputError(ValueError):
 def _describe(source: ImageSource) -> str:
     if isinstance(source, (str, Path)):
         return f"Image file '{Path(source).name}'"
-    return "The image"
+    return "The input"
 
 
 def _open(source: ImageSource, what: str) -> Image.Image:

@@ -133,6 +133,22 @@ def test_tiny_moge_known_fov_and_batch(tiny_moge):
     torch.testing.assert_close(single.depth, out.depth[1], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.gpu
+def test_tiny_moge_on_cuda_matches_cpu(tiny_moge):
+    folder, _ = tiny_moge
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(3, 42, 56, generator=g)
+    cpu = DepthEstimator.from_pretrained(folder).estimate(img, fov_x=60.0)
+    gpu_est = DepthEstimator.from_pretrained(folder, device="cuda")
+    gpu = gpu_est.estimate(img.cuda(), fov_x=60.0)  # fp16 autocast on CUDA
+    assert gpu.depth.device.type == "cuda"
+    gpu = gpu.to("cpu")
+    _check_consistent(gpu, 42, 56)
+    both = cpu.mask & gpu.mask
+    assert both.float().mean() > 0.9
+    torch.testing.assert_close(gpu.depth[both], cpu.depth[both], rtol=5e-2, atol=1e-3)
+
+
 def test_official_loader_reads_our_checkpoint_layout(tiny_moge):
     from moge.model.v2 import MoGeModel
 

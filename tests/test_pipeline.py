@@ -207,3 +207,19 @@ def test_keyframe_latents_match_diffusers_first_frame_condition(pipes, wan_pipe)
         _, cond = wan_pipe.prepare_latents(frames[i:i + 1] * 2 - 1, 1, 16, 32, 48, 1, torch.float32, "cpu",
                                            generator=torch.Generator().manual_seed(0))
         assert torch.allclose(ours[:, :, i], cond[:, 4:, 0], atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [{}, {"cpu_offload": True}, {"text_encoder_device": "cpu"},
+                                     {"offload_text_encoder": True}])
+def test_cuda_bf16_clip(tiny_packages, inputs, options):
+    pipe = ClipPipeline.from_pretrained(tiny_packages["worldstereo-memory"], device="cuda", **options)
+    assert pipe.dtype == torch.bfloat16  # the CUDA default
+    a = run(pipe, inputs, references=inputs[1], seed=4)
+    b = run(pipe, inputs, references=inputs[1], seed=4)
+    assert a.frames.shape == (F, 3, H, W) and torch.isfinite(a.frames).all()
+    assert torch.equal(a.frames, b.frames)
+    if options.get("cpu_offload"):
+        assert next(pipe.transformer.parameters()).device.type == "cpu"  # moved back after the clip
+    if options.get("text_encoder_device") == "cpu" or options.get("offload_text_encoder"):
+        assert next(pipe.components.text_encoder.parameters()).device.type == "cpu"

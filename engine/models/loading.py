@@ -82,6 +82,33 @@ def tiny_transformer_config(variant: str = "worldstereo-memory", base_model: str
     return cfg, base
 
 
+# The Wan2.1 I2V-14B backbone (diffusers `transformer/config.json` of the base model) and a camera branch of the
+# Uni3C form the release builds on (dim 1024, 20 blocks, 16 heads, 5120-wide patch/time embeddings and outputs).
+# The branch FFN width and mask-embedding channels are not stated anywhere public: 8192 and 256 are assumptions,
+# used only for benchmarks with random weights (a real checkpoint brings its own config.json).
+_FULL_BASE = {
+    "patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 36,
+    "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40,
+    "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "eps": 1e-06, "image_dim": 1280,
+    "added_kv_proj_dim": 5120, "rope_max_seq_len": 1024,
+}
+_FULL_CONTROLNET = {
+    "dim": 1024, "ffn_dim": 8192, "num_heads": 16, "time_embed_dim": 5120, "num_layers": 20, "conv_out_dim": 5120,
+    "add_channels": 7, "mid_channels": 256, "mask_downsample": 4, "interp": False, "update_ref": False,
+    "ref_embedding": True, "main_camera_embedding": True, "camera_embedding_dim": 7,
+}
+
+
+def full_size_transformer_config(variant: str = "worldstereo-memory-dmd") -> tuple[WorldStereoConfig, dict[str, Any]]:
+    """(checkpoint config, backbone config) at the real 14B size, for benchmarks with random weights."""
+    cfg, _ = tiny_transformer_config(variant)
+    cn = dict(_FULL_CONTROLNET)
+    cn["ref_embedding"] = cn["main_camera_embedding"] = variant != "worldstereo-camera"
+    cfg.controlnet_cfg = ControlNetConfig.from_dict(cn)
+    cfg.nframe = 21
+    return cfg, {"_class_name": "WanTransformer3DModel", **_FULL_BASE}
+
+
 # ---------------------------------------------------------------------------------------------------- build / save
 def build_transformer(config: WorldStereoConfig, base_transformer_config: dict[str, Any], seed: int = 0,
                       device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None) -> WorldStereoTransformer:

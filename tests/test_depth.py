@@ -161,11 +161,16 @@ def test_official_loader_reads_our_checkpoint_layout(tiny_moge):
 def test_mismatched_checkpoint_refused(tiny_moge, tmp_path):
     folder, _ = tiny_moge
     ckpt = torch.load(folder / "model.pt", weights_only=True)
-    ckpt["model"].pop(next(iter(ckpt["model"])))
+    ckpt["model"].pop("scale_head.0.weight")  # a learned weight: without it the model would be partly random
+    ckpt["model"]["an_extra_key"] = torch.zeros(1)  # extra keys are ignored, as moge's loader does
     torch.save(ckpt, tmp_path / "model.pt")
     with pytest.raises(DepthUnavailable, match="1 missing") as e:
         DepthEstimator.from_pretrained(tmp_path)
     assert "\n" not in str(e.value)
+    ckpt = torch.load(folder / "model.pt", weights_only=True)
+    ckpt["model"].pop("encoder.image_mean")  # a constant the constructor rebuilds: not a reason to refuse
+    torch.save(ckpt, tmp_path / "model.pt")
+    assert DepthEstimator.from_pretrained(tmp_path).source == "moge-2"
     (tmp_path / "junk").mkdir()
     with pytest.raises(DepthUnavailable, match="no model.pt"):
         DepthEstimator.from_pretrained(tmp_path / "junk")

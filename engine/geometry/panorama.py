@@ -204,8 +204,9 @@ def _stitch(
             contrib = _sample(values[i].to(dtype), grid, "border")
         else:
             # Normalised convolution: sample (value·valid, valid) so masked-out pixels never leak in.
-            valid = masks[i : i + 1].to(dtype)
-            s = _sample(torch.cat([values[i].to(dtype) * valid, valid]), grid, "zeros")
+            valid = masks[i : i + 1].to(device=values.device, dtype=torch.bool)
+            kept = torch.where(valid, values[i].to(dtype), torch.zeros((), dtype=dtype, device=values.device))
+            s = _sample(torch.cat([kept, valid.to(dtype)]), grid, "zeros")
             cover = s[-1] * (s[-1] > 1e-3)
             contrib = s[:-1] / s[-1].clamp_min(1e-3)
             wgt = wgt * cover

@@ -20,7 +20,7 @@ import io
 import math
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch

@@ -155,6 +155,70 @@ def test_bad_inputs_get_one_sentence_errors(pipes, inputs):
         pipe(**args, references=bad)
 
 
+def test_conditions_follow_the_wan_i2v_layout(pipes, inputs):
+    pipe = pipes["worldstereo-memory-dmd"]
+    args, refs = inputs
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    try:
+        pipe(**args, references=refs)
+    finally:
+        handle.remove()
+    kw = seen[0]
+    hidden = kw["hidden_states"]
+    assert hidden.shape == (1, 36, F, H // 8, W // 8)
+    mask = hidden[:, 16:20]
+    assert (mask[:, :, 0] == 1).all() and (mask[:, :, 1:] == 0).all()
+    comps = pipe.components
+    first = comps.encode_frames(args["image"][None])
+    gray = comps.encode_frames(torch.full((1, 3, H, W), 0.5))
+    assert torch.allclose(hidden[:, 20:, :1], first, atol=1e-5)
+    assert torch.allclose(hidden[:, 20:, 1:], gray.expand(-1, -1, F - 1, -1, -1), atol=1e-5)
+    assert torch.allclose(kw["render_latent"], comps.encode_frames(args["render"]), atol=1e-5)
+    assert torch.equal(kw["render_mask"][0, 0], args["render_mask"].float())
+    # cameras relative to the input view: frame 0 is the identity, its code the identity rotation at the origin
+    assert torch.allclose(kw["extrinsics"][0, 0], torch.eye(4), atol=1e-6)
+    assert torch.allclose(kw["camera_qt"][0, 0], torch.tensor([0, 0, 0, 1, 0, 0, 0.0]), atol=1e-6)
+    # unit scale: the farthest camera centre (targets and references) is at distance 1
+    centres = torch.cat([kw["camera_qt"][0, :, 4:], kw["camera_qt_ref"][0, :, 4:]])
+    assert centres.norm(dim=-1).max().item() == pytest.approx(1.0, abs=1e-6)
+    plucker = kw["camera_embedding"][0]  # [6,F,H,W]: unit directions, moments orthogonal to them
+    d, m = plucker[3:], plucker[:3]
+    assert torch.allclose(d.norm(dim=0), torch.ones(F, H, W), atol=1e-5)
+    assert (m * d).sum(0).abs().max() < 1e-5
+    assert torch.equal(kw["ref_index"][0], refs.ref_index)
+
+
+def test_pointmaps_share_one_colour_box():
+    from engine.pipeline import colour_code_pointmaps
+
+    a = torch.tensor([[0.0, 1.0], [2.0, 4.0], [-1.0, 3.0]]).view(1, 3, 1, 2)
+    b = torch.tensor([[4.0, float("nan")], [0.0, 1.0], [3.0, 3.0]]).view(1, 3, 1, 2)
+    ca, cb = colour_code_pointmaps(a, b)
+    # per axis over both maps: x in [0,4], y in [0,4], z in [-1,3]
+    assert torch.allclose(ca.view(3, 2), torch.tensor([[0.0, 0.25], [0.5, 1.0], [0.0, 1.0]]))
+    assert torch.allclose(cb.view(3, 2), torch.tensor([[1.0, 0.0], [0.0, 0.25], [1.0, 1.0]]))
+    assert colour_code_pointmaps(None, None) == [None, None]
+
+
+def test_branch_memory_gets_pointmap_latents(tmp_path, inputs):
+    pkg = write_tiny_package(tmp_path / "branch", "worldstereo-memory-dmd", memory_mode="branch")
+    pipe = ClipPipeline.from_pretrained(pkg, device="cpu")
+    args, refs = inputs
+    g = torch.Generator().manual_seed(9)
+    refs = References(refs.images, refs.cameras, refs.ref_index, pointmaps=torch.randn(2, 3, H, W, generator=g))
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    try:
+        pipe(**args, references=refs, pointmaps=torch.randn(F, 3, H, W, generator=g))
+    finally:
+        handle.remove()
+    kw = seen[0]
+    assert kw["pointmap_latent"].shape == (1, 16, F, H // 8, W // 8)
+    assert kw["ref_pointmap_latent"].shape == (1, 16, 2, H // 8, W // 8)
+    assert kw["reference_latent"].shape == (1, 16, 2, H // 8, W // 8)
+
+
 # ---------------------------------------------------------------------------- encoders vs diffusers' Wan I2V
 @pytest.fixture(scope="module")
 def wan_pipe(tiny_packages, monkeypatch_module):

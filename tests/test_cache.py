@@ -354,3 +354,25 @@ def test_load_ply_bad_files_raise(tmp_path):
     (tmp_path / "cut.ply").write_bytes(data[:-40])
     with pytest.raises(CacheError):
         PointCache.load_ply(tmp_path / "cut.ply")
+
+
+@pytest.mark.gpu
+def test_cache_on_cuda_matches_cpu():
+    cam = _camera()
+    depth = _bumpy_depth(cam)
+    image = torch.rand(3, H, W, generator=torch.Generator().manual_seed(6))
+    results = []
+    for device in ("cpu", "cuda"):
+        cache = PointCache.empty(device=device)
+        cache.add_frame(image.to(device), depth.to(device), cam, frame_id=1, confidence=torch.rand(H, W))
+        out = cache.render(cam)
+        median = cache.median_depth(cam)
+        cache.downsample(200)
+        results.append((out.mask.cpu(), out.image.cpu(), median, cache.points.cpu(), cache.colors.cpu()))
+    (m0, i0, d0, p0, c0), (m1, i1, d1, p1, c1) = results
+    assert torch.equal(m0, m1)
+    torch.testing.assert_close(i0, i1)
+    assert d0 == pytest.approx(d1, rel=1e-5)
+    assert p0.shape == p1.shape
+    torch.testing.assert_close(p0, p1, atol=1e-5, rtol=0)
+    torch.testing.assert_close(c0, c1, atol=1e-5, rtol=0)

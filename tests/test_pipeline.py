@@ -287,3 +287,20 @@ def test_cuda_bf16_clip(tiny_packages, inputs, options):
         assert next(pipe.transformer.parameters()).device.type == "cpu"  # moved back after the clip
     if options.get("text_encoder_device") == "cpu" or options.get("offload_text_encoder"):
         assert next(pipe.components.text_encoder.parameters()).device.type == "cpu"
+
+
+def test_prompt_cache_is_reused_and_bounded(pipes):
+    from engine.models.components import PROMPT_CACHE_SIZE
+
+    comps = pipes["worldstereo-camera"].components
+    calls = []
+    handle = comps.text_encoder.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        first = comps.encode_prompt(["a tall tower"])
+        again = comps.encode_prompt(["a tall tower"])
+        assert len(calls) == 1 and torch.equal(first, again)
+        for i in range(PROMPT_CACHE_SIZE + 3):
+            comps.encode_prompt([f"house {i}"])
+        assert len(comps._prompt_cache) <= PROMPT_CACHE_SIZE
+    finally:
+        handle.remove()

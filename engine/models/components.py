@@ -8,6 +8,7 @@ work in a "keyframe latent space": every keyframe is VAE-encoded on its own (no 
 """
 from __future__ import annotations
 
+import html
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ PathLike = Union[str, Path]
 # hard-coded in diffusers' Wan attention), so prompts are always padded to exactly this length.
 TEXT_LENGTH = 512
 LATENT_CHANNELS = 16
+PROMPT_CACHE_SIZE = 8  # a real encoding is 512 x 4096 floats (8 MB); keep the few prompts a session reuses
 
 
 class ComponentLoadError(ValueError):
@@ -76,7 +78,8 @@ class Components:
         if missing:
             if self.text_encoder is None:
                 raise RuntimeError("The text encoder was released; create the pipeline again to encode new prompts.")
-            enc = self.tokenizer([" ".join(t.split()) for t in missing], padding="max_length", max_length=max_length,
+            # Wan also runs ftfy (not a dependency here); entity unescaping + whitespace cover typed prompts
+            enc = self.tokenizer([" ".join(html.unescape(html.unescape(t)).split()) for t in missing], padding="max_length", max_length=max_length,
                                  truncation=True, add_special_tokens=True, return_attention_mask=True,
                                  return_tensors="pt")
             hooked = getattr(self.text_encoder, "_hf_hook", None) is not None
@@ -89,6 +92,9 @@ class Components:
             hidden = (hidden * keep).to("cpu", torch.float32)  # Wan zeroes everything past the prompt
             for t, h in zip(missing, hidden):
                 self._prompt_cache[(t, max_length)] = h
+            wanted = {(t, max_length) for t in texts}
+            for key in [k for k in self._prompt_cache if k not in wanted][: max(0, len(self._prompt_cache) - PROMPT_CACHE_SIZE)]:
+                del self._prompt_cache[key]
             if self.offload_text_encoder:
                 self._offload(self.text_encoder)
         return torch.stack([self._prompt_cache[(t, max_length)] for t in texts]).to(self.device, self.dtype)

@@ -3,17 +3,18 @@
 The 3D cache renders through this: colour video + hole mask for the GGM branch, pointmaps for the SSM.
 
 How the z-buffer stays fast and deterministic: for every (frame, point) one int64 *key* packs the point's
-depth bits above its point index, ``key = depth_bits << b | index`` with ``b = P.bit_length()``. The bit
-pattern of a positive IEEE float orders the same way as the float, so one ``scatter_reduce(amin)`` per
-frame gives, per pixel, the nearest point, ties broken by the smaller point index, and the winner's index
-in the low bits — with no second pass and no dependence on scatter order (min of distinct keys).
+depth bits above its point index, ``key = depth_bits << b | index``. The bit pattern of a positive IEEE
+float orders the same way as the float, so one ``scatter_reduce(amin)`` per frame gives, per pixel, the
+nearest point, ties broken by the smaller point index, and the winner's index in the low bits — with no
+second pass and no dependence on scatter order (the min of distinct keys is one value).
 
-Precision of the depth order (``b = P.bit_length()``):
-- float32 points (compute in float32): all 31 bits of a positive float32 fit beside the index for
-  ``P < 2**32``, so the order is the exact float32 order of the computed depths; only depths that are
-  equal in float32 tie (and then the smaller index wins).
-- float64 points (compute in float64): the depth is truncated to its top ``63 - b`` bits, i.e. depths
-  closer than a relative ``2**-(52 - b)`` tie (about 2.3e-10 for 1M points) and the smaller index wins.
+Precision of the depth order:
+- float32 points (computed in float32, ``b = 32``): all 31 bits of a positive float32 sit above the
+  index, so the order is the exact float32 order of the computed depths; only depths equal in float32
+  tie (then the smaller index wins). Up to 2**31 - 1 points.
+- float64 points (computed in float64, ``b = P.bit_length()``): the depth is truncated to its top
+  ``63 - b`` bits, so depths closer than a relative ``2**-(52 - b)`` tie (about 2.3e-10 for 1M points)
+  and the smaller index wins.
 The returned depth is never the quantised key: it is the winner's camera z as computed in that dtype.
 
 Pixel convention (``cameras.py``): a point at ``(u, v)`` lands in pixel ``(floor(v), floor(u))``; ``u = 0``
@@ -21,12 +22,15 @@ is inside, ``u = W`` outside. Projection uses ``K @ w2c`` folded into one 3x4 ma
 from ``fx*x/z + cx`` by an ulp of the compute dtype; a point within that of a pixel edge may land on
 either side.
 
+Points with a NaN or infinite coordinate are dropped.
+
 Splats (``radius = r > 0``): a point covers the ``(2r+1)^2`` pixel square centred on its pixel, every
 covered pixel taking the point's depth; the square is clipped to the image, so a point projecting just
 outside the image still covers the border pixels its square reaches (no dark band along the edges).
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -90,7 +94,7 @@ def _compute_dtype(points: torch.Tensor) -> torch.dtype:
 def _image_colors(colors: torch.Tensor) -> torch.Tensor:
     if colors.dtype == torch.uint8:
         return colors.float() / 255.0
-    return colors if colors.is_floating_point() else colors.float()
+    return colors if colors.dtype == torch.float64 else colors.float()
 
 
 def _default_chunk(n_frames: int, n_points: int, device: torch.device) -> int:
@@ -136,62 +140,59 @@ def render_points(
 
     Nearest point wins each pixel (ties: smaller point index); points with camera z < ``near`` (or
     z <= 0), z > ``far``, or outside the image are dropped. ``radius`` is the splat half-size in pixels.
-    ``chunk`` is how many frames one pass projects at once (default: sized for the device). Runs on the
-    points' device; computes in float64 for float64 points, else float32, and returns depth and pointmap
-    in that dtype.
+    ``chunk`` is how many frames one pass projects at once (default: sized for the device; the result
+    does not depend on it). Runs on the points' device; computes in float64 for float64 points, else
+    float32, and returns depth and pointmap in that dtype; the image is float32 (float64 for float64
+    colours; uint8 colours are scaled by 1/255).
     """
     _check_inputs(points, colors, radius, near, far)
+    if chunk is not None and (int(chunk) != chunk or chunk < 1):
+        raise RenderInputError(f"Frame chunk must be a whole number >= 1; got {chunk}.")
     radius = int(radius)
     device = points.device
     dtype = _compute_dtype(points)
+    image_dtype = _image_colors(colors[:0]).dtype
     n, h, w = len(cameras), cameras.height, cameras.width
     p = points.shape[0]
     hw = h * w
-
     if p == 0 or n == 0:
         return RenderResult(
-            torch.zeros(n, 3, h, w, dtype=_image_colors(colors[:0]).dtype, device=device),
+            torch.zeros(n, 3, h, w, dtype=image_dtype, device=device),
             torch.zeros(n, h, w, dtype=torch.bool, device=device),
             torch.zeros(n, h, w, dtype=dtype, device=device),
             torch.zeros(n, h, w, 3, dtype=dtype, device=device),
             torch.full((n, h, w), -1, dtype=torch.int64, device=device),
         )
-    # Every output pixel is written below (holes by the sentinel), so no zero fill: on a CPU zeroing
-    # ~300 MB of fresh outputs costs as much as the whole z-buffer.
-    image = torch.empty(n, 3, h, w, dtype=_image_colors(colors[:0]).dtype, device=device)
+    if dtype == torch.float32 and p >= 1 << 31:
+        raise RenderInputError(f"At most 2**31 - 1 float32 points can be rendered at once; got {p}.")
+    chunk = int(chunk) if chunk is not None else _default_chunk(n, p, device)
+
+    # Column P of every table is the sentinel "no point" (zero world point, zero colour, depth 0): holes
+    # decode to it and come out of the gathers already zeroed.
+    points_rows = torch.zeros(3, p + 1, dtype=dtype, device=device)
+    points_rows[:, :p] = points.T.to(dtype)
+    finite = torch.isfinite(points_rows[:, :p]).all(0)
+    if not bool(finite.all()):
+        points_rows[:, :p][:, ~finite] = float("nan")  # NaN depth fails every test below: dropped
+    colors_rows = torch.zeros(3, p + 1, dtype=image_dtype, device=device)
+    colors_rows[:, :p] = _image_colors(colors).T.to(device)
+    proj = _projection_rows(cameras, dtype, device)
+    keys_for = _KeyPacker(p, dtype, chunk, device)
+
+    # Outputs are written in full below (no zero fill: on a CPU that costs as much as the z-buffer).
+    # ``index`` holds raw winners (P for holes) until the end: the gathers read it frame by frame.
+    image = torch.empty(n, 3, h, w, dtype=image_dtype, device=device)
     depth = torch.empty(n, h, w, dtype=dtype, device=device)
     pointmap = torch.empty(n, h, w, 3, dtype=dtype, device=device)
     index = torch.empty(n, h, w, dtype=torch.int64, device=device)
-    mask = torch.empty(n, h, w, dtype=torch.bool, device=device)
-    if chunk is not None and (int(chunk) != chunk or chunk < 1):
-        raise RenderInputError(f"Frame chunk must be a whole number >= 1; got {chunk}.")
-    chunk = int(chunk) if chunk is not None else _default_chunk(n, p, device)
 
-    # Index P is a sentinel "no point": a zero colour, a zero world point and depth 0, so holes come out of
-    # the gathers already zeroed and the initial key of every pixel decodes to it.
-    idx_bits = p.bit_length()
-    depth_bits = 63 if dtype == torch.float64 else 31
-    drop_bits = max(0, depth_bits + idx_bits - 63)
-    low_mask = (1 << idx_bits) - 1
-    empty_key = (((1 << (63 - idx_bits)) - 1) << idx_bits) | p
-    bits_dtype = torch.int64 if dtype == torch.float64 else torch.int32
-
-    # Column P of every table is the sentinel "no point" (zero world point, zero colour, depth 0).
-    points_rows = torch.zeros(3, p + 1, dtype=dtype, device=device)
-    points_rows[:, :p] = points.T.to(dtype)
-    colors_rows = torch.zeros(3, p + 1, dtype=image.dtype, device=device)
-    colors_rows[:, :p] = _image_colors(colors).T.to(device)
-    point_ids = torch.arange(p + 1, dtype=torch.int64, device=device)
-    proj = _projection_rows(cameras, dtype, device)
-
-    # Every per-pass temporary is allocated once and written with out=/in-place ops: on a CPU, fresh
+    # Per-pass temporaries are allocated once and written with out=/in-place ops: on a CPU, fresh
     # multi-megabyte allocations cost more in page faults than the arithmetic they hold.
     uvz_ws = torch.empty(chunk, 3, p + 1, dtype=dtype, device=device)
     term_ws = torch.empty(chunk, 3, p + 1, dtype=dtype, device=device)
     valid_ws = torch.empty(chunk, p + 1, dtype=torch.bool, device=device)
     test_ws = torch.empty(chunk, p + 1, dtype=torch.bool, device=device)
     pix_ws = torch.empty(chunk, p + 1, dtype=torch.int64, device=device)
-    keys_ws = torch.empty(chunk, p + 1, dtype=torch.int64, device=device)
     zbuf_ws = torch.empty(chunk, hw + 1, dtype=torch.int64, device=device)
     dump = torch.tensor(hw, dtype=torch.int64, device=device)
     offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
@@ -204,58 +205,84 @@ def render_points(
         u.div_(z)
         v.div_(z)
         valid, test = valid_ws[:c], test_ws[:c]
-        # z > 0 as well as z >= near: the depth bits below are only ordered for positive floats.
+        # z > 0 as well as z >= near: the depth bits are only ordered for positive floats.
         torch.ge(z, near, out=valid) if near > 0 else torch.gt(z, 0, out=valid)
         if far is not None:
             valid.logical_and_(torch.le(z, far, out=test))
         # Keys of culled entries are never read (they go to the dump slot), so their bits may be junk.
-        keys = keys_ws[:c]
-        keys.copy_(z.view(bits_dtype))
-        if drop_bits:
-            keys.bitwise_right_shift_(drop_bits)
-        torch.add(point_ids, keys, alpha=1 << idx_bits, out=keys)
+        keys = keys_for(z)
         u.floor_()
         v.floor_()
         pix = pix_ws[:c]
-        zbuf = zbuf_ws[:c].fill_(empty_key)
-        # One extra "dump" pixel per frame (column hw) takes every dropped entry, so no compaction is needed.
+        # One extra "dump" pixel per frame (column hw) takes every dropped entry: no compaction needed.
+        zbuf = zbuf_ws[:c].fill_(keys_for.empty_key)
         if radius == 0:
-            for bound, lo, hi in ((u, 0, w), (v, 0, h)):
-                valid.logical_and_(torch.ge(bound, lo, out=test))
-                valid.logical_and_(torch.lt(bound, hi, out=test))
+            for coord, lo, hi in ((u, 0, w), (v, 0, h)):
+                valid.logical_and_(torch.ge(coord, lo, out=test))
+                valid.logical_and_(torch.lt(coord, hi, out=test))
             pix.copy_(torch.add(u, v, alpha=w, out=u))
             torch.where(valid, pix, dump, out=pix)
             zbuf.scatter_reduce_(1, pix, keys, "amin")
         else:
             # Entries whose whole square misses the image are dropped before the per-offset loop.
-            for bound, lo, hi in ((u, -radius, w + radius), (v, -radius, h + radius)):
-                valid.logical_and_(torch.ge(bound, lo, out=test))
-                valid.logical_and_(torch.lt(bound, hi, out=test))
+            for coord, lo, hi in ((u, -radius, w + radius), (v, -radius, h + radius)):
+                valid.logical_and_(torch.ge(coord, lo, out=test))
+                valid.logical_and_(torch.lt(coord, hi, out=test))
             base = torch.where(valid, torch.add(u, v, alpha=w).to(torch.int64), 0)
             for dy, dx in offsets:
                 inside = valid & (u >= -dx) & (u < w - dx) & (v >= -dy) & (v < h - dy)
                 torch.where(inside, base + (dy * w + dx), dump, out=pix)
                 zbuf.scatter_reduce_(1, pix, keys, "amin")
-        _write_winners(zbuf[:, :hw], low_mask, p, z, points_rows, colors_rows, slice(start, stop),
-                       image, depth, pointmap, index, mask)
+        winners = torch.bitwise_and(zbuf[:, :hw], keys_for.index_mask, out=index[start:stop].view(c, hw))
+        for i in range(c):
+            # Depth now, while this pass's z row is still in cache.
+            torch.index_select(z[i], 0, winners[i], out=depth[start + i].view(hw))
+
+    # Channel-major gathers: each table row stays in cache across all frames (random reads into a cloud
+    # of a million points are cache-bound; this order is ~1.7x faster than frame-major on a CPU).
+    flat = index.view(n, hw)
+    for ch in range(3):
+        for f in range(n):
+            torch.index_select(colors_rows[ch], 0, flat[f], out=image[f, ch].view(hw))
+    gathered = torch.empty(hw, dtype=dtype, device=device)
+    for ch in range(3):
+        for f in range(n):
+            pointmap[f].view(hw, 3)[:, ch].copy_(torch.index_select(points_rows[ch], 0, flat[f], out=gathered))
+    mask = index != p
+    index.masked_fill_(~mask, -1)
     return RenderResult(image, mask, depth, pointmap, index)
 
 
-def _write_winners(zbuf, low_mask, p, z, points_rows, colors_rows, frames, image, depth, pointmap, index, mask):
-    """Decode winner indices from the keys and gather colour, depth and world point per pixel.
+class _KeyPacker:
+    """Writes the per-pass int64 keys ``depth_bits << b | point_index`` (see the module docstring)."""
 
-    Gathers go row by row from 1-D tables (one per channel): torch's 1-D index_select is several times
-    faster than gathering rows of a [P,3] table.
-    """
-    c, hw = zbuf.shape
-    winner = torch.bitwise_and(zbuf, low_mask)
-    hole = winner == p
-    torch.logical_not(hole, out=mask[frames].view(c, hw))
-    index[frames].view(c, hw).copy_(winner).masked_fill_(hole, -1)
-    for i, f in enumerate(range(frames.start, frames.stop)):
-        torch.index_select(z[i], 0, winner[i], out=depth[f].view(hw))
-        for ch in range(3):
-            torch.index_select(colors_rows[ch], 0, winner[i], out=image[f, ch].view(hw))
-        world = pointmap[f].view(hw, 3)
-        for ch in range(3):
-            world[:, ch] = torch.index_select(points_rows[ch], 0, winner[i])
+    def __init__(self, p: int, dtype: torch.dtype, chunk: int, device) -> None:
+        self.float32 = dtype == torch.float32
+        self.idx_bits = 32 if self.float32 else p.bit_length()
+        depth_bits = 31 if self.float32 else 63
+        self.drop_bits = max(0, depth_bits + self.idx_bits - 63)
+        self.index_mask = (1 << self.idx_bits) - 1
+        # Larger than every real key (all depth bits set, above any finite float) and decodes to P.
+        self.empty_key = (((1 << (63 - self.idx_bits)) - 1) << self.idx_bits) | p
+        ids = torch.arange(p + 1, dtype=torch.int64, device=device)
+        self.keys = torch.empty(chunk, p + 1, dtype=torch.int64, device=device)
+        # float32 on a little-endian machine: the low int32 word of every key is the point index for
+        # good, and each pass only copies the depth bits into the high word (one 4-byte strided copy
+        # instead of converting and combining 8-byte integers).
+        self.high_word = self.float32 and sys.byteorder == "little"
+        if self.high_word:
+            self.keys.copy_(ids)
+            self.words = self.keys.view(torch.int32).view(chunk, p + 1, 2)
+        else:
+            self.ids = ids
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        c = z.shape[0]
+        if self.high_word:
+            self.words[:c, :, 1].copy_(z.view(torch.int32))
+            return self.keys[:c]
+        keys = self.keys[:c]
+        keys.copy_(z.view(torch.int32 if self.float32 else torch.int64))
+        if self.drop_bits:
+            keys.bitwise_right_shift_(self.drop_bits)
+        return torch.add(self.ids, keys, alpha=1 << self.idx_bits, out=keys)

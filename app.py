@@ -1,0 +1,77 @@
+"""WorldStereo Studio web demo: ``python app.py`` serves it on http://127.0.0.1:7860.
+
+Without a CUDA GPU or the official weights it falls back to the CPU ``preview`` engine and says so in a
+banner. Flags: ``--host``, ``--port``, ``--engine``, ``--weights DIR``, ``--max-concurrent``, ``--output-dir``,
+``--keep-hours``, ``--share`` (off by default; see demo/CONTROLS.md before serving publicly).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.engines import ENGINES
+
+    p = argparse.ArgumentParser(description="WorldStereo Studio web demo")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--engine", choices=list(ENGINES),
+                   help="default engine (default: worldstereo-memory-dmd on a GPU with weights, else preview)")
+    p.add_argument("--weights", help="local folder with the checkpoints (else the Hugging Face cache)")
+    p.add_argument("--max-concurrent", type=int, default=1,
+                   help="generation jobs run at the same time; others wait in a visible queue (default 1)")
+    p.add_argument("--output-dir", default="outputs", help="where job folders go (default ./outputs)")
+    p.add_argument("--keep-hours", type=float, default=24.0, help="job folders older than this are removed (0: never)")
+    p.add_argument("--examples-dir", help="example inputs (default ../shared/examples when present)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    return p
+
+
+def make_context(args):
+    from demo.callbacks import AppContext
+    from demo.examples import default_examples_dir, find_examples
+    from engine.engines import resolve_engine
+
+    notes = []
+    engine = resolve_engine(args.engine, Path(args.weights) if args.weights else None, announce=notes.append)
+    examples_dir = Path(args.examples_dir) if args.examples_dir else default_examples_dir()
+    for note in notes:
+        print(note, flush=True)
+    return AppContext(output_dir=Path(args.output_dir), default_engine=engine, weights=args.weights,
+                      examples=find_examples(examples_dir), max_age_s=args.keep_hours * 3600.0,
+                      startup_note=" ".join(notes)), examples_dir
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_concurrent < 1:
+        print("error: --max-concurrent must be at least 1.", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # Gradio's copies of served files live beside the jobs, so one folder holds (and cleans) everything.
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(out / "gradio-cache"))
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from demo import jobs
+    from demo.ui import CSS, build_demo
+
+    ctx, examples_dir = make_context(args)
+    removed = jobs.cleanup_old_jobs(ctx.output_dir, ctx.max_age_s)
+    if removed:
+        print(f"Removed {len(removed)} job folder(s) older than {args.keep_hours:g} h.", flush=True)
+    demo = build_demo(ctx, max_concurrent=args.max_concurrent)
+    allowed = [str(ctx.output_dir)] + ([str(examples_dir)] if examples_dir.is_dir() else [])
+    print(f"Engine: {ctx.default_engine}. Serving on http://{args.host}:{args.port}", flush=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed,
+                css=CSS, show_error=True, footer_links=[])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

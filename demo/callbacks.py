@@ -1,0 +1,458 @@
+"""What the demo's buttons do, as plain functions over an ``AppContext``.
+
+Nothing here draws a widget: ``demo/ui.py`` binds these to components. Every function takes plain values
+(file paths, lists, numbers) and returns plain values or yields dicts keyed by ``OUTPUT_KEYS``, so the tests
+call them without a browser. All scene work goes through ``engine.scene``; errors a person can cause come
+back as ``gr.Error`` with the engine's one sentence.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+import traceback
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import gradio as gr
+import torch
+
+from demo import jobs
+from demo.examples import Example, example_input
+from demo.planview import write_plan_glb
+from engine.engines import ENGINES, engine_status
+from engine.geometry import trajectories as traj
+
+log = logging.getLogger("worldstereo.demo")
+
+# Everything a generation run can update, in the order ui.py binds them.
+OUTPUT_KEYS = ("state", "status", "banner", "model3d", "clip_video", "render_video", "mask_video", "clip_choice",
+               "downloads")
+FAST, QUALITY = "fast", "quality"
+QUALITY_ENGINES = {FAST: "worldstereo-memory-dmd", QUALITY: "worldstereo-memory"}
+PANORAMA_VIEWS = ("view0", "view1", "view2", "view3")
+DEFAULT_FRAMES = 21
+
+
+@dataclass
+class AppContext:
+    """What every callback needs to know about the running app."""
+
+    output_dir: Path
+    default_engine: str
+    weights: Optional[str] = None
+    examples: list = field(default_factory=list)
+    max_age_s: float = 24 * 3600.0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    startup_note: str = ""  # why the app fell back to preview, when it did
+    cancel_flags: dict = field(default_factory=dict)
+    active_jobs: set = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.output_dir = Path(self.output_dir).resolve()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def cancel_flag(self, session: str) -> threading.Event:
+        with self.lock:
+            return self.cancel_flags.setdefault(session or "-", threading.Event())
+
+
+@dataclass
+class GenerationInputs:
+    """The values of the input column at the moment a button is pressed."""
+
+    image: Optional[str]
+    panorama: bool = False
+    trajectories: Sequence[str] = ("left", "right")
+    views: Sequence[str] = ("view0",)
+    angle: float = 0.0  # degrees for angle presets; 0 keeps each preset's own amount
+    distance: float = 0.0  # fraction of the median depth for distance presets; 0 keeps the preset's own
+    frames: int = DEFAULT_FRAMES
+    camera_json: Optional[str] = None
+    prompt: str = ""
+    seed: int = 0
+    engine: Optional[str] = None
+    quality: str = FAST
+
+
+# ---- engines and the banner ---------------------------------------------------------------------------
+
+def engine_choices(weights: Optional[str] = None) -> list[tuple[str, str]]:
+    """Dropdown ``(label, value)`` pairs; an engine that cannot run here says why in its label."""
+    out = []
+    for name in ENGINES:
+        ok, reason = engine_status(name, Path(weights) if weights else None)
+        out.append((name if ok else f"{name} (unavailable: {reason})", name))
+    return out
+
+
+def choose_engine(requested: Optional[str], quality: str, ctx: AppContext,
+                  warn: Callable[[str], None] = lambda m: None) -> tuple[str, Optional[int]]:
+    """The engine and sampler steps a run uses: the quality choice picks the DMD or the 40-step variant of the
+    full model; an engine that cannot run here falls back to ``preview`` with a one-line warning."""
+    from engine.engines import resolve_engine
+
+    name = requested or ctx.default_engine
+    if name in QUALITY_ENGINES.values():
+        name = QUALITY_ENGINES.get(quality, name)
+    if name not in ENGINES:
+        raise gr.Error(f"Unknown engine '{name}'; choose one of: {', '.join(ENGINES)}.")
+    used = resolve_engine(name, Path(ctx.weights) if ctx.weights else None, announce=warn)
+    return used, None
+
+
+def banner_markdown(engine: str, note: str = "") -> str:
+    """The banner that names the engine in use and says plainly what the cheap engines are."""
+    spec = ENGINES[engine]
+    if engine == "preview":
+        text = (f"**Engine in use: `preview`** — no video model runs here. Each clip is the 3D point cloud "
+                f"rendered along the camera path, with its holes filled by classical inpainting. It shows the whole "
+                f"geometric loop (depth → point cloud → render → fuse → next trajectory) on a CPU; it is not "
+                f"WorldStereo's generation.")
+    elif engine == "tiny-random":
+        text = ("**Engine in use: `tiny-random`** — the WorldStereo architecture at a tiny size with random "
+                "weights. Its frames are noise by design: use it to see the pipeline run, not to judge results.")
+    else:
+        text = f"**Engine in use: `{engine}`** — {spec.description}."
+    if note:
+        text += f"\n\n{note}"
+    return text
+
+
+# ---- input ------------------------------------------------------------------------------------------
+
+def _user_errors() -> tuple[type, ...]:
+    from engine.geometry.cameras import CameraFormatError
+    from engine.images import ImageInputError
+    from engine.scene import SceneError
+
+    return (ImageInputError, CameraFormatError, SceneError, jobs.JobPathError, ValueError)
+
+
+def inspect_upload(path: Optional[str]) -> tuple[Optional[str], bool, str]:
+    """Check an uploaded image with the engine's loader: ``(preview path, looks like a panorama, info)``.
+
+    A file the engine cannot use raises ``gr.Error`` with its one sentence; nothing else changes."""
+    from engine.geometry.panorama import is_equirect
+    from engine.images import ImageInputError, load_image
+
+    if not path:
+        return None, False, ""
+    try:
+        image = load_image(path)
+    except ImageInputError as e:
+        raise gr.Error(str(e), title="This file cannot be used") from None
+    h, w = image.shape[-2:]
+    pano = is_equirect(w, h)
+    kind = "a 360° panorama (2:1 equirectangular)" if pano else "a photo"
+    return path, pano, f"{w}×{h} pixels, read as {kind}. Change the panorama switch if that is wrong."
+
+
+def pick_example(ctx: AppContext, index: int) -> tuple[str, bool, str, Optional[str]]:
+    """``(image path, panorama, prompt, camera.json)`` of the ``index``-th example."""
+    if not 0 <= int(index) < len(ctx.examples):
+        raise gr.Error("That example is not available.")
+    ex: Example = ctx.examples[int(index)]
+    return str(example_input(ex, ctx.output_dir)), ex.panorama, ex.prompt, None
+
+
+def trajectory_requests(inp: GenerationInputs):
+    """The engine's ``TrajectoryRequest`` list for the chosen presets, amounts, frames and camera file."""
+    from engine.geometry.cameras import Cameras
+    from engine.scene import TrajectoryRequest
+
+    frames = int(inp.frames) if inp.frames else None
+    out = []
+    for preset in inp.trajectories or ():
+        spec = traj.PRESETS.get(preset)
+        if spec is None:
+            raise gr.Error(f"Unknown trajectory '{preset}'; choose from: {', '.join(traj.PRESETS)}.")
+        amount = float(inp.angle or 0) if spec.kind == "angle" else float(inp.distance or 0)
+        amount = min(amount, spec.max_amount) if amount > 0 else None
+        if inp.panorama:
+            for view in inp.views or PANORAMA_VIEWS[:1]:
+                out.append(TrajectoryRequest(name=f"{view}:{preset}", amount=amount, frames=frames))
+        else:
+            out.append(TrajectoryRequest(name=preset, amount=amount, frames=frames))
+    if inp.camera_json:
+        try:
+            cams = Cameras.from_json(inp.camera_json)
+        except ValueError as e:
+            raise gr.Error(str(e), title="camera.json cannot be used") from None
+        out.append(TrajectoryRequest(name="camera_json", cameras=cams))
+    if not out:
+        raise gr.Error("Choose at least one trajectory or upload a camera.json.")
+    return out
+
+
+def _file_sha(path: Optional[str]) -> str:
+    if not path:
+        return ""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def scene_key(inp: GenerationInputs, engine: str) -> str:
+    """What fixes a scene's start (input, panorama, start camera, engine, seed, prompt)."""
+    parts = [_file_sha(inp.image), str(bool(inp.panorama)), _file_sha(inp.camera_json), engine, str(int(inp.seed or 0)),
+             (inp.prompt or "").strip()]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+# ---- scenes -----------------------------------------------------------------------------------------
+
+class _Announcements(list):
+    def __call__(self, message: str) -> None:
+        log.info(message)
+        self.append(str(message))
+
+
+def _job_paths(ctx: AppContext, job_id: str) -> tuple[Path, Path]:
+    root = jobs.job_dir(ctx.output_dir, job_id)
+    return root / "scene", root / "downloads"
+
+
+def _open_or_create(ctx: AppContext, state: dict, inp: GenerationInputs, engine: str, steps: Optional[int],
+                    report: Callable[[float, str], None], announce, fresh: bool):
+    """The session's scene for these inputs: reused when it matches and (for a fresh run) has no clips yet,
+    else a new job folder with a random id. Returns ``(state, scene)``."""
+    from engine.scene import Scene, SceneSettings
+
+    if not inp.image:
+        raise gr.Error("Upload a photo or a 360° panorama first (or pick an example).")
+    key = scene_key(inp, engine)
+    job_id = (state or {}).get("job")
+    if job_id and (state or {}).get("key") == key:
+        scene_dir, _ = _job_paths(ctx, job_id)
+        if (scene_dir / "manifest.json").is_file():
+            scene = Scene.open(scene_dir, announce=announce)
+            if not fresh or not scene.clips:
+                return dict(state), scene
+    job_id = jobs.new_job_id()
+    with ctx.lock:
+        ctx.active_jobs.add(job_id)
+        keep = tuple(ctx.active_jobs)
+    jobs.cleanup_old_jobs(ctx.output_dir, ctx.max_age_s, keep=keep)
+    scene_dir, _ = _job_paths(ctx, job_id)
+    settings = SceneSettings(engine=engine, seed=int(inp.seed or 0), prompt=(inp.prompt or "").strip() or None,
+                             frames=int(inp.frames or DEFAULT_FRAMES), device=ctx.device, weights=ctx.weights,
+                             steps=steps)
+    scene = Scene.create(scene_dir, inp.image, panorama=bool(inp.panorama), settings=settings,
+                         camera_json=inp.camera_json or None, progress=report, announce=announce)
+    return {"job": job_id, "key": key}, scene
+
+
+def _plan_glb(scene, requests, job_root: Path) -> tuple[Path, dict]:
+    plans = [(r.name, scene.plan(r)) for r in requests]
+    scale = float(scene.manifest.get("median_depth") or 1.0)
+    index = len(list((job_root / "plan").glob("plan-*.glb"))) if (job_root / "plan").is_dir() else 0
+    target = job_root / "plan" / f"plan-{index:03d}.glb"
+    legend = write_plan_glb(target, scene.cache.points, scene.cache.colors, plans, scale)
+    return target, legend
+
+
+def _legend_markdown(legend: dict, frames: dict) -> str:
+    rows = [f"<span style='color:rgb({c[0]},{c[1]},{c[2]})'>■</span> `{name}` ({frames.get(name, '?')} cameras)"
+            for name, c in legend.items()]
+    return "Planned camera paths (drawn into the point cloud, with a few camera frusta each):  \n" + "  \n".join(rows)
+
+
+def plan_paths(ctx: AppContext, state: dict, inp: GenerationInputs,
+               progress: Callable = None) -> tuple[dict, str, str]:
+    """Prepare the scene (depth, first point cloud) and draw the planned paths: ``(state, glb, legend)``."""
+    progress = progress or (lambda *a, **k: None)
+    announce = _Announcements()
+    engine, steps = choose_engine(inp.engine, inp.quality, ctx, warn=announce)
+    requests = trajectory_requests(inp)
+    try:
+        state, scene = _open_or_create(ctx, state, inp, engine, steps,
+                                       lambda f, m: progress(f, desc=m), announce, fresh=False)
+        glb, legend = _plan_glb(scene, requests, jobs.job_dir(ctx.output_dir, state["job"]))
+    except _user_errors() as e:
+        raise gr.Error(str(e)) from None
+    frames = {r.name: len(scene.plan(r)) for r in requests}
+    notes = "".join(f"  \n{m}" for m in announce)
+    return state, str(glb), _legend_markdown(legend, frames) + notes
+
+
+def _clip_files(scene_dir: Path, clip: dict) -> tuple[str, str, str]:
+    folder = jobs.safe_path(scene_dir, clip["folder"])
+    return str(folder / "clip.mp4"), str(folder / "render.mp4"), str(folder / "render_mask.mp4")
+
+
+def zip_dataset(scene_dir: Path, target: Path) -> Path:
+    """The nerfstudio dataset alone (``transforms.json`` + ``images/``), for people who only want to train."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    with zipfile.ZipFile(tmp, "w") as zf:
+        zf.write(scene_dir / "transforms.json", "transforms.json")
+        for img in sorted((scene_dir / "images").glob("*")):
+            if img.is_file():
+                zf.write(img, f"images/{img.name}", compress_type=zipfile.ZIP_STORED)
+    tmp.replace(target)
+    return target
+
+
+def downloads_for(scene_dir: Path, downloads_dir: Path, clips: Sequence[dict], exported: bool) -> list[str]:
+    """Readable file names for everything downloadable now (clips first, then the scene-level files)."""
+    out = []
+    for clip in clips:
+        src = jobs.safe_path(scene_dir, clip["folder"]) / "clip.mp4"
+        if src.is_file():
+            out.append(str(jobs.link_or_copy(src, downloads_dir / f"{clip['name']}.mp4")))
+    names = ["scene.ply", "scene.glb"] + (["cameras.json", "scene.zip"] if exported else [])
+    for name in names:
+        src = scene_dir / name
+        if src.is_file():
+            out.append(str(jobs.link_or_copy(src, downloads_dir / name)))
+    if exported and (scene_dir / "transforms.json").is_file():
+        out.append(str(zip_dataset(scene_dir, downloads_dir / "nerfstudio-dataset.zip")))
+    return out
+
+
+def _clip_update(scene_dir: Path, clips: list[dict], show: Optional[dict]) -> dict:
+    update = {"clip_choice": gr.update(choices=[c["name"] for c in clips], value=show["name"] if show else None)}
+    if show:
+        update["clip_video"], update["render_video"], update["mask_video"] = _clip_files(scene_dir, show)
+    return update
+
+
+def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str = "-", continue_scene: bool = False,
+             progress: Callable = None) -> Iterator[dict]:
+    """Generate the chosen trajectories, yielding an update after the scene is ready and after every clip.
+
+    ``continue_scene`` adds the trajectories to the session's current scene instead of starting a new one.
+    A cancel (``cancel``) stops after the current stage; every finished clip stays in the scene and in the
+    downloads. Errors a person can cause end as ``gr.Error`` after the last good state was yielded.
+    """
+    from engine.scene import GenerationCancelled, Scene
+
+    progress = progress or (lambda *a, **k: None)
+    flag = ctx.cancel_flag(session)
+    flag.clear()
+    announce = _Announcements()
+    warnings = _Announcements()
+    requests = trajectory_requests(inp)
+    if continue_scene:
+        if not (state or {}).get("job"):
+            raise gr.Error("There is no scene to continue yet; press Generate first.")
+        scene_dir, _ = _job_paths(ctx, state["job"])
+        try:
+            scene = Scene.open(scene_dir, announce=announce)
+        except _user_errors() as e:
+            raise gr.Error(f"{e} Press Generate to start a new scene.") from None
+        engine = scene.settings.engine
+    else:
+        engine, steps = choose_engine(inp.engine, inp.quality, ctx, warn=warnings)
+        for w in warnings:
+            gr.Warning(w)
+        try:
+            state, scene = _open_or_create(ctx, state, inp, engine, steps,
+                                           lambda f, m: progress(0.08 * f, desc=f"preparing: {m}"), announce, fresh=True)
+        except _user_errors() as e:
+            raise gr.Error(str(e)) from None
+    job_root = jobs.job_dir(ctx.output_dir, state["job"])
+    scene_dir, downloads_dir = _job_paths(ctx, state["job"])
+    with ctx.lock:
+        ctx.active_jobs.add(state["job"])
+    banner = banner_markdown(engine, "  \n".join(warnings + ([f"Depth: {scene.manifest.get('depth_note')}"]
+                                                             if scene.manifest.get("depth_note") else [])))
+    lines = [f"Scene `{state['job']}` ({scene.manifest['kind']}, {scene.manifest['size'][1]}×{scene.manifest['size'][0]}, "
+             f"engine `{engine}`): {len(requests)} trajectory(ies) to generate."]
+    try:
+        glb, legend = _plan_glb(scene, requests, job_root)
+    except _user_errors() as e:
+        raise gr.Error(str(e)) from None
+    yield {"state": state, "banner": banner, "model3d": str(glb),
+           "status": "\n\n".join(lines + [_legend_markdown(legend, {})])}
+
+    n = len(requests)
+    t_run = time.perf_counter()
+    try:
+        for i, req in enumerate(requests):
+            if flag.is_set():
+                raise GenerationCancelled("Generation was cancelled; the scene keeps every finished clip.")
+            lo, hi = 0.08 + 0.84 * i / n, 0.08 + 0.84 * (i + 1) / n
+
+            def report(f, m, lo=lo, hi=hi, i=i):
+                progress(lo + (hi - lo) * min(max(f, 0.0), 1.0), desc=f"clip {i + 1}/{n} · {m}")
+
+            record = scene.generate(req, progress=report, cancel=flag.is_set)
+            secs = ", ".join(f"{k} {v:.1f} s" for k, v in record.seconds.items() if k != "total")
+            lines.append(f"Clip {i + 1}/{n} `{record.name}` done in {record.seconds.get('total', 0):.1f} s "
+                         f"({record.frames} frames, {record.references} reference views; {secs}).")
+            clips = scene.clips
+            yield {"status": "\n\n".join(lines), "model3d": str(scene_dir / "scene.glb"),
+                   "downloads": downloads_for(scene_dir, downloads_dir, clips, exported=False),
+                   **_clip_update(scene_dir, clips, clips[-1])}
+        progress(0.93, desc="export: cameras, 3DGS dataset, zip")
+        scene.export(progress=lambda f, m: progress(0.93 + 0.07 * f, desc=f"export: {m}"))
+        lines.append(f"Done in {time.perf_counter() - t_run:.1f} s. Everything is in the downloads; "
+                     f"**Continue this scene** adds more trajectories to the same point cloud.")
+        yield {"status": "\n\n".join(lines), "downloads": downloads_for(scene_dir, downloads_dir, scene.clips, exported=True)}
+    except GenerationCancelled:
+        lines.append(f"Cancelled. The {len(scene.clips)} finished clip(s) are kept and downloadable.")
+        yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir)}
+    except Exception as e:  # noqa: BLE001 — every failure must reach the person as one sentence
+        user = isinstance(e, _user_errors())
+        if not user:
+            log.error("generation failed in job %s:\n%s", state["job"], traceback.format_exc())
+        message = _sentence(str(e)) if user else (
+            f"The engine stopped with an internal error ({type(e).__name__}: {_first_line(e)}).")
+        lines.append(f"**Stopped:** {message} Finished clips are kept.")
+        yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir)}
+        raise gr.Error(f"{message} The {len(scene.clips)} finished clip(s) stay downloadable.") from None
+    finally:
+        flag.clear()
+        with ctx.lock:
+            ctx.active_jobs.discard(state["job"])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no message"
+
+
+def _sentence(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def _finish_partial(scene, scene_dir: Path, downloads_dir: Path) -> dict:
+    """Export what exists after a cancel or an error (best effort: the clips are downloadable either way)."""
+    exported = False
+    if scene.clips:
+        try:
+            scene.export()
+            exported = True
+        except Exception:  # noqa: BLE001 — a failed export must not hide the clips that are done
+            log.warning("export after a stopped run failed:\n%s", traceback.format_exc())
+    return {"downloads": downloads_for(scene_dir, downloads_dir, scene.clips, exported=exported)}
+
+
+def cancel(ctx: AppContext, session: str = "-") -> str:
+    ctx.cancel_flag(session).set()
+    return "Cancelling after the current stage… finished clips are kept."
+
+
+def show_clip(ctx: AppContext, state: dict, name: Optional[str]) -> tuple[Optional[str], Optional[str], Optional[str]]:
+    """The clip, GGM render and hole mask videos of one finished clip of the session's scene."""
+    if not name or not (state or {}).get("job"):
+        return None, None, None
+    scene_dir, _ = _job_paths(ctx, state["job"])
+    import json
+
+    try:
+        manifest = json.loads((scene_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise gr.Error("This scene is no longer on the server (old scenes are removed); generate it again.") from None
+    for clip in manifest.get("clips", []):
+        if clip.get("name") == name:
+            return _clip_files(scene_dir, clip)
+    raise gr.Error(f"The clip '{name}' is not part of this scene.")

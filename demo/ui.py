@@ -1,0 +1,145 @@
+"""The page: input column (image, trajectories, settings, buttons) and result column (status, 3D viewer,
+clip / GGM render / hole mask videos, downloads). Behaviour lives in ``demo/callbacks.py``."""
+from __future__ import annotations
+
+import gradio as gr
+
+from demo import callbacks as cb
+from engine.geometry import trajectories as traj
+
+CSS = """
+#banner {border-left: 4px solid #f59e0b; padding: 4px 12px; background: rgba(245, 158, 11, 0.08);}
+#status {min-height: 3em;}
+"""
+DEFAULT_TRAJECTORIES = ["left", "right"]
+ENGINE_QUEUE = "engine"  # one concurrency group for everything that runs depth or generation
+
+
+def _trajectory_help() -> str:
+    rows = [f"- **{s.name}** ({'degrees' if s.kind == 'angle' else '× median depth'}, default {s.amount:g}): {s.description}"
+            for s in traj.PRESETS.values()]
+    return "\n".join(rows)
+
+
+def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
+    with gr.Blocks(title="WorldStereo Studio", delete_cache=(3600, 24 * 3600)) as demo:
+        gr.Markdown("# WorldStereo Studio\nOne photo or one 360° panorama in: camera-guided videos along the "
+                    "trajectories you choose, and one consistent 3D point cloud out.")
+        banner = gr.Markdown(cb.banner_markdown(ctx.default_engine, ctx.startup_note), elem_id="banner")
+        state = gr.State({})
+        with gr.Row():
+            with gr.Column(scale=1, min_width=360):
+                image = gr.File(label="Photo or 360° panorama (PNG, JPEG, WebP)", file_count="single",
+                                type="filepath", elem_id="input-file")
+                preview = gr.Image(label="Input", interactive=False, height=220, elem_id="input-preview")
+                input_info = gr.Markdown(elem_id="input-info")
+                panorama = gr.Checkbox(label="360° panorama (equirectangular)", value=False, elem_id="panorama",
+                                       info="Set automatically for 2:1 images; change it if the guess is wrong.")
+                if ctx.examples:
+                    gallery = gr.Gallery(value=[(str(e.thumbnail), e.label) for e in ctx.examples], label="Examples",
+                                         columns=len(ctx.examples), height=140, allow_preview=False,
+                                         elem_id="examples")
+                with gr.Accordion("Trajectories", open=True):
+                    presets = gr.CheckboxGroup(list(traj.PRESETS), value=DEFAULT_TRAJECTORIES, label="Camera paths",
+                                               elem_id="trajectories")
+                    views = gr.CheckboxGroup(list(cb.PANORAMA_VIEWS), value=["view0"], visible=False,
+                                             label="Panorama start views (front, right, back, left)",
+                                             elem_id="views")
+                    with gr.Row():
+                        angle = gr.Slider(0, 720, value=0, step=5, label="Angle (degrees; 0 = each preset's own)",
+                                          elem_id="angle")
+                        distance = gr.Slider(0, 2, value=0, step=0.05,
+                                             label="Distance (× median depth; 0 = each preset's own)",
+                                             elem_id="distance")
+                    frames = gr.Slider(2, 81, value=cb.DEFAULT_FRAMES, step=1, label="Frames per clip",
+                                       elem_id="frames")
+                    camera_json = gr.File(label="Official camera.json (optional, generated as one more clip)",
+                                          file_types=[".json"], type="filepath", elem_id="camera-json")
+                    with gr.Accordion("What the presets do", open=False):
+                        gr.Markdown(_trajectory_help())
+                    plan_btn = gr.Button("Show planned paths", elem_id="plan")
+                prompt = gr.Textbox(label="Prompt (optional)", lines=2, elem_id="prompt")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, elem_id="seed")
+                    engine = gr.Dropdown(cb.engine_choices(ctx.weights), value=ctx.default_engine, label="Engine",
+                                         elem_id="engine")
+                quality = gr.Radio([("Fast: DMD, 4 steps", cb.FAST), ("Quality: UniPC + guidance, 40 steps", cb.QUALITY)],
+                                   value=cb.FAST, label="Quality / speed (full model only)", elem_id="quality")
+                with gr.Row():
+                    generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+                    continue_btn = gr.Button("Continue this scene", elem_id="continue")
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            with gr.Column(scale=2):
+                status = gr.Markdown(elem_id="status")
+                model3d = gr.Model3D(label="3D point cloud (planned paths before generating)", height=460,
+                                     clear_color=(0.08, 0.08, 0.1, 1.0), display_mode="point_cloud",
+                                     elem_id="viewer")
+                with gr.Row():
+                    clip_video = gr.Video(label="Clip", autoplay=True, loop=True, elem_id="clip-video")
+                    render_video = gr.Video(label="GGM render (point cloud along the path)", autoplay=True, loop=True,
+                                            elem_id="render-video")
+                    mask_video = gr.Video(label="Hole mask (white = to generate)", autoplay=True, loop=True,
+                                          elem_id="mask-video")
+                clip_choice = gr.Dropdown([], label="Show clip", elem_id="clip-choice")
+                downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
+
+        inputs = [state, image, panorama, presets, views, angle, distance, frames, camera_json, prompt, seed, engine,
+                  quality]
+        by_key = {"state": state, "status": status, "banner": banner, "model3d": model3d, "clip_video": clip_video,
+                  "render_video": render_video, "mask_video": mask_video, "clip_choice": clip_choice,
+                  "downloads": downloads}
+        outputs = [by_key[k] for k in cb.OUTPUT_KEYS]
+
+        def gather(*values) -> tuple[dict, cb.GenerationInputs]:
+            st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q = values
+            return st or {}, cb.GenerationInputs(image=img, panorama=bool(pano), trajectories=pre or [], views=vw or [],
+                                                 angle=ang or 0, distance=dist or 0, frames=int(fr or cb.DEFAULT_FRAMES),
+                                                 camera_json=cj, prompt=pr or "", seed=int(sd or 0), engine=eng,
+                                                 quality=q or cb.FAST)
+
+        def as_tuple(update: dict) -> tuple:
+            return tuple(update.get(k, gr.skip()) for k in cb.OUTPUT_KEYS)
+
+        def run(continue_scene: bool):
+            def handler(*values, request: gr.Request, progress=gr.Progress()):
+                st, inp = gather(*values)
+                session = getattr(request, "session_hash", None) or "-"
+                for update in cb.generate(ctx, st, inp, session=session, continue_scene=continue_scene,
+                                          progress=progress):
+                    yield as_tuple(update)
+            return handler
+
+        def on_upload(path):
+            shown, pano, info = cb.inspect_upload(path)
+            return shown, pano if path else gr.skip(), info
+
+        def on_panorama(pano):
+            return gr.update(visible=bool(pano))
+
+        def on_plan(*values, progress=gr.Progress()):
+            st, inp = gather(*values)
+            st, glb, legend = cb.plan_paths(ctx, st, inp, progress=progress)
+            return st, glb, legend
+
+        def on_cancel(request: gr.Request):
+            return cb.cancel(ctx, getattr(request, "session_hash", None) or "-")
+
+        def on_clip(st, name):
+            return cb.show_clip(ctx, st, name)
+
+        image.change(on_upload, [image], [preview, panorama, input_info], concurrency_limit=None)
+        panorama.change(on_panorama, [panorama], [views], concurrency_limit=None)
+        if ctx.examples:
+            def on_example(evt: gr.SelectData):
+                path, pano, text, cam = cb.pick_example(ctx, evt.index)
+                return path, pano, text
+
+            gallery.select(on_example, None, [image, panorama, prompt], concurrency_limit=None)
+        plan_btn.click(on_plan, inputs, [state, model3d, status], concurrency_id=ENGINE_QUEUE,
+                       concurrency_limit=max_concurrent)
+        generate_btn.click(run(False), inputs, outputs, concurrency_id=ENGINE_QUEUE, concurrency_limit=max_concurrent)
+        continue_btn.click(run(True), inputs, outputs, concurrency_id=ENGINE_QUEUE, concurrency_limit=max_concurrent)
+        cancel_btn.click(on_cancel, None, [status], concurrency_limit=None)
+        clip_choice.input(on_clip, [state, clip_choice], [clip_video, render_video, mask_video], concurrency_limit=None)
+    demo.queue(default_concurrency_limit=max_concurrent)
+    return demo

@@ -283,9 +283,12 @@ class ClipPipeline:
         first_frame = torch.cat([mask, cond_latent.to(dev, dt)], dim=1)
 
         # Codes in one normalised frame for targets and references (relative to the input camera, unit scale).
-        all_cams = cameras if references is None else Cameras.cat([cameras, references.cameras.to(cameras.device,
-                                                                                                 cameras.dtype)])
-        all_cams = all_cams.resized(w, h) if (all_cams.width, all_cams.height) != (w, h) else all_cams
+        def at_frame_size(c: Cameras) -> Cameras:
+            return c if (c.width, c.height) == (w, h) else c.resized(w, h)
+
+        all_cams = at_frame_size(cameras)
+        if references is not None:
+            all_cams = Cameras.cat([all_cams, at_frame_size(references.cameras).to(cameras.device, cameras.dtype)])
         norm = all_cams.normalized(0)
         tgt = norm[:f]
         out = {

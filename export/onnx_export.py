@@ -82,18 +82,25 @@ def check_parity(graph: GraphModule, path: Path, inputs: dict[str, torch.Tensor]
 
 def _export_once(graph: GraphModule, inputs: dict[str, torch.Tensor], path: Path,
                  dynamic_axes: dict[str, dict[int, str]], external: bool) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python ints; dynamic sizes are verified below
-        with torch.no_grad(), export_mode(graph.model):
-            torch.onnx.export(graph, tuple(inputs.values()), str(path), input_names=list(inputs),
-                              output_names=graph.output_names, dynamic_axes=dynamic_axes, opset_version=OPSET,
-                              dynamo=False, do_constant_folding=True)
-    if external:
-        import onnx
+    import tempfile
 
-        proto = onnx.load(str(path))
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        # Over 2 GB the exporter scatters one file per tensor; trace into a scratch folder and re-save as one file.
+        target = Path(tmp) / path.name if external else path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python ints; dynamic sizes are verified after
+            with torch.no_grad(), export_mode(graph.model):
+                torch.onnx.export(graph, tuple(inputs.values()), str(target), input_names=list(inputs),
+                                  output_names=graph.output_names, dynamic_axes=dynamic_axes, opset_version=OPSET,
+                                  dynamo=False, do_constant_folding=True)
+        if external:
+            import onnx
+
+            proto = onnx.load(str(target))
+            data = path.parent / (path.name + ".data")
+            data.unlink(missing_ok=True)
+            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data.name, size_threshold=1024)
 
 
 def _other_shape(shape: ExportShape) -> ExportShape:

@@ -1,0 +1,114 @@
+"""`python -m export --engine NAME --format onnx|tensorrt --out DIR [...]`: graphs/engines for the runtime backends.
+
+Examples::
+
+    python -m export --engine tiny-random --format onnx --out exported/tiny
+    python -m export --engine worldstereo-memory-dmd --weights ckpts/WorldStereo --format tensorrt \\
+        --out exported/dmd --height 480 --width 768 --frames 21 --refs 8 --precision bf16
+
+TensorRT is an optional extra (``pip install tensorrt``) and needs a CUDA GPU; without them the tensorrt format
+refuses in one sentence and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+ENGINE_VARIANTS = {"worldstereo-memory-dmd": "worldstereo-memory-dmd", "worldstereo-memory": "worldstereo-memory",
+                   "worldstereo-camera": "worldstereo-camera"}
+TINY = "tiny-random"
+TINY_DEFAULT_VARIANT = "worldstereo-memory-dmd"  # the one the tiny-random engine runs
+TINY_IMAGE_TOKENS = 17  # (32/8)² + 1 CLIP tokens of the tiny image encoder
+FULL_IMAGE_TOKENS = 257
+
+
+class ExportUsageError(ValueError):
+    """Command-line input that cannot be exported; the message says what to change."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m export", description="Export WorldStereo to ONNX graphs or TensorRT engines.")
+    p.add_argument("--engine", required=True, choices=[TINY, *ENGINE_VARIANTS])
+    p.add_argument("--weights", type=Path, help="checkpoint folder (variant folder or one holding variant subfolders)")
+    p.add_argument("--format", required=True, choices=["onnx", "tensorrt"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--height", type=int, help="pixel height of the clip (default: 480, tiny: 64)")
+    p.add_argument("--width", type=int, help="pixel width of the clip (default: 768, tiny: 64)")
+    p.add_argument("--frames", type=int, help="keyframes per clip (default: the config's nframe)")
+    p.add_argument("--refs", type=int, default=2, help="memory references in the sample inputs (1-8; default 2)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16", "fp8"],
+                   help="engine precision (default: fp32 for onnx, bf16 for tensorrt); ONNX graphs are float32")
+    p.add_argument("--variant", choices=list(ENGINE_VARIANTS), help="tiny-random only: which variant to build tiny")
+    p.add_argument("--memory-mode", choices=["stitched", "branch"], default="stitched",
+                   help="tiny-random only: stitched (released) or branch (paper) memory")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _load(args) -> tuple:
+    from engine.models.loading import load_transformer, resolve_checkpoint
+
+    from .api import tiny_cache_dir
+
+    if args.engine == TINY:
+        variant = args.variant or TINY_DEFAULT_VARIANT
+        folder = args.weights
+        if folder is None:
+            from engine.models.tiny import write_tiny_package
+
+            folder = tiny_cache_dir(variant, args.memory_mode)
+            if not (folder / "model.safetensors").is_file():
+                write_tiny_package(folder, variant=variant, seed=0, memory_mode=args.memory_mode)
+        model = load_transformer(folder)
+    else:
+        if args.variant or args.memory_mode != "stitched":
+            raise ExportUsageError("--variant and --memory-mode apply to tiny-random only; a checkpoint brings its own.")
+        if args.weights is None:
+            from engine.models.loading import HUB_REPO
+
+            folder = HUB_REPO
+        else:
+            folder = args.weights
+        model = load_transformer(folder, variant=ENGINE_VARIANTS[args.engine], dtype=None)
+    _, weights = resolve_checkpoint(folder, None if args.engine == TINY else ENGINE_VARIANTS[args.engine])
+    return model, weights
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    precision = args.precision or ("fp32" if args.format == "onnx" else "bf16")
+    try:
+        if args.format == "tensorrt":
+            from .tensorrt_build import require_tensorrt
+
+            require_tensorrt()  # refuse before minutes of ONNX export
+        if not 1 <= args.refs <= 8:
+            raise ExportUsageError(f"--refs must lie in 1..8 (the sample references); got {args.refs}.")
+        from .api import export_onnx
+        from .graphs import ExportShape
+
+        model, weights = _load(args)
+        tiny = args.engine == TINY
+        shape = ExportShape.from_pixels(args.height or (64 if tiny else 480), args.width or (64 if tiny else 768),
+                                        args.frames or model.ws_config.nframe, args.refs,
+                                        TINY_IMAGE_TOKENS if tiny else FULL_IMAGE_TOKENS, batch=args.batch)
+        onnx_dir = args.out if args.format == "onnx" else args.out / "onnx"
+        export_onnx(model, onnx_dir, shape, engine=args.engine, source=weights, precision=precision, seed=args.seed)
+        if args.format == "tensorrt":
+            import dataclasses
+
+            from .tensorrt_build import build_engines
+
+            del model
+            build_engines(onnx_dir, args.out, precision=precision, target=dataclasses.asdict(shape))
+    except ValueError as e:  # user-fixable input: one sentence, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

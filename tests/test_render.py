@@ -343,3 +343,30 @@ def test_uint8_colours_and_bad_inputs():
         render_points(torch.zeros(4, 3), torch.zeros(4, 3), cam, radius=-1)
     with pytest.raises(ValueError):
         render_points(torch.zeros(4, 3), torch.zeros(4, 3), cam, near=1.0, far=0.5)
+
+
+def test_non_finite_points_are_dropped():
+    cam = identity_camera()
+    pts = torch.tensor([[1.5, 1.5, 1.0], [float("nan"), 1.5, 1.0], [2.5, 1.5, float("inf")], [2.5, 1.5, 2.0]])
+    out = render_points(pts, torch.ones(4, 3), cam)
+    assert set(out.index[out.mask].tolist()) == {0, 3}
+    assert torch.isfinite(out.depth).all() and torch.isfinite(out.pointmap).all()
+
+
+def test_large_frame_index_fallback_gives_the_same_render(monkeypatch):
+    # Frames too large for exact float32 pixel indices switch the index arithmetic to float64; force that
+    # switch on a small frame and compare with the float32 path.
+    import engine.geometry.render as render_module
+
+    g = torch.Generator().manual_seed(6)
+    pts = torch.rand(3000, 3, generator=g) * 2 - 1
+    pts[:, 2] += 4
+    cols = torch.rand(3000, 3, generator=g)
+    cams = make_cameras([(0, 0, 0), (0.5, 0.2, 0.3)], (0, 0, 4), 40, 30)
+    for radius in (0, 1):
+        plain = render_points(pts, cols, cams, radius=radius)
+        monkeypatch.setattr(render_module, "_EXACT_FLOAT32_INDEX", 16)
+        wide = render_points(pts, cols, cams, radius=radius)
+        monkeypatch.undo()
+        for name in ("image", "mask", "depth", "pointmap", "index"):
+            assert torch.equal(getattr(plain, name), getattr(wide, name)), name

@@ -66,6 +66,8 @@ class RenderResult:
 # already keeps all cores busy and its temporaries fit in cache; a GPU wants all frames at once.
 _CPU_PASS_ELEMENTS = 1 << 20
 _GPU_PASS_ELEMENTS = 1 << 26
+# Largest padded frame whose pixel indices float32 arithmetic represents exactly (2**24).
+_EXACT_FLOAT32_INDEX = 1 << 24
 
 
 def _check_inputs(points, colors, radius, near, far) -> None:
@@ -186,6 +188,16 @@ def render_points(
     pointmap = torch.empty(n, h, w, 3, dtype=dtype, device=device)
     index = torch.empty(n, h, w, dtype=torch.int64, device=device)
 
+    # Pixels are addressed in a frame padded by a ring of ``pad`` pixels: coordinates are clamped into the
+    # ring, so off-image points (and every square of a splat) land somewhere without any range test, and
+    # the ring is discarded. The ring's corner square doubles as the dump for points failing the depth
+    # test: its centre (radius, radius) with every splat offset stays inside the ring.
+    pad = 2 * radius + 1
+    hp, wp = h + 2 * pad, w + 2 * pad
+    origin = pad * wp + pad
+    # Pixel arithmetic in the compute dtype is exact while indices stay below 2**24 (float32).
+    coord_dtype = dtype if hp * wp < _EXACT_FLOAT32_INDEX else torch.float64
+
     # Per-pass temporaries are allocated once and written with out=/in-place ops: on a CPU, fresh
     # multi-megabyte allocations cost more in page faults than the arithmetic they hold.
     uvz_ws = torch.empty(chunk, 3, p + 1, dtype=dtype, device=device)
@@ -193,9 +205,10 @@ def render_points(
     valid_ws = torch.empty(chunk, p + 1, dtype=torch.bool, device=device)
     test_ws = torch.empty(chunk, p + 1, dtype=torch.bool, device=device)
     pix_ws = torch.empty(chunk, p + 1, dtype=torch.int64, device=device)
-    zbuf_ws = torch.empty(chunk, hw + 1, dtype=torch.int64, device=device)
-    dump = torch.tensor(hw, dtype=torch.int64, device=device)
-    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+    shifted_ws = torch.empty(chunk, p + 1, dtype=torch.int64, device=device) if radius else None
+    zbuf_ws = torch.empty(chunk, hp * wp, dtype=torch.int64, device=device)
+    dump = torch.tensor(radius * wp + radius - origin, dtype=coord_dtype, device=device)
+    offsets = [dy * wp + dx for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
 
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
@@ -209,34 +222,28 @@ def render_points(
         torch.ge(z, near, out=valid) if near > 0 else torch.gt(z, 0, out=valid)
         if far is not None:
             valid.logical_and_(torch.le(z, far, out=test))
-        # Keys of culled entries are never read (they go to the dump slot), so their bits may be junk.
+        # Keys of culled entries are never read (they go to the dump pixel), so their bits may be junk.
         keys = keys_for(z)
-        u.floor_()
-        v.floor_()
+        if coord_dtype != dtype:
+            u, v = u.to(coord_dtype), v.to(coord_dtype)
+        # Clamped to the ring: a clamped point's whole square stays in the ring, off the image.
+        u.floor_().clamp_(-radius - 1, w + radius)
+        v.floor_().clamp_(-radius - 1, h + radius)
+        pixf = torch.where(valid, torch.add(u, v, alpha=wp, out=u), dump, out=u)
         pix = pix_ws[:c]
-        # One extra "dump" pixel per frame (column hw) takes every dropped entry: no compaction needed.
+        pix.copy_(pixf).add_(origin)
         zbuf = zbuf_ws[:c].fill_(keys_for.empty_key)
         if radius == 0:
-            for coord, lo, hi in ((u, 0, w), (v, 0, h)):
-                valid.logical_and_(torch.ge(coord, lo, out=test))
-                valid.logical_and_(torch.lt(coord, hi, out=test))
-            pix.copy_(torch.add(u, v, alpha=w, out=u))
-            torch.where(valid, pix, dump, out=pix)
             zbuf.scatter_reduce_(1, pix, keys, "amin")
         else:
-            # Entries whose whole square misses the image are dropped before the per-offset loop.
-            for coord, lo, hi in ((u, -radius, w + radius), (v, -radius, h + radius)):
-                valid.logical_and_(torch.ge(coord, lo, out=test))
-                valid.logical_and_(torch.lt(coord, hi, out=test))
-            base = torch.where(valid, torch.add(u, v, alpha=w).to(torch.int64), 0)
-            for dy, dx in offsets:
-                inside = valid & (u >= -dx) & (u < w - dx) & (v >= -dy) & (v < h - dy)
-                torch.where(inside, base + (dy * w + dx), dump, out=pix)
-                zbuf.scatter_reduce_(1, pix, keys, "amin")
-        winners = torch.bitwise_and(zbuf[:, :hw], keys_for.index_mask, out=index[start:stop].view(c, hw))
+            shifted = shifted_ws[:c]
+            for offset in offsets:
+                zbuf.scatter_reduce_(1, torch.add(pix, offset, out=shifted), keys, "amin")
+        inner = zbuf.view(c, hp, wp)[:, pad : pad + h, pad : pad + w]
+        winners = torch.bitwise_and(inner, keys_for.index_mask, out=index[start:stop])
         for i in range(c):
             # Depth now, while this pass's z row is still in cache.
-            torch.index_select(z[i], 0, winners[i], out=depth[start + i].view(hw))
+            torch.index_select(z[i], 0, winners[i].view(hw), out=depth[start + i].view(hw))
 
     # Channel-major gathers: each table row stays in cache across all frames (random reads into a cloud
     # of a million points are cache-bound; this order is ~1.7x faster than frame-major on a CPU).

@@ -40,7 +40,8 @@ def _user_errors() -> tuple[type, ...]:
     from engine.images import ImageInputError
     from engine.scene import SceneError
 
-    return (CameraFormatError, ImageInputError, SceneError, ValueError, FileNotFoundError)
+    # Every input error of the engine is a ValueError subclass with a one-sentence message.
+    return (CameraFormatError, ImageInputError, SceneError, ValueError)
 
 
 def _default_device() -> str:
@@ -49,15 +50,15 @@ def _default_device() -> str:
 
 def cmd_generate(args) -> int:
     from engine.geometry import trajectories as traj
-    from engine.scene import Scene, SceneSettings
+    from engine.scene import Scene, SceneError, SceneSettings
 
     if bool(args.image) == bool(args.panorama):
-        raise ValueError("Give exactly one input: --image PATH or --panorama PATH.")
+        raise SceneError("Give exactly one input: --image PATH or --panorama PATH.")
     names = [t.strip() for t in args.trajectories.split(",") if t.strip()] if args.trajectories else None
     for name in names or []:
         preset = name.split(":", 1)[-1]
         if preset not in traj.PRESETS:
-            raise ValueError(f"Unknown trajectory '{preset}'; choose from: {', '.join(traj.PRESETS)}.")
+            raise SceneError(f"Unknown trajectory '{preset}'; choose from: {', '.join(traj.PRESETS)}.")
     engine = resolve_engine(args.engine, Path(args.weights) if args.weights else None, announce=print)
     out = Path(args.out)
     requests = list(names) if names else None
@@ -150,6 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("Interrupted; finished clips are kept and the run resumes with the same --out.", file=sys.stderr)
         return 130
     except _user_errors() as e:
+        if type(e) is ValueError:
+            raise  # a bare ValueError is a bug, not a user's mistake: keep its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
+from engine.hub import local_files_only as hub_local_only
 
 PathLike = Union[str, Path]
 
@@ -176,17 +177,6 @@ class _Estimator:
 
 # ---- MoGe ----------------------------------------------------------------------------------------
 
-def _hub_offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return True
-
-
 def _looks_like_repo_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
@@ -212,9 +202,9 @@ def resolve_moge_checkpoint(repo_or_dir: PathLike, local_files_only: Optional[bo
     cached = try_to_load_from_cache(spec, MOGE_CHECKPOINT_FILE)
     if isinstance(cached, str):
         return Path(cached)
-    offline = _hub_offline() if local_files_only is None else local_files_only
+    offline = hub_local_only() if local_files_only is None else local_files_only
     if offline:
-        raise DepthUnavailable(f"MoGe weights '{spec}' are not in the Hugging Face cache and downloads are switched off.")
+        raise DepthUnavailable(f"MoGe weights '{spec}' are not in the Hugging Face cache and the hub cannot be reached or is switched off.")
     try:
         return Path(hf_hub_download(spec, MOGE_CHECKPOINT_FILE, etag_timeout=DOWNLOAD_TIMEOUT_S))
     except Exception as e:  # network, auth, missing repo: all mean "not available here"

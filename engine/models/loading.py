@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from engine.atomicio import atomic_path, atomic_write_text
+from engine.hub import local_files_only
 from engine.progress import Progress, ensure
 
 from .config import ConfigError, ControlNetConfig, WorldStereoConfig
@@ -160,10 +161,7 @@ def save_checkpoint(model: WorldStereoTransformer, config: WorldStereoConfig, fo
 
 # ---------------------------------------------------------------------------------------------------- locating files
 def _offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
-    return env in ("1", "true", "yes", "on") or bool(constants.HF_HUB_OFFLINE)
+    return local_files_only()
 
 
 def _looks_like_repo_id(name: str) -> bool:
@@ -186,7 +184,7 @@ def _hub_file(repo: str, filename: str, how_to_get: str) -> Path:
                                        "pass the checkpoint folder or a repo id like hanshanxue/WorldStereo.") from e
         except Exception as e:  # network errors, missing entries, gated repos: all end in the same advice
             last = e
-    where = "the Hugging Face cache (offline mode)" if _offline() else "the Hugging Face hub or its local cache"
+    where = "the Hugging Face cache (the hub is switched off or unreachable)" if _offline() else "the Hugging Face hub or its local cache"
     raise WeightsNotFoundError(f"{repo}/{filename} is not available from {where}; {how_to_get}.") from last
 
 

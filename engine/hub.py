@@ -1,0 +1,41 @@
+"""Hugging Face hub access that never keeps a person waiting.
+
+huggingface_hub retries a failed request with back-off (about 25 s before it gives up when there is no
+network at all). One quick connection probe per process decides instead whether downloads are worth trying;
+when they are not, every loader reads the local cache only.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from urllib.parse import urlparse
+
+PROBE_TIMEOUT_S = 2.0
+
+
+def hub_offline() -> bool:
+    """True when the user switched the hub off (``HF_HUB_OFFLINE``)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def local_files_only() -> bool:
+    """Whether loaders should read the local cache only (switched off, or no route to the hub)."""
+    return hub_offline() or not hub_reachable()

@@ -1,0 +1,467 @@
+"""The multi-trajectory loop: one photo or panorama in, clips + one consistent point cloud out.
+
+Every clip is conditioned on the 3D cache rendered along its cameras (GGM) and on reference frames retrieved
+from the memory bank (SSM); afterwards a few of its frames get depth, are scale-aligned to the cache and grow
+both the cache and the bank, so the next trajectory sees everything generated so far.
+
+Job folder (everything written atomically; ``manifest.json`` is the commit point of each clip)::
+
+    manifest.json            inputs, engine, seed, versions, timings, the clips done, the current state files
+    input.png                the start image (or panorama) as used
+    state/start.json         start camera (official camera.json)
+    state/cache-NNNN.ply     the 3D cache after NNNN clips (the manifest names the current one)
+    state/bank-start/        the memory bank's seed frames
+    clips/NN_name/           clip.mp4, render.mp4, render_mask.mp4, cameras.json, references.json, memory/
+    scene.ply, scene.glb, cameras.json, transforms.json + images/, scene.zip   (``export``)
+
+A clip is written into a temporary folder and renamed into place, then the new cache file, then the manifest:
+a crash at any point leaves the last committed state intact, and ``Scene.open`` resumes from it.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from engine import outputs
+from engine.atomicio import atomic_write_json
+from engine.engines import ENGINES
+from engine.geometry.cameras import Cameras
+from engine.geometry.cache import PointCache
+from engine.geometry.memory import MemoryBank
+from engine.geometry import trajectories as traj
+from engine.images import default_buckets, load_image, save_image, scaled_buckets
+from engine.preview import PREVIEW_NOTE, preview_clip
+from engine.progress import Progress, ensure, span
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+# Engines without the real network use the official aspect buckets at a fraction of the size, so a CPU run
+# stays quick while showing the same framing.
+ENGINE_SCALE = {"preview": 0.5, "tiny-random": 1 / 6}
+DEFAULT_PHOTO_TRAJECTORIES = ("up", "left", "right", "orbit")  # the paper's benchmark set
+
+
+class SceneError(ValueError):
+    """A scene request that cannot be carried out; the message is one sentence."""
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised when the caller's cancel flag is set; the scene keeps its last committed state."""
+
+
+def buckets_for(engine: str) -> list[tuple[int, int]]:
+    """``(height, width)`` aspect buckets of an engine (the official 480x768 .. 768x480 range, scaled)."""
+    return scaled_buckets(default_buckets(), ENGINE_SCALE.get(engine, 1.0))
+
+
+@dataclass
+class SceneSettings:
+    engine: str = "preview"
+    seed: int = 0
+    prompt: Optional[str] = None
+    frames: int = 21  # keyframes per clip, frame 0 = the start view
+    keep_frames: int = 8  # frames of each clip added to memory and cache (the paper's align_nframe)
+    max_refs: int = 8
+    point_budget: int = 1_000_000
+    splat_radius: int = 1
+    device: str = "cpu"
+    weights: Optional[str] = None
+    depth: Optional[str] = None  # MoGe repo/folder, or a user depth file (.npy / 16-bit PNG) for the start image
+    steps: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SceneSettings":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class ClipRecord:
+    name: str
+    folder: str  # relative to the job folder
+    trajectory: str
+    frames: int
+    references: int
+    seconds: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrajectoryRequest:
+    """A trajectory to generate: a preset name (optionally ``view<k>:`` prefixed for panoramas) or cameras."""
+
+    name: str
+    cameras: Optional[Cameras] = None
+    amount: Optional[float] = None
+    frames: Optional[int] = None
+
+    @classmethod
+    def parse(cls, spec: Union[str, "TrajectoryRequest"]) -> "TrajectoryRequest":
+        return spec if isinstance(spec, TrajectoryRequest) else cls(name=str(spec).strip())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "diffusers", "transformers", "open3d", "dlr-moge"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class Scene:
+    """A scene in a job folder: the 3D cache, the memory bank, every generated camera, and the clip loop."""
+
+    def __init__(self, job_dir: Path, settings: SceneSettings, manifest: dict, start_image: torch.Tensor,
+                 start_camera: Cameras, cache: PointCache, bank: MemoryBank, depth_source, announce=print):
+        self.job_dir = Path(job_dir)
+        self.settings = settings
+        self.manifest = manifest
+        self.start_image = start_image
+        self.start_camera = start_camera
+        self.cache = cache
+        self.bank = bank
+        self.depth_source = depth_source
+        self.announce = announce
+        self._generator = None
+
+    # ---- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, job_dir, image: Union[str, Path], *, panorama: bool = False,
+               settings: Optional[SceneSettings] = None, camera_json: Optional[Union[str, Path]] = None,
+               depth_source=None, progress: Optional[Progress] = None, announce: Callable[[str], None] = print) -> "Scene":
+        """Start a new scene from an image file. ``depth_source`` overrides depth estimation (tests pass
+        ground truth): a callable ``(image [3,H,W], camera) -> (depth [H,W], valid [H,W])``."""
+        from engine import scene_init
+
+        settings = settings or SceneSettings()
+        if settings.engine not in ENGINES:
+            raise SceneError(f"Unknown engine '{settings.engine}'; choose one of: {', '.join(ENGINES)}.")
+        job_dir = Path(job_dir)
+        if (job_dir / MANIFEST).exists():
+            raise SceneError(f"{job_dir} already holds a scene; open it to continue, or choose another folder.")
+        report = ensure(progress)
+        image_path = Path(image)
+        img = load_image(image_path)
+        report(0.05, "loading depth model")
+        depth_source = depth_source or scene_init.depth_source_for(settings, panorama, announce)
+        report(0.2, "depth of the input")
+        if panorama:
+            seed = scene_init.seed_panorama(img, settings, depth_source, span(report, 0.2, 0.9))
+        else:
+            seed = scene_init.seed_photo(img, settings, depth_source, camera_json, span(report, 0.2, 0.9))
+        # Nothing is written before the input has been fully understood: a refused input leaves no folder.
+        job_dir.mkdir(parents=True, exist_ok=True)
+        save_image(job_dir / "input.png", seed.image)
+        seed.start_camera.save_json(job_dir / "state" / "start.json")
+        seed.bank.save(job_dir / "state" / "bank-start")
+        cache_file = "state/cache-0000.ply"
+        seed.cache.save_ply(job_dir / cache_file)
+        manifest = {
+            "format": FORMAT_VERSION,
+            "kind": "panorama" if panorama else "photo",
+            "input": {"name": image_path.name, "sha256": _sha256(image_path)},
+            "engine": settings.engine,
+            "engine_note": PREVIEW_NOTE if settings.engine == "preview" else ENGINES[settings.engine].description,
+            "settings": asdict(settings),
+            "size": [int(seed.image.shape[-2]), int(seed.image.shape[-1])],
+            "median_depth": seed.median_depth,
+            "start_views": seed.start_views,
+            "depth_note": seed.depth_note,
+            "versions": _versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "planned": [],
+            "clips": [],
+            "state": {"cache": cache_file},
+        }
+        atomic_write_json(job_dir / MANIFEST, manifest)
+        report(1.0, "scene ready")
+        return cls(job_dir, settings, manifest, seed.image, seed.start_camera, seed.cache, seed.bank,
+                   depth_source, announce)
+
+    @classmethod
+    def open(cls, job_dir, *, depth_source=None, settings_override: Optional[dict] = None,
+             announce: Callable[[str], None] = print) -> "Scene":
+        """Reopen a job folder at its last committed state (after a crash, a kill or to add trajectories)."""
+        from engine import scene_init
+
+        job_dir = Path(job_dir)
+        try:
+            manifest = json.loads((job_dir / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SceneError(f"{job_dir} holds no scene (no {MANIFEST}).") from None
+        except json.JSONDecodeError:
+            raise SceneError(f"{job_dir / MANIFEST} is damaged and cannot be read.") from None
+        settings = SceneSettings.from_dict({**manifest["settings"], **(settings_override or {})})
+        # Clips that were being written when the process died never reached the manifest: drop them.
+        done = {c["folder"] for c in manifest["clips"]}
+        for leftover in (job_dir / "clips").glob("*") if (job_dir / "clips").is_dir() else []:
+            if leftover.is_dir() and f"clips/{leftover.name}" not in done:
+                shutil.rmtree(leftover, ignore_errors=True)
+        image = load_image(job_dir / "input.png")
+        start = Cameras.from_json(job_dir / "state" / "start.json")
+        cache = PointCache.load_ply(job_dir / manifest["state"]["cache"])
+        bank = MemoryBank.load(job_dir / "state" / "bank-start")
+        for clip in manifest["clips"]:
+            part = MemoryBank.load(job_dir / clip["folder"] / "memory")
+            bank.add(part.images, part.cameras, part.depths, frame_ids=part.frame_ids, source=clip["name"])
+        depth_source = depth_source or scene_init.depth_source_for(settings, manifest["kind"] == "panorama", announce)
+        return cls(job_dir, settings, manifest, image, start, cache, bank, depth_source, announce)
+
+    # ---- trajectories ---------------------------------------------------------------------------------
+    @property
+    def clips(self) -> list[dict]:
+        return list(self.manifest["clips"])
+
+    def default_trajectories(self) -> list[str]:
+        if self.manifest["kind"] == "panorama":
+            return [f"view{k}:forward" for k in range(len(self.manifest["start_views"]))]
+        return list(DEFAULT_PHOTO_TRAJECTORIES)
+
+    def _start_for(self, name: str) -> tuple[Cameras, str]:
+        """The start camera of a trajectory: the input view, or ``view<k>:`` of a panorama."""
+        if ":" in name:
+            view, preset = name.split(":", 1)
+            views = self.manifest["start_views"]
+            try:
+                k = int(view.removeprefix("view"))
+                w2c = torch.tensor(views[k], dtype=self.start_camera.dtype)
+            except (ValueError, IndexError):
+                raise SceneError(f"Unknown start view '{view}'; this scene has view0..view{len(views) - 1}.") from None
+            return Cameras(w2c, self.start_camera.K, self.start_camera.width, self.start_camera.height), preset
+        return self.start_camera, name
+
+    def plan(self, request: Union[str, TrajectoryRequest]) -> Cameras:
+        """The cameras a trajectory will use (for drawing the path before generating)."""
+        req = TrajectoryRequest.parse(request)
+        frames = req.frames or self.settings.frames
+        if req.cameras is not None:
+            cams = req.cameras
+            if (cams.width, cams.height) != (self.start_camera.width, self.start_camera.height):
+                cams = cams.resized(self.start_camera.width, self.start_camera.height)
+            return cams
+        start, preset = self._start_for(req.name)
+        # The input's median depth, fixed at creation: a preset means the same path whenever it is asked for.
+        return traj.make_trajectory(preset, start, self.manifest["median_depth"], frames=frames, amount=req.amount)
+
+    # ---- generation -----------------------------------------------------------------------------------
+    def _clip_generator(self):
+        if self._generator is None:
+            from engine import scene_init
+
+            self._generator = scene_init.clip_generator(self.settings, self.announce)
+        return self._generator
+
+    def run(self, trajectories: Optional[Sequence[Union[str, TrajectoryRequest]]] = None,
+            progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None) -> list[ClipRecord]:
+        """Generate every trajectory not yet done (resume-safe), then export the scene."""
+        requests = [TrajectoryRequest.parse(t) for t in (trajectories or self.default_trajectories())]
+        planned = [r.name for r in requests]
+        if planned != self.manifest.get("planned"):
+            self.manifest["planned"] = planned
+            atomic_write_json(self.job_dir / MANIFEST, self.manifest)
+        done = {c["trajectory"] for c in self.manifest["clips"]}
+        todo = [r for r in requests if r.name not in done]
+        report = ensure(progress)
+        records = []
+        for i, req in enumerate(todo):
+            records.append(self.generate(req, progress=span(report, i / (len(todo) + 0.2), (i + 1) / (len(todo) + 0.2)),
+                                         cancel=cancel))
+        self.export(progress=span(report, len(todo) / (len(todo) + 0.2), 1.0))
+        return records
+
+    def generate(self, request: Union[str, TrajectoryRequest], progress: Optional[Progress] = None,
+                 cancel: Optional[Callable[[], bool]] = None) -> ClipRecord:
+        """Generate one clip along a trajectory, grow cache and memory, and commit it to the job folder."""
+        req = TrajectoryRequest.parse(request)
+        report = ensure(progress)
+
+        def check_cancel():
+            if cancel is not None and cancel():
+                raise GenerationCancelled("Generation was cancelled; the scene keeps every finished clip.")
+
+        timings = {}
+        t0 = time.perf_counter()
+        cams = self.plan(req)
+        index = len(self.manifest["clips"])
+        safe_name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in req.name)[:40]
+        name = f"{index:02d}_{safe_name}"
+        report(0.0, f"{name}: rendering the 3D cache")
+        render = self.cache.render(cams, radius=self.settings.splat_radius)
+        timings["render"] = time.perf_counter() - t0
+        check_cancel()
+
+        t = time.perf_counter()
+        report(0.05, f"{name}: retrieving references")
+        # Targets are frames 1..F-1 (frame 0 is the input view): ref_index k serves frame k + 1.
+        retrieval = self.bank.retrieve(cams[1:], max_refs=self.settings.max_refs)
+        timings["retrieve"] = time.perf_counter() - t
+        check_cancel()
+
+        t = time.perf_counter()
+        start_image = self._start_image_for(req.name, cams)
+        frames = self._clip_generator().generate(
+            start_image=start_image, cameras=cams, render=render, bank=self.bank, retrieval=retrieval,
+            cache=self.cache, prompt=self.settings.prompt, seed=self.settings.seed + index,
+            progress=span(report, 0.1, 0.8), cancel=cancel)
+        timings["generate"] = time.perf_counter() - t
+        check_cancel()
+
+        t = time.perf_counter()
+        report(0.8, f"{name}: depth of kept frames")
+        keep = self._kept_indices(len(cams))
+        new_cache = copy.deepcopy(self.cache)
+        kept_depths = []
+        for j, fi in enumerate(keep):
+            depth, valid = self._aligned_depth(frames[fi], cams[fi], render.depth[fi], render.mask[fi])
+            kept_depths.append(depth)
+            # Only what the cache did not already hold grows it: covered pixels are the cache seen again.
+            new_cache.add_frame(frames[fi], depth, cams[fi], frame_id=1000 * (index + 1) + int(fi),
+                                valid=valid & ~render.mask[fi], confidence=self._new_point_confidence)
+            report(0.8 + 0.1 * (j + 1) / len(keep), f"{name}: fusing frame {j + 1}/{len(keep)}")
+            check_cancel()
+        new_cache.downsample(self.settings.point_budget)
+        timings["fuse"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        report(0.92, f"{name}: writing outputs")
+        folder = self._write_clip(name, frames, cams, render, retrieval, keep, torch.stack(kept_depths), index)
+        record = ClipRecord(name=name, folder=folder, trajectory=req.name, frames=len(cams),
+                            references=len(retrieval.refs), seconds=timings)
+        cache_file = f"state/cache-{index + 1:04d}.ply"
+        new_cache.save_ply(self.job_dir / cache_file)
+        old_cache = self.manifest["state"]["cache"]
+        manifest = copy.deepcopy(self.manifest)
+        timings["write"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        manifest["clips"].append(asdict(record))
+        manifest["state"]["cache"] = cache_file
+        atomic_write_json(self.job_dir / MANIFEST, manifest)  # the commit point
+        # Only now does the in-memory scene move on.
+        self.manifest = manifest
+        self.cache = new_cache
+        self.bank.add(frames[keep], cams[keep], torch.stack(kept_depths),
+                      frame_ids=[1000 * (index + 1) + int(i) for i in keep], source=name)
+        if old_cache != cache_file:
+            (self.job_dir / old_cache).unlink(missing_ok=True)
+        self.write_scene_cloud()
+        report(1.0, f"{name}: done")
+        return record
+
+    def _start_image_for(self, name: str, cams: Cameras) -> torch.Tensor:
+        if ":" in name and self.manifest["kind"] == "panorama":
+            from engine.geometry.panorama import equirect_to_perspective
+
+            return equirect_to_perspective(self.start_image, cams[0])[0]
+        return self.start_image
+
+    @property
+    def _new_point_confidence(self) -> float:
+        # Preview fills holes by inpainting: its colours there are a guess, and the cache says so.
+        return 0.5 if self.settings.engine == "preview" else 1.0
+
+    def _kept_indices(self, n: int) -> list[int]:
+        k = min(self.settings.keep_frames, n - 1)
+        if k <= 0:
+            return []
+        return sorted({int(round(1 + i * (n - 2) / max(k - 1, 1))) for i in range(k)})
+
+    def _aligned_depth(self, image, camera, ref_depth, ref_valid):
+        from engine.geometry.align import align_depth
+
+        depth, valid, _ = self.depth_source(image, camera)
+        overlap = valid & ref_valid & (ref_depth > 0)
+        if int(overlap.sum()) >= 64:
+            try:
+                depth = align_depth(depth, ref_depth, overlap).apply(depth)
+            except ValueError:
+                pass  # too little usable overlap: keep the estimate's own scale
+        return depth, valid & (depth > 0)
+
+    def _write_clip(self, name, frames, cams, render, retrieval, keep, kept_depths, index) -> str:
+        final = self.job_dir / "clips" / name
+        tmp = self.job_dir / "clips" / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            outputs.write_video(tmp / "clip.mp4", frames)
+            outputs.write_video(tmp / "render.mp4", render.image)
+            # Official render_mask.mp4 convention: white where the cache has no point (the hole to generate).
+            outputs.write_mask_video(tmp / "render_mask.mp4", ~render.mask)
+            cams.save_json(tmp / "cameras.json")
+            refs = retrieval.to_json()
+            refs["bank_frames"] = [self.bank.sources[i] + f"#{self.bank.frame_ids[i]}" for i in retrieval.refs]
+            atomic_write_json(tmp / "references.json", refs)
+            part = MemoryBank()
+            part.add(frames[keep], cams[keep], kept_depths, frame_ids=[1000 * (index + 1) + int(i) for i in keep], source=name)
+            part.save(tmp / "memory")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return f"clips/{name}"
+
+    # ---- outputs --------------------------------------------------------------------------------------
+    def write_scene_cloud(self, only_if_stale: bool = False) -> dict:
+        """The fused cloud for viewers: plain ``scene.ply`` for tools, ``scene.glb`` for the browser viewer."""
+        paths = {"ply": self.job_dir / "scene.ply", "glb": self.job_dir / "scene.glb"}
+        state = self.manifest["state"]["cache"]
+        if not (only_if_stale and self.manifest.get("cloud_written_for") == state and all(p.exists() for p in paths.values())):
+            outputs.write_point_cloud_ply(paths["ply"], self.cache.points, self.cache.colors)
+            outputs.write_point_cloud_glb(paths["glb"], self.cache.points, self.cache.colors, axes=self._viewer_axes())
+            self.manifest["cloud_written_for"] = state
+            atomic_write_json(self.job_dir / MANIFEST, self.manifest)
+        return paths
+
+    def _viewer_axes(self):
+        """World-to-glTF axes for the viewer: photos live in the input camera's OpenCV frame (y down),
+        panoramas in the bank's z-up world."""
+        if self.manifest["kind"] == "panorama":
+            return outputs.ZUP_TO_OPENGL
+        return outputs.OPENCV_TO_OPENGL
+
+    def export(self, progress: Optional[Progress] = None) -> dict:
+        """Write the scene-level outputs and the zip; returns their paths."""
+        report = ensure(progress)
+        report(0.0, "exporting the scene")
+        paths = self.write_scene_cloud(only_if_stale=True)
+        cams = [self.start_camera]
+        images = [self.start_image[None] if self.manifest["kind"] == "photo" else
+                  self._start_image_for("view0:x", self.start_camera)[None]]
+        for clip in self.manifest["clips"]:
+            clip_cams = Cameras.from_json(self.job_dir / clip["folder"] / "cameras.json")
+            clip_frames = outputs.read_video(self.job_dir / clip["folder"] / "clip.mp4")
+            cams.append(clip_cams[1:])
+            images.append(clip_frames[1:])
+        all_cams = Cameras.cat(cams)
+        outputs.write_cameras_json(self.job_dir / "cameras.json", all_cams)
+        report(0.3, "writing the 3DGS dataset")
+        outputs.write_transforms_json(self.job_dir, torch.cat(images), all_cams)
+        report(0.8, "packing the zip")
+        # The zip is for people: internal resume state (cache versions, memory frames) stays out.
+        zip_path = outputs.zip_folder(self.job_dir, self.job_dir / "scene.zip",
+                                      exclude=("state/*", "clips/*/memory/*"))
+        paths.update(cameras=self.job_dir / "cameras.json", transforms=self.job_dir / "transforms.json", zip=zip_path)
+        report(1.0, "export done")
+        return paths

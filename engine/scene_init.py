@@ -1,0 +1,210 @@
+"""How a scene starts: depth of the input, the first 3D cache and memory bank, and the clip generator.
+
+Kept apart from ``scene.py`` so the loop itself reads as the paper's algorithm; everything here runs once
+per scene (or once per process for the networks).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from engine.geometry.cameras import Cameras, intrinsics_from_fov
+from engine.geometry.cache import PointCache
+from engine.geometry.memory import MemoryBank
+from engine.preview import preview_clip
+from engine.progress import Progress, ensure
+
+PANORAMA_MAX_WIDTH = 2048
+PANORAMA_START_YAWS = (0.0, 90.0, 180.0, 270.0)  # exploration starts: the four horizontal directions
+
+
+@dataclass
+class Seed:
+    image: torch.Tensor  # the start image as used ([3,H,W]; the equirectangular image for a panorama)
+    start_camera: Cameras
+    cache: PointCache
+    bank: MemoryBank
+    median_depth: float
+    start_views: list  # w2c (4x4 lists) of the views trajectories may start from
+    depth_note: str
+
+
+class DepthSource:
+    """``(image [3,H,W], camera or None) -> (depth [H,W], valid [H,W], K [3,3])``: the scene's one depth door.
+
+    Wraps an ``engine.depth`` estimator (MoGe-2 or an announced fallback). ``K`` is the estimator's own
+    intrinsics guess, used only for the input photo when no camera file gives them.
+    """
+
+    def __init__(self, estimator, note: str):
+        self.estimator = estimator
+        self.note = note
+
+    def __call__(self, image: torch.Tensor, camera: Optional[Cameras] = None):
+        fov_x = None
+        if camera is not None:
+            fov_x = math.degrees(2 * math.atan(camera.width / (2 * float(camera.K[0, 0, 0]))))
+        est = self.estimator.estimate(image, fov_x=fov_x)
+        return est.depth.float(), est.mask.bool(), est.intrinsics.double()
+
+
+def depth_source_for(settings, panorama: bool, announce: Callable[[str], None]) -> DepthSource:
+    from engine.depth import load_depth_estimator
+
+    estimator = load_depth_estimator(settings.depth if not _is_depth_file(settings.depth) else None,
+                                     device=settings.device, panorama=panorama, announce=announce)
+    return DepthSource(estimator, getattr(estimator, "source", type(estimator).__name__))
+
+
+def _is_depth_file(spec: Optional[str]) -> bool:
+    return bool(spec) and Path(spec).suffix.lower() in (".npy", ".png") and Path(spec).is_file()
+
+
+def seed_photo(image: torch.Tensor, settings, depth_source, camera_json, progress: Optional[Progress] = None) -> Seed:
+    """Start from one photo: choose its camera, fit it to the engine's aspect bucket, unproject its depth."""
+    from engine.images import fit_to_bucket
+    from engine.scene import buckets_for
+
+    report = ensure(progress)
+    h0, w0 = image.shape[-2:]
+    if camera_json is not None:
+        official = Cameras.from_json(camera_json)
+        start = official[0].resized(w0, h0)
+    else:
+        _, _, k = depth_source(image, None)
+        start = Cameras(torch.eye(4, dtype=torch.float64), k.reshape(1, 3, 3), w0, h0)
+    image, start = fit_to_bucket(image, start, buckets_for(settings.engine))
+    report(0.3, "depth of the input")
+    user_depth = settings.depth if _is_depth_file(settings.depth) else None
+    if user_depth:
+        from engine.depth import UserDepth
+
+        depth = UserDepth(user_depth).estimate(image).depth.float()
+        valid = torch.isfinite(depth) & (depth > 0)
+        note = f"user depth from {Path(user_depth).name}"
+    else:
+        depth, valid, _ = depth_source(image, start)
+        note = depth_source.note if hasattr(depth_source, "note") else "custom depth"
+    if depth.shape != image.shape[-2:]:
+        depth = F.interpolate(depth[None, None], size=image.shape[-2:], mode="nearest")[0, 0]
+        valid = F.interpolate(valid[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0] > 0.5
+    report(0.7, "building the 3D cache")
+    cache = PointCache.empty()
+    cache.add_frame(image, depth, start, frame_id=0, valid=valid)
+    bank = MemoryBank()
+    bank.add(image[None], start, depth[None], frame_ids=[0], source="input")
+    median = float(depth[valid & (depth > 0)].median()) if bool((valid & (depth > 0)).any()) else 1.0
+    return Seed(image, start, cache, bank, median, [start.w2c[0].tolist()], note)
+
+
+def seed_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional[Progress] = None) -> Seed:
+    """Start from an equirectangular panorama: cut the official 27-view bank, give each view depth aligned to
+    what is already in the cache, and start trajectories from the horizontal views."""
+    from engine.geometry.align import align_depth
+    from engine.geometry.panorama import bank_cameras, equirect_to_perspective, is_equirect, look_rotation
+    from engine.scene import SceneError, buckets_for
+
+    report = ensure(progress)
+    hp, wp = pano.shape[-2:]
+    if not is_equirect(wp, hp):
+        raise SceneError(f"A panorama must be equirectangular with a 2:1 aspect; this image is {wp}x{hp}.")
+    if wp > PANORAMA_MAX_WIDTH:
+        pano = F.interpolate(pano[None], size=(PANORAMA_MAX_WIDTH // 2, PANORAMA_MAX_WIDTH), mode="area")[0]
+    height, width = buckets_for(settings.engine)[0]
+    views = bank_cameras(width=width, height=height)  # the official 120 x 90 degree views at the engine's size
+    images = equirect_to_perspective(pano, views)
+    cache = PointCache.empty()
+    depths = []
+    for i in range(len(views)):
+        depth, valid, _ = depth_source(images[i], views[i])
+        if len(cache):
+            seen = cache.render(views[i : i + 1], radius=settings.splat_radius)
+            overlap = valid & seen.mask[0]
+            if int(overlap.sum()) >= 64:
+                try:
+                    depth = align_depth(depth, seen.depth[0], overlap).apply(depth)
+                except ValueError:
+                    pass
+        cache.add_frame(images[i], depth, views[i : i + 1], frame_id=i, valid=valid)
+        depths.append(depth)
+        report((i + 1) / len(views), f"panorama view {i + 1}/{len(views)}")
+    cache.downsample(settings.point_budget)
+    bank = MemoryBank()
+    bank.add(images, views, torch.stack(depths), frame_ids=list(range(len(views))), source="panorama")
+    start_views = []
+    for yaw in PANORAMA_START_YAWS:
+        w2c = torch.eye(4, dtype=torch.float64)
+        w2c[:3, :3] = look_rotation([yaw], [0.0])[0]
+        start_views.append(w2c.tolist())
+    start = Cameras(torch.tensor(start_views[0], dtype=torch.float64), views.K[:1], width, height)
+    all_depth = torch.stack(depths)
+    median = float(all_depth[all_depth > 0].median()) if bool((all_depth > 0).any()) else 1.0
+    return Seed(pano, start, cache, bank, median, start_views, getattr(depth_source, "note", "custom depth"))
+
+
+# ---- clip generators ---------------------------------------------------------------------------------
+
+class PreviewGenerator:
+    """The `preview` engine: cache renders with classical hole filling (see engine/preview.py)."""
+
+    def generate(self, *, start_image, cameras, render, progress=None, cancel=None, **_) -> torch.Tensor:
+        ensure(progress)(0.0, "preview: filling holes")
+        frames = preview_clip(start_image, render.image, render.mask)
+        ensure(progress)(1.0, "preview: done")
+        return frames
+
+
+class NetworkGenerator:
+    """A WorldStereo network (official weights or tiny random) behind the clip pipeline."""
+
+    def __init__(self, pipeline, steps: Optional[int] = None):
+        self.pipeline = pipeline
+        self.steps = steps  # None: the variant's own (4 for DMD, 40 otherwise)
+
+    def generate(self, *, start_image, cameras, render, bank, retrieval, cache, prompt, seed,
+                 progress=None, cancel=None) -> torch.Tensor:
+        from engine.pipeline import References
+
+        refs = None
+        if retrieval.refs and self.pipeline.config.has_memory:
+            ids = list(retrieval.refs)
+            ref_cams = bank.cameras[ids]
+            refs = References(images=bank.images[ids], cameras=ref_cams,
+                              ref_index=torch.as_tensor(retrieval.ref_index, dtype=torch.long),
+                              pointmaps=cache.render(ref_cams).pointmap.permute(0, 3, 1, 2))
+        out = self.pipeline(image=start_image, cameras=cameras, render=render.image, render_mask=render.mask,
+                            pointmaps=render.pointmap.permute(0, 3, 1, 2), prompt=prompt, references=refs,
+                            seed=seed, steps=self.steps, progress=progress, cancel=cancel)
+        return out.frames
+
+
+def tiny_package_dir(variant: str) -> Path:
+    root = Path(os.environ.get("WORLDSTEREO_CACHE", Path.home() / ".cache" / "worldstereo-studio"))
+    return root / f"tiny-random-{variant}"
+
+
+def clip_generator(settings, announce: Callable[[str], None] = print):
+    from engine.engines import ENGINES, checkpoint_dir
+
+    if settings.engine == "preview":
+        return PreviewGenerator()
+    from engine.pipeline import ClipPipeline
+
+    device = settings.device
+    if settings.engine == "tiny-random":
+        from engine.models.tiny import write_tiny_package
+
+        folder = tiny_package_dir("worldstereo-memory-dmd")
+        if not (folder / "model.safetensors").is_file():
+            write_tiny_package(folder, variant="worldstereo-memory-dmd", seed=0)
+        announce("tiny-random engine: a tiny randomly initialised WorldStereo; its frames are noise by design.")
+        return NetworkGenerator(ClipPipeline.from_pretrained(folder, device=device, dtype=torch.float32), settings.steps)
+    variant = ENGINES[settings.engine].variant
+    source = checkpoint_dir(variant, Path(settings.weights) if settings.weights else None)
+    return NetworkGenerator(ClipPipeline.from_pretrained(source, device=device), settings.steps)

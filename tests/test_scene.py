@@ -1,0 +1,232 @@
+"""The scene loop end to end: CLI outputs, resume, panorama path, and geometric truth on a synthetic room."""
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from scipy.spatial import cKDTree
+
+from engine.cli import main as cli_main
+from engine.geometry import trajectories as traj
+from engine.geometry.cameras import Cameras, intrinsics_from_fov
+from engine.images import save_image
+from engine.scene import GenerationCancelled, Scene, SceneSettings
+
+PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"
+
+
+def _frames(path: Path) -> int:
+    return iio.imread(path).shape[0]
+
+
+# ---- a synthetic textured room with analytic depth -------------------------------------------------
+
+ROOM_LO = np.array([-2.0, -1.5, -2.0])
+ROOM_HI = np.array([2.0, 1.5, 4.0])
+
+
+def _room_hit(cams: Cameras):
+    """World hit points ``[N,H,W,3]`` of every pixel ray on the inside of the room box (float64)."""
+    o, d = cams.rays()
+    o, d = o.double(), d.double()
+    lo, hi = torch.as_tensor(ROOM_LO), torch.as_tensor(ROOM_HI)
+    bound = torch.where(d > 0, hi, lo)
+    safe = torch.where(d.abs() > 1e-12, d, torch.full_like(d, 1e-12))
+    t = ((bound - o) / safe).clamp(min=0).min(dim=-1).values
+    return o + t[..., None] * d
+
+
+def _texture(p: torch.Tensor) -> torch.Tensor:
+    """A smooth colour field on world positions (a few cycles per room), values in [0.1, 0.9]."""
+    r = 0.5 + 0.4 * torch.sin(1.7 * p[..., 0] + 0.9 * p[..., 2])
+    g = 0.5 + 0.4 * torch.sin(1.3 * p[..., 1] - 1.1 * p[..., 2] + 1.0)
+    b = 0.5 + 0.4 * torch.cos(0.8 * p[..., 0] + 1.5 * p[..., 1])
+    return torch.stack([r, g, b], dim=-1)
+
+
+def _room_view(cams: Cameras):
+    hit = _room_hit(cams)
+    cam_pts = torch.einsum("nij,nhwj->nhwi", cams.R.double(), hit) + cams.t.double()[:, None, None, :]
+    image = _texture(hit).permute(0, 3, 1, 2).float()
+    return image, cam_pts[..., 2].float(), hit
+
+
+class RoomDepth:
+    """Ground-truth depth source for the scene: exact z-depth of the room for any camera."""
+
+    note = "ground truth"
+
+    def __init__(self, start: Cameras):
+        self.start = start
+
+    def __call__(self, image, camera=None):
+        cam = camera if camera is not None else self.start
+        _, depth, _ = _room_view(cam[0:1])
+        return depth[0], torch.ones_like(depth[0], dtype=torch.bool), cam.K[0].double()
+
+
+@pytest.fixture(scope="module")
+def room(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("room")
+    h, w = 240, 384  # a preview bucket exactly: no resize, so the ground-truth camera stays exact
+    start = Cameras(torch.eye(4, dtype=torch.float64), intrinsics_from_fov(w, h, 70.0), w, h)
+    image, _, _ = _room_view(start)
+    save_image(folder / "room.png", image[0])
+    return folder, start
+
+
+def test_geometric_truth_on_synthetic_room(room, tmp_path):
+    folder, start = room
+    settings = SceneSettings(engine="preview", frames=9, keep_frames=4, point_budget=400_000)
+    scene = Scene.create(tmp_path / "job", folder / "room.png", settings=settings, depth_source=RoomDepth(start),
+                         announce=lambda m: None)
+    assert torch.allclose(scene.start_camera.K, start.K)
+    from engine.scene import TrajectoryRequest
+
+    scene.run([TrajectoryRequest("left", amount=20.0), TrajectoryRequest("right", amount=20.0),
+               TrajectoryRequest("up", amount=15.0)])
+
+    pts = scene.cache.points.double().numpy()
+    # Precision: distance of each fused point to the room's surface (analytic for points inside the box).
+    inside = np.minimum(pts - ROOM_LO, ROOM_HI - pts)
+    dist_to_surface = np.where((inside >= 0).all(axis=1), inside.min(axis=1), np.abs(inside).max(axis=1))
+    tau = 0.05  # metres, under 1% of the 6 m room
+    precision = float((dist_to_surface < tau).mean())
+    # Recall: surface points seen by every camera of the run, each matched to a fused point within tau.
+    cams = [start] + [Cameras.from_json(tmp_path / "job" / c["folder"] / "cameras.json") for c in scene.clips]
+    seen = torch.cat([_room_hit(c.resized(96, 60)).reshape(-1, 3) for c in cams]).numpy()
+    recall = float((cKDTree(pts).query(seen, k=1)[0] < tau).mean())
+    f1 = 2 * precision * recall / (precision + recall)
+    assert f1 >= 0.95, (precision, recall, f1)
+
+    # Held-out cameras between the trajectories: the cache's renders against the room's true image.
+    held = traj.make_trajectory("left", start, 4.0, frames=3, amount=8.0)[1:]
+    held = Cameras.cat([held, traj.make_trajectory("down", start, 4.0, frames=3, amount=6.0)[1:]])
+    rendered = scene.cache.render(held, radius=1)
+    truth, _, _ = _room_view(held)
+    m = rendered.mask[:, None].expand_as(truth)
+    assert m.float().mean() > 0.8
+    mse = ((rendered.image - truth)[m] ** 2).mean().item()
+    psnr = 10 * math.log10(1.0 / mse)
+    assert psnr >= 25.0, psnr
+
+
+def test_cli_preview_writes_every_output(examples, tmp_path, capsys):
+    out = tmp_path / "scene"
+    rc = cli_main(["generate", "--image", str(examples / PHOTO), "--engine", "preview", "--frames", "9",
+                   "--trajectories", "up,left,right,orbit", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [c["trajectory"] for c in manifest["clips"]] == ["up", "left", "right", "orbit"]
+    start = Cameras.from_json(out / "state" / "start.json")
+    for clip in manifest["clips"]:
+        folder = out / clip["folder"]
+        for name in ("clip.mp4", "render.mp4", "render_mask.mp4", "cameras.json", "references.json"):
+            assert (folder / name).is_file(), name
+        assert _frames(folder / "clip.mp4") == _frames(folder / "render.mp4") == _frames(folder / "render_mask.mp4") == 9
+        written = Cameras.from_json(folder / "cameras.json")
+        # The trajectory recomputed independently from the start camera and the recorded median depth.
+        expected = traj.make_trajectory(clip["trajectory"], start, manifest["median_depth"], frames=9)
+        assert torch.allclose(written.w2c, expected.w2c, atol=1e-6, rtol=0)
+        assert torch.allclose(written.K, expected.K, atol=1e-6, rtol=0)
+        refs = json.loads((folder / "references.json").read_text())
+        assert len(refs["refs"]) <= 8
+    import open3d as o3d
+
+    pcd = o3d.io.read_point_cloud(str(out / "scene.ply"))
+    assert len(pcd.points) > 1000 and pcd.has_colors()
+    transforms = json.loads((out / "transforms.json").read_text())
+    assert len(transforms["frames"]) == 1 + 4 * 8
+    assert all((out / f["file_path"]).is_file() for f in transforms["frames"])
+    all_cams = Cameras.from_json(out / "cameras.json")
+    assert len(all_cams) == 1 + 4 * 8
+    with zipfile.ZipFile(out / "scene.zip") as z:
+        names = set(z.namelist())
+    assert {"scene.ply", "scene.glb", "cameras.json", "transforms.json", "manifest.json"} <= names
+    assert any(n.endswith("clip.mp4") for n in names)
+    assert "preview" in manifest["engine_note"]
+
+
+def test_resume_after_kill_finishes_without_redoing(examples, tmp_path):
+    out = tmp_path / "job"
+    settings = SceneSettings(engine="preview", frames=5, keep_frames=2)
+    scene = Scene.create(out, examples / PHOTO, settings=settings, announce=lambda m: None)
+    calls = {"clips": 0}
+
+    def cancel():
+        return len(json.loads((out / "manifest.json").read_text())["clips"]) >= 1
+
+    with pytest.raises(GenerationCancelled):
+        scene.run(["up", "left", "right"], cancel=cancel)
+    first = json.loads((out / "manifest.json").read_text())
+    assert [c["trajectory"] for c in first["clips"]] == ["up"]
+    first_video = out / first["clips"][0]["folder"] / "clip.mp4"
+    stamp = first_video.stat().st_mtime_ns
+    # A leftover half-written clip from the "killed" process must not survive the restart.
+    (out / "clips" / ".tmp-01_left").mkdir()
+
+    again = Scene.open(out, announce=lambda m: None)
+    again.run(["up", "left", "right"])
+    final = json.loads((out / "manifest.json").read_text())
+    assert [c["trajectory"] for c in final["clips"]] == ["up", "left", "right"]
+    assert first_video.stat().st_mtime_ns == stamp
+    assert not (out / "clips" / ".tmp-01_left").exists()
+    assert len(list((out / "state").glob("cache-*.ply"))) == 1
+
+
+def test_panorama_from_shared_bank(examples, tmp_path):
+    from engine.geometry.cameras import load_camera_bank
+    from engine.geometry.panorama import perspective_to_equirect
+    from engine.images import load_image
+
+    bank = examples / "panorama/indoor-corridor/pano_bank"
+    names, cams = load_camera_bank(bank / "cameras.json")
+    images = torch.stack([load_image(bank / "images" / f"{n}.png") for n in names])
+    pano, _ = perspective_to_equirect(images, cams, 256, 512)
+    save_image(tmp_path / "pano.png", pano)
+    out = tmp_path / "pano_scene"
+    rc = cli_main(["generate", "--panorama", str(tmp_path / "pano.png"), "--engine", "preview", "--frames", "5",
+                   "--trajectories", "view0:forward,view2:left", "--out", str(out)])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "panorama" and len(manifest["clips"]) == 2
+    for clip in manifest["clips"]:
+        assert _frames(out / clip["folder"] / "clip.mp4") == 5
+    import open3d as o3d
+
+    assert len(o3d.io.read_point_cloud(str(out / "scene.ply")).points) > 1000
+
+
+def test_cli_errors_are_one_sentence(examples, tmp_path, capsys):
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("hello")
+    assert cli_main(["generate", "--image", str(bad), "--engine", "preview", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # progress bars may precede it on stderr
+    assert last.startswith("error:") and last.endswith(".") and "Traceback" not in err
+    assert cli_main(["generate", "--image", str(examples / PHOTO), "--trajectories", "sideways",
+                     "--engine", "preview", "--out", str(tmp_path / "o2")]) == 2
+    assert "Unknown trajectory" in capsys.readouterr().err
+    wide = tmp_path / "wide.png"
+    save_image(wide, torch.rand(3, 100, 300))
+    assert cli_main(["generate", "--panorama", str(wide), "--engine", "preview", "--out", str(tmp_path / "o3")]) == 2
+    assert "2:1" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_render_cli_on_official_trajectory(examples, tmp_path):
+    scene = examples / "perspective/photorealistic-indoor-dining_spaces-030"
+    out = tmp_path / "render"
+    assert cli_main(["render", "--scene", str(scene), "--out", str(out), "--max-side", "192"]) == 0
+    official = Cameras.from_json(scene / "camera.json")
+    written = Cameras.from_json(out / "cameras.json")
+    assert len(written) == len(official) == _frames(out / "render.mp4") == _frames(out / "render_mask.mp4")
+    assert torch.allclose(written.w2c, official.w2c, atol=1e-9)
+    # Frame 0 is the input view: fully covered, so its mask frame (white = hole) is black.
+    assert iio.imread(out / "render_mask.mp4")[0].mean() < 5

@@ -1,0 +1,162 @@
+"""Runtime backends: ONNX Runtime chain against eager (velocity and a whole clip), fallbacks, torch.compile."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engine.geometry.cameras import Cameras, intrinsics_from_fov
+from engine.models.tiny import write_tiny_package
+from engine.pipeline import ClipPipeline, References
+from engine.runtime import BACKENDS, BackendUnavailable, make_backend
+from engine.runtime.chain import GraphInputError
+from engine.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from export.api import export_onnx
+from export.graphs import ExportShape
+
+RTOL = 1e-4  # the export's parity tolerance, now over the whole chained forward
+F, H, W = 3, 64, 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomize_zero_init(model, seed=0):
+    """Give the zero-initialised parts (branch outputs, adaLN, camera codes) random values so they matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    folder = write_tiny_package(tmp_path_factory.mktemp("pkg") / "dmd", "worldstereo-memory-dmd", seed=0)
+    p = ClipPipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    randomize_zero_init(p.transformer)
+    return p
+
+
+@pytest.fixture(scope="module")
+def graphs(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("graphs")
+    export_onnx(pipe.transformer, out, ExportShape(frames=F, height=4, width=4, refs=2, image_tokens=17),
+                engine="tiny-random", log=lambda s: None)
+    return out
+
+
+def kwargs_for(model, b=1, f=F, h=4, w=6, r=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    return dict(hidden_states=torch.randn(b, 36, f, h, w, generator=g), timestep=torch.tensor(437.0),
+                encoder_hidden_states=torch.randn(b, 512, cfg.text_dim, generator=g),
+                encoder_hidden_states_image=torch.randn(b, 17, cfg.image_dim, generator=g),
+                render_latent=torch.randn(b, 16, f, h, w, generator=g),
+                render_mask=(torch.rand(b, 1, f, 8 * h, 8 * w, generator=g) > 0.3).float(),
+                camera_embedding=torch.randn(b, 6, f, 8 * h, 8 * w, generator=g),
+                extrinsics=torch.eye(4).repeat(b, f, 1, 1), intrinsics=torch.eye(3).repeat(b, f, 1, 1),
+                camera_qt=torch.randn(b, f, 7, generator=g),
+                reference_latent=torch.randn(b, 16, r, h, w, generator=g), ref_index=torch.arange(r)[None],
+                camera_qt_ref=torch.randn(b, r, 7, generator=g), return_dict=False)
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+@pytest.mark.parametrize("case", ["refs", "no_refs", "cfg_batch", "backbone_only"])
+def test_onnxruntime_velocity_equals_eager(pipe, graphs, case):
+    model = pipe.transformer
+    backend = make_backend("onnxruntime", model, graphs_dir=graphs, fallback=False)
+    # sizes other than the traced ones: the dynamic axes are exercised
+    kw = kwargs_for(model, b=2 if case == "cfg_batch" else 1, f=4, h=6, w=4, r=3, seed=hash(case) % 1000)
+    if case in ("no_refs", "backbone_only"):
+        for k in ("reference_latent", "ref_index", "camera_qt_ref"):
+            kw.pop(k)
+    if case == "backbone_only":
+        for k in ("render_latent", "render_mask", "camera_embedding"):
+            kw.pop(k)
+    with torch.no_grad():
+        ref = model(**kw)
+        got = backend(**kw)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    assert rel(ref, got) <= RTOL
+
+
+def test_onnxruntime_clip_equals_eager_clip(pipe, graphs):
+    """The pipeline, unchanged, runs the whole 4-step DMD clip through the ONNX graphs (backend in place of the
+    transformer) and gets the eager clip back."""
+    g = torch.Generator().manual_seed(0)
+    w2c = torch.eye(4, dtype=torch.float64).repeat(F, 1, 1)
+    w2c[:, 0, 3] = -0.2 * torch.arange(F)
+    cams = Cameras(w2c, intrinsics_from_fov(W, H, 60.0, n=F), W, H)
+    ref_w2c = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    ref_w2c[:, 2, 3] = torch.tensor([0.3, -0.3])
+    refs = References(images=torch.rand(2, 3, H, W, generator=g), cameras=Cameras(ref_w2c, cams.K[:2], W, H),
+                      ref_index=torch.tensor([0, 1]))
+    args = dict(image=torch.rand(3, H, W, generator=g), cameras=cams, render=torch.rand(F, 3, H, W, generator=g),
+                render_mask=torch.rand(F, H, W, generator=g) > 0.3, prompt="a stone house", references=refs, seed=4)
+    eager = pipe(**args)
+    model = pipe.transformer
+    try:
+        pipe.transformer = make_backend("onnxruntime", model, graphs_dir=graphs, fallback=False)
+        onnx = pipe(**args)
+    finally:
+        pipe.transformer = model
+    assert rel(eager.latents, onnx.latents) <= RTOL
+    assert (eager.frames - onnx.frames).abs().max() <= 1e-3
+    # and the memory reached the graphs: without references the clip differs
+    args["references"] = None
+    assert rel(eager.latents, pipe(**args).latents) > 1e-2
+
+
+def test_make_backend_falls_back_to_eager_with_a_reason(pipe, caplog, tmp_path):
+    model = pipe.transformer
+    with caplog.at_level(logging.WARNING, logger="engine.runtime"):
+        b = make_backend("onnxruntime", model)
+    assert b.name == "eager" and "python -m export" in b.fallback_reason and "\n" not in b.fallback_reason
+    assert b.fallback_reason in caplog.text
+    b = make_backend("onnxruntime", model, graphs_dir=tmp_path)  # empty folder: no manifest
+    assert b.name == "eager" and "manifest.json" in b.fallback_reason
+    b = make_backend("tensorrt", model, graphs_dir=tmp_path)
+    assert b.name == "eager" and b.fallback_reason.startswith("tensorrt backend unavailable")
+    kw = kwargs_for(model)
+    with torch.no_grad():
+        assert torch.equal(b(**kw), model(**kw))  # the fallback is the model itself
+    with pytest.raises(BackendUnavailable):
+        make_backend("onnxruntime", model, fallback=False)
+    with pytest.raises(ValueError, match="unknown backend"):
+        make_backend("vulkan", model)
+    assert BACKENDS == ("eager", "compile", "onnxruntime", "tensorrt")
+
+
+def test_backend_answers_model_attributes_and_rejects_missing_inputs(pipe, graphs):
+    backend = OnnxRuntimeBackend(graphs, model=pipe.transformer)
+    assert backend.ws_config is pipe.transformer.ws_config and backend.memory_branch is None
+    kw = kwargs_for(pipe.transformer)
+    kw.pop("camera_qt")  # the exported backbone takes the camera codes
+    with pytest.raises(GraphInputError, match="camera_qt"):
+        backend(**kw)
+    kw = kwargs_for(pipe.transformer)
+    kw["render_mask"] = kw["render_mask"].repeat_interleave(4, dim=2)[:, :, 3:]  # (F-1)*4+1 video frames
+    with pytest.raises(GraphInputError, match="one render_mask frame per keyframe"):
+        backend(**kw)
+
+
+@pytest.mark.slow
+def test_compile_backend_equals_eager(pipe):
+    model = pipe.transformer
+    # the 'eager' compiler backend runs Dynamo's graph capture without needing a C++ toolchain on the CI box
+    backend = make_backend("compile", model, compile_backend="eager", fallback=False)
+    kw = kwargs_for(model)
+    with torch.no_grad():
+        assert rel(model(**kw), backend(**kw)) <= 1e-6
+    assert backend.name == "compile"

@@ -22,6 +22,7 @@ from engine.progress import Progress, ensure
 
 PANORAMA_MAX_WIDTH = 2048
 PANORAMA_START_YAWS = (0.0, 90.0, 180.0, 270.0)  # exploration starts: the four horizontal directions
+PANORAMA_CLOUD_HEIGHT = 512  # rows of the stitched distance map the first cache is lifted from
 
 
 @dataclass
@@ -104,10 +105,13 @@ def seed_photo(image: torch.Tensor, settings, depth_source, camera_json, progres
 
 
 def seed_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional[Progress] = None) -> Seed:
-    """Start from an equirectangular panorama: cut the official 27-view bank, give each view depth aligned to
-    what is already in the cache, and start trajectories from the horizontal views."""
+    """Start from an equirectangular panorama: cut the official 27-view bank, give every view depth, stitch
+    the depths into one panoramic distance map (each view scaled to agree with the views before it) and lift
+    that map to the first 3D cache; trajectories start from the horizontal views."""
     from engine.geometry.align import align_depth
-    from engine.geometry.panorama import bank_cameras, equirect_to_perspective, is_equirect, look_rotation
+    from engine.geometry.cache import depth_edges
+    from engine.geometry.panorama import (bank_cameras, equirect_to_perspective, is_equirect, look_rotation,
+                                          panorama_points, views_to_panorama_depth)
     from engine.scene import SceneError, buckets_for
 
     report = ensure(progress)
@@ -119,21 +123,29 @@ def seed_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional
     height, width = buckets_for(settings.engine)[0]
     views = bank_cameras(width=width, height=height)  # the official 120 x 90 degree views at the engine's size
     images = equirect_to_perspective(pano, views)
-    cache = PointCache.empty()
+    hd = min(pano.shape[-2], PANORAMA_CLOUD_HEIGHT)
+    distance = torch.zeros(hd, 2 * hd)
     depths = []
     for i in range(len(views)):
         depth, valid, _ = depth_source(images[i], views[i])
-        if len(cache):
-            seen = cache.render(views[i : i + 1], radius=settings.splat_radius)
-            overlap = valid & seen.mask[0]
-            if int(overlap.sum()) >= 64:
-                try:
-                    depth = align_depth(depth, seen.depth[0], overlap).apply(depth)
-                except ValueError:
-                    pass
-        cache.add_frame(images[i], depth, views[i : i + 1], frame_id=i, valid=valid)
+        depth = torch.where(valid, depth, torch.zeros_like(depth)).float()
+        seen = views_to_panorama_depth(depth[None], views[i : i + 1], hd, 2 * hd)
+        overlap = (seen > 0) & (distance > 0)
+        if int(overlap.sum()) >= 64:
+            try:
+                # A pure scale: it applies alike to ray distances and to the view's z-depths.
+                scale = align_depth(seen, distance, overlap, with_shift=False).scale
+                depth, seen = depth * scale, seen * scale
+            except ValueError:
+                pass  # too little agreement to trust: keep the view's own scale
+        distance = torch.where(distance > 0, distance, seen)
         depths.append(depth)
         report((i + 1) / len(views), f"panorama view {i + 1}/{len(views)}")
+    colour = F.interpolate(pano[None], size=distance.shape, mode="area")[0]
+    keep = (distance > 0) & ~depth_edges(distance, valid=distance > 0)
+    points, colours = panorama_points(colour, distance, valid=keep)
+    cache = PointCache.empty()
+    cache.add_points(points.float(), colours.float(), frame_id=0)
     cache.downsample(settings.point_budget)
     bank = MemoryBank()
     bank.add(images, views, torch.stack(depths), frame_ids=list(range(len(views))), source="panorama")
@@ -143,8 +155,7 @@ def seed_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional
         w2c[:3, :3] = look_rotation([yaw], [0.0])[0]
         start_views.append(w2c.tolist())
     start = Cameras(torch.tensor(start_views[0], dtype=torch.float64), views.K[:1], width, height)
-    all_depth = torch.stack(depths)
-    median = float(all_depth[all_depth > 0].median()) if bool((all_depth > 0).any()) else 1.0
+    median = float(distance[distance > 0].median()) if bool((distance > 0).any()) else 1.0
     return Seed(pano, start, cache, bank, median, start_views, getattr(depth_source, "note", "custom depth"))
 
 

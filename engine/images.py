@@ -199,7 +199,8 @@ def save_image(path: PathLike, image: torch.Tensor) -> Path:
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
     with atomic_path(path) as tmp:
-        to_pil(image).save(tmp, format=fmt)
+        # Fast PNG compression: these files are written during generation, where seconds matter more than bytes.
+        to_pil(image).save(tmp, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
     return path
 
 

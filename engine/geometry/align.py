@@ -100,11 +100,14 @@ def align_depth(
     min_pixels: int = 16,
     iterations: int = 30,
     seed: int = 0,
+    max_pixels: int = 32768,
 ) -> Alignment:
     """Fit ``reference ~= scale * depth + shift`` over ``valid`` pixels where both depths are finite and > 0.
 
     ``depth``, ``reference`` and ``valid`` share one shape (``[H,W]``). ``with_shift=False`` fits a pure
-    scale. ``seed`` fixes the robust initial guess's sampling. Raises ``AlignmentError`` when fewer than
+    scale. ``seed`` fixes the robust initial guess's sampling. Above ``max_pixels`` usable pixels an even
+    stride of them is fitted: two unknowns need no more, and a full frame would cost a second per call.
+    Raises ``AlignmentError`` when fewer than
     ``min_pixels`` pixels overlap or the fit has no positive scale.
     """
     if not (isinstance(depth, torch.Tensor) and isinstance(reference, torch.Tensor) and isinstance(valid, torch.Tensor)):
@@ -124,6 +127,9 @@ def align_depth(
             f"so the depth cannot be aligned; keep its own scale or choose views that overlap more."
         )
     d, r = d[use], r[use]
+    if max_pixels and n > max_pixels:
+        pick = torch.linspace(0, n - 1, int(max_pixels), device=d.device).round().long()
+        d, r = d[pick], r[pick]
     a, b = d / r, 1.0 / r
 
     if not robust:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.engines import ENGINES, engine_status, resolve_engine
+from engine.runtime import BACKENDS
 
 
 class _Bar:
@@ -68,11 +69,12 @@ def cmd_generate(args) -> int:
 
         requests = (requests or []) + [TrajectoryRequest(name=Path(args.camera_json).stem, cameras=Cameras.from_json(args.camera_json))]
     if (out / "manifest.json").exists():
-        scene = Scene.open(out)
+        scene = Scene.open(out, settings_override={"backend": args.backend, "graphs": args.graphs})
         print(f"Resuming the scene in {out} ({len(scene.clips)} clip(s) already done).")
     else:
         settings = SceneSettings(engine=engine, seed=args.seed, prompt=args.prompt, device=args.device or _default_device(),
-                                 weights=args.weights, depth=args.depth, frames=args.frames or SceneSettings.frames)
+                                 weights=args.weights, depth=args.depth, frames=args.frames or SceneSettings.frames,
+                                 steps=args.steps, backend=args.backend, graphs=args.graphs)
         bar = _Bar("preparing")
         try:
             scene = Scene.create(out, args.image or args.panorama, panorama=bool(args.panorama), settings=settings,
@@ -125,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, help="keyframes per clip (default 21)")
     g.add_argument("--depth", help="depth model folder/repo, or a depth map (.npy metres / 16-bit PNG) for the input")
     g.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: 4 for DMD, 40 otherwise)")
+    g.add_argument("--backend", choices=list(BACKENDS), default="eager",
+                   help="how the transformer runs (onnxruntime/tensorrt need --graphs from `python -m export`)")
+    g.add_argument("--graphs", help="folder of exported ONNX graphs or TensorRT engines")
     g.add_argument("--out", default="outputs/scene", help="job folder (an existing one is resumed)")
     g.set_defaults(func=cmd_generate)
 

@@ -93,6 +93,7 @@ class ClipPipeline:
         self.device = torch.device(device)
         self.dtype = dtype or default_dtype(self.device)
         self._offload_hooks: list = []
+        self.backend = None  # engine.runtime backend running the transformer; None: the module itself (eager)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -128,6 +129,21 @@ class ClipPipeline:
             pipe.enable_model_cpu_offload(device)
         report(1.0, "model ready")
         return pipe
+
+    def use_backend(self, name: str, graphs_dir=None, announce: Callable[[str], None] = print, **options) -> str:
+        """Run the transformer with an ``engine.runtime`` backend (eager, compile, onnxruntime, tensorrt).
+
+        ``self.transformer`` stays the real module (offload hooks attach to it). A backend that cannot run here
+        falls back to eager and ``announce`` gets the one-line reason. Returns the backend in use.
+        """
+        from engine.runtime import make_backend
+
+        backend = make_backend(name, self.transformer, graphs_dir=graphs_dir, **options)
+        reason = getattr(backend, "fallback_reason", None)
+        if reason:
+            announce(reason)
+        self.backend = None if backend.name == "eager" else backend
+        return backend.name
 
     def enable_model_cpu_offload(self, device: Union[str, torch.device, None] = None) -> None:
         """Keep the networks on the CPU and move each to ``device`` only while it runs."""
@@ -202,8 +218,9 @@ class ClipPipeline:
             n = x.shape[0]
             hidden = torch.cat([x.to(model_dtype), first_frame[:n]], dim=1)
             extra = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in cond.items() if k != "text"}
-            return self.transformer(hidden_states=hidden, timestep=t.to(self.device), encoder_hidden_states=cond["text"],
-                                    return_dict=False, **extra).float()
+            net = self.backend or self.transformer
+            return net(hidden_states=hidden, timestep=t.to(self.device), encoder_hidden_states=cond["text"],
+                       return_dict=False, **extra).float()
 
         gen = torch.Generator("cpu").manual_seed(int(seed))
         noise = torch.randn((1, LATENT_CHANNELS, f, h // 8, w // 8), generator=gen, dtype=torch.float32)

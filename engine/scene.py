@@ -77,6 +77,8 @@ class SceneSettings:
     weights: Optional[str] = None
     depth: Optional[str] = None  # MoGe repo/folder, or a user depth file (.npy / 16-bit PNG) for the start image
     steps: Optional[int] = None
+    backend: str = "eager"  # how the transformer runs: eager, compile, onnxruntime, tensorrt (engine.runtime)
+    graphs: Optional[str] = None  # exported graphs / engines for onnxruntime and tensorrt (python -m export)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SceneSettings":

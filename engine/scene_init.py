@@ -215,7 +215,11 @@ def clip_generator(settings, announce: Callable[[str], None] = print):
         if not (folder / "model.safetensors").is_file():
             write_tiny_package(folder, variant="worldstereo-memory-dmd", seed=0)
         announce("tiny-random engine: a tiny randomly initialised WorldStereo; its frames are noise by design.")
-        return NetworkGenerator(ClipPipeline.from_pretrained(folder, device=device, dtype=torch.float32), settings.steps)
-    variant = ENGINES[settings.engine].variant
-    source = checkpoint_dir(variant, Path(settings.weights) if settings.weights else None)
-    return NetworkGenerator(ClipPipeline.from_pretrained(source, device=device), settings.steps)
+        pipe = ClipPipeline.from_pretrained(folder, device=device, dtype=torch.float32)
+    else:
+        variant = ENGINES[settings.engine].variant
+        source = checkpoint_dir(variant, Path(settings.weights) if settings.weights else None)
+        pipe = ClipPipeline.from_pretrained(source, device=device)
+    if settings.backend != "eager":
+        pipe.use_backend(settings.backend, graphs_dir=settings.graphs, announce=announce)
+    return NetworkGenerator(pipe, settings.steps)

@@ -252,3 +252,20 @@ def test_save_load_round_trip(tmp_path):
     assert len(MemoryBank.load(tmp_path / "empty")) == 0
     with pytest.raises(MemoryBankError):
         MemoryBank.load(tmp_path / "missing")
+
+
+def test_constant_depth_frame_is_still_retrieved_for_a_small_orbit():
+    # A bank frame of constant depth (a wall, or the plane fallback) must still serve a target that orbits
+    # its look-at point by a few degrees: the views share most of what they see.
+    from engine.geometry.trajectories import make_trajectory
+
+    k = intrinsics_from_fov(128, 80, 60.0)
+    start = Cameras(torch.eye(4, dtype=torch.float64), k, 128, 80)
+    bank = MemoryBank()
+    bank.add(torch.rand(1, 3, 80, 128), start, torch.full((1, 80, 128), 3.0))
+    near, far = bank.depth_range(0)
+    assert near < 3.0 < far and far / near >= 1.5 - 1e-9
+    targets = make_trajectory("up", start, 3.0, frames=5, amount=20.0)[1:]
+    found = bank.retrieve(targets)
+    assert found.per_target.tolist() == [0, 0, 0, 0]
+    assert (found.overlaps > 0.5).all()

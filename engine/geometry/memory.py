@@ -65,6 +65,9 @@ CAMERA_FILE = "camera.json"
 INDEX_VERSION = 1
 
 
+MIN_DEPTH_RATIO = 1.5  # far / near of a bank frame's depth range is at least this
+
+
 class MemoryBankError(ValueError):
     """Memory bank input or a saved bank that cannot be used; the message is one readable sentence."""
 
@@ -300,8 +303,11 @@ def _valid_depth_range(depth: torch.Tensor) -> Optional[tuple[float, float]]:
         return None
     q = torch.quantile(d, torch.tensor([p / 100 for p in DEPTH_PERCENTILES], dtype=torch.float64))
     near, far = float(q[0]), float(q[1])
-    if far <= near:  # a flat slab (constant depth): give the frustum a sliver of thickness
-        far = near * (1 + 1e-3) + 1e-9
+    if far < near * MIN_DEPTH_RATIO:
+        # A nearly constant depth (a wall, the plane fallback) would make a sliver that any other camera's
+        # sliver only crosses in a line: widen it about its geometric mean so overlap measures shared view.
+        mid, half = math.sqrt(max(near, 1e-9) * far), math.sqrt(MIN_DEPTH_RATIO)
+        near, far = mid / half, mid * half
     return near, far
 
 

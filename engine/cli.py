@@ -74,7 +74,7 @@ def cmd_generate(args) -> int:
     else:
         settings = SceneSettings(engine=engine, seed=args.seed, prompt=args.prompt, device=args.device or _default_device(),
                                  weights=args.weights, depth=args.depth, frames=args.frames or SceneSettings.frames,
-                                 steps=args.steps, backend=args.backend, graphs=args.graphs)
+                                 steps=args.steps, backend=args.backend, graphs=args.graphs, offload=args.offload)
         bar = _Bar("preparing")
         try:
             scene = Scene.create(out, args.image or args.panorama, panorama=bool(args.panorama), settings=settings,
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=list(BACKENDS), default="eager",
                    help="how the transformer runs (onnxruntime/tensorrt need --graphs from `python -m export`)")
     g.add_argument("--graphs", help="folder of exported ONNX graphs or TensorRT engines")
+    g.add_argument("--offload", choices=["none", "text-encoder", "model"], default="none",
+                   help="GPU memory saving: move the text encoder off the GPU after use, or offload every network")
     g.add_argument("--out", default="outputs/scene", help="job folder (an existing one is resumed)")
     g.set_defaults(func=cmd_generate)
 

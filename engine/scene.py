@@ -79,6 +79,7 @@ class SceneSettings:
     steps: Optional[int] = None
     backend: str = "eager"  # how the transformer runs: eager, compile, onnxruntime, tensorrt (engine.runtime)
     graphs: Optional[str] = None  # exported graphs / engines for onnxruntime and tensorrt (python -m export)
+    offload: str = "none"  # GPU memory: none | text-encoder (UMT5 leaves the GPU after use) | model (CPU offload)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SceneSettings":

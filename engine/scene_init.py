@@ -219,7 +219,8 @@ def clip_generator(settings, announce: Callable[[str], None] = print):
     else:
         variant = ENGINES[settings.engine].variant
         source = checkpoint_dir(variant, Path(settings.weights) if settings.weights else None)
-        pipe = ClipPipeline.from_pretrained(source, device=device)
+        pipe = ClipPipeline.from_pretrained(source, device=device, offload_text_encoder=settings.offload == "text-encoder",
+                                            cpu_offload=settings.offload == "model")
     if settings.backend != "eager":
         pipe.use_backend(settings.backend, graphs_dir=settings.graphs, announce=announce)
     return NetworkGenerator(pipe, settings.steps)

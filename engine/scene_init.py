@@ -6,7 +6,6 @@ per scene (or once per process for the networks).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -195,11 +194,6 @@ class NetworkGenerator:
         return out.frames
 
 
-def tiny_package_dir(variant: str) -> Path:
-    root = Path(os.environ.get("WORLDSTEREO_CACHE", Path.home() / ".cache" / "worldstereo-studio"))
-    return root / f"tiny-random-{variant}"
-
-
 def clip_generator(settings, announce: Callable[[str], None] = print):
     from engine.engines import ENGINES, checkpoint_dir
 
@@ -209,11 +203,9 @@ def clip_generator(settings, announce: Callable[[str], None] = print):
 
     device = settings.device
     if settings.engine == "tiny-random":
-        from engine.models.tiny import write_tiny_package
+        from engine.models.tiny import cached_tiny_package
 
-        folder = tiny_package_dir("worldstereo-memory-dmd")
-        if not (folder / "model.safetensors").is_file():
-            write_tiny_package(folder, variant="worldstereo-memory-dmd", seed=0)
+        folder = cached_tiny_package("worldstereo-memory-dmd")
         announce("tiny-random engine: a tiny randomly initialised WorldStereo; its frames are noise by design.")
         pipe = ClipPipeline.from_pretrained(folder, device=device, dtype=torch.float32)
     else:

@@ -51,17 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args) -> tuple:
     from engine.models.loading import load_transformer, resolve_checkpoint
 
-    from .api import tiny_cache_dir
 
     if args.engine == TINY:
         variant = args.variant or TINY_DEFAULT_VARIANT
         folder = args.weights
         if folder is None:
-            from engine.models.tiny import write_tiny_package
+            from engine.models.tiny import cached_tiny_package
 
-            folder = tiny_cache_dir(variant, args.memory_mode)
-            if not (folder / "model.safetensors").is_file():
-                write_tiny_package(folder, variant=variant, seed=0, memory_mode=args.memory_mode)
+            folder = cached_tiny_package(variant, args.memory_mode)
         model = load_transformer(folder)
     else:
         if args.variant or args.memory_mode != "stitched":

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -101,9 +100,3 @@ def export_onnx(model: WorldStereoTransformer, out_dir: Path, target: ExportShap
     atomic_write_json(out_dir / spec.MANIFEST_NAME, manifest)
     log(f"wrote {len(entries)} graphs and {spec.MANIFEST_NAME} to {out_dir}")
     return manifest
-
-
-def tiny_cache_dir(variant: str, memory_mode: str = "stitched") -> Path:
-    """Where the tiny-random package lives (the engine's own cache root; WORLDSTEREO_CACHE overrides it)."""
-    root = Path(os.environ.get("WORLDSTEREO_CACHE", Path.home() / ".cache" / "worldstereo-studio"))
-    return root / (f"tiny-random-{variant}" + ("" if memory_mode == "stitched" else f"-{memory_mode}"))

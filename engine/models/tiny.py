@@ -90,3 +90,31 @@ def write_tiny_package(folder: Union[str, Path], variant: str = "worldstereo-mem
     pipe.save_pretrained(folder / BASE_MODEL_DIR, safe_serialization=True)
     save_checkpoint(model, config, folder)
     return folder
+
+
+def cached_tiny_package(variant: str = "worldstereo-memory-dmd", memory_mode: str = "stitched") -> Path:
+    """The tiny-random package for ``variant``, written once into the engine's cache (``WORLDSTEREO_CACHE``,
+    default ``~/.cache/worldstereo-studio``) and reused; the `tiny-random` engine and `python -m export` share it.
+
+    Written into a temporary folder and renamed into place, so concurrent first runs never see half a package.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    root = Path(os.environ.get("WORLDSTEREO_CACHE", Path.home() / ".cache" / "worldstereo-studio"))
+    folder = root / (f"tiny-random-{variant}" + ("" if memory_mode == "stitched" else f"-{memory_mode}"))
+    if (folder / "model.safetensors").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
+    try:
+        write_tiny_package(tmp, variant=variant, seed=0, memory_mode=memory_mode)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first: its package is the same
+            if not (folder / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -361,8 +361,10 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
     scene_dir, downloads_dir = _job_paths(ctx, state["job"])
     with ctx.lock:
         ctx.active_jobs.add(state["job"])
-    banner = banner_markdown(engine, "  \n".join(warnings + ([f"Depth: {scene.manifest.get('depth_note')}"]
-                                                             if scene.manifest.get("depth_note") else [])))
+    notes = list(dict.fromkeys(list(warnings) + list(announce)))  # in order, once each
+    if not any(n.lower().startswith("depth") for n in notes) and scene.manifest.get("depth_note"):
+        notes.append(f"Depth of the input: {scene.manifest['depth_note']}.")
+    banner = banner_markdown(engine, "  \n".join(notes))
     lines = [f"Scene `{state['job']}` ({scene.manifest['kind']}, {scene.manifest['size'][1]}×{scene.manifest['size'][0]}, "
              f"engine `{engine}`): {len(requests)} trajectory(ies) to generate."]
     try:

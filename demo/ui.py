@@ -31,7 +31,7 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
             with gr.Column(scale=1, min_width=360):
                 image = gr.File(label="Photo or 360° panorama (PNG, JPEG, WebP)", file_count="single",
                                 type="filepath", elem_id="input-file")
-                preview = gr.Image(label="Input", interactive=False, height=220, elem_id="input-preview")
+                preview = gr.Image(label="Input", interactive=False, height=180, elem_id="input-preview")
                 input_info = gr.Markdown(elem_id="input-info")
                 panorama = gr.Checkbox(label="360° panorama (equirectangular)", value=False, elem_id="panorama",
                                        info="Set automatically for 2:1 images; change it if the guess is wrong.")
@@ -39,26 +39,21 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                     gallery = gr.Gallery(value=[(str(e.thumbnail), e.label) for e in ctx.examples], label="Examples",
                                          columns=len(ctx.examples), height=140, allow_preview=False,
                                          elem_id="examples")
-                with gr.Accordion("Trajectories", open=True):
-                    presets = gr.CheckboxGroup(list(traj.PRESETS), value=DEFAULT_TRAJECTORIES, label="Camera paths",
-                                               elem_id="trajectories")
-                    views = gr.CheckboxGroup(list(cb.PANORAMA_VIEWS), value=["view0"], visible=False,
-                                             label="Panorama start views (front, right, back, left)",
-                                             elem_id="views")
-                    with gr.Row():
-                        angle = gr.Slider(0, 720, value=0, step=5, label="Angle (degrees; 0 = each preset's own)",
-                                          elem_id="angle")
-                        distance = gr.Slider(0, 2, value=0, step=0.05,
-                                             label="Distance (× median depth; 0 = each preset's own)",
-                                             elem_id="distance")
-                    frames = gr.Slider(2, 81, value=cb.DEFAULT_FRAMES, step=1, label="Frames per clip",
-                                       elem_id="frames")
+                presets = gr.CheckboxGroup(list(traj.PRESETS), value=DEFAULT_TRAJECTORIES, label="Camera paths",
+                                           elem_id="trajectories")
+                views = gr.CheckboxGroup(list(cb.PANORAMA_VIEWS), value=["view0"], visible=False,
+                                         label="Panorama start views (front, right, back, left)", elem_id="views")
+                frames = gr.Slider(2, 81, value=cb.DEFAULT_FRAMES, step=1, label="Frames per clip", elem_id="frames")
+                with gr.Accordion("Camera amounts, camera.json, planned paths", open=False, elem_id="camera-more"):
+                    angle = gr.Slider(0, 720, value=0, step=5, label="Angle in degrees (0 = each preset's own)",
+                                      elem_id="angle")
+                    distance = gr.Slider(0, 2, value=0, step=0.05,
+                                         label="Distance in median depths (0 = each preset's own)", elem_id="distance")
                     camera_json = gr.File(label="Official camera.json (optional, generated as one more clip)",
-                                          file_types=[".json"], type="filepath", elem_id="camera-json")
-                    with gr.Accordion("What the presets do", open=False):
-                        gr.Markdown(_trajectory_help())
+                                          file_types=[".json"], type="filepath", height=120, elem_id="camera-json")
                     plan_btn = gr.Button("Show planned paths", elem_id="plan")
-                prompt = gr.Textbox(label="Prompt (optional)", lines=2, elem_id="prompt")
+                    gr.Markdown(_trajectory_help())
+                prompt = gr.Textbox(label="Prompt (optional)", lines=1, elem_id="prompt")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, elem_id="seed")
                     engine = gr.Dropdown(cb.engine_choices(ctx.weights), value=ctx.default_engine, label="Engine",
@@ -90,8 +85,7 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                   "downloads": downloads}
         outputs = [by_key[k] for k in cb.OUTPUT_KEYS]
 
-        def gather(*values) -> tuple[dict, cb.GenerationInputs]:
-            st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q = values
+        def gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q) -> tuple[dict, cb.GenerationInputs]:
             return st or {}, cb.GenerationInputs(image=img, panorama=bool(pano), trajectories=pre or [], views=vw or [],
                                                  angle=ang or 0, distance=dist or 0, frames=int(fr or cb.DEFAULT_FRAMES),
                                                  camera_json=cj, prompt=pr or "", seed=int(sd or 0), engine=eng,
@@ -101,8 +95,10 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
             return tuple(update.get(k, gr.skip()) for k in cb.OUTPUT_KEYS)
 
         def run(continue_scene: bool):
-            def handler(*values, request: gr.Request, progress=gr.Progress()):
-                st, inp = gather(*values)
+            # Explicit parameters: gradio injects Request / Progress by signature, which *args would hide.
+            def handler(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, request: gr.Request,
+                        progress=gr.Progress()):
+                st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q)
                 session = getattr(request, "session_hash", None) or "-"
                 for update in cb.generate(ctx, st, inp, session=session, continue_scene=continue_scene,
                                           progress=progress):
@@ -116,8 +112,8 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
         def on_panorama(pano):
             return gr.update(visible=bool(pano))
 
-        def on_plan(*values, progress=gr.Progress()):
-            st, inp = gather(*values)
+        def on_plan(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, progress=gr.Progress()):
+            st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q)
             st, glb, legend = cb.plan_paths(ctx, st, inp, progress=progress)
             return st, glb, legend
 
@@ -127,7 +123,9 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
         def on_clip(st, name):
             return cb.show_clip(ctx, st, name)
 
-        image.change(on_upload, [image], [preview, panorama, input_info], concurrency_limit=None)
+        # A file the engine cannot read is removed again after its error, so the next upload can follow at once.
+        image.change(on_upload, [image], [preview, panorama, input_info], concurrency_limit=None).failure(
+            lambda: (None, None, ""), None, [image, preview, input_info], concurrency_limit=None)
         panorama.change(on_panorama, [panorama], [views], concurrency_limit=None)
         if ctx.examples:
             def on_example(evt: gr.SelectData):

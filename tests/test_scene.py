@@ -247,3 +247,23 @@ def test_cli_tiny_random_runs_the_network_loop(examples, tmp_path, capsys, monke
         assert _frames(out / clip["folder"] / "clip.mp4") == 5
         refs = json.loads((out / clip["folder"] / "references.json").read_text())
         assert 1 <= len(refs["refs"]) <= 8  # the memory variant was given references from the bank
+
+
+def test_render_cli_errors_are_one_sentence(examples, tmp_path, capsys):
+    def last_error(argv):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err.strip().splitlines()[-1]
+
+    assert "does not exist" in last_error(["render", "--scene", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)  # a truncated PNG
+    assert last_error(["render", "--scene", str(broken), "--out", str(tmp_path / "o")]).startswith("error: Image file")
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    save_image(scene / "image.png", torch.rand(3, 64, 96))
+    (scene / "camera.json").write_text('{"extrinsic": [[[1, 0, 0, 0]]], "intrinsic": []}')
+    assert "camera" in last_error(["render", "--scene", str(scene), "--out", str(tmp_path / "o")]).lower()
+    assert not (tmp_path / "o").exists()

@@ -220,7 +220,7 @@ class WorldStereoTransformer(WanTransformer3DModel):
           Without it (and render_mask) the camera branch is skipped and the backbone runs alone.
         - render_mask [B, 1, F_pix, H, W]: 1 where the cache render covers the pixel, 0 in holes; pixel resolution,
           F_pix = (F-1)·mask_downsample+1 video frames (or F, one per keyframe).
-        - camera_embedding [B, 6, F_pix, H, W]: Plücker rays (direction, moment) per pixel and frame, same frames and
+        - camera_embedding [B, 6, F_pix, H, W]: Plücker rays (moment o×d, direction d; `Cameras.plucker`) per pixel and frame, same frames and
           size as render_mask; used when controlnet_cfg.add_channels is 7.
         - extrinsics [B, F_pix, 4, 4] world-to-camera (normalised about the trajectory's camera centres) and
           intrinsics [B, F_pix, 3, 3] in pixels: handed to the branch blocks, which do not use them (see

@@ -447,8 +447,12 @@ def show_clip(ctx: AppContext, state: dict, name: Optional[str]) -> tuple[Option
     """The clip, GGM render and hole mask videos of one finished clip of the session's scene."""
     if not name or not (state or {}).get("job"):
         return None, None, None
-    scene_dir, _ = _job_paths(ctx, state["job"])
     import json
+
+    try:
+        scene_dir, _ = _job_paths(ctx, state["job"])
+    except jobs.JobPathError as e:
+        raise gr.Error(str(e)) from None
 
     try:
         manifest = json.loads((scene_dir / "manifest.json").read_text(encoding="utf-8"))

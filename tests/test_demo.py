@@ -1,0 +1,322 @@
+"""The demo's callbacks as plain functions (no browser): a whole preview run on a shared example, the planned
+path drawing, cancel, errors as one sentence with earlier clips kept, and the safety of job paths."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+
+from demo import callbacks as cb
+from demo import jobs
+from engine import outputs
+from engine.engines import ENGINES, engine_status
+from engine.geometry.cameras import Cameras
+from engine.images import ImageInputError, load_image, save_image
+
+PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"
+FRAMES = 3
+
+
+class Recorder:
+    """Stands in for gr.Progress: keeps every (fraction, stage name)."""
+
+    def __init__(self, on_call=None):
+        self.calls = []
+        self.on_call = on_call
+
+    def __call__(self, fraction, desc=""):
+        self.calls.append((float(fraction), desc))
+        if self.on_call:
+            self.on_call(fraction, desc)
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    return cb.AppContext(output_dir=tmp_path_factory.mktemp("demo-out"), default_engine="preview", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def run(ctx, examples):
+    """One preview scene with two trajectories, generated through the Generate callback."""
+    inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=["left", "up"], frames=FRAMES)
+    progress = Recorder()
+    updates = list(cb.generate(ctx, {}, inp, session="s1", progress=progress))
+    return inp, updates, progress
+
+
+def test_generate_streams_each_clip_then_the_exported_scene(ctx, run):
+    inp, updates, progress = run
+    state = updates[0]["state"]
+    assert jobs.JOB_ID.match(state["job"])
+    scene_dir = jobs.job_dir(ctx.output_dir, state["job"]) / "scene"
+    # First the planned paths, then one update per finished clip, then the export.
+    assert Path(updates[0]["model3d"]).parent.name == "plan"
+    clip_updates = [u for u in updates if "clip_video" in u]
+    assert len(clip_updates) == 2
+    for k, u in enumerate(clip_updates):
+        frames = outputs.read_video(u["clip_video"])
+        assert frames.shape[0] == FRAMES
+        assert outputs.read_video(u["render_video"]).shape[0] == FRAMES
+        assert u["clip_choice"]["choices"] == [c["name"] for c in json.loads((scene_dir / "manifest.json").read_text())["clips"]][: k + 1]
+        assert Path(u["model3d"]) == scene_dir / "scene.glb"
+        names = [Path(p).name for p in u["downloads"]]
+        assert names[: k + 1] == [f"{c}.mp4" for c in u["clip_choice"]["choices"]]
+    final = [Path(p).name for p in updates[-1]["downloads"]]
+    assert {"00_left.mp4", "01_up.mp4", "scene.ply", "scene.glb", "cameras.json", "scene.zip",
+            "nerfstudio-dataset.zip"} <= set(final)
+    assert updates[-1]["status"].splitlines()[-1].startswith("Done in")
+    # Downloads are the engine's files under readable names, not copies that could drift.
+    dl = jobs.job_dir(ctx.output_dir, state["job"]) / "downloads"
+    assert (dl / "01_up.mp4").read_bytes() == (scene_dir / "clips" / "01_up" / "clip.mp4").read_bytes()
+    with zipfile.ZipFile(dl / "scene.zip") as zf:
+        names = set(zf.namelist())
+    assert {"clips/00_left/clip.mp4", "clips/01_up/render_mask.mp4", "transforms.json", "cameras.json"} <= names
+    with zipfile.ZipFile(dl / "nerfstudio-dataset.zip") as zf:
+        ds = set(zf.namelist())
+        transforms = json.loads(zf.read("transforms.json"))
+    assert {f["file_path"] for f in transforms["frames"]} <= ds  # every frame's image is in the dataset zip
+    # Progress went forward through named stages of both clips and the export.
+    fractions = [f for f, _ in progress.calls]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    stages = " | ".join(d for _, d in progress.calls)
+    for stage in ("preparing", "clip 1/2", "clip 2/2", "rendering", "export"):
+        assert stage in stages
+
+
+def test_planned_paths_are_drawn_at_the_planned_camera_centres(ctx, run):
+    import trimesh
+
+    from engine.scene import Scene
+
+    inp, updates, _ = run
+    state = updates[0]["state"]
+    scene = Scene.open(jobs.job_dir(ctx.output_dir, state["job"]) / "scene")
+    state2, glb, legend = cb.plan_paths(ctx, state, cb.GenerationInputs(image=inp.image, trajectories=["orbit"],
+                                                                         frames=7))
+    assert state2["job"] == state["job"]  # an existing scene is reused for planning, not re-made
+    assert "`orbit` (7 cameras)" in legend
+    loaded = trimesh.load(glb, force="scene")
+    pts = np.concatenate([np.asarray(g.vertices) for g in loaded.geometry.values()])
+    centres = scene.plan(cb.trajectory_requests(cb.GenerationInputs(image=inp.image, trajectories=["orbit"],
+                                                                    frames=7))[0]).centers.numpy()
+    # The GLB is in glTF axes (y up, z back): the OpenCV world turned by diag(1, -1, -1).
+    expected = centres @ np.diag([1.0, -1.0, -1.0])
+    dist = np.linalg.norm(pts[None, :, :] - expected[:, None, :], axis=-1).min(axis=1)
+    assert dist.max() < 1e-3 * scene.manifest["median_depth"]
+
+
+def test_continue_adds_trajectories_to_the_same_scene(ctx, run):
+    inp, updates, _ = run
+    state = updates[0]["state"]
+    more = cb.GenerationInputs(image=inp.image, trajectories=["right"], frames=FRAMES)
+    out = list(cb.generate(ctx, state, more, session="s1", continue_scene=True))
+    assert all(u.get("state", state)["job"] == state["job"] for u in out)
+    manifest = json.loads((jobs.job_dir(ctx.output_dir, state["job"]) / "scene" / "manifest.json").read_text())
+    assert [c["trajectory"] for c in manifest["clips"]] == ["left", "up", "right"]
+    clip, render, mask = cb.show_clip(ctx, state, manifest["clips"][0]["name"])
+    assert Path(clip).is_file() and Path(mask).name == "render_mask.mp4"
+
+
+def test_cancel_stops_after_the_current_stage_and_keeps_finished_clips(ctx, examples):
+    def cancel_in_second_clip(fraction, desc):
+        if desc.startswith("clip 2/2"):
+            cb.cancel(ctx, "s2")
+
+    inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=["left", "right"], frames=FRAMES)
+    updates = list(cb.generate(ctx, {}, inp, session="s2", progress=Recorder(cancel_in_second_clip)))
+    assert "Cancelled" in updates[-1]["status"]
+    job = updates[0]["state"]["job"]
+    manifest = json.loads((jobs.job_dir(ctx.output_dir, job) / "scene" / "manifest.json").read_text())
+    assert [c["trajectory"] for c in manifest["clips"]] == ["left"]
+    assert "00_left.mp4" in [Path(p).name for p in updates[-1]["downloads"]]
+    assert not ctx.cancel_flag("s2").is_set()  # the next run of this session starts uncancelled
+
+
+def test_engine_error_mid_run_is_one_sentence_and_keeps_earlier_clips(ctx, examples, monkeypatch):
+    from engine.scene import Scene, SceneError
+
+    original = Scene.generate
+    calls = []
+
+    def failing_second(self, request, **kw):
+        calls.append(request)
+        if len(calls) == 2:
+            raise SceneError("The 3D cache has no points in front of this trajectory; choose a smaller angle.")
+        return original(self, request, **kw)
+
+    monkeypatch.setattr(Scene, "generate", failing_second)
+    inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=["left", "right"], frames=FRAMES)
+    updates = []
+    with pytest.raises(gr.Error) as err:
+        for u in cb.generate(ctx, {}, inp, session="s3"):
+            updates.append(u)
+    assert err.value.message.startswith("The 3D cache has no points in front of this trajectory; choose a smaller angle.")
+    assert "\n" not in err.value.message and "Traceback" not in err.value.message
+    assert "00_left.mp4" in [Path(p).name for p in updates[-1]["downloads"]]
+    assert "Stopped" in updates[-1]["status"]
+
+
+def test_unreadable_upload_gives_the_engines_sentence(tmp_path):
+    bad = tmp_path / "holiday.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    with pytest.raises(ImageInputError) as expected:
+        load_image(bad)
+    with pytest.raises(gr.Error) as err:
+        cb.inspect_upload(str(bad))
+    assert err.value.message == str(expected.value)
+    assert "holiday.png" in err.value.message
+
+
+def test_generate_without_image_or_trajectory_says_what_to_do(ctx, examples):
+    with pytest.raises(gr.Error, match="Upload a photo"):
+        list(cb.generate(ctx, {}, cb.GenerationInputs(image=None)))
+    with pytest.raises(gr.Error, match="at least one trajectory"):
+        list(cb.generate(ctx, {}, cb.GenerationInputs(image=str(examples / PHOTO), trajectories=[])))
+
+
+def test_bad_camera_json_is_refused_with_the_camera_modules_sentence(ctx, examples, tmp_path):
+    from engine.geometry.cameras import CameraFormatError
+
+    bad = tmp_path / "camera.json"
+    bad.write_text(json.dumps({"extrinsic": [[1, 2, 3]], "intrinsic": []}))
+    with pytest.raises(CameraFormatError) as expected:
+        Cameras.from_json(bad)
+    with pytest.raises(gr.Error) as err:
+        list(cb.generate(ctx, {}, cb.GenerationInputs(image=str(examples / PHOTO), camera_json=str(bad))))
+    assert err.value.message == str(expected.value)
+
+
+def test_official_camera_json_becomes_one_request_with_its_cameras(examples):
+    cam_file = examples / "perspective" / "photorealistic-indoor-dining_spaces-030" / "camera.json"
+    reqs = cb.trajectory_requests(cb.GenerationInputs(image="x", trajectories=["up"], camera_json=str(cam_file)))
+    official = json.loads(cam_file.read_text())
+    assert [r.name for r in reqs] == ["up", "camera_json"]
+    assert len(reqs[1].cameras) == len(official["extrinsic"])
+    np.testing.assert_allclose(reqs[1].cameras.w2c.numpy(), np.array(official["extrinsic"]), atol=1e-6)
+
+
+def test_amounts_go_to_the_right_presets_and_are_capped(examples):
+    from engine.geometry.trajectories import PRESETS
+
+    reqs = cb.trajectory_requests(cb.GenerationInputs(image="x", trajectories=["left", "forward", "up"], angle=500,
+                                                      distance=0.25, frames=9))
+    by = {r.name: r for r in reqs}
+    assert by["left"].amount == PRESETS["left"].max_amount  # 500 degrees is more than a left turn allows
+    assert by["forward"].amount == 0.25 and by["up"].amount == PRESETS["up"].max_amount
+    assert all(r.frames == 9 for r in reqs)
+    pano = cb.trajectory_requests(cb.GenerationInputs(image="x", panorama=True, trajectories=["forward"],
+                                                      views=["view0", "view2"]))
+    assert [r.name for r in pano] == ["view0:forward", "view2:forward"]
+    default = cb.trajectory_requests(cb.GenerationInputs(image="x", trajectories=["left"], angle=0))
+    assert default[0].amount is None  # 0 keeps the preset's own amount
+
+
+def test_upload_detects_panoramas_by_aspect(tmp_path):
+    for (w, h), pano in (((256, 128), True), ((240, 160), False), ((128, 256), False)):
+        path = tmp_path / f"img-{w}x{h}.png"
+        save_image(path, torch.rand(3, h, w))
+        shown, is_pano, info = cb.inspect_upload(str(path))
+        assert shown == str(path) and is_pano is pano
+        assert f"{w}×{h}" in info
+
+
+def test_engine_dropdown_names_why_an_engine_cannot_run():
+    labels = dict((value, label) for label, value in cb.engine_choices())
+    assert set(labels) == set(ENGINES)
+    for name in ENGINES:
+        ok, reason = engine_status(name)
+        assert (labels[name] == name) if ok else (reason in labels[name] and "unavailable" in labels[name])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_unavailable_engine_falls_back_to_preview_with_a_warning(ctx):
+    warnings = []
+    engine, _ = cb.choose_engine("worldstereo-memory-dmd", cb.QUALITY, ctx, warn=warnings.append)
+    assert engine == "preview"
+    # The quality choice picked the 40-step variant, and the warning says why it cannot run.
+    assert len(warnings) == 1 and warnings[0].startswith(engine_status("worldstereo-memory")[1])
+
+
+def test_banner_says_plainly_what_the_cheap_engines_are():
+    assert "no video model" in cb.banner_markdown("preview")
+    assert "noise" in cb.banner_markdown("tiny-random")
+    assert ENGINES["worldstereo-memory"].description in cb.banner_markdown("worldstereo-memory")
+
+
+# ---- path safety ------------------------------------------------------------------------------------
+
+def test_job_ids_and_paths_cannot_leave_the_job_folder(tmp_path):
+    root = tmp_path / "job"
+    (root / "clips").mkdir(parents=True)
+    (tmp_path / "secret.txt").write_text("no")
+    assert jobs.safe_path(root, "clips") == (root / "clips").resolve()
+    for bad in ("../secret.txt", "clips/../../secret.txt", str(tmp_path / "secret.txt"), "/etc/passwd"):
+        with pytest.raises(jobs.JobPathError):
+            jobs.safe_path(root, bad)
+    os.symlink(tmp_path / "secret.txt", root / "clips" / "link.txt")
+    with pytest.raises(jobs.JobPathError):
+        jobs.safe_path(root, "clips/link.txt")  # a link that points outside is refused too
+    for bad_id in ("../../etc", "ABCDEF0123456789", "0123", "", None, "0123456789abcdef/.."):
+        with pytest.raises(jobs.JobPathError):
+            jobs.job_dir(tmp_path, bad_id)
+    assert jobs.JOB_ID.match(jobs.new_job_id()) and jobs.new_job_id() != jobs.new_job_id()
+
+
+def test_show_clip_only_serves_clips_of_the_sessions_scene(ctx, run):
+    _, updates, _ = run
+    state = updates[0]["state"]
+    with pytest.raises(gr.Error):
+        cb.show_clip(ctx, state, "../../manifest")
+    with pytest.raises(gr.Error):
+        cb.show_clip(ctx, {"job": "../" + state["job"]}, "00_left")
+    assert cb.show_clip(ctx, {}, "00_left") == (None, None, None)
+
+
+def test_old_job_folders_are_removed_by_age(tmp_path):
+    root = jobs.jobs_root(tmp_path)
+    ids = [jobs.new_job_id() for _ in range(3)]
+    now = time.time()
+    for i, job in enumerate(ids):
+        d = root / job / "scene"
+        d.mkdir(parents=True)
+        (d / "f.txt").write_text("x")
+        age = 10_000 if i < 2 else 10
+        for p in (d / "f.txt", d, d.parent):
+            os.utime(p, (now - age, now - age))
+    (root / "not-a-job").mkdir()
+    os.utime(root / "not-a-job", (now - 10_000, now - 10_000))
+    removed = jobs.cleanup_old_jobs(tmp_path, max_age_s=3600, keep=(ids[1],), now=now)
+    assert removed == [ids[0]]
+    assert sorted(p.name for p in root.iterdir()) == sorted([ids[1], ids[2], "not-a-job"])
+
+
+def test_examples_are_read_in_place(examples, tmp_path):
+    from demo.examples import find_examples
+
+    found = find_examples(examples)
+    ctx = cb.AppContext(output_dir=tmp_path, default_engine="preview", examples=found)
+    photos = [e for e in found if not e.panorama]
+    assert photos and all(e.image.is_relative_to(examples) for e in photos)
+    index = found.index(photos[0])
+    path, pano, prompt, _ = cb.pick_example(ctx, index)
+    assert Path(path) == photos[0].image and pano is False
+    assert prompt == json.loads((photos[0].image.parent / "prompt.json").read_text())["short caption"]
+    assert any(e.panorama for e in found)  # the shared folder has a panorama bank to stitch
+    with pytest.raises(gr.Error):
+        cb.pick_example(ctx, len(found))
+    assert not list(tmp_path.rglob("*.png"))  # nothing was copied
+
+
+def test_app_defaults_are_local_and_one_job_at_a_time():
+    import app
+
+    args = app.build_parser().parse_args([])
+    assert (args.host, args.share, args.max_concurrent, args.output_dir) == ("127.0.0.1", False, 1, "outputs")

@@ -334,9 +334,10 @@ class Cameras:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CameraFormatError(f"Camera file {path} is not valid JSON ({e.__class__.__name__}).") from None
+            raise CameraFormatError(f"Camera file {path.name} is not valid JSON ({e.__class__.__name__}).") from None
         except OSError:
-            raise CameraFormatError(f"Camera file {path} does not exist or is not a readable file.") from None
+            # The name only, as in every other message: a server must not echo its own folder layout.
+            raise CameraFormatError(f"Camera file {path.name} does not exist or is not a readable file.") from None
         return cls.from_json_dict(data, width, height, source=f"Camera file {path.name}")
 
 

@@ -48,6 +48,13 @@ FORMAT_VERSION = 1
 # stays quick while showing the same framing.
 ENGINE_SCALE = {"preview": 0.5, "tiny-random": 1 / 6}
 DEFAULT_PHOTO_TRAJECTORIES = ("up", "left", "right", "orbit")  # the paper's benchmark set
+# A clip holds every frame, render, mask and pointmap in memory at once (about 10 MB a frame at full size), so a
+# public server must bound it: 121 covers the official 81-frame camera files with room to spare.
+MIN_CLIP_FRAMES, MAX_CLIP_FRAMES = 2, 121
+# Wan's text encoder reads at most 512 tokens (about 2000 characters of English); longer prompts are refused
+# rather than cut silently, so what a person typed is what conditioned the clip.
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; the manifest keeps them as JSON integers
 
 
 class SceneError(ValueError):
@@ -85,6 +92,38 @@ class SceneSettings:
     def from_dict(cls, data: dict) -> "SceneSettings":
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def validate(self) -> None:
+        """Refuse settings a person can get wrong, with one sentence, before anything is loaded or written."""
+        check_frames(self.frames, "Frames per clip")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise SceneError(f"The seed must be a whole number from 0 to {MAX_SEED}; got {self.seed!r:.40}.")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or not 1 <= self.steps <= 1000):
+            raise SceneError(f"Denoising steps must be a whole number from 1 to 1000; got {self.steps!r:.40}.")
+        check_prompt(self.prompt)
+
+
+def check_frames(frames, what: str = "A trajectory") -> None:
+    if isinstance(frames, bool) or not isinstance(frames, int) or not MIN_CLIP_FRAMES <= frames <= MAX_CLIP_FRAMES:
+        raise SceneError(f"{what} must be a whole number from {MIN_CLIP_FRAMES} to {MAX_CLIP_FRAMES} frames; "
+                         f"got {frames!r:.40}.")
+
+
+def check_prompt(prompt: Optional[str]) -> None:
+    """Prompts are plain text of at most ``MAX_PROMPT_CHARS`` characters (refused, never truncated)."""
+    if prompt is None:
+        return
+    if not isinstance(prompt, str):
+        raise SceneError("The prompt must be text.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise SceneError(f"The prompt is {len(prompt)} characters long; keep it to at most {MAX_PROMPT_CHARS}.")
+    # Bytes that were not UTF-8 reach Python as lone surrogates (argv, form posts): they cannot be encoded
+    # for the text encoder or written to the manifest as text.
+    if any("\ud800" <= ch <= "\udfff" for ch in prompt):
+        raise SceneError("The prompt is not valid UTF-8 text; retype it or save it as UTF-8.")
+    if any((ord(ch) < 32 and ch not in "\t\n\r") or ord(ch) == 127 for ch in prompt):
+        raise SceneError("The prompt contains control characters; use plain text.")
 
 
 @dataclass
@@ -159,6 +198,7 @@ class Scene:
         settings = settings or SceneSettings()
         if settings.engine not in ENGINES:
             raise SceneError(f"Unknown engine '{settings.engine}'; choose one of: {', '.join(ENGINES)}.")
+        settings.validate()
         job_dir = Path(job_dir)
         if (job_dir / MANIFEST).exists():
             raise SceneError(f"{job_dir} already holds a scene; open it to continue, or choose another folder.")
@@ -256,15 +296,22 @@ class Scene:
     def plan(self, request: Union[str, TrajectoryRequest]) -> Cameras:
         """The cameras a trajectory will use (for drawing the path before generating)."""
         req = TrajectoryRequest.parse(request)
-        frames = req.frames or self.settings.frames
+        frames = self.settings.frames if req.frames is None else req.frames
         if req.cameras is not None:
             cams = req.cameras
+            check_frames(len(cams), f"Trajectory '{req.name[:40]}'")
             if (cams.width, cams.height) != (self.start_camera.width, self.start_camera.height):
                 cams = cams.resized(self.start_camera.width, self.start_camera.height)
             return cams
+        check_frames(frames, f"Trajectory '{req.name[:40]}'")
         start, preset = self._start_for(req.name)
-        # The input's median depth, fixed at creation: a preset means the same path whenever it is asked for.
-        return traj.make_trajectory(preset, start, self.manifest["median_depth"], frames=frames, amount=req.amount)
+        if preset not in traj.PRESETS:
+            raise SceneError(f"Unknown trajectory '{preset[:40]}'; choose from: {', '.join(traj.PRESETS)}.")
+        try:
+            # The input's median depth, fixed at creation: a preset means the same path whenever it is asked for.
+            return traj.make_trajectory(preset, start, self.manifest["median_depth"], frames=frames, amount=req.amount)
+        except ValueError as e:  # the trajectory module words its refusals for people (amount out of range, ...)
+            raise SceneError(str(e)) from None
 
     # ---- generation -----------------------------------------------------------------------------------
     def _clip_generator(self):

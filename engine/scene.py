@@ -40,6 +40,7 @@ from engine.geometry import trajectories as traj
 from engine.images import default_buckets, load_image, save_image, scaled_buckets
 from engine.preview import PREVIEW_NOTE, preview_clip
 from engine.progress import Progress, ensure, span
+from engine.sampling import SamplingCancelled
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -369,10 +370,14 @@ class Scene:
 
         t = time.perf_counter()
         start_image = self._start_image_for(req.name, cams)
-        frames = self._clip_generator().generate(
-            start_image=start_image, cameras=cams, render=render, bank=self.bank, retrieval=retrieval,
-            cache=self.cache, prompt=self.settings.prompt, seed=self.settings.seed + index,
-            progress=span(report, 0.1, 0.8), cancel=cancel)
+        try:
+            frames = self._clip_generator().generate(
+                start_image=start_image, cameras=cams, render=render, bank=self.bank, retrieval=retrieval,
+                cache=self.cache, prompt=self.settings.prompt, seed=self.settings.seed + index,
+                progress=span(report, 0.1, 0.8), cancel=cancel)
+        except SamplingCancelled:
+            # One cancellation type for callers, whichever stage noticed the flag.
+            raise GenerationCancelled("Generation was cancelled; the scene keeps every finished clip.") from None
         timings["generate"] = time.perf_counter() - t
         check_cancel()
 

@@ -67,13 +67,18 @@ def cmd_generate(args) -> int:
         from engine.geometry.cameras import Cameras
         from engine.scene import TrajectoryRequest
 
-        requests = (requests or []) + [TrajectoryRequest(name=Path(args.camera_json).stem, cameras=Cameras.from_json(args.camera_json))]
+        from engine.scene import check_frames
+
+        cams = Cameras.from_json(args.camera_json)
+        check_frames(len(cams), f"Camera file {Path(args.camera_json).name}")  # before any folder is made
+        requests = (requests or []) + [TrajectoryRequest(name=Path(args.camera_json).stem, cameras=cams)]
     if (out / "manifest.json").exists():
         scene = Scene.open(out, settings_override={"backend": args.backend, "graphs": args.graphs})
         print(f"Resuming the scene in {out} ({len(scene.clips)} clip(s) already done).")
     else:
         settings = SceneSettings(engine=engine, seed=args.seed, prompt=args.prompt, device=args.device or _default_device(),
-                                 weights=args.weights, depth=args.depth, frames=args.frames or SceneSettings.frames,
+                                 weights=args.weights, depth=args.depth,
+                                 frames=SceneSettings.frames if args.frames is None else args.frames,
                                  steps=args.steps, backend=args.backend, graphs=args.graphs, offload=args.offload)
         bar = _Bar("preparing")
         try:
@@ -163,6 +168,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise  # a bare ValueError is a bug, not a user's mistake: keep its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # Disk full, quota, permissions: the machine's fault, not the engine's; every write is atomic, so
+        # the job folder holds its last committed state and the same command resumes.
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e.__class__.__name__}{where}; finished clips are kept, free the space or fix "
+              "the folder and rerun the same command to resume.", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if not _is_out_of_memory(e):
+            raise
+        print("error: The device ran out of memory during generation; finished clips are kept, rerun the same "
+              "command with --offload model or fewer --frames to resume.", file=sys.stderr)
+        return 1
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 if __name__ == "__main__":

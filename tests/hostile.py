@@ -1,0 +1,270 @@
+"""A corpus of hostile and odd inputs, generated (never downloaded) into a folder.
+
+``write_corpus(folder)`` writes every file and returns one ``Hostile`` record per file saying which CLI flag it
+goes to and whether the engine must refuse it (one sentence, exit code 2, nothing written) or accept it (and
+what the accepted image must look like). The engine-side tests (tests/test_bad_inputs.py) and the server-side
+tests reuse the same corpus, so both prove the same list.
+
+Everything here is built from first principles (zlib + struct for the PNG bomb and the ICC profile), so
+the corpus does not depend on the decoders it is meant to test.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+W, H = 192, 128  # accepted images: landscape 3:2, larger than the engine's 64-pixel minimum side
+
+# Colours of the four quadrants of an upright test image (top-left, top-right, bottom-left, bottom-right).
+QUADRANTS = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 1.0, 0.0))
+
+
+@dataclass(frozen=True)
+class Hostile:
+    name: str  # file name inside the corpus folder
+    role: str  # "image" | "panorama" | "camera_json" (which CLI flag / upload field it goes to)
+    expect: str  # "refuse" | "accept"
+    what: str  # one line for people
+    # For accepted images: the upright sRGB colours [0,1] expected in each quadrant (TL, TR, BL, BR).
+    quadrants: Optional[tuple] = field(default=None, compare=False)
+    path: Optional[Path] = field(default=None, compare=False)
+
+
+# ---- building blocks -----------------------------------------------------------------------------
+
+def quadrant_image(w: int = W, h: int = H, colours=QUADRANTS) -> np.ndarray:
+    """uint8 ``[h,w,3]`` with four flat quadrants (so orientation and colour can both be checked)."""
+    img = np.zeros((h, w, 3), dtype=np.uint8)
+    c = [np.round(np.asarray(q) * 255).astype(np.uint8) for q in colours]
+    img[: h // 2, : w // 2], img[: h // 2, w // 2 :] = c[0], c[1]
+    img[h // 2 :, : w // 2], img[h // 2 :, w // 2 :] = c[2], c[3]
+    return img
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit greyscale PNG of ``width x height`` black pixels: its IDAT is a few hundred KB at most
+    while decoding it would need ``width*height`` bytes. Rows are fed to zlib one at a time, so writing the
+    bomb never holds the decoded image either."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte 0 + packed pixels
+    comp = zlib.compressobj(9)
+    parts = [comp.compress(row) for _ in range(height)]
+    parts.append(comp.flush())
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(parts)) + _png_chunk(b"IEND", b"")
+
+
+def _s15f16(x: float) -> bytes:
+    return struct.pack(">i", int(round(x * 65536)))
+
+
+def swapped_primaries_icc() -> bytes:
+    """A minimal ICC v2 RGB display profile whose red and green colorants are sRGB's green and red.
+
+    Pixels tagged with it and converted to sRGB must come out with red and green exchanged — an effect
+    large enough to prove a colour-managed conversion happened (pure 0/1 values are unaffected by the
+    gamma-2.2 curves' small difference from the sRGB curve).
+    """
+    d50 = (0.9642, 1.0, 0.8249)
+    srgb_r, srgb_g, srgb_b = (0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)
+
+    def xyz(v):
+        return b"XYZ " + b"\0" * 4 + b"".join(_s15f16(c) for c in v)
+
+    curve = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, int(round(2.2 * 256))) + b"\0\0"
+    text = b"swapped primaries\0"
+    desc = b"desc" + b"\0" * 4 + struct.pack(">I", len(text)) + text + b"\0" * 8 + b"\0" * 3 + b"\0" * 67
+    tags = [(b"desc", desc), (b"wtpt", xyz(d50)), (b"rXYZ", xyz(srgb_g)), (b"gXYZ", xyz(srgb_r)), (b"bXYZ", xyz(srgb_b)),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for sig, data in tags:
+        data += b"\0" * (-len(data) % 4)
+        table += sig + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    size = offset + len(body)
+    header = (struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntr" + b"RGB " + b"XYZ "
+              + b"\0" * 12 + b"acsp" + b"\0" * 4 + b"\0" * 4 + b"\0" * 4 + b"\0" * 4 + b"\0" * 8 + b"\0" * 4
+              + b"".join(_s15f16(c) for c in d50) + b"\0" * 4 + b"\0" * 16 + b"\0" * 28)
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+def _camera(n: int, focal: float = 150.0, w: int = W, h: int = H) -> dict:
+    """An official camera.json dict: ``n`` cameras sliding sideways, looking forward."""
+    ext = []
+    for i in range(n):
+        m = np.eye(4)
+        m[0, 3] = -0.02 * i
+        ext.append(m.tolist())
+    k = [[focal, 0.0, w / 2], [0.0, focal, h / 2], [0.0, 0.0, 1.0]]
+    return {"extrinsic": ext, "intrinsic": [k] * n, "width": w, "height": h}
+
+
+# ---- the corpus ----------------------------------------------------------------------------------
+
+def write_corpus(folder) -> list[Hostile]:
+    """Write every hostile input into ``folder`` (created); returns the records with ``path`` filled in."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[Hostile] = []
+
+    def add(name: str, data: bytes, role: str, expect: str, what: str, quadrants=None):
+        (folder / name).write_bytes(data)
+        out.append(Hostile(name, role, expect, what, quadrants, folder / name))
+
+    def encode(im: "Image.Image", fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    upright = quadrant_image()
+    png = encode(Image.fromarray(upright), "PNG")
+    jpeg = encode(Image.fromarray(upright), "JPEG", quality=95)
+
+    # -- refused images
+    add("truncated.png", png[: len(png) // 2], "image", "refuse", "PNG cut in half")
+    add("truncated.jpg", jpeg[: len(jpeg) // 2], "image", "refuse", "JPEG cut in half")
+    add("zero_bytes.png", b"", "image", "refuse", "empty file")
+    add("text_named.png", b"this is a text file, not a picture\n", "image", "refuse", "text file named .png")
+    add("bomb_30000x30000.png", png_bomb(30000, 30000), "image", "refuse", "decompression bomb: 900 megapixels in a small PNG")
+    add("over_limit_8000x8000.png", png_bomb(8000, 8000), "image", "refuse", "64 megapixels: under PIL's bomb guard, over the engine's limit")
+    add("one_pixel.png", encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"), "image", "refuse", "1x1 image")
+    add("strip_10000x40.png", encode(Image.new("RGB", (10000, 40), (10, 200, 10)), "PNG"), "image", "refuse", "10000x40 strip")
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="192" height="128"><rect width="192" height="128" fill="red"/></svg>\n'
+    add("vector.svg", svg, "image", "refuse", "SVG vector image")
+    add("vector_named.png", svg, "image", "refuse", "SVG named .png")
+    add("video.mp4", _video_bytes(folder), "image", "refuse", "an MP4 video")
+    add("not_a_panorama.png", encode(Image.fromarray(quadrant_image(300, 100)), "PNG"), "panorama", "refuse",
+        "3:1 image given as an equirectangular panorama")
+
+    # -- accepted but odd images: what the engine must make of them
+    q = QUADRANTS
+    sixteen = np.zeros((H, W, 3), dtype=np.uint16)
+    sixteen[...] = (upright.astype(np.uint32) * 257).astype(np.uint16)
+    add("sixteen_bit.png", _cv2_png(sixteen), "image", "accept", "16-bit RGB PNG", q)
+    grey = Image.fromarray(upright).convert("L")
+    grey_q = tuple((v, v, v) for v in (np.asarray(grey)[[0, 0, -1, -1], [0, -1, 0, -1]] / 255.0).tolist())
+    add("greyscale.png", encode(grey, "PNG"), "image", "accept", "8-bit greyscale PNG", grey_q)
+    grey16 = (np.asarray(grey).astype(np.uint32) * 257).astype(np.uint16)
+    add("greyscale_16bit.png", encode(Image.fromarray(grey16), "PNG"), "image", "accept", "16-bit greyscale PNG", grey_q)
+    cmyk_quads = ((0.0, 1.0, 1.0), (1.0, 0.0, 1.0), (1.0, 1.0, 0.0), (0.0, 0.0, 0.0))  # C, M, Y (K only bottom-right)
+    cmyk = np.zeros((H, W, 4), dtype=np.uint8)
+    for (r0, c0), cmy in zip(((0, 0), (0, 1), (1, 0), (1, 1)), cmyk_quads):
+        cmyk[r0 * H // 2 : (r0 + 1) * H // 2, c0 * W // 2 : (c0 + 1) * W // 2, :3] = np.round(np.asarray(cmy) * 255)
+    cmyk[H // 2 :, W // 2 :] = (0, 0, 0, 255)  # black through K only
+    # Without a profile, ink subtracts from white: RGB = (1 - C)(1 - K) and so on.
+    add("cmyk.jpg", encode(Image.fromarray(cmyk, "CMYK"), "JPEG", quality=95), "image", "accept", "CMYK JPEG",
+        ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.0, 0.0, 0.0)))
+    rgba = np.zeros((H, W, 4), dtype=np.uint8)
+    rgba[..., :3] = upright
+    rgba[..., 3] = 255
+    rgba[:, W // 2 :, 3] = 0  # right half fully transparent over black colour values
+    rgba[:, W // 2 :, :3] = 0
+    add("rgba_alpha.png", encode(Image.fromarray(rgba, "RGBA"), "PNG"), "image", "accept",
+        "RGBA PNG, right half transparent", (q[0], (1.0, 1.0, 1.0), q[2], (1.0, 1.0, 1.0)))
+    # Stored rotated 90 degrees anticlockwise with EXIF orientation 6 ("rotate 90 clockwise to display").
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    add("exif_rotated.jpg", encode(stored, "JPEG", quality=95, exif=exif.tobytes()), "image", "accept",
+        "JPEG stored sideways with EXIF orientation 6", q)
+    frames = [Image.fromarray(upright), Image.fromarray(upright[::-1, ::-1].copy())]
+    add("animated.gif", encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0),
+        "image", "accept", "two-frame animated GIF (first frame used)", q)
+    add("icc_swapped_primaries.png", encode(Image.fromarray(upright), "PNG", icc_profile=swapped_primaries_icc()),
+        "image", "accept", "PNG with an ICC profile that swaps red and green (converted to sRGB)",
+        ((0.0, 1.0, 0.0), (1.0, 0.0, 0.0), q[2], q[3]))
+    add("icc_broken.png", encode(Image.fromarray(upright), "PNG", icc_profile=b"not a profile" * 10), "image", "accept",
+        "PNG with a garbage ICC profile (pixels used as sRGB)", q)
+
+    # -- camera.json files (given with a good image through --camera-json)
+    def cam(name: str, data, what: str, expect: str = "refuse", raw: Optional[bytes] = None):
+        add(name, raw if raw is not None else json.dumps(data).encode("utf-8"), "camera_json", expect, what)
+
+    good = _camera(5)
+    nan = _camera(5)
+    nan["extrinsic"][2][0][3] = math.nan
+    cam("camera_nan.json", None, "NaN in an extrinsic", raw=json.dumps(nan).encode())  # json writes NaN literally
+    inf = json.dumps(_camera(5)).encode().replace(b"150.0", b"1e999", 1)  # parses to infinity
+    cam("camera_inf.json", None, "infinite focal length", raw=inf)
+    scaled = _camera(5)
+    scaled["extrinsic"][1] = (np.diag([2.0, 2.0, 2.0, 1.0])).tolist()
+    cam("camera_scaled.json", scaled, "non-rigid extrinsic (scaled rotation)")
+    mirror = _camera(5)
+    mirror["extrinsic"][1] = np.diag([-1.0, 1.0, 1.0, 1.0]).tolist()
+    cam("camera_mirror.json", mirror, "reflection instead of a rotation")
+    counts = _camera(5)
+    counts["intrinsic"] = counts["intrinsic"][:3]
+    cam("camera_count_mismatch.json", counts, "5 extrinsics, 3 intrinsics")
+    cam("camera_empty.json", {"extrinsic": [], "intrinsic": []}, "no frames")
+    cam("camera_one_frame.json", _camera(1), "a single frame (a clip needs at least two)")
+    cam("camera_too_many.json", _camera(2000), "2000 frames, far more than a clip holds")
+    zero_f = _camera(5, focal=0.0)
+    cam("camera_zero_focal.json", zero_f, "zero focal length")
+    neg_w = dict(good, width=-192)
+    cam("camera_negative_width.json", neg_w, "negative width")
+    cam("camera_strings.json", {"extrinsic": [["a"] * 4] * 4, "intrinsic": [[1, 2, 3]]}, "strings instead of numbers")
+    cam("camera_array.json", [1, 2, 3], "a JSON list instead of an object")
+    cam("camera_not_json.json", None, "not JSON at all", raw=b"extrinsic: [[1, 0, 0, 0]]\n")
+    cam("camera_latin1.json", None, "non-UTF-8 bytes in the file",
+        raw=json.dumps(dict(good, note="caf\u00e9"), ensure_ascii=False).encode("latin-1"))
+    cam("camera_motion_list.json", dict(good, motion_list=[1, 2]), "motion_list of numbers")
+    return out
+
+
+def _cv2_png(rgb16: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb16[..., ::-1]))
+    assert ok
+    return buf.tobytes()
+
+
+def _video_bytes(folder: Path) -> bytes:
+    import imageio.v3 as iio
+
+    frames = np.stack([quadrant_image()] * 4)
+    tmp = folder / ".video-build.mp4"
+    iio.imwrite(tmp, frames, fps=4, codec="libx264")
+    data = tmp.read_bytes()
+    tmp.unlink()
+    return data
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+def hostile_prompts() -> dict[str, str]:
+    """Prompt strings the engine must refuse with one sentence (as Python receives them from argv or a form)."""
+    return {
+        "100k_characters": "a quiet room " * 7700,  # ~100k characters
+        "non_utf8_bytes": b"a caf\xe9 at night".decode("utf-8", "surrogateescape"),  # how argv delivers bad bytes
+        "nul_byte": "a room\x00with a NUL",
+        "escape_sequence": "a room \x1b[2J cleared",
+    }
+
+
+def hostile_prompt_bytes() -> dict[str, bytes]:
+    """The same prompts as raw argv bytes, for a subprocess (argv is bytes on POSIX)."""
+    return {k: v.encode("utf-8", "surrogateescape") for k, v in hostile_prompts().items()}
+
+
+if __name__ == "__main__":
+    import sys
+
+    dest = Path(sys.argv[1] if len(sys.argv) > 1 else "hostile-corpus")
+    for item in write_corpus(dest):
+        print(f"{item.expect:7s} {item.role:12s} {item.name:32s} {item.what}")

@@ -249,13 +249,14 @@ def _open_or_create(ctx: AppContext, state: dict, inp: GenerationInputs, engine:
     return {"job": job_id, "key": key}, scene
 
 
-def _plan_glb(scene, requests, job_root: Path) -> tuple[Path, dict]:
+def _plan_glb(scene, requests, job_root: Path) -> tuple[Path, dict, dict]:
+    """Draw the planned paths into the scene's cloud: ``(glb, legend colours, cameras per path)``."""
     plans = [(r.name, scene.plan(r)) for r in requests]
     scale = float(scene.manifest.get("median_depth") or 1.0)
     index = len(list((job_root / "plan").glob("plan-*.glb"))) if (job_root / "plan").is_dir() else 0
     target = job_root / "plan" / f"plan-{index:03d}.glb"
     legend = write_plan_glb(target, scene.cache.points, scene.cache.colors, plans, scale)
-    return target, legend
+    return target, legend, {name: len(cams) for name, cams in plans}
 
 
 def _legend_markdown(legend: dict, frames: dict) -> str:
@@ -274,10 +275,9 @@ def plan_paths(ctx: AppContext, state: dict, inp: GenerationInputs,
     try:
         state, scene = _open_or_create(ctx, state, inp, engine, steps,
                                        lambda f, m: progress(f, desc=m), announce, fresh=False)
-        glb, legend = _plan_glb(scene, requests, jobs.job_dir(ctx.output_dir, state["job"]))
+        glb, legend, frames = _plan_glb(scene, requests, jobs.job_dir(ctx.output_dir, state["job"]))
     except _user_errors() as e:
         raise gr.Error(str(e)) from None
-    frames = {r.name: len(scene.plan(r)) for r in requests}
     notes = "".join(f"  \n{m}" for m in announce)
     return state, str(glb), _legend_markdown(legend, frames) + notes
 
@@ -368,11 +368,11 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
     lines = [f"Scene `{state['job']}` ({scene.manifest['kind']}, {scene.manifest['size'][1]}×{scene.manifest['size'][0]}, "
              f"engine `{engine}`): {len(requests)} trajectory(ies) to generate."]
     try:
-        glb, legend = _plan_glb(scene, requests, job_root)
+        glb, legend, counts = _plan_glb(scene, requests, job_root)
     except _user_errors() as e:
         raise gr.Error(str(e)) from None
     yield {"state": state, "banner": banner, "model3d": str(glb),
-           "status": "\n\n".join(lines + [_legend_markdown(legend, {})])}
+           "status": "\n\n".join(lines + [_legend_markdown(legend, counts)])}
 
     n = len(requests)
     t_run = time.perf_counter()

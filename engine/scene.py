@@ -403,14 +403,22 @@ class Scene:
         record = ClipRecord(name=name, folder=folder, trajectory=req.name, frames=len(cams),
                             references=len(retrieval.refs), seconds=timings)
         cache_file = f"state/cache-{index + 1:04d}.ply"
-        new_cache.save_ply(self.job_dir / cache_file)
         old_cache = self.manifest["state"]["cache"]
-        manifest = copy.deepcopy(self.manifest)
-        timings["write"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t0
-        manifest["clips"].append(asdict(record))
-        manifest["state"]["cache"] = cache_file
-        atomic_write_json(self.job_dir / MANIFEST, manifest)  # the commit point
+        try:
+            new_cache.save_ply(self.job_dir / cache_file)
+            manifest = copy.deepcopy(self.manifest)
+            timings["write"] = time.perf_counter() - t
+            timings["total"] = time.perf_counter() - t0
+            manifest["clips"].append(asdict(record))
+            manifest["state"]["cache"] = cache_file
+            atomic_write_json(self.job_dir / MANIFEST, manifest)  # the commit point
+        except BaseException:
+            # Not committed (disk full, kill signal): take back this clip's files, so the folder holds exactly
+            # the last committed state rather than an orphan cache file that only a later clip would replace.
+            shutil.rmtree(self.job_dir / folder, ignore_errors=True)
+            if cache_file != old_cache:
+                (self.job_dir / cache_file).unlink(missing_ok=True)
+            raise
         # Only now does the in-memory scene move on.
         self.manifest = manifest
         self.cache = new_cache
@@ -484,12 +492,12 @@ class Scene:
         state = self.manifest["state"]["cache"]
         if not (only_if_stale and self.manifest.get("cloud_written_for") == state and all(p.exists() for p in paths.values())):
             outputs.write_point_cloud_ply(paths["ply"], self.cache.points, self.cache.colors)
-            outputs.write_point_cloud_glb(paths["glb"], self.cache.points, self.cache.colors, axes=self._viewer_axes())
+            outputs.write_point_cloud_glb(paths["glb"], self.cache.points, self.cache.colors, axes=self.viewer_axes())
             self.manifest["cloud_written_for"] = state
             atomic_write_json(self.job_dir / MANIFEST, self.manifest)
         return paths
 
-    def _viewer_axes(self):
+    def viewer_axes(self):
         """World-to-glTF axes for the viewer: photos live in the input camera's OpenCV frame (y down),
         panoramas in the bank's z-up world."""
         if self.manifest["kind"] == "panorama":

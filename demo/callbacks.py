@@ -255,7 +255,7 @@ def _plan_glb(scene, requests, job_root: Path) -> tuple[Path, dict, dict]:
     scale = float(scene.manifest.get("median_depth") or 1.0)
     index = len(list((job_root / "plan").glob("plan-*.glb"))) if (job_root / "plan").is_dir() else 0
     target = job_root / "plan" / f"plan-{index:03d}.glb"
-    legend = write_plan_glb(target, scene.cache.points, scene.cache.colors, plans, scale)
+    legend = write_plan_glb(target, scene.cache.points, scene.cache.colors, plans, scale, axes=scene.viewer_axes())
     return target, legend, {name: len(cams) for name, cams in plans}
 
 

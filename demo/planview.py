@@ -62,8 +62,11 @@ def path_points(cams: Cameras, scale: float, frusta: int = 4) -> np.ndarray:
 
 
 def write_plan_glb(path: Path, cloud_points, cloud_colors, plans: Sequence[tuple[str, Cameras]], scale: float,
-                   seed: int = 0) -> dict[str, list[int]]:
-    """Write the cloud plus every planned path; returns each path's RGB colour (for the legend)."""
+                   seed: int = 0, axes=outputs.OPENCV_TO_OPENGL) -> dict[str, list[int]]:
+    """Write the cloud plus every planned path; returns each path's RGB colour (for the legend).
+
+    ``axes``: the scene's world-to-viewer axes (``Scene.viewer_axes()``), so the plan and ``scene.glb`` agree.
+    """
     pts = np.asarray(cloud_points.detach().cpu().numpy() if hasattr(cloud_points, "detach") else cloud_points, dtype=np.float64)
     cols = np.asarray(cloud_colors.detach().cpu().numpy() if hasattr(cloud_colors, "detach") else cloud_colors)
     if cols.dtype != np.uint8:
@@ -79,5 +82,5 @@ def write_plan_glb(path: Path, cloud_points, cloud_colors, plans: Sequence[tuple
         all_pts.append(p)
         all_cols.append(np.repeat(colour[None], len(p), axis=0))
         legend[name] = colour.tolist()
-    outputs.write_point_cloud_glb(path, np.concatenate(all_pts), np.concatenate(all_cols))
+    outputs.write_point_cloud_glb(path, np.concatenate(all_pts), np.concatenate(all_cols), axes=axes)
     return legend

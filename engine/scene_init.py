@@ -6,6 +6,7 @@ per scene (or once per process for the networks).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -194,7 +195,22 @@ class NetworkGenerator:
         return out.frames
 
 
+_GENERATORS: dict = {}
+_GENERATORS_LOCK = threading.Lock()
+
+
 def clip_generator(settings, announce: Callable[[str], None] = print):
+    """The clip generator of the settings' engine, loaded once per process: a server's second scene must not
+    load a 14B model again."""
+    key = (settings.engine, settings.weights, settings.device, settings.backend, settings.graphs, settings.offload,
+           settings.steps)
+    with _GENERATORS_LOCK:
+        if key not in _GENERATORS:
+            _GENERATORS[key] = _load_generator(settings, announce)
+        return _GENERATORS[key]
+
+
+def _load_generator(settings, announce: Callable[[str], None]):
     from engine.engines import ENGINES, checkpoint_dir
 
     if settings.engine == "preview":

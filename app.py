@@ -2,7 +2,7 @@
 
 Without a CUDA GPU or the official weights it falls back to the CPU ``preview`` engine and says so in a
 banner. Flags: ``--host``, ``--port``, ``--engine``, ``--weights DIR``, ``--max-concurrent``, ``--output-dir``,
-``--keep-hours``, ``--share`` (off by default; see demo/CONTROLS.md before serving publicly).
+``--keep-hours``, ``--share`` (off by default; see "Serving publicly" in README.md).
 """
 from __future__ import annotations
 

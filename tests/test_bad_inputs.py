@@ -28,7 +28,7 @@ from engine.scene import (MAX_CLIP_FRAMES, MAX_PROMPT_CHARS, MIN_CLIP_FRAMES, Sc
                           TrajectoryRequest)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from hostile import W, H, hostile_prompt_bytes, hostile_prompts, quadrant_image, write_corpus  # noqa: E402
+from hostile import hostile_prompt_bytes, hostile_prompts, quadrant_image, write_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY: dict = {}

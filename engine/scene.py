@@ -261,6 +261,14 @@ class Scene:
         for leftover in (job_dir / "clips").glob("*") if (job_dir / "clips").is_dir() else []:
             if leftover.is_dir() and f"clips/{leftover.name}" not in done:
                 shutil.rmtree(leftover, ignore_errors=True)
+        # Likewise the temp files of atomic writes it never renamed into place (".<target>.<random>", see
+        # engine.atomicio): they are never part of the state, and a killed run would otherwise leave one per kill.
+        for folder in (job_dir, job_dir / "state"):
+            for leftover in folder.glob(".*"):
+                if leftover.is_file():
+                    leftover.unlink(missing_ok=True)
+                elif leftover.is_dir() and ".tmp-" in leftover.name:
+                    shutil.rmtree(leftover, ignore_errors=True)
         image = load_image(job_dir / "input.png")
         start = Cameras.from_json(job_dir / "state" / "start.json")
         cache = PointCache.load_ply(job_dir / manifest["state"]["cache"])

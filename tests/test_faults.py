@@ -348,6 +348,24 @@ def test_sigkill_between_clips_then_the_same_command_finishes(photo, tmp_path):
     _survived("SIGKILL between clips", "restart resumed; first clip untouched (same mtime and hash)")
 
 
+def test_open_drops_what_a_killed_run_left_half_written(template, tmp_path):
+    """The debris a kill can leave at each write (named as engine.atomicio and MemoryBank.save name their temp
+    files) is removed by Scene.open; the committed files are untouched."""
+    job = tmp_path / "job"
+    shutil.copytree(template, job)
+    files = _tree(job)
+    debris = [job / ".manifest.json.k1ll3d.json", job / "state" / ".cache-0002.ply.x7q2.ply", job / ".scene.glb.ab12.glb",
+              job / "clips" / ".tmp-01_left" / "clip.mp4", job / "clips" / "01_left" / "clip.mp4",
+              job / "state" / ".bank-start.tmp-1234abcd" / "camera.json"]
+    for path in debris:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half written")
+    Scene.open(job, depth_source=PlaneDepth(), announce=lambda _: None)
+    _assert_kept(files, _tree(job))
+    assert not _temp_leftovers(job)
+    _survived("debris of a killed run (temp files, temp and uncommitted clip folders)", "removed on open; state kept")
+
+
 # ---- cancellation -------------------------------------------------------------------------------
 
 def test_cancel_during_hole_filling_stops_the_clip(template, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ back as ``gr.Error`` with the engine's one sentence.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -324,7 +325,7 @@ def _clip_update(scene_dir: Path, clips: list[dict], show: Optional[dict]) -> di
 
 
 def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str = "-", continue_scene: bool = False,
-             progress: Callable = None) -> Iterator[dict]:
+             progress: Callable = None, requests: Optional[Sequence] = None) -> Iterator[dict]:
     """Generate the chosen trajectories, yielding an update after the scene is ready and after every clip.
 
     ``continue_scene`` adds the trajectories to the session's current scene instead of starting a new one.
@@ -338,7 +339,7 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
     flag.clear()
     announce = _Announcements()
     warnings = _Announcements()
-    requests = trajectory_requests(inp)
+    requests = list(requests) if requests is not None else trajectory_requests(inp)
     if continue_scene:
         if not (state or {}).get("job"):
             raise gr.Error("There is no scene to continue yet; press Generate first.")
@@ -371,6 +372,7 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
         glb, legend, counts = _plan_glb(scene, requests, job_root)
     except _user_errors() as e:
         raise gr.Error(str(e)) from None
+    jobs.write_pending(job_root, len(scene.clips), [_request_record(r, job_root) for r in requests])
     yield {"state": state, "banner": banner, "model3d": str(glb),
            "status": "\n\n".join(lines + [_legend_markdown(legend, counts)])}
 
@@ -414,6 +416,51 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
         flag.clear()
         with ctx.lock:
             ctx.active_jobs.discard(state["job"])
+
+
+def _request_record(req, job_root: Path) -> dict:
+    """A trajectory request as JSON for ``pending.json``; a camera file's cameras are kept beside it."""
+    record = {"name": req.name, "amount": req.amount, "frames": req.frames, "cameras": None}
+    if req.cameras is not None:
+        digest = hashlib.sha256(json.dumps(req.cameras.to_json_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        record["cameras"] = f"plan/cameras-{digest}.json"
+        req.cameras.save_json(job_root / record["cameras"])
+    return record
+
+
+def _request_from_record(record: dict, job_root: Path):
+    from engine.geometry.cameras import Cameras
+    from engine.scene import TrajectoryRequest
+
+    cams = Cameras.from_json(jobs.safe_path(job_root, record["cameras"])) if record.get("cameras") else None
+    return TrajectoryRequest(name=str(record["name"]), cameras=cams, amount=record.get("amount"),
+                             frames=record.get("frames"))
+
+
+def resume(ctx: AppContext, state: dict, job_id: str, session: str = "-", progress: Callable = None) -> Iterator[dict]:
+    """Generate what a scene's last run left undone (the server was stopped or killed during it), by scene id.
+
+    The id is the 16-hex-digit one shown in the status line; it is the only key to a scene, so the page never
+    lists other people's scenes (the operator sees the list in the server log at start-up)."""
+    job_id = (job_id or "").strip().strip("`")
+    try:
+        job_root = jobs.job_dir(ctx.output_dir, job_id)
+    except jobs.JobPathError as e:
+        raise gr.Error(str(e)) from None
+    if not (job_root / "scene" / "manifest.json").is_file():
+        raise gr.Error("There is no scene with that id on this server (old scenes are removed); start a new one.")
+    with ctx.lock:
+        if job_id in ctx.active_jobs:
+            raise gr.Error("That scene is being generated right now; wait for it to finish.")
+    remaining = jobs.pending_requests(job_root)
+    if not remaining:
+        raise gr.Error("That scene has nothing left to generate; use Continue this scene to add trajectories.")
+    try:
+        requests = [_request_from_record(r, job_root) for r in remaining]
+    except (_user_errors() + (KeyError, TypeError)) as e:
+        raise gr.Error(f"The scene's unfinished run cannot be read ({_first_line(e)}); start a new scene.") from None
+    yield from generate(ctx, {"job": job_id, "key": None}, GenerationInputs(image=None), session=session,
+                        continue_scene=True, progress=progress, requests=requests)
 
 
 def _first_line(e: BaseException) -> str:

@@ -13,6 +13,7 @@ CSS = """
 """
 DEFAULT_TRAJECTORIES = ["left", "right"]
 ENGINE_QUEUE = "engine"  # one concurrency group for everything that runs depth or generation
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def _trajectory_help() -> str:
@@ -29,8 +30,9 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
         state = gr.State({})
         with gr.Row():
             with gr.Column(scale=1, min_width=360):
+                # file_types is checked by the server too (by extension); the engine's loader checks the content.
                 image = gr.File(label="Photo or 360° panorama (PNG, JPEG, WebP)", file_count="single",
-                                type="filepath", elem_id="input-file")
+                                file_types=list(IMAGE_TYPES), type="filepath", elem_id="input-file")
                 preview = gr.Image(label="Input", interactive=False, height=180, elem_id="input-preview")
                 input_info = gr.Markdown(elem_id="input-info")
                 panorama = gr.Checkbox(label="360° panorama (equirectangular)", value=False, elem_id="panorama",
@@ -64,6 +66,10 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     continue_btn = gr.Button("Continue this scene", elem_id="continue")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                with gr.Accordion("Resume an unfinished scene", open=False, elem_id="resume-more"):
+                    resume_id = gr.Textbox(label="Scene id (the 16 characters after “Scene” in the status line)",
+                                           max_lines=1, max_length=64, elem_id="resume-id")
+                    resume_btn = gr.Button("Resume", elem_id="resume")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")
                 model3d = gr.Model3D(label="3D point cloud (planned paths before generating)", height=460,
@@ -117,6 +123,11 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
             st, glb, legend = cb.plan_paths(ctx, st, inp, progress=progress)
             return st, glb, legend
 
+        def on_resume(st, job_id, request: gr.Request, progress=gr.Progress()):
+            session = getattr(request, "session_hash", None) or "-"
+            for update in cb.resume(ctx, st or {}, job_id, session=session, progress=progress):
+                yield as_tuple(update)
+
         def on_cancel(request: gr.Request):
             return cb.cancel(ctx, getattr(request, "session_hash", None) or "-")
 
@@ -124,7 +135,8 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
             return cb.show_clip(ctx, st, name)
 
         # A file the engine cannot read is removed again after its error, so the next upload can follow at once.
-        image.change(on_upload, [image], [preview, panorama, input_info], concurrency_limit=None).failure(
+        image.change(on_upload, [image], [preview, panorama, input_info], concurrency_limit=None,
+                     api_name="inspect_upload").failure(
             lambda: (None, None, ""), None, [image, preview, input_info], concurrency_limit=None)
         panorama.change(on_panorama, [panorama], [views], concurrency_limit=None)
         if ctx.examples:
@@ -133,11 +145,17 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                 return path, pano, text
 
             gallery.select(on_example, None, [image, panorama, prompt], concurrency_limit=None)
+        # Explicit api_names: the endpoints scripts (gradio_client) and the server tests call by name.
         plan_btn.click(on_plan, inputs, [state, model3d, status], concurrency_id=ENGINE_QUEUE,
-                       concurrency_limit=max_concurrent)
-        generate_btn.click(run(False), inputs, outputs, concurrency_id=ENGINE_QUEUE, concurrency_limit=max_concurrent)
-        continue_btn.click(run(True), inputs, outputs, concurrency_id=ENGINE_QUEUE, concurrency_limit=max_concurrent)
-        cancel_btn.click(on_cancel, None, [status], concurrency_limit=None)
-        clip_choice.input(on_clip, [state, clip_choice], [clip_video, render_video, mask_video], concurrency_limit=None)
+                       concurrency_limit=max_concurrent, api_name="plan")
+        generate_btn.click(run(False), inputs, outputs, concurrency_id=ENGINE_QUEUE, concurrency_limit=max_concurrent,
+                           api_name="generate")
+        continue_btn.click(run(True), inputs, outputs, concurrency_id=ENGINE_QUEUE, concurrency_limit=max_concurrent,
+                           api_name="continue_scene")
+        resume_btn.click(on_resume, [state, resume_id], outputs, concurrency_id=ENGINE_QUEUE,
+                         concurrency_limit=max_concurrent, api_name="resume")
+        cancel_btn.click(on_cancel, None, [status], concurrency_limit=None, api_name="cancel")
+        clip_choice.input(on_clip, [state, clip_choice], [clip_video, render_video, mask_video], concurrency_limit=None,
+                          api_name="show_clip")
     demo.queue(default_concurrency_limit=max_concurrent)
     return demo

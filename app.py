@@ -2,7 +2,7 @@
 
 Without a CUDA GPU or the official weights it falls back to the CPU ``preview`` engine and says so in a
 banner. Flags: ``--host``, ``--port``, ``--engine``, ``--weights DIR``, ``--max-concurrent``, ``--output-dir``,
-``--keep-hours``, ``--share`` (off by default; see "Serving publicly" in README.md).
+``--keep-hours``, ``--max-upload-mb``, ``--share`` (off by default; see "Serving publicly" in README.md).
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs", help="where job folders go (default ./outputs)")
     p.add_argument("--keep-hours", type=float, default=24.0, help="job folders older than this are removed (0: never)")
     p.add_argument("--examples-dir", help="example inputs (default ../shared/examples when present)")
+    p.add_argument("--max-upload-mb", type=float, default=50.0,
+                   help="largest upload accepted, in MB; bigger files are refused before they are stored (default 50)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     return p
 
@@ -52,6 +54,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.max_concurrent < 1:
         print("error: --max-concurrent must be at least 1.", file=sys.stderr)
         return 2
+    if not args.max_upload_mb > 0:
+        print("error: --max-upload-mb must be more than 0.", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -65,11 +70,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     removed = jobs.cleanup_old_jobs(ctx.output_dir, ctx.max_age_s)
     if removed:
         print(f"Removed {len(removed)} job folder(s) older than {args.keep_hours:g} h.", flush=True)
+    for job in jobs.unfinished_jobs(ctx.output_dir):
+        # Listed here, not on the page: a scene id is its only key, so visitors never see each other's.
+        print(f"Unfinished scene {job['id']}: {job['clips']} clip(s) done, still to generate: "
+              f"{', '.join(map(str, job['remaining']))} (Resume it by id on the page).", flush=True)
     demo = build_demo(ctx, max_concurrent=args.max_concurrent)
     allowed = [str(ctx.output_dir)] + ([str(examples_dir)] if examples_dir.is_dir() else [])
     print(f"Engine: {ctx.default_engine}. Serving on http://{args.host}:{args.port}", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed,
-                css=CSS, show_error=True, footer_links=[])
+                css=CSS, show_error=True, footer_links=[], max_file_size=int(args.max_upload_mb * 1024 * 1024))
     return 0
 
 

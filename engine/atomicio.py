@@ -48,3 +48,14 @@ def atomic_write_text(target: PathLike, text: str) -> Path:
 
 def atomic_write_json(target: PathLike, obj, indent: int = 2) -> Path:
     return atomic_write_text(target, json.dumps(obj, indent=indent) + "\n")
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (manifests record their inputs by it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()

@@ -20,7 +20,6 @@ a crash at any point leaves the last committed state intact, and ``Scene.open`` 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 import time
@@ -31,7 +30,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from engine import outputs
-from engine.atomicio import atomic_write_json
+from engine.atomicio import atomic_write_json, file_sha256
 from engine.engines import ENGINES
 from engine.geometry.cameras import Cameras
 from engine.geometry.cache import PointCache
@@ -151,14 +150,6 @@ class TrajectoryRequest:
         return spec if isinstance(spec, TrajectoryRequest) else cls(name=str(spec).strip())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -223,7 +214,7 @@ class Scene:
         manifest = {
             "format": FORMAT_VERSION,
             "kind": "panorama" if panorama else "photo",
-            "input": {"name": image_path.name, "sha256": _sha256(image_path)},
+            "input": {"name": image_path.name, "sha256": file_sha256(image_path)},
             "engine": settings.engine,
             "engine_note": PREVIEW_NOTE if settings.engine == "preview" else ENGINES[settings.engine].description,
             "settings": asdict(settings),

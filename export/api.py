@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from engine.atomicio import atomic_write_json
+from engine.atomicio import atomic_write_json, file_sha256
 from engine.models.transformer import WorldStereoTransformer
 from engine.runtime import spec
 
@@ -21,14 +20,6 @@ PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 # Above this many tokens the traced/parity-checked sample is a small one; the graphs' dynamic axes carry the
 # target size (ONNX Runtime on a CPU would take hours on a 14B forward at 30k tokens).
 MAX_CHECK_TOKENS = 4096
-
-
-def file_sha256(path: Path, chunk: int = 16 * 1024 ** 2) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def exporter_versions() -> dict[str, Optional[str]]:

@@ -24,6 +24,7 @@ import torch
 from demo import jobs
 from demo.examples import Example, example_input
 from demo.planview import write_plan_glb
+from engine.atomicio import file_sha256
 from engine.engines import ENGINES, engine_status
 from engine.geometry import trajectories as traj
 
@@ -191,14 +192,7 @@ def trajectory_requests(inp: GenerationInputs):
 
 
 def _file_sha(path: Optional[str]) -> str:
-    if not path:
-        return ""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
+    return file_sha256(path) if path else ""
 
 def scene_key(inp: GenerationInputs, engine: str) -> str:
     """What fixes a scene's start (input, panorama, start camera, engine, seed, prompt)."""

@@ -39,3 +39,35 @@ def artifacts() -> Path:
     out = REPO / "tests" / "artifacts"
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core box: a second OpenMP thread only spins (ops ~100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY_VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")
+
+
+@pytest.fixture(scope="session")
+def tiny_packages(tmp_path_factory) -> dict:
+    """One tiny-random checkpoint package per variant, written once per test session (official layout)."""
+    from engine.models.tiny import write_tiny_package
+
+    root = tmp_path_factory.mktemp("tiny_packages")
+    return {v: write_tiny_package(root / v, v, seed=0) for v in TINY_VARIANTS}
+
+
+class PlaneTestDepth:
+    """Scene depth source without a network: a fronto-parallel plane 2 m away, 60-degree field of view
+    (the engine's own plane fallback behind the scene's depth door)."""
+
+    def __new__(cls):
+        from engine.depth import PlaneDepth
+        from engine.scene_init import DepthSource
+
+        return DepthSource(PlaneDepth(depth=2.0, fov_x=60.0), "test plane")

@@ -24,6 +24,7 @@ from PIL import Image
 
 from engine.cli import main as cli_main
 from engine.geometry import trajectories as traj
+from conftest import PlaneTestDepth
 from engine.scene import (MAX_CLIP_FRAMES, MAX_PROMPT_CHARS, MIN_CLIP_FRAMES, Scene, SceneError, SceneSettings,
                           TrajectoryRequest)
 
@@ -32,18 +33,6 @@ from hostile import hostile_prompt_bytes, hostile_prompts, quadrant_image, write
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY: dict = {}
-
-
-class PlaneDepth:
-    """A fronto-parallel plane 2 m away with a 60-degree field of view: depth that needs no network."""
-
-    note = "test plane"
-
-    def __call__(self, image, camera=None):
-        h, w = image.shape[-2:]
-        f = 0.5 * w / math.tan(math.radians(30))
-        k = torch.tensor([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1]], dtype=torch.float64)
-        return torch.full((h, w), 2.0), torch.ones(h, w, dtype=torch.bool), k
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +140,7 @@ def test_accepted_odd_images_become_upright_flattened_srgb(corpus, tmp_path):
     checked = {}
     for h in accepted:
         job = tmp_path / h.name
-        Scene.create(job, h.path, settings=SceneSettings(engine="preview", frames=5), depth_source=PlaneDepth(),
+        Scene.create(job, h.path, settings=SceneSettings(engine="preview", frames=5), depth_source=PlaneTestDepth(),
                      announce=lambda _: None)
         written = np.asarray(Image.open(job / "input.png").convert("RGB"), dtype=np.float64) / 255.0
         # The input is fitted to the preview bucket (landscape stays landscape; quadrants keep their places).
@@ -216,7 +205,7 @@ def test_absurd_cli_numbers_are_refused_before_anything_is_written(flag, value, 
 @pytest.fixture(scope="module")
 def planned_scene(tmp_path_factory, good_image):
     return Scene.create(tmp_path_factory.mktemp("plan") / "job", good_image,
-                        settings=SceneSettings(engine="preview", frames=5), depth_source=PlaneDepth(),
+                        settings=SceneSettings(engine="preview", frames=5), depth_source=PlaneTestDepth(),
                         announce=lambda _: None)
 
 

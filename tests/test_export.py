@@ -20,12 +20,7 @@ from engine.runtime.tensorrt_backend import tensorrt_unavailable_reason
 CASES = [("worldstereo-memory-dmd", "stitched"), ("worldstereo-memory", "branch"), ("worldstereo-camera", "stitched")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomized_tiny(variant: str, memory_mode: str, seed: int = 0):

@@ -10,7 +10,6 @@ import errno
 import gc
 import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -28,22 +27,11 @@ from PIL import Image
 import engine.scene as scene_mod
 import engine.scene_init as scene_init
 from engine.cli import main as cli_main
+from conftest import PlaneTestDepth
 from engine.scene import GenerationCancelled, Scene, SceneSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY: dict = {"faults": {}, "committed_files_checked": 0, "files_lost": 0}
-
-
-class PlaneDepth:
-    """A fronto-parallel plane 2 m away with a 60-degree field of view: depth that needs no network."""
-
-    note = "test plane"
-
-    def __call__(self, image, camera=None):
-        h, w = image.shape[-2:]
-        f = 0.5 * w / math.tan(math.radians(30))
-        k = torch.tensor([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1]], dtype=torch.float64)
-        return torch.full((h, w), 2.0), torch.ones(h, w, dtype=torch.bool), k
 
 
 def _survived(name: str, detail: str) -> None:
@@ -96,7 +84,7 @@ def template(tmp_path_factory, photo) -> Path:
     scene_mod.ENGINE_SCALE["preview"] = 0.25
     try:
         scene = Scene.create(job, photo, settings=SceneSettings(engine="preview", frames=3),
-                             depth_source=PlaneDepth(), announce=lambda _: None)
+                             depth_source=PlaneTestDepth(), announce=lambda _: None)
         scene.generate("up")
     finally:
         scene_mod.ENGINE_SCALE["preview"] = old
@@ -105,7 +93,7 @@ def template(tmp_path_factory, photo) -> Path:
 
 def _scene_with_one_clip(job: Path, template: Path) -> Scene:
     shutil.copytree(template, job)
-    return Scene.open(job, depth_source=PlaneDepth(), announce=lambda _: None)
+    return Scene.open(job, depth_source=PlaneTestDepth(), announce=lambda _: None)
 
 
 def _in_memory_state(scene: Scene) -> tuple:
@@ -122,12 +110,12 @@ def _same_memory(scene: Scene, before: tuple) -> None:
 
 def _resume_and_finish(job: Path, scene: Scene, name: str = "left") -> None:
     """Scene.open resumes at the committed state, and both it and the failed scene's object can go on."""
-    reopened = Scene.open(job, depth_source=PlaneDepth(), announce=lambda _: None)
+    reopened = Scene.open(job, depth_source=PlaneTestDepth(), announce=lambda _: None)
     assert [c["trajectory"] for c in reopened.clips] == [c["trajectory"] for c in scene.clips]
     assert len(reopened.bank) == len(scene.bank)
     record = scene.generate(name)
     assert (job / record.folder / "clip.mp4").is_file()
-    assert [c["trajectory"] for c in Scene.open(job, depth_source=PlaneDepth(), announce=lambda _: None).clips][-1] == name
+    assert [c["trajectory"] for c in Scene.open(job, depth_source=PlaneTestDepth(), announce=lambda _: None).clips][-1] == name
 
 
 # ---- an exception, and an out-of-memory error, mid-clip ----------------------------------------------
@@ -182,7 +170,7 @@ def test_fault_during_depth_fusion_frees_the_new_cache(template, tmp_path, monke
         calls["n"] += 1
         if calls["n"] == 2:  # the second kept frame: the new cache already holds the first one
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated in the depth network)")
-        return PlaneDepth()(image, camera)
+        return PlaneTestDepth()(image, camera)
 
     monkeypatch.setattr(scene_mod.PointCache, "add_frame", tracking_add)
     monkeypatch.setattr(scene, "depth_source", oom_depth)
@@ -194,7 +182,7 @@ def test_fault_during_depth_fusion_frees_the_new_cache(template, tmp_path, monke
     _assert_kept(files, _tree(job))
     assert not _temp_leftovers(job)
     _same_memory(scene, state)
-    monkeypatch.setattr(scene, "depth_source", PlaneDepth())
+    monkeypatch.setattr(scene, "depth_source", PlaneTestDepth())
     _resume_and_finish(job, scene)
     _survived("out-of-memory during depth fusion", "half-grown cache freed; state unchanged; next clip done")
 
@@ -245,7 +233,7 @@ def test_disk_full_at_every_write_of_a_clip(template, tmp_path, monkeypatch):
     # A clean run first counts the writes of one clip (clip files, memory, cache, manifest, viewer clouds).
     counting = tmp_path / "count"
     shutil.copytree(template, counting)
-    Scene.open(counting, depth_source=PlaneDepth(), announce=lambda _: None).generate("left")
+    Scene.open(counting, depth_source=PlaneTestDepth(), announce=lambda _: None).generate("left")
     total = n["n"]
     assert total >= 8
     files = _tree(template)
@@ -253,7 +241,7 @@ def test_disk_full_at_every_write_of_a_clip(template, tmp_path, monkeypatch):
     for k in range(1, total + 1):
         job = tmp_path / f"job{k}"
         shutil.copytree(template, job)
-        scene = Scene.open(job, depth_source=PlaneDepth(), announce=lambda _: None)
+        scene = Scene.open(job, depth_source=PlaneTestDepth(), announce=lambda _: None)
         n.update(n=0, fail_at=k)
         with pytest.raises(OSError) as info:
             scene.generate("left")
@@ -269,12 +257,12 @@ def test_disk_full_at_every_write_of_a_clip(template, tmp_path, monkeypatch):
         if outcomes[k] == 1:  # the failure came before the commit point: nothing else moved
             _assert_kept(files, now)
         # Whatever the failure hit, the folder opens at a consistent state and can go on.
-        reopened = Scene.open(job, depth_source=PlaneDepth(), announce=lambda _: None)
+        reopened = Scene.open(job, depth_source=PlaneTestDepth(), announce=lambda _: None)
         assert len(reopened.clips) == outcomes[k]
         if k in (1, total // 2, total):  # finishing takes a clip each time: prove it at both ends and between
             if outcomes[k] == 1:
                 reopened.generate("left")
-            assert [c["trajectory"] for c in Scene.open(job, depth_source=PlaneDepth(), announce=lambda _: None).clips] == ["up", "left"]
+            assert [c["trajectory"] for c in Scene.open(job, depth_source=PlaneTestDepth(), announce=lambda _: None).clips] == ["up", "left"]
     assert 1 in outcomes.values() and 2 in outcomes.values()  # failures landed on both sides of the commit
     _survived(f"disk full (ENOSPC) at each of the {total} writes of a clip",
               f"committed files intact, no temp files, reopened; {sum(v == 1 for v in outcomes.values())} before "
@@ -360,7 +348,7 @@ def test_open_drops_what_a_killed_run_left_half_written(template, tmp_path):
     for path in debris:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half written")
-    Scene.open(job, depth_source=PlaneDepth(), announce=lambda _: None)
+    Scene.open(job, depth_source=PlaneTestDepth(), announce=lambda _: None)
     _assert_kept(files, _tree(job))
     assert not _temp_leftovers(job)
     _survived("debris of a killed run (temp files, temp and uncommitted clip folders)", "removed on open; state kept")
@@ -381,7 +369,7 @@ def test_cancel_during_hole_filling_stops_the_clip(template, tmp_path, monkeypat
 
     def depth_after_cancel(image, camera=None):
         flag["after"].append("depth")
-        return PlaneDepth()(image, camera)
+        return PlaneTestDepth()(image, camera)
 
     monkeypatch.setattr(scene_init, "preview_clip", filling)
     monkeypatch.setattr(scene, "depth_source", depth_after_cancel)
@@ -402,7 +390,7 @@ def tiny_scene(tmp_path_factory, photo):
     try:
         scene = Scene.create(tmp_path_factory.mktemp("tiny") / "job", photo,
                              settings=SceneSettings(engine="tiny-random", frames=3, steps=4),
-                             depth_source=PlaneDepth(), announce=lambda _: None)
+                             depth_source=PlaneTestDepth(), announce=lambda _: None)
         scene._clip_generator()  # load the tiny networks while the cache variable points at the tmp folder
     finally:
         if old is None:
@@ -463,7 +451,7 @@ def test_after_cancels_the_next_clip_runs_every_step(tiny_scene):
 def test_cuda_memory_is_released_after_an_out_of_memory_error(photo, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLDSTEREO_CACHE", str(tmp_path / "cache"))
     scene = Scene.create(tmp_path / "job", photo, settings=SceneSettings(engine="tiny-random", frames=3, device="cuda"),
-                         depth_source=PlaneDepth(), announce=lambda _: None)
+                         depth_source=PlaneTestDepth(), announce=lambda _: None)
     scene.generate("up")  # networks loaded, one clip done: this is the steady state
     gc.collect()
     torch.cuda.synchronize()
@@ -480,7 +468,7 @@ def test_cuda_memory_is_released_after_an_out_of_memory_error(photo, tmp_path, m
     gc.collect()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= steady + 8 * 2**20
-    monkeypatch.setattr(scene, "depth_source", PlaneDepth())
+    monkeypatch.setattr(scene, "depth_source", PlaneTestDepth())
     scene.generate("left")
     SUMMARY["gpu_memory_after_oom"] = {"steady_bytes": steady, "after_oom_bytes": torch.cuda.memory_allocated()}
 

@@ -14,18 +14,7 @@ F, H, W = 3, 64, 64
 UNIPC_TEST_STEPS = 5  # the 40-step default is exercised by the sampler tests; a few steps keep this fast
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors on a shared 2-core box: threads only spin
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_packages(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_pipeline_packages")
-    return {v: write_tiny_package(root / v, v, seed=0) for v in VARIANTS}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

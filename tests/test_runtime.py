@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
-from engine.models.tiny import write_tiny_package
 from engine.pipeline import ClipPipeline, References
 from engine.runtime import BACKENDS, BackendUnavailable, make_backend
 from engine.runtime.chain import GraphInputError
@@ -19,12 +18,7 @@ RTOL = 1e-4  # the export's parity tolerance, now over the whole chained forward
 F, H, W = 3, 64, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_zero_init(model, seed=0):
@@ -38,9 +32,9 @@ def randomize_zero_init(model, seed=0):
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    folder = write_tiny_package(tmp_path_factory.mktemp("pkg") / "dmd", "worldstereo-memory-dmd", seed=0)
-    p = ClipPipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+def pipe(tiny_packages):
+    # The package on disk is shared; only this loaded copy gets its zero-initialised parts randomised.
+    p = ClipPipeline.from_pretrained(tiny_packages["worldstereo-memory-dmd"], device="cpu", dtype=torch.float32)
     randomize_zero_init(p.transformer)
     return p
 

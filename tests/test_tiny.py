@@ -15,19 +15,12 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "offi
 VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: with two threads on a shared 2-core box, OpenMP spinning makes each op ~100x slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def packages(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_packages")
-    return {v: write_tiny_package(root / v, v, seed=0) for v in VARIANTS}
+def packages(tiny_packages):
+    return tiny_packages
 
 
 def test_layout_is_the_official_one(packages):

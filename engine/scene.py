@@ -368,7 +368,7 @@ class Scene:
         check_cancel()
 
         t = time.perf_counter()
-        start_image = self._start_image_for(req.name, cams)
+        start_image = self._start_image_for(cams[0:1])
         try:
             frames = self._clip_generator().generate(
                 start_image=start_image, cameras=cams, render=render, bank=self.bank, retrieval=retrieval,
@@ -429,11 +429,12 @@ class Scene:
         report(1.0, f"{name}: done")
         return record
 
-    def _start_image_for(self, name: str, cams: Cameras) -> torch.Tensor:
-        if ":" in name and self.manifest["kind"] == "panorama":
+    def _start_image_for(self, camera: Cameras) -> torch.Tensor:
+        """The start frame as ``camera`` sees it: the input photo, or the panorama cut to that view."""
+        if self.manifest["kind"] == "panorama":
             from engine.geometry.panorama import equirect_to_perspective
 
-            return equirect_to_perspective(self.start_image, cams[0])[0]
+            return equirect_to_perspective(self.start_image, camera[0:1])[0]
         return self.start_image
 
     @property
@@ -509,8 +510,7 @@ class Scene:
         report(0.0, "exporting the scene")
         paths = self.write_scene_cloud(only_if_stale=True)
         cams = [self.start_camera]
-        images = [self.start_image[None] if self.manifest["kind"] == "photo" else
-                  self._start_image_for("view0:x", self.start_camera)[None]]
+        images = [self._start_image_for(self.start_camera)[None]]
         for clip in self.manifest["clips"]:
             clip_cams = Cameras.from_json(self.job_dir / clip["folder"] / "cameras.json")
             clip_frames = outputs.read_video(self.job_dir / clip["folder"] / "clip.mp4")

@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 import traceback
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -24,6 +23,7 @@ import torch
 from demo import jobs
 from demo.examples import Example, example_input
 from demo.planview import write_plan_glb
+from engine import outputs
 from engine.atomicio import file_sha256
 from engine.engines import ENGINES, engine_status
 from engine.geometry import trajectories as traj
@@ -284,14 +284,7 @@ def _clip_files(scene_dir: Path, clip: dict) -> tuple[str, str, str]:
 
 def zip_dataset(scene_dir: Path, target: Path) -> Path:
     """The nerfstudio dataset alone (``transforms.json`` + ``images/``), for people who only want to train."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    with zipfile.ZipFile(tmp, "w") as zf:
-        zf.write(scene_dir / "transforms.json", "transforms.json")
-        for img in sorted((scene_dir / "images").glob("*")):
-            if img.is_file():
-                zf.write(img, f"images/{img.name}", compress_type=zipfile.ZIP_STORED)
-    tmp.replace(target)
-    return target
+    return outputs.zip_folder(scene_dir, target, only=("transforms.json", "images/*"))
 
 
 def downloads_for(scene_dir: Path, downloads_dir: Path, clips: Sequence[dict], exported: bool) -> list[str]:

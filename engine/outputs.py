@@ -299,23 +299,24 @@ def _excluded(rel: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(name, pat) for pat in patterns)
 
 
-def zip_folder(folder: PathLike, zip_path: PathLike, exclude: Iterable[str] = ()) -> Path:
+def zip_folder(folder: PathLike, zip_path: PathLike, exclude: Iterable[str] = (), only: Iterable[str] = ()) -> Path:
     """Zip every file under ``folder`` (sorted, fixed timestamps: identical inputs give identical bytes).
 
-    ``exclude`` holds glob patterns matched against the relative path and the file name. Hidden files
+    ``exclude`` holds glob patterns matched against the relative path and the file name; when ``only`` is
+    given, just the files matching one of its patterns are kept (e.g. a dataset alone). Hidden files
     (``.name``, which includes in-progress temporary files) and the zip itself are always left out.
     """
     folder, zip_path = Path(folder), Path(zip_path)
     if not folder.is_dir():
         raise OutputError(f"Cannot zip {folder}: it is not a folder.")
-    patterns = list(exclude)
+    patterns, wanted = list(exclude), list(only)
     target = zip_path.resolve()
     files = []
     for f in sorted(folder.rglob("*"), key=lambda q: q.relative_to(folder).as_posix()):
         rel = f.relative_to(folder).as_posix()
         if not f.is_file() or f.resolve() == target or any(part.startswith(".") for part in rel.split("/")):
             continue
-        if not _excluded(rel, patterns):
+        if not _excluded(rel, patterns) and (not wanted or _excluded(rel, wanted)):
             files.append((rel, f))
     with atomic_path(zip_path, suffix=".zip") as tmp:
         with zipfile.ZipFile(tmp, "w") as zf:

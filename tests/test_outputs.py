@@ -282,6 +282,10 @@ def test_zip_contains_exactly_the_files_and_is_deterministic(tmp_path):
     os.utime(job / "z.txt", (time.time() + 100, time.time() + 100))
     z2 = zip_folder(job, tmp_path / "again.zip", exclude=["*.pt"])
     assert z2.read_bytes() == first
+    # `only` keeps just the matching files (a dataset without the rest of the job).
+    z3 = zip_folder(job, tmp_path / "images.zip", only=["images/*"])
+    with zipfile.ZipFile(z3) as zf:
+        assert zf.namelist() == ["images/a.png", "images/b.png"]
 
 
 def test_failed_write_keeps_earlier_file_and_leaves_no_temp(tmp_path, monkeypatch):

@@ -71,3 +71,23 @@ class PlaneTestDepth:
         from engine.scene_init import DepthSource
 
         return DepthSource(PlaneDepth(depth=2.0, fov_x=60.0), "test plane")
+
+
+def tiny_clip_inputs(frames: int, height: int, width: int, seed: int = 0):
+    """Random inputs of one clip (a sideways camera track, random render and mask) and two references:
+    ``(pipeline keyword arguments, References)``."""
+    from engine.geometry.cameras import Cameras, intrinsics_from_fov
+    from engine.pipeline import References
+
+    g = torch.Generator().manual_seed(seed)
+    w2c = torch.eye(4, dtype=torch.float64).repeat(frames, 1, 1)
+    w2c[:, 0, 3] = -0.2 * torch.arange(frames)
+    cams = Cameras(w2c, intrinsics_from_fov(width, height, 60.0, n=frames), width, height)
+    ref_w2c = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    ref_w2c[:, 2, 3] = torch.tensor([0.3, -0.3])
+    refs = References(images=torch.rand(2, 3, height, width, generator=g),
+                      cameras=Cameras(ref_w2c, cams.K[:2], width, height), ref_index=torch.tensor([0, 1]))
+    args = dict(image=torch.rand(3, height, width, generator=g), cameras=cams,
+                render=torch.rand(frames, 3, height, width, generator=g),
+                render_mask=torch.rand(frames, height, width, generator=g) > 0.3)
+    return args, refs

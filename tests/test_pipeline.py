@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.geometry.cameras import Cameras, intrinsics_from_fov
+from conftest import tiny_clip_inputs
 from engine.models.tiny import write_tiny_package
 from engine.pipeline import ClipInputError, ClipPipeline, References
 from engine.sampling import SamplingCancelled
@@ -24,16 +24,7 @@ def pipes(tiny_packages):
 
 @pytest.fixture(scope="module")
 def inputs():
-    g = torch.Generator().manual_seed(0)
-    w2c = torch.eye(4, dtype=torch.float64).repeat(F, 1, 1)
-    w2c[:, 0, 3] = -0.2 * torch.arange(F)
-    cams = Cameras(w2c, intrinsics_from_fov(W, H, 60.0, n=F), W, H)
-    ref_w2c = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
-    ref_w2c[:, 2, 3] = torch.tensor([0.3, -0.3])
-    refs = References(images=torch.rand(2, 3, H, W, generator=g), cameras=Cameras(ref_w2c, cams.K[:2], W, H),
-                      ref_index=torch.tensor([0, 1]))
-    return dict(image=torch.rand(3, H, W, generator=g), cameras=cams, render=torch.rand(F, 3, H, W, generator=g),
-                render_mask=torch.rand(F, H, W, generator=g) > 0.3), refs
+    return tiny_clip_inputs(F, H, W)
 
 
 def run(pipe, inputs, **kw):

@@ -6,8 +6,8 @@ import logging
 import pytest
 import torch
 
-from engine.geometry.cameras import Cameras, intrinsics_from_fov
-from engine.pipeline import ClipPipeline, References
+from conftest import tiny_clip_inputs
+from engine.pipeline import ClipPipeline
 from engine.runtime import BACKENDS, BackendUnavailable, make_backend
 from engine.runtime.chain import GraphInputError
 from engine.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -88,16 +88,8 @@ def test_onnxruntime_velocity_equals_eager(pipe, graphs, case):
 def test_onnxruntime_clip_equals_eager_clip(pipe, graphs):
     """The pipeline, unchanged, runs the whole 4-step DMD clip through the ONNX graphs (backend in place of the
     transformer) and gets the eager clip back."""
-    g = torch.Generator().manual_seed(0)
-    w2c = torch.eye(4, dtype=torch.float64).repeat(F, 1, 1)
-    w2c[:, 0, 3] = -0.2 * torch.arange(F)
-    cams = Cameras(w2c, intrinsics_from_fov(W, H, 60.0, n=F), W, H)
-    ref_w2c = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
-    ref_w2c[:, 2, 3] = torch.tensor([0.3, -0.3])
-    refs = References(images=torch.rand(2, 3, H, W, generator=g), cameras=Cameras(ref_w2c, cams.K[:2], W, H),
-                      ref_index=torch.tensor([0, 1]))
-    args = dict(image=torch.rand(3, H, W, generator=g), cameras=cams, render=torch.rand(F, 3, H, W, generator=g),
-                render_mask=torch.rand(F, H, W, generator=g) > 0.3, prompt="a stone house", references=refs, seed=4)
+    args, refs = tiny_clip_inputs(F, H, W)
+    args.update(prompt="a stone house", references=refs, seed=4)
     eager = pipe(**args)
     model = pipe.transformer
     try:

@@ -111,10 +111,10 @@ def banner_markdown(engine: str, note: str = "") -> str:
     """The banner that names the engine in use and says plainly what the cheap engines are."""
     spec = ENGINES[engine]
     if engine == "preview":
-        text = (f"**Engine in use: `preview`** — no video model runs here. Each clip is the 3D point cloud "
-                f"rendered along the camera path, with its holes filled by classical inpainting. It shows the whole "
-                f"geometric loop (depth → point cloud → render → fuse → next trajectory) on a CPU; it is not "
-                f"WorldStereo's generation.")
+        text = ("**Engine in use: `preview`** — no video model runs here. Each clip is the 3D point cloud "
+                "rendered along the camera path, with its holes filled by classical inpainting. It shows the whole "
+                "geometric loop (depth → point cloud → render → fuse → next trajectory) on a CPU; it is not "
+                "WorldStereo's generation.")
     elif engine == "tiny-random":
         text = ("**Engine in use: `tiny-random`** — the WorldStereo architecture at a tiny size with random "
                 "weights. Its frames are noise by design: use it to see the pipeline run, not to judge results.")

@@ -18,7 +18,6 @@ Fallbacks, used when MoGe weights are missing (offline, not in the cache) and al
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path

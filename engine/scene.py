@@ -37,7 +37,7 @@ from engine.geometry.cache import PointCache
 from engine.geometry.memory import MemoryBank
 from engine.geometry import trajectories as traj
 from engine.images import default_buckets, load_image, save_image, scaled_buckets
-from engine.preview import PREVIEW_NOTE, preview_clip
+from engine.preview import PREVIEW_NOTE
 from engine.progress import Progress, ensure, span
 from engine.sampling import SamplingCancelled
 

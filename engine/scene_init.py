@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from engine.geometry.cameras import Cameras, intrinsics_from_fov
+from engine.geometry.cameras import Cameras
 from engine.geometry.cache import PointCache
 from engine.geometry.memory import MemoryBank
 from engine.preview import preview_clip

@@ -160,7 +160,6 @@ def test_resume_after_kill_finishes_without_redoing(examples, tmp_path):
     out = tmp_path / "job"
     settings = SceneSettings(engine="preview", frames=5, keep_frames=2)
     scene = Scene.create(out, examples / PHOTO, settings=settings, announce=lambda m: None)
-    calls = {"clips": 0}
 
     def cancel():
         return len(json.loads((out / "manifest.json").read_text())["clips"]) >= 1

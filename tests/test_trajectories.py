@@ -1,7 +1,6 @@
 """Trajectory presets and official motion lists, checked against analytic geometry and the official files."""
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np

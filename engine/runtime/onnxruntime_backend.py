@@ -11,7 +11,6 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from . import spec
 from .base import Backend, BackendUnavailable
 from .chain import GraphChain, read_manifest
 

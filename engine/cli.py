@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine generate|render|engines`` — the same engine the web demo drives.
+"""Command line: ``python -m engine generate|render|conditions|engines`` — the same engine the web demo drives.
 
 Every error a person can cause ends in one sentence on stderr and exit code 2; nothing is half-written.
 """
@@ -50,46 +50,54 @@ def _default_device() -> str:
 
 
 def cmd_generate(args) -> int:
+    from engine import conditioning
     from engine.geometry import trajectories as traj
-    from engine.scene import Scene, SceneError, SceneSettings
+    from engine.geometry.cameras import Cameras
+    from engine.scene import Scene, SceneError, SceneSettings, TrajectoryRequest, check_frames
 
     if bool(args.image) == bool(args.panorama):
         raise SceneError("Give exactly one input: --image PATH or --panorama PATH.")
+    if args.render_dir and args.panorama:
+        raise SceneError("--render-dir goes with --image (the trajectory's start frame), not with --panorama.")
     names = [t.strip() for t in args.trajectories.split(",") if t.strip()] if args.trajectories else None
     for name in names or []:
         preset = name.split(":", 1)[-1]
         if preset not in traj.PRESETS:
             raise SceneError(f"Unknown trajectory '{preset}'; choose from: {', '.join(traj.PRESETS)}.")
+    render_dir = conditioning.check_render_dir(args.render_dir) if args.render_dir else None
+    camera_files = [(Path(args.camera_json).stem, Path(args.camera_json), None)] if args.camera_json else []
+    if render_dir is not None:  # the official example's trajectory is the first clip
+        camera_files.insert(0, (render_dir.name, render_dir / "camera.json", render_dir))
+    for label, path, _ in camera_files:  # refused before any folder is made
+        check_frames(len(Cameras.from_json(path)), f"Camera file {path.name}")
     engine = resolve_engine(args.engine, Path(args.weights) if args.weights else None, announce=print)
     out = Path(args.out)
-    requests = list(names) if names else None
-    if args.camera_json:
-        from engine.geometry.cameras import Cameras
-        from engine.scene import TrajectoryRequest
-
-        from engine.scene import check_frames
-
-        cams = Cameras.from_json(args.camera_json)
-        check_frames(len(cams), f"Camera file {Path(args.camera_json).name}")  # before any folder is made
-        requests = (requests or []) + [TrajectoryRequest(name=Path(args.camera_json).stem, cameras=cams)]
     if (out / "manifest.json").exists():
         scene = Scene.open(out, settings_override={"backend": args.backend, "graphs": args.graphs})
         print(f"Resuming the scene in {out} ({len(scene.clips)} clip(s) already done).")
     else:
-        settings = SceneSettings(engine=engine, seed=args.seed, prompt=args.prompt, device=args.device or _default_device(),
+        prompt = args.prompt
+        if prompt is None and args.image:
+            prompt = conditioning.example_prompt(args.image, render_dir)  # the official examples' captions
+        settings = SceneSettings(engine=engine, seed=args.seed, prompt=prompt, device=args.device or _default_device(),
                                  weights=args.weights, depth=args.depth,
                                  frames=SceneSettings.frames if args.frames is None else args.frames,
                                  steps=args.steps, backend=args.backend, graphs=args.graphs, offload=args.offload)
         bar = _Bar("preparing")
         try:
             scene = Scene.create(out, args.image or args.panorama, panorama=bool(args.panorama), settings=settings,
-                                 camera_json=args.camera_json, progress=bar)
+                                 camera_json=camera_files[0][1] if camera_files else None, progress=bar)
         finally:
             bar.close()
+    files = {path: TrajectoryRequest(name=label, cameras=scene.read_camera_file(path),
+                                     render_dir=str(folder) if folder is not None else None)
+             for label, path, folder in camera_files}
+    # The pre-rendered trajectory is the first clip (its renders are of the start frame alone), a camera file last.
+    requests = [r for r in files.values() if r.render_dir] + (names or []) + [r for r in files.values() if not r.render_dir]
     bar = _Bar("generating")
     t0 = time.perf_counter()
     try:
-        scene.run(requests, progress=bar)
+        scene.run(requests or None, progress=bar)
     finally:
         bar.close()
     print(f"Done in {time.perf_counter() - t0:.1f} s with the '{scene.settings.engine}' engine. Written to {out}:")
@@ -97,6 +105,17 @@ def cmd_generate(args) -> int:
         print(f"  {clip['folder']}/  clip.mp4 render.mp4 render_mask.mp4 cameras.json references.json")
     for name in ("scene.ply", "scene.glb", "cameras.json", "transforms.json", "images/", "manifest.json", "scene.zip"):
         print(f"  {name}")
+    return 0
+
+
+def cmd_conditions(args) -> int:
+    from engine.render_cli import write_conditions
+
+    cond = write_conditions(args.image, args.out, camera_json=args.camera_json, trajectory=args.trajectory,
+                            render_dir=args.render_dir, engine=args.engine, weights=args.weights, stride=args.stride,
+                            depth=args.depth, announce=print)
+    keys = ", ".join(f"{k} {list(v.shape)}" for k, v in cond.tensors().items())
+    print(f"Wrote {args.out}: {keys}")
     return 0
 
 
@@ -125,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--panorama", help="input 360° equirectangular panorama (2:1)")
     g.add_argument("--trajectories", help="comma-separated presets, e.g. up,left,right,orbit (panorama: view0:forward,…)")
     g.add_argument("--camera-json", help="an official camera.json trajectory to generate as well")
+    g.add_argument("--render-dir", help="an official pre-rendered trajectory folder (camera.json, render.mp4, "
+                   "render_mask.mp4): the first clip, conditioned on its renders")
     g.add_argument("--engine", choices=list(ENGINES), help="default: worldstereo-memory-dmd on a GPU with weights, else preview")
     g.add_argument("--weights", help="local folder with the checkpoints (else the Hugging Face cache)")
-    g.add_argument("--prompt", help="optional text prompt")
+    g.add_argument("--prompt", help="text prompt (default: the example's traj_caption.json or prompt.json caption)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--frames", type=int, help="keyframes per clip (default 21)")
     g.add_argument("--depth", help="depth model folder/repo, or a depth map (.npy metres / 16-bit PNG) for the input")
@@ -149,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--frames", type=int, default=21)
     r.add_argument("--max-side", type=int, default=768, help="longest image side of the renders")
     r.set_defaults(func=cmd_render)
+
+    c = sub.add_parser("conditions", help="write a photo's first-clip model conditioning (safetensors, no weights needed)")
+    c.add_argument("--image", required=True, help="input photo")
+    c.add_argument("--camera-json", help="an official camera.json trajectory")
+    c.add_argument("--trajectory", help="a preset trajectory name instead of a camera file")
+    c.add_argument("--render-dir", help="an official pre-rendered trajectory folder instead of rendering the cache")
+    c.add_argument("--engine", choices=list(ENGINES), default="worldstereo-memory-dmd",
+                   help="whose conditioning (size, keyframes, memory inputs); default worldstereo-memory-dmd")
+    c.add_argument("--weights", help="checkpoint folder (its config.json), else the Hugging Face cache or the defaults")
+    c.add_argument("--depth", help="depth model folder/repo, or a depth map (.npy metres / 16-bit PNG) of the photo")
+    c.add_argument("--stride", type=int, default=1, help="keep every N-th pixel row and column of per-pixel maps")
+    c.add_argument("--out", required=True, help="output .safetensors file")
+    c.set_defaults(func=cmd_conditions)
 
     e = sub.add_parser("engines", help="list engines and whether they can run here")
     e.add_argument("--weights")

@@ -1,4 +1,4 @@
-"""Image input and output at the edge of the engine, and fitting images to the model's aspect buckets.
+"""Image input and output at the edge of the engine (the model's aspect buckets live in ``engine.conditioning``).
 
 Inside the engine an image is a float tensor ``[3,H,W]`` in ``[0,1]``, sRGB. ``load_image`` is the one door
 through which a user's file gets in, so every way a file can be wrong is caught here with one sentence:
@@ -17,18 +17,15 @@ Decisions (documented because a person can see them):
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from engine.atomicio import atomic_path
-from engine.geometry.cameras import Cameras
 
 PathLike = Union[str, Path]
 ImageSource = Union[PathLike, bytes, Image.Image, np.ndarray]
@@ -202,84 +199,3 @@ def save_image(path: PathLike, image: torch.Tensor) -> Path:
         # Fast PNG compression: these files are written during generation, where seconds matter more than bytes.
         to_pil(image).save(tmp, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
     return path
-
-
-# ---- aspect buckets ------------------------------------------------------------------------------
-
-def default_buckets(area: int = 480 * 768, multiple: int = 16, min_side: int = 480, max_side: int = 768) -> list[tuple[int, int]]:
-    """``(height, width)`` sizes of about ``area`` pixels from ``max_side x min_side`` (portrait) to
-    ``min_side x max_side`` (landscape), both sides multiples of ``multiple`` (VAE x8 times patch x2).
-
-    This mirrors the official ``scale_map`` range (480x768 ... 768x480); a checkpoint's own ``scale_map``
-    can be passed to ``fit_to_bucket`` instead.
-    """
-    out = []
-    for h in range(min_side, max_side + 1, multiple):
-        w = int(round(area / h / multiple)) * multiple
-        w = min(max(w, min_side), max_side)
-        if (h, w) not in out:
-            out.append((h, w))
-    return out
-
-
-def scaled_buckets(buckets: Sequence[tuple[int, int]], factor: float, multiple: int = 16) -> list[tuple[int, int]]:
-    """The same aspect buckets at ``factor`` times the size (e.g. 0.5 for previews), rounded to ``multiple``."""
-    out = []
-    for h, w in buckets:
-        sh = max(multiple, int(round(h * factor / multiple)) * multiple)
-        sw = max(multiple, int(round(w * factor / multiple)) * multiple)
-        if (sh, sw) not in out:
-            out.append((sh, sw))
-    return out
-
-
-def _bucket_list(buckets) -> list[tuple[int, int]]:
-    if buckets is None:
-        return default_buckets()
-    if isinstance(buckets, dict):  # official scale_map style: {ratio: [h, w], ...}
-        buckets = list(buckets.values())
-    out = [(int(h), int(w)) for h, w in buckets]
-    if not out:
-        raise ValueError("fit_to_bucket needs at least one (height, width) bucket.")
-    return out
-
-
-def nearest_bucket(height: int, width: int, buckets=None) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to ``width/height`` (compared in log space, so 2:1 and 1:2
-    are equally far from 1:1)."""
-    target = math.log(width / height)
-    return min(_bucket_list(buckets), key=lambda hw: abs(math.log(hw[1] / hw[0]) - target))
-
-
-def fit_to_bucket(image: torch.Tensor, cameras_or_K, buckets=None):
-    """Resize (to cover) and centre-crop ``image`` (``[3,H,W]`` or ``[F,3,H,W]``) to its nearest aspect bucket.
-
-    ``cameras_or_K`` is a ``Cameras`` batch for this image size, a ``[3,3]``/``[N,3,3]`` intrinsics tensor, or
-    None; it is returned adjusted for the same resize and crop (same type as given).
-    """
-    h, w = image.shape[-2:]
-    bh, bw = nearest_bucket(h, w, buckets)
-    scale = max(bh / h, bw / w)
-    rh, rw = max(bh, int(round(h * scale))), max(bw, int(round(w * scale)))
-    batch = image if image.dim() == 4 else image.unsqueeze(0)
-    if (rh, rw) != (h, w):
-        batch = F.interpolate(batch.float(), size=(rh, rw), mode="bilinear", align_corners=False, antialias=rh < h or rw < w)
-        batch = batch.clamp(0, 1)
-    top, left = (rh - bh) // 2, (rw - bw) // 2
-    batch = batch[..., top : top + bh, left : left + bw]
-    out_image = batch if image.dim() == 4 else batch[0]
-
-    if cameras_or_K is None:
-        return out_image, None
-    if isinstance(cameras_or_K, Cameras):
-        cams = cameras_or_K
-        if (cams.width, cams.height) != (w, h):
-            raise ValueError(f"Cameras are for {cams.width}x{cams.height} but the image is {w}x{h}.")
-        return out_image, cams.resized(rw, rh).cropped(left, top, bw, bh)
-    k = torch.as_tensor(cameras_or_K)
-    single = k.dim() == 2
-    k3 = k.unsqueeze(0) if single else k
-    eye = torch.eye(4, dtype=torch.float64).expand(k3.shape[0], 4, 4)
-    cams = Cameras(eye, k3.double(), w, h).resized(rw, rh).cropped(left, top, bw, bh)
-    k_out = cams.K.to(k.dtype) if k.is_floating_point() else cams.K
-    return out_image, (k_out[0] if single else k_out)

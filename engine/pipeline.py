@@ -1,10 +1,12 @@
-"""One clip: input image + target cameras + cache render (+ memory references) in, generated frames out.
+"""One clip: the official conditions in, generated keyframes out.
 
 ``ClipPipeline`` holds the WorldStereo transformer, the base model's VAE / text / image encoders and the
-checkpoint config. A call encodes the prompt once (cached across calls), the input image once with CLIP, and
-every keyframe on its own with the VAE (the released checkpoints' keyframe latent space), then runs the
-variant's sampler (4-step DMD, or 40-step UniPC with classifier-free guidance batched into one forward per step)
-and decodes the keyframes.
+checkpoint config. ``generate`` takes one clip's ``ClipConditions`` (``engine.conditioning``: the pixel-level
+tensors of the official inference) and encodes them as the release's pipelines do — the prompt with UMT5 (cached
+across calls), the input view with CLIP, the input view's condition video per ``latent_cond_mode``, every render
+and reference keyframe on its own with the VAE — then runs the variant's sampler (4-step DMD, or 40-step UniPC
+with classifier-free guidance batched into one forward per step) and decodes the keyframes. Calling the pipeline
+with the engine's own tensors (image, cameras, cache render, covered mask) builds those conditions first.
 """
 from __future__ import annotations
 
@@ -13,40 +15,21 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from engine.conditioning import (SIZE_MULTIPLE, ClipConditions, ClipInputError, References, colour_coded_pointmaps,
+                                 conditions_from_render)
 from engine.geometry.cameras import Cameras
 from engine.models.components import Components, load_components, resolve_base_model
 from engine.models.config import WorldStereoConfig
 from engine.progress import Progress, ensure, span
 from engine.sampling import Sampler, make_sampler, sample
 
+__all__ = ["ClipPipeline", "ClipInputError", "ClipOutput", "References", "default_dtype"]
+
 LATENT_CHANNELS = 16
 MASK_CHANNELS = 4
-SPATIAL_MULTIPLE = 16  # VAE x8 times the transformer's 2x2 patches
 MAX_REFERENCES = 8
-DEFAULT_SHIFT = 3.0  # Wan2.1 I2V's flow shift at 480p, used when config.json names none
+DEFAULT_SHIFT = 3.0  # flow shift of the DMD schedule when config.json names none (the release requires gen_shift)
 DEFAULT_GUIDANCE = 5.0
-
-
-class ClipInputError(ValueError):
-    """Inputs to one clip that do not fit together; the message says what to change."""
-
-
-@dataclass
-class References:
-    """Memory views for one clip.
-
-    ``ref_index[r] = k`` means reference r serves target frame k + 1 (index 0 is the input frame, which needs
-    no reference) — the transformer's convention. ``pointmaps`` are world XYZ ``[R,3,H,W]`` (only the paper's
-    branch-form memory reads them).
-    """
-
-    images: torch.Tensor
-    cameras: Cameras
-    ref_index: torch.Tensor
-    pointmaps: Optional[torch.Tensor] = None
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
 
 
 @dataclass
@@ -57,29 +40,6 @@ class ClipOutput:
 
 def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def colour_code_pointmaps(*pointmaps: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
-    """World XYZ maps ``[N,3,H,W]`` → images in [0,1], normalised per axis over all given maps together.
-
-    A shared box keeps the colour of a 3D point the same in targets and references, which is what lets the
-    memory match them. Non-finite points become 0.
-    """
-    present = [p for p in pointmaps if p is not None]
-    if not present:
-        return [None for _ in pointmaps]
-    flat = torch.cat([p.float().permute(1, 0, 2, 3).reshape(3, -1) for p in present], dim=1)
-    finite = torch.isfinite(flat).all(0)
-    pts = flat[:, finite] if finite.any() else flat.new_zeros(3, 1)
-    lo, hi = pts.min(dim=1).values.view(1, 3, 1, 1), pts.max(dim=1).values.view(1, 3, 1, 1)
-    out = []
-    for p in pointmaps:
-        if p is None:
-            out.append(None)
-            continue
-        q = ((p.float() - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
-        out.append(torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0))
-    return out
 
 
 class ClipPipeline:
@@ -176,14 +136,21 @@ class ClipPipeline:
         variant = self.config.variant or ""
         return self.config.dmd_steps is not None or variant.endswith("-dmd")
 
+    @property
+    def uses_pointmaps(self) -> bool:
+        """Whether the model reads pointmaps (the paper's branch-form memory; no released checkpoint does)."""
+        return getattr(self.transformer, "memory_branch", None) is not None
+
     def make_sampler(self, steps: Optional[int] = None) -> Sampler:
+        """DMD with the checkpoint config's shift / start / end steps, or UniPC configured by the base model's
+        scheduler config — as ``WorldStereo._build_pipeline`` (models/worldstereo_wrapper.py) builds them."""
         cfg = self.config
-        shift = float(cfg.gen_shift) if cfg.gen_shift is not None else DEFAULT_SHIFT
         if self.is_distilled:
+            shift = float(cfg.gen_shift) if cfg.gen_shift is not None else DEFAULT_SHIFT
             return make_sampler("dmd", steps=steps or cfg.dmd_steps or 4, shift=shift,
                                 dmd_start=cfg.dmd_start_steps if cfg.dmd_start_steps is not None else 250,
                                 dmd_end=cfg.dmd_end_steps if cfg.dmd_end_steps is not None else 1000)
-        return make_sampler("unipc", steps=steps or 40, shift=shift)
+        return make_sampler("unipc", steps=steps or 40, scheduler_config=self.components.scheduler_config)
 
     # ------------------------------------------------------------------ one clip
     @torch.no_grad()
@@ -192,22 +159,35 @@ class ClipPipeline:
                  references: Optional[References] = None, pointmaps: Optional[torch.Tensor] = None, seed: int = 0,
                  steps: Optional[int] = None, guidance: float = DEFAULT_GUIDANCE, progress: Optional[Progress] = None,
                  cancel: Optional[Callable[[], bool]] = None) -> ClipOutput:
-        """Generate the F keyframes along ``cameras`` (frame 0 is the input view).
+        """Generate the F keyframes along ``cameras`` (frame 0 is the input view) from the engine's own tensors.
 
-        ``render`` ``[F,3,H,W]`` and ``render_mask`` ``[F,H,W]`` (True where the cache covers the pixel) are the
-        3D cache rendered along the cameras; ``pointmaps`` ``[F,3,H,W]`` their world XYZ (branch-form memory only).
-        Variants without memory ignore ``references``. ``guidance`` applies to the 40-step variants only.
+        ``image [3,H,W]`` and ``render [F,3,H,W]`` in [0,1], ``render_mask [F,H,W]`` True where the 3D cache covers the
+        pixel, ``pointmaps [F,3,H,W]`` their world XYZ (branch-form memory only); they become the official
+        conditions through ``engine.conditioning.conditions_from_render``, then ``generate`` runs.
         """
+        self._check_engine_inputs(image, cameras, render, render_mask, references, pointmaps)
+        memory = self.config.has_memory
+        cond = conditions_from_render(image, cameras, render, render_mask,
+                                      references=references if memory and references is not None and len(references) else None,
+                                      pointmaps=pointmaps if self.uses_pointmaps else None, memory=memory)
+        return self.generate(cond, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                             guidance=guidance, progress=progress, cancel=cancel)
+
+    @torch.no_grad()
+    def generate(self, conditions: ClipConditions, prompt: Optional[str] = None,
+                 negative_prompt: Optional[str] = None, seed: int = 0, steps: Optional[int] = None,
+                 guidance: float = DEFAULT_GUIDANCE, progress: Optional[Progress] = None,
+                 cancel: Optional[Callable[[], bool]] = None) -> ClipOutput:
+        """Generate one clip from its official conditions. Variants without memory ignore references and camera
+        codes; ``guidance`` applies to the 40-step variants only (the unconditional branch differs in text only);
+        ``negative_prompt`` defaults to the checkpoint config's."""
         report = ensure(progress)
-        f, h, w = self._check_inputs(image, cameras, render, render_mask, references, pointmaps)
-        if references is not None and (len(references) == 0 or not self.config.has_memory):
-            references = None
+        f, h, w = self._check_conditions(conditions)
         sampler = self.make_sampler(steps)
         use_cfg = sampler.uses_guidance and guidance is not None and float(guidance) != 1.0
 
         report(0.0, "encoding conditions")
-        cond = self._conditions(image, cameras, render, render_mask, prompt, negative_prompt, references, pointmaps,
-                                use_cfg)
+        cond = self._model_inputs(conditions, prompt, negative_prompt, use_cfg)
         batch = 2 if use_cfg else 1
         cond = {k: (v.expand(batch, *v.shape[1:]) if torch.is_tensor(v) and v.shape[0] == 1 and k != "text" else v)
                 for k, v in cond.items()}
@@ -235,7 +215,7 @@ class ClipPipeline:
         return ClipOutput(frames=frames, latents=latents.float().cpu())
 
     # ------------------------------------------------------------------ helpers
-    def _check_inputs(self, image, cameras, render, render_mask, references, pointmaps) -> tuple[int, int, int]:
+    def _check_engine_inputs(self, image, cameras, render, render_mask, references, pointmaps) -> None:
         if render.dim() != 4 or render.shape[1] != 3:
             raise ClipInputError(f"render must be [F,3,H,W]; got {tuple(render.shape)}.")
         f, _, h, w = render.shape
@@ -245,89 +225,76 @@ class ClipPipeline:
             raise ClipInputError(f"render_mask must be [{f},{h},{w}]; got {tuple(render_mask.shape)}.")
         if len(cameras) != f:
             raise ClipInputError(f"{len(cameras)} cameras were given for {f} render frames; pass one per frame.")
-        if f < 2:
-            raise ClipInputError("A clip needs the input frame and at least one target frame.")
-        if h % SPATIAL_MULTIPLE or w % SPATIAL_MULTIPLE:
-            raise ClipInputError(f"Frame size {w}x{h} must be a multiple of {SPATIAL_MULTIPLE} in both directions; "
-                                 "resize or crop the inputs.")
         if pointmaps is not None and tuple(pointmaps.shape) != (f, 3, h, w):
             raise ClipInputError(f"pointmaps must be [{f},3,{h},{w}]; got {tuple(pointmaps.shape)}.")
         if references is not None and len(references) > 0:
             r = len(references)
             if tuple(references.images.shape) != (r, 3, h, w):
                 raise ClipInputError(f"reference images must be [R,3,{h},{w}]; got {tuple(references.images.shape)}.")
-            if r > MAX_REFERENCES:
-                raise ClipInputError(f"{r} references were given; the model takes at most {MAX_REFERENCES}.")
             if len(references.cameras) != r or tuple(torch.as_tensor(references.ref_index).shape) != (r,):
                 raise ClipInputError("references need one camera and one ref_index per reference image.")
-            idx = torch.as_tensor(references.ref_index)
-            if int(idx.min()) < 0 or int(idx.max()) > f - 2:
-                raise ClipInputError(f"ref_index values must lie in 0..{f - 2} (target frames after the input frame).")
             if references.pointmaps is not None and tuple(references.pointmaps.shape) != (r, 3, h, w):
                 raise ClipInputError(f"reference pointmaps must be [{r},3,{h},{w}]; "
                                      f"got {tuple(references.pointmaps.shape)}.")
+
+    def _check_conditions(self, cond: ClipConditions) -> tuple[int, int, int]:
+        f = cond.num_frames
+        h, w = cond.size
+        if cond.stride != 1 or tuple(cond.render_video.shape[-2:]) != (h, w):
+            raise ClipInputError("These conditions hold every few pixels only (a stride); build them at full size.")
+        if f < 2:
+            raise ClipInputError("A clip needs the input frame and at least one target frame.")
+        if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+            raise ClipInputError(f"Frame size {w}x{h} must be a multiple of {SIZE_MULTIPLE} in both directions; "
+                                 "resize or crop the inputs.")
+        r = cond.num_references
+        if r > MAX_REFERENCES:
+            raise ClipInputError(f"{r} references were given; the model takes at most {MAX_REFERENCES}.")
+        if r and (int(cond.ref_index.min()) < 0 or int(cond.ref_index.max()) > f - 2):
+            raise ClipInputError(f"ref_index values must lie in 0..{f - 2} (target frames after the input frame).")
         return f, h, w
 
-    def _conditions(self, image, cameras, render, render_mask, prompt, negative_prompt, references, pointmaps,
-                    use_cfg: bool) -> dict:
+    def _model_inputs(self, cond: ClipConditions, prompt, negative_prompt, use_cfg: bool) -> dict:
+        """The transformer's keyword inputs (plus ``first_frame``: the 20 mask + condition channels of
+        ``hidden_states`` and ``text``), as the release's pipelines assemble them."""
         comps, dev, dt = self.components, self.device, self.dtype
-        f, _, h, w = render.shape
+        f = cond.num_frames
+        h, w = cond.size
         texts = [prompt or ""]
         if use_cfg:
             texts.append(self.config.negative_prompt if negative_prompt is None else negative_prompt)
         text = comps.encode_prompt(texts)
-        image_tokens = comps.encode_image(image[None])
+        image_tokens = comps.encode_image(cond.image)
 
-        use_pointmaps = getattr(self.transformer, "memory_branch", None) is not None and references is not None
-        pm_targets, pm_refs = colour_code_pointmaps(pointmaps if use_pointmaps else None,
-                                                    references.pointmaps if use_pointmaps else None)
-        # Every keyframe is its own one-frame video, so all of them go through the VAE in one batched call.
-        gray = torch.full_like(image, 0.5)  # Wan's "no frame" condition: zeros in [-1, 1]
-        parts = [image[None], gray[None], render]
-        if references is not None:
-            parts.append(references.images)
-        parts += [p for p in (pm_targets, pm_refs) if p is not None]
-        latents = comps.encode_frames(torch.cat([p.float().cpu() for p in parts]))
-        sizes = [p.shape[0] for p in parts]
-        chunks = list(latents.split(sizes, dim=2))
-        first, empty, render_latent = chunks[0], chunks[1], chunks[2]
-        rest = chunks[3:]
-        self._offload()
-
-        cond_latent = torch.cat([first, empty.expand(-1, -1, f - 1, -1, -1)], dim=2)
+        cond_latent = comps.condition_latents(cond.image_tensor(), f, self.config.latent_cond_mode)
         mask = torch.zeros(1, MASK_CHANNELS, f, h // 8, w // 8, device=dev, dtype=dt)
-        mask[:, :, 0] = 1  # frame 0 is given
-        first_frame = torch.cat([mask, cond_latent.to(dev, dt)], dim=1)
-
-        # Codes in one normalised frame for targets and references (relative to the input camera, unit scale).
-        def at_frame_size(c: Cameras) -> Cameras:
-            return c if (c.width, c.height) == (w, h) else c.resized(w, h)
-
-        all_cams = at_frame_size(cameras)
-        if references is not None:
-            all_cams = Cameras.cat([all_cams, at_frame_size(references.cameras).to(cameras.device, cameras.dtype)])
-        norm = all_cams.normalized(0)
-        tgt = norm[:f]
+        mask[:, :, 0] = 1  # only latent frame 0 (the input view) is given
         out = {
-            "first_frame": first_frame,
+            "first_frame": torch.cat([mask, cond_latent.to(dev, dt)], dim=1),
             "text": text,
             "encoder_hidden_states_image": image_tokens.expand(len(texts), -1, -1),
-            "render_latent": render_latent.to(dev, dt),
-            "render_mask": render_mask.to(dev, dt)[None, None],
-            "camera_embedding": tgt.plucker().to(dev, dt).permute(1, 0, 2, 3)[None],
-            "extrinsics": tgt.w2c.to(dev, dt)[None],
-            "intrinsics": tgt.K.to(dev, dt)[None],
-            "camera_qt": tgt.quaternion_translation().to(dev, dt)[None],
+            "render_latent": comps.encode_keyframes(cond.render_video).to(dev, dt),
+            "render_mask": cond.render_mask.to(dev, dt),
+            "camera_embedding": cond.camera_embedding.to(dev, dt),
+            "extrinsics": cond.extrinsics.to(dev, dt)[None],
+            "intrinsics": cond.intrinsics.to(dev, dt)[None],
         }
-        if references is not None:
-            out["reference_latent"] = rest.pop(0).to(dev, dt)
-            out["ref_index"] = torch.as_tensor(references.ref_index, dtype=torch.long, device=dev)[None]
-            out["camera_qt_ref"] = norm[f:].quaternion_translation().to(dev, dt)[None]
-        if use_pointmaps:
-            if pm_targets is not None:
-                out["pointmap_latent"] = rest.pop(0).to(dev, dt)
-            if pm_refs is not None:
-                out["ref_pointmap_latent"] = rest.pop(0).to(dev, dt)
+        memory = self.config.has_memory
+        if memory and cond.camera_qt is not None:
+            out["camera_qt"] = cond.camera_qt.to(dev, dt)
+        if memory and cond.num_references:
+            ref = comps.encode_keyframes(cond.reference_video)
+            # 36 channels as the release stacks a known frame: [latent 16, ones 4, latent 16]
+            out["reference_latent"] = torch.cat([ref, torch.ones_like(ref[:, :MASK_CHANNELS]), ref], dim=1).to(dev, dt)
+            out["ref_index"] = cond.ref_index.to(dev, torch.long)[None]
+            out["camera_qt_ref"] = cond.camera_qt_ref.to(dev, dt)
+            if self.uses_pointmaps:
+                targets, refs = colour_coded_pointmaps(cond.pointmaps, cond.reference_pointmaps)
+                if targets is not None:
+                    out["pointmap_latent"] = comps.encode_keyframes(targets.transpose(0, 1)[None]).to(dev, dt)
+                if refs is not None:
+                    out["ref_pointmap_latent"] = comps.encode_keyframes(refs.transpose(0, 1)[None]).to(dev, dt)
+        self._offload()
         return out
 
 

@@ -1,7 +1,12 @@
-"""``python -m engine render``: a scene's 3D cache rendered along a trajectory (the GGM inputs).
+"""``python -m engine render`` and ``python -m engine conditions``: a first clip's inputs without any network.
 
-A scene is either a job folder (its current cache is rendered) or an example-style folder holding one image
-(``image.png`` or ``start_frame.png``, any real format) and optionally its official ``camera.json``.
+``render``: a scene's 3D cache rendered along a trajectory, written as the official ``render.mp4`` /
+``render_mask.mp4`` (holes mid-grey and white in the mask, frame 0 the input view) and ``cameras.json``. A scene is
+a job folder (its current cache is rendered) or an example-style folder holding one image (``image.png`` or
+``start_frame.png``, any real format) and optionally its official ``camera.json``.
+
+``conditions``: the conditioning of a photo's first clip exactly as the transformer would receive it, before any
+VAE encoding (``engine.conditioning.ClipConditions``), at the engine's real size, written as safetensors.
 """
 from __future__ import annotations
 
@@ -9,12 +14,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
-from engine import outputs
-from engine.geometry.cameras import Cameras
-from engine.geometry.cache import PointCache
+from engine import conditioning, outputs
 from engine.geometry import trajectories as traj
+from engine.geometry.cameras import Cameras
 
 IMAGE_NAMES = ("image.png", "image.jpg", "image.jpeg", "image.webp", "start_frame.png")
 
@@ -23,75 +26,127 @@ class RenderInputError(ValueError):
     """A render request that cannot be carried out; one sentence."""
 
 
-def _requested_cameras(trajectory: Optional[str], folder: Path) -> tuple[Optional[Cameras], Optional[str]]:
-    """(cameras from a file, or None) and (a preset name, or None)."""
+def _requested(trajectory: Optional[str], folder: Path) -> tuple[Optional[Path], Optional[str]]:
+    """(a camera file, or None) and (a preset name, or None)."""
     if trajectory and trajectory.lower().endswith(".json"):
-        return Cameras.from_json(trajectory), None
+        return Path(trajectory), None
     if trajectory:
         if trajectory not in traj.PRESETS:
             raise RenderInputError(f"Unknown trajectory '{trajectory}'; give a camera.json or one of: {', '.join(traj.PRESETS)}.")
         return None, trajectory
     if (folder / "camera.json").is_file():
-        return Cameras.from_json(folder / "camera.json"), None
+        return folder / "camera.json", None
     return None, "orbit"
 
 
-def _fit(image: torch.Tensor, max_side: int) -> torch.Tensor:
-    h, w = image.shape[-2:]
-    scale = min(1.0, max_side / max(h, w))
-    if scale >= 1.0:
-        return image
-    size = (max(2, int(round(h * scale / 2)) * 2), max(2, int(round(w * scale / 2)) * 2))
-    return F.interpolate(image[None], size=size, mode="area")[0]
+def photo_first_clip(image: torch.Tensor, camera_file: Optional[Path], preset: Optional[str],
+                     size: tuple[int, int], frames: int, depth: Optional[str],
+                     announce: Callable[[str], None] = print):
+    """The photo's seed (bucket image, start camera, first cache) and the first clip's keyframe cameras, as the
+    release's single-view path has them: a camera file's trajectory subsampled to ``frames`` keyframes with its
+    intrinsics rescaled from the photo to ``size``, or a preset from the start camera."""
+    from engine.depth import PlaneDepth, load_depth_estimator
+    from engine.scene import check_frames
+    from engine.scene_init import DepthSource, seed_photo
+
+    h0, w0 = image.shape[-2:]
+    file_cams = Cameras.from_json(camera_file, w0, h0) if camera_file is not None else None
+    if file_cams is not None:
+        check_frames(len(file_cams), f"Camera file {camera_file.name}")
+    estimator = load_depth_estimator(depth, announce=announce)
+    if file_cams is not None and isinstance(estimator, PlaneDepth):
+        # Official files put the world origin at the look-at point: the plane goes through it.
+        estimator = PlaneDepth(depth=float(file_cams.centers[0].norm()) or estimator.depth)
+    seed = seed_photo(image, DepthSource(estimator, estimator.source), camera_file, size)
+    if file_cams is not None:
+        cams = conditioning.official_cameras(file_cams, (h0, w0), size, frames)
+    else:
+        cams = traj.make_trajectory(preset, seed.start_camera, seed.median_depth, frames=frames)
+    return seed, cams
 
 
 def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: Optional[str] = None,
                  frames: int = 21, max_side: int = 768, radius: int = 1,
                  announce: Callable[[str], None] = print) -> Cameras:
-    from engine.depth import PlaneDepth, load_depth_estimator
-    from engine.images import load_image
+    """Render a scene's cache along a trajectory (see the module doc); returns the cameras used."""
+    from engine.images import load_image, to_pil
 
     folder, out_dir = Path(scene), Path(out)
     if not folder.is_dir():
         raise RenderInputError(f"Scene folder {folder} does not exist.")
-    file_cams, preset = _requested_cameras(trajectory, folder)
+    camera_file, preset = _requested(trajectory, folder)
     if (folder / "manifest.json").is_file():
         from engine.scene import Scene, TrajectoryRequest
 
         job = Scene.open(folder, announce=announce)
+        file_cams = job.read_camera_file(camera_file) if camera_file is not None else None
         cams = job.plan(TrajectoryRequest(name=preset or "camera.json", cameras=file_cams, frames=frames))
-        cache = job.cache
+        image, cache = job.start_image_for(cams[0:1]), job.cache
     else:
         image_path = next((folder / n for n in IMAGE_NAMES if (folder / n).is_file()), None)
         if image_path is None:
             raise RenderInputError(f"{folder} holds no image ({', '.join(IMAGE_NAMES)}) and is not a job folder.")
-        image = load_image(image_path)
-        h0, w0 = image.shape[-2:]
-        estimator = load_depth_estimator(depth, announce=announce)
-        if file_cams is not None:
-            start = file_cams[0].resized(w0, h0) if (file_cams.width, file_cams.height) != (w0, h0) else file_cams[0]
-            if isinstance(estimator, PlaneDepth):
-                # Official files put the world origin at the look-at point: the plane goes through it.
-                estimator = PlaneDepth(depth=float(start.centers[0].norm()) or estimator.depth)
-        else:
-            k = estimator.estimate(image).intrinsics.double().reshape(1, 3, 3)
-            start = Cameras(torch.eye(4, dtype=torch.float64), k, w0, h0)
-        image = _fit(image, max_side)
-        start = start.resized(image.shape[-1], image.shape[-2])
-        fov_x = float(torch.rad2deg(2 * torch.atan(start.width / (2 * start.K[0, 0, 0]))))
-        est = estimator.estimate(image, fov_x=fov_x)
-        d = est.depth.float()
-        if d.shape != image.shape[-2:]:
-            raise RenderInputError(f"Depth map is {tuple(d.shape)} but the image is {tuple(image.shape[-2:])}; give a depth of the image's size.")
-        cache = PointCache.empty()
-        cache.add_frame(image, d, start, frame_id=0, valid=est.mask.bool() & (d > 0))
-        if file_cams is not None:
-            cams = file_cams.resized(start.width, start.height)
-        else:
-            cams = traj.make_trajectory(preset, start, float(d[d > 0].median()), frames=frames)
+        photo = load_image(image_path)
+        bucket = conditioning.assign_bucket(*photo.shape[-2:])
+        size = conditioning.scale_bucket(bucket, min(1.0, max_side / max(bucket)))
+        seed, cams = photo_first_clip(photo, camera_file, preset, size, frames, depth, announce)
+        image, cache = seed.image, seed.cache
     result = cache.render(cams, radius=radius)
+    video, mask = conditioning.render_video_and_mask(to_pil(image), result.image, result.mask)
     out_dir.mkdir(parents=True, exist_ok=True)
-    outputs.write_video(out_dir / "render.mp4", result.image)
-    outputs.write_mask_video(out_dir / "render_mask.mp4", ~result.mask)  # official convention: white = hole
+    outputs.write_video(out_dir / "render.mp4", (video[0].transpose(0, 1) + 1) / 2)
+    outputs.write_mask_video(out_dir / "render_mask.mp4", mask[0, 0] > 0.5)  # official convention: white = hole
     cams.save_json(out_dir / "cameras.json")
     return cams
+
+
+def write_conditions(image_path: str, out: str, camera_json: Optional[str] = None, trajectory: Optional[str] = None,
+                     render_dir: Optional[str] = None, engine: str = "worldstereo-memory-dmd",
+                     weights: Optional[str] = None, stride: int = 1, depth: Optional[str] = None,
+                     announce: Callable[[str], None] = print) -> conditioning.ClipConditions:
+    """Write the conditioning of a photo's first clip (see the module doc) to ``out``; returns it.
+
+    The checkpoint's config.json gives the buckets, keyframe count and variant when its files are here, else the
+    release's defaults; depth comes from MoGe when its weights are here, else the announced fallback. A single view
+    has one reference, the input view at target 0.
+    """
+    from engine.engines import ENGINES
+    from engine.images import load_image
+    from engine.scene import bucket_size
+    from engine.scene_init import checkpoint_config
+
+    if engine not in ENGINES:
+        raise RenderInputError(f"Unknown engine '{engine}'; choose one of: {', '.join(ENGINES)}.")
+    if engine == "preview":
+        raise RenderInputError("The preview engine runs no network, so it has no model conditioning; choose "
+                               "worldstereo-memory-dmd, worldstereo-memory, worldstereo-camera or tiny-random.")
+    if sum(x is not None for x in (camera_json, trajectory, render_dir)) != 1:
+        raise RenderInputError("Give exactly one trajectory: --camera-json FILE, --trajectory NAME or --render-dir DIR.")
+    if trajectory is not None and trajectory not in traj.PRESETS:
+        raise RenderInputError(f"Unknown trajectory '{trajectory}'; choose one of: {', '.join(traj.PRESETS)}.")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise RenderInputError(f"The stride must be a whole number of pixels from 1 up; got {stride!r:.40}.")
+    config = checkpoint_config(engine, weights)
+    nframe = config.nframe if config is not None else conditioning.DEFAULT_NFRAME
+    memory = config.has_memory if config is not None else engine != "worldstereo-camera"
+    image = load_image(image_path)
+    h0, w0 = image.shape[-2:]
+    size = bucket_size(engine, h0, w0, config.scale_map if config is not None else None)
+    if render_dir is not None:
+        folder = conditioning.check_render_dir(render_dir)
+        bucket_image = conditioning.pil_to_tensor(conditioning.stretch_to_bucket(image, size))
+        cams = conditioning.official_cameras(Cameras.from_json(folder / "camera.json", w0, h0), (h0, w0), size,
+                                             nframe)
+        refs = conditioning.single_view_references(bucket_image, cams) if memory else None
+        cond = conditioning.conditions_from_render_dir(folder, bucket_image, cams, nframe, refs, memory=memory,
+                                                       stride=stride)
+    else:
+        seed, cams = photo_first_clip(image, Path(camera_json) if camera_json else None, trajectory, size, nframe,
+                                      depth, announce)
+        render = seed.cache.render(cams)
+        refs = conditioning.single_view_references(seed.image, cams) if memory else None
+        cond = conditioning.conditions_from_render(seed.image, cams, render.image, render.mask, refs, memory=memory,
+                                                   stride=stride)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    cond.save(out)
+    return cond

@@ -1,7 +1,8 @@
 """Samplers for the flow-matching ODE: 4-step DMD Euler and 40-step UniPC (with classifier-free guidance).
 
 Flow-matching convention (Wan): ``x_sigma = (1 - sigma) * x_0 + sigma * noise`` and the network predicts the
-velocity ``v = noise - x_0``; the model's timestep is ``1000 * sigma``. A sampler exposes the timesteps it
+velocity ``v = noise - x_0``; the model's timestep is ``1000 * sigma`` (for DMD ``dmd_end_steps * sigma``, as the
+release's DMD scheduler counts its training timesteps to ``dmd_end_steps``). A sampler exposes the timesteps it
 wants the model evaluated at and advances ``x`` from one of them to the next given the velocity there.
 """
 from __future__ import annotations
@@ -29,11 +30,14 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def dmd_timesteps(steps: int = 4, start: float = 250, end: float = 1000, shift: float = 1.0) -> torch.Tensor:
-    """The DMD student's timesteps (float64, descending, in model units 0..1000)."""
+    """The DMD student's timesteps (float64, descending, in model units), as the release's
+    ``FlowGeneratorScheduler`` (models/dmd_scheduler.py) makes them: ``end`` (the config's ``dmd_end_steps``) is
+    its ``num_train_timesteps``, so ``linspace(start, end, steps)`` reversed is divided by ``end``, shifted, and
+    multiplied by ``end`` again; the noise level of a timestep is ``t / end``."""
     if steps < 1:
         raise ValueError(f"DMD needs at least one step; got {steps}.")
-    t = torch.linspace(float(start), float(end), steps, dtype=torch.float64).flip(0) / NUM_TRAIN_TIMESTEPS
-    return shift_sigmas(t, float(shift)) * NUM_TRAIN_TIMESTEPS
+    t = torch.linspace(float(start), float(end), steps, dtype=torch.float64).flip(0) / float(end)
+    return shift_sigmas(t, float(shift)) * float(end)
 
 
 class Sampler(Protocol):
@@ -58,7 +62,7 @@ class DMDEulerSampler:
 
     def __init__(self, steps: int = 4, start: float = 250, end: float = 1000, shift: float = 1.0):
         self.timesteps = dmd_timesteps(steps, start, end, shift).float()
-        sig = dmd_timesteps(steps, start, end, shift) / NUM_TRAIN_TIMESTEPS
+        sig = dmd_timesteps(steps, start, end, shift) / float(end)
         self.sigmas = torch.cat([sig, sig.new_zeros(1)])  # float64: the step sizes are differences of these
 
     def reset(self) -> None:
@@ -70,21 +74,28 @@ class DMDEulerSampler:
 
 
 class UniPCSampler:
-    """UniPC multistep (diffusers) configured for flow matching, as the Wan2.1 pipelines use it."""
+    """UniPC multistep (diffusers) configured for flow matching, as the Wan2.1 pipelines use it.
+
+    ``config``: a scheduler config (the base model's ``scheduler/scheduler_config.json``, which the release loads
+    with ``UniPCMultistepScheduler.from_pretrained``); it wins over ``shift`` and ``solver_order``.
+    """
 
     uses_guidance = True
 
-    def __init__(self, steps: int = 40, shift: float = 3.0, solver_order: int = 2):
+    def __init__(self, steps: int = 40, shift: float = 3.0, solver_order: int = 2, config: Optional[dict] = None):
         from diffusers import UniPCMultistepScheduler
 
         self.num_steps = int(steps)
-        self.scheduler = UniPCMultistepScheduler(
-            num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-            prediction_type="flow_prediction",
-            use_flow_sigmas=True,
-            flow_shift=float(shift),
-            solver_order=solver_order,
-        )
+        if config is not None:
+            self.scheduler = UniPCMultistepScheduler.from_config(config)
+        else:
+            self.scheduler = UniPCMultistepScheduler(
+                num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+                prediction_type="flow_prediction",
+                use_flow_sigmas=True,
+                flow_shift=float(shift),
+                solver_order=solver_order,
+            )
         self.reset()
 
     def reset(self) -> None:
@@ -106,12 +117,12 @@ class UniPCSampler:
 
 
 def make_sampler(kind: str, steps: Optional[int] = None, shift: float = 3.0, dmd_start: float = 250,
-                 dmd_end: float = 1000) -> Sampler:
-    """``kind`` is 'dmd' (default 4 steps) or 'unipc' (default 40 steps)."""
+                 dmd_end: float = 1000, scheduler_config: Optional[dict] = None) -> Sampler:
+    """``kind`` is 'dmd' (default 4 steps) or 'unipc' (default 40 steps; ``scheduler_config`` as ``UniPCSampler``)."""
     if kind == "dmd":
         return DMDEulerSampler(steps or 4, dmd_start, dmd_end, shift)
     if kind == "unipc":
-        return UniPCSampler(steps or 40, shift)
+        return UniPCSampler(steps or 40, shift, config=scheduler_config)
     raise ValueError(f"Unknown sampler '{kind}'; use 'dmd' or 'unipc'.")
 
 

@@ -29,14 +29,14 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from engine import outputs
+from engine import conditioning, outputs
 from engine.atomicio import atomic_write_json, file_sha256
 from engine.engines import ENGINES
 from engine.geometry.cameras import Cameras
 from engine.geometry.cache import PointCache
 from engine.geometry.memory import MemoryBank
 from engine.geometry import trajectories as traj
-from engine.images import default_buckets, load_image, save_image, scaled_buckets
+from engine.images import load_image, save_image
 from engine.preview import PREVIEW_NOTE
 from engine.progress import Progress, ensure, span
 from engine.sampling import SamplingCancelled
@@ -45,7 +45,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 # Engines without the real network use the official aspect buckets at a fraction of the size, so a CPU run
-# stays quick while showing the same framing.
+# stays quick while showing the same framing (the bucket is chosen at full size, then scaled).
 ENGINE_SCALE = {"preview": 0.5, "tiny-random": 1 / 6}
 DEFAULT_PHOTO_TRAJECTORIES = ("up", "left", "right", "orbit")  # the paper's benchmark set
 # A clip holds every frame, render, mask and pointmap in memory at once (about 10 MB a frame at full size), so a
@@ -65,9 +65,11 @@ class GenerationCancelled(RuntimeError):
     """Raised when the caller's cancel flag is set; the scene keeps its last committed state."""
 
 
-def buckets_for(engine: str) -> list[tuple[int, int]]:
-    """``(height, width)`` aspect buckets of an engine (the official 480x768 .. 768x480 range, scaled)."""
-    return scaled_buckets(default_buckets(), ENGINE_SCALE.get(engine, 1.0))
+def bucket_size(engine: str, height: int, width: int, scale_map=None) -> tuple[int, int]:
+    """``(height, width)`` of a scene's frames for an input of ``height x width``: the official bucket (nearest
+    aspect in the checkpoint's ``scale_map``), scaled by ``ENGINE_SCALE`` for the small engines."""
+    bucket = conditioning.assign_bucket(height, width, scale_map)
+    return conditioning.scale_bucket(bucket, ENGINE_SCALE.get(engine, 1.0))
 
 
 @dataclass
@@ -138,12 +140,18 @@ class ClipRecord:
 
 @dataclass
 class TrajectoryRequest:
-    """A trajectory to generate: a preset name (optionally ``view<k>:`` prefixed for panoramas) or cameras."""
+    """A trajectory to generate: a preset name (optionally ``view<k>:`` prefixed for panoramas) or cameras.
+
+    ``cameras`` (an official camera file's, intrinsics in pixels of the input image) are subsampled to the clip's
+    keyframe count as the release does. ``render_dir``: an official pre-rendered trajectory folder whose
+    ``render.mp4`` / ``render_mask.mp4`` are this clip's GGM inputs (``cameras`` are then its ``camera.json``).
+    """
 
     name: str
     cameras: Optional[Cameras] = None
     amount: Optional[float] = None
     frames: Optional[int] = None
+    render_dir: Optional[str] = None
 
     @classmethod
     def parse(cls, spec: Union[str, "TrajectoryRequest"]) -> "TrajectoryRequest":
@@ -203,7 +211,9 @@ class Scene:
         if panorama:
             seed = scene_init.seed_panorama(img, settings, depth_source, span(report, 0.2, 0.9))
         else:
-            seed = scene_init.seed_photo(img, settings, depth_source, camera_json, span(report, 0.2, 0.9))
+            size = scene_init.photo_size(img.shape[-2], img.shape[-1], settings)
+            user_depth = settings.depth if scene_init.is_depth_file(settings.depth) else None
+            seed = scene_init.seed_photo(img, depth_source, camera_json, size, user_depth, span(report, 0.2, 0.9))
         # Nothing is written before the input has been fully understood: a refused input leaves no folder.
         job_dir.mkdir(parents=True, exist_ok=True)
         save_image(job_dir / "input.png", seed.image)
@@ -219,6 +229,7 @@ class Scene:
             "engine_note": PREVIEW_NOTE if settings.engine == "preview" else ENGINES[settings.engine].description,
             "settings": asdict(settings),
             "size": [int(seed.image.shape[-2]), int(seed.image.shape[-1])],
+            "input_size": [int(img.shape[-2]), int(img.shape[-1])],
             "median_depth": seed.median_depth,
             "start_views": seed.start_views,
             "depth_note": seed.depth_note,
@@ -293,13 +304,21 @@ class Scene:
             return Cameras(w2c, self.start_camera.K, self.start_camera.width, self.start_camera.height), preset
         return self.start_camera, name
 
+    def read_camera_file(self, path: Union[str, Path]) -> Cameras:
+        """An official camera file for this scene: its intrinsics are pixels of the input image as given (the
+        release's reading), so they are declared at the input's size when the manifest records it."""
+        size = self.manifest.get("input_size")
+        if size:
+            return Cameras.from_json(path, width=int(size[1]), height=int(size[0]))
+        return Cameras.from_json(path)
+
     def plan(self, request: Union[str, TrajectoryRequest]) -> Cameras:
         """The cameras a trajectory will use (for drawing the path before generating)."""
         req = TrajectoryRequest.parse(request)
         frames = self.settings.frames if req.frames is None else req.frames
         if req.cameras is not None:
-            cams = req.cameras
-            check_frames(len(cams), f"Trajectory '{req.name[:40]}'")
+            check_frames(len(req.cameras), f"Trajectory '{req.name[:40]}'")  # the file's own size bound
+            cams = conditioning.select_keyframes(req.cameras, frames)
             if (cams.width, cams.height) != (self.start_camera.width, self.start_camera.height):
                 cams = cams.resized(self.start_camera.width, self.start_camera.height)
             return cams
@@ -363,17 +382,22 @@ class Scene:
         t = time.perf_counter()
         report(0.05, f"{name}: retrieving references")
         # Targets are frames 1..F-1 (frame 0 is the input view): ref_index k serves frame k + 1.
-        retrieval = self.bank.retrieve(cams[1:], max_refs=self.settings.max_refs)
+        single_view = self._single_view
+        if single_view:
+            retrieval = self.bank.input_view_retrieval(cams[1:])
+        else:
+            retrieval = self.bank.retrieve(cams[1:], max_refs=self.settings.max_refs)
         timings["retrieve"] = time.perf_counter() - t
         check_cancel()
 
         t = time.perf_counter()
-        start_image = self._start_image_for(cams[0:1])
+        start_image = self.start_image_for(cams[0:1])
+        generator = self._clip_generator()
+        conditions = self._conditions(req, cams, render, retrieval, start_image, single_view, generator)
         try:
-            frames = self._clip_generator().generate(
-                start_image=start_image, cameras=cams, render=render, bank=self.bank, retrieval=retrieval,
-                cache=self.cache, prompt=self.settings.prompt, seed=self.settings.seed + index,
-                progress=span(report, 0.1, 0.8), cancel=cancel)
+            frames = generator.generate(conditions=conditions, prompt=self.settings.prompt,
+                                        seed=self.settings.seed + index, progress=span(report, 0.1, 0.8),
+                                        cancel=cancel)
         except SamplingCancelled:
             # One cancellation type for callers, whichever stage noticed the flag.
             raise GenerationCancelled("Generation was cancelled; the scene keeps every finished clip.") from None
@@ -398,7 +422,7 @@ class Scene:
 
         t = time.perf_counter()
         report(0.92, f"{name}: writing outputs")
-        folder = self._write_clip(name, frames, cams, render, retrieval, keep, torch.stack(kept_depths), index)
+        folder = self._write_clip(name, frames, cams, conditions, retrieval, keep, torch.stack(kept_depths), index)
         record = ClipRecord(name=name, folder=folder, trajectory=req.name, frames=len(cams),
                             references=len(retrieval.refs), seconds=timings)
         cache_file = f"state/cache-{index + 1:04d}.ply"
@@ -429,7 +453,36 @@ class Scene:
         report(1.0, f"{name}: done")
         return record
 
-    def _start_image_for(self, camera: Cameras) -> torch.Tensor:
+    @property
+    def _single_view(self) -> bool:
+        """The first clip of a photo, which the release conditions on the input view alone."""
+        return self.manifest["kind"] == "photo" and not self.manifest["clips"]
+
+    def _conditions(self, req: TrajectoryRequest, cams: Cameras, render, retrieval, start_image: torch.Tensor,
+                    single_view: bool, generator) -> conditioning.ClipConditions:
+        """The clip's official conditions: the cache render (or the request's pre-rendered folder) along ``cams``,
+        and for memory models the retrieved references (the input view alone on a photo's first clip)."""
+        memory = getattr(generator, "has_memory", False)
+        use_pointmaps = getattr(generator, "uses_pointmaps", False)
+        refs = None
+        if memory and retrieval.refs:
+            if single_view:
+                refs = conditioning.single_view_references(start_image, cams)
+            else:
+                ref_cams = self.bank.cameras[list(retrieval.refs)]
+                refs = conditioning.References(
+                    images=self.bank.images[list(retrieval.refs)], cameras=ref_cams,
+                    ref_index=torch.as_tensor(retrieval.ref_index, dtype=torch.long))
+            if use_pointmaps:
+                refs.pointmaps = self.cache.render(refs.cameras).pointmap.permute(0, 3, 1, 2)
+        pointmaps = render.pointmap.permute(0, 3, 1, 2) if use_pointmaps else None
+        if req.render_dir is not None:
+            return conditioning.conditions_from_render_dir(req.render_dir, start_image, cams, len(cams), refs,
+                                                           pointmaps, memory)
+        return conditioning.conditions_from_render(start_image, cams, render.image, render.mask, refs, pointmaps,
+                                                   memory)
+
+    def start_image_for(self, camera: Cameras) -> torch.Tensor:
         """The start frame as ``camera`` sees it: the input photo, or the panorama cut to that view."""
         if self.manifest["kind"] == "panorama":
             from engine.geometry.panorama import equirect_to_perspective
@@ -460,16 +513,18 @@ class Scene:
                 pass  # too little usable overlap: keep the estimate's own scale
         return depth, valid & (depth > 0)
 
-    def _write_clip(self, name, frames, cams, render, retrieval, keep, kept_depths, index) -> str:
+    def _write_clip(self, name, frames, cams, conditions, retrieval, keep, kept_depths, index) -> str:
         final = self.job_dir / "clips" / name
         tmp = self.job_dir / "clips" / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
             outputs.write_video(tmp / "clip.mp4", frames)
-            outputs.write_video(tmp / "render.mp4", render.image)
-            # Official render_mask.mp4 convention: white where the cache has no point (the hole to generate).
-            outputs.write_mask_video(tmp / "render_mask.mp4", ~render.mask)
+            # What the model was given, in the official files' convention: holes mid-grey, frame 0 the input view,
+            # render_mask.mp4 white where no point landed (the hole to generate).
+            render, covered = conditions.render_frames()
+            outputs.write_video(tmp / "render.mp4", render)
+            outputs.write_mask_video(tmp / "render_mask.mp4", ~covered)
             cams.save_json(tmp / "cameras.json")
             refs = retrieval.to_json()
             refs["bank_frames"] = [self.bank.sources[i] + f"#{self.bank.frame_ids[i]}" for i in retrieval.refs]
@@ -510,7 +565,7 @@ class Scene:
         report(0.0, "exporting the scene")
         paths = self.write_scene_cloud(only_if_stale=True)
         cams = [self.start_camera]
-        images = [self._start_image_for(self.start_camera)[None]]
+        images = [self.start_image_for(self.start_camera)[None]]
         for clip in self.manifest["clips"]:
             clip_cams = Cameras.from_json(self.job_dir / clip["folder"] / "cameras.json")
             clip_frames = outputs.read_video(self.job_dir / clip["folder"] / "clip.mp4")

@@ -58,31 +58,57 @@ class DepthSource:
 def depth_source_for(settings, panorama: bool, announce: Callable[[str], None]) -> DepthSource:
     from engine.depth import load_depth_estimator
 
-    estimator = load_depth_estimator(settings.depth if not _is_depth_file(settings.depth) else None,
+    estimator = load_depth_estimator(settings.depth if not is_depth_file(settings.depth) else None,
                                      device=settings.device, panorama=panorama, announce=announce)
     return DepthSource(estimator, getattr(estimator, "source", type(estimator).__name__))
 
 
-def _is_depth_file(spec: Optional[str]) -> bool:
+def is_depth_file(spec: Optional[str]) -> bool:
+    """Whether ``spec`` names a user's depth map file (.npy / 16-bit PNG) rather than a depth model."""
     return bool(spec) and Path(spec).suffix.lower() in (".npy", ".png") and Path(spec).is_file()
 
 
-def seed_photo(image: torch.Tensor, settings, depth_source, camera_json, progress: Optional[Progress] = None) -> Seed:
-    """Start from one photo: choose its camera, fit it to the engine's aspect bucket, unproject its depth."""
-    from engine.images import fit_to_bucket
-    from engine.scene import buckets_for
+def checkpoint_config(engine: str, weights: Optional[str] = None):
+    """The ``WorldStereoConfig`` of a full engine's checkpoint when its files are here (``weights`` or the hub
+    cache; nothing is downloaded), else None (the small engines, or weights not present)."""
+    from engine.engines import ENGINES, checkpoint_dir
+    from engine.models.config import WorldStereoConfig
+
+    spec = ENGINES.get(engine)
+    if spec is None or spec.variant is None:
+        return None
+    folder = checkpoint_dir(spec.variant, Path(weights) if weights else None)
+    return None if folder is None else WorldStereoConfig.from_json(folder / "config.json", variant=spec.variant)
+
+
+def photo_size(height: int, width: int, settings) -> tuple[int, int]:
+    """``(h, w)`` of a photo scene's frames: the engine's bucket for the photo (the checkpoint's own
+    ``scale_map`` when its config.json is here)."""
+    from engine.scene import bucket_size
+
+    config = checkpoint_config(settings.engine, settings.weights)
+    return bucket_size(settings.engine, height, width, config.scale_map if config is not None else None)
+
+
+def seed_photo(image: torch.Tensor, depth_source, camera_json, size: tuple[int, int],
+               user_depth: Optional[str] = None, progress: Optional[Progress] = None) -> Seed:
+    """Start from one photo: its camera, the photo stretched to the bucket ``size = (h, w)`` (``photo_size``) as the
+    release does, its depth (``depth_source``, or the user's depth file) unprojected into the first cache and the
+    bank's first frame."""
+    from engine.conditioning import pil_to_tensor, stretch_to_bucket
 
     report = ensure(progress)
     h0, w0 = image.shape[-2:]
     if camera_json is not None:
-        official = Cameras.from_json(camera_json)
-        start = official[0].resized(w0, h0)
+        # The release reads a camera file's intrinsics as pixels of the input image as given.
+        start = Cameras.from_json(camera_json, w0, h0)[0]
     else:
         _, _, k = depth_source(image, None)
         start = Cameras(torch.eye(4, dtype=torch.float64), k.reshape(1, 3, 3), w0, h0)
-    image, start = fit_to_bucket(image, start, buckets_for(settings.engine))
+    h, w = size
+    image = pil_to_tensor(stretch_to_bucket(image, (h, w)))
+    start = start.resized(w, h)
     report(0.3, "depth of the input")
-    user_depth = settings.depth if _is_depth_file(settings.depth) else None
     if user_depth:
         from engine.depth import UserDepth
 
@@ -110,9 +136,9 @@ def seed_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional
     that map to the first 3D cache; trajectories start from the horizontal views."""
     from engine.geometry.align import align_depth
     from engine.geometry.cache import depth_edges
-    from engine.geometry.panorama import (bank_cameras, equirect_to_perspective, is_equirect, look_rotation,
-                                          panorama_points, views_to_panorama_depth)
-    from engine.scene import SceneError, buckets_for
+    from engine.geometry.panorama import (BANK_HEIGHT, BANK_WIDTH, bank_cameras, equirect_to_perspective, is_equirect,
+                                          look_rotation, panorama_points, views_to_panorama_depth)
+    from engine.scene import SceneError, bucket_size
 
     report = ensure(progress)
     hp, wp = pano.shape[-2:]
@@ -120,8 +146,9 @@ def seed_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional
         raise SceneError(f"A panorama must be equirectangular with a 2:1 aspect; this image is {wp}x{hp}.")
     if wp > PANORAMA_MAX_WIDTH:
         pano = F.interpolate(pano[None], size=(PANORAMA_MAX_WIDTH // 2, PANORAMA_MAX_WIDTH), mode="area")[0]
-    height, width = buckets_for(settings.engine)[0]
-    views = bank_cameras(width=width, height=height)  # the official 120 x 90 degree views at the engine's size
+    # The official bank views (832x480) fall in the 480x768 bucket, which stretches them to the same 120 x 90 degrees.
+    height, width = bucket_size(settings.engine, BANK_HEIGHT, BANK_WIDTH)
+    views = bank_cameras(width=width, height=height)
     images = equirect_to_perspective(pano, views)
     hd = min(pano.shape[-2], PANORAMA_CLOUD_HEIGHT)
     distance = torch.zeros(hd, 2 * hd)
@@ -164,9 +191,15 @@ def seed_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional
 class PreviewGenerator:
     """The `preview` engine: cache renders with classical hole filling (see engine/preview.py)."""
 
-    def generate(self, *, start_image, cameras, render, progress=None, cancel=None, **_) -> torch.Tensor:
+    has_memory = False
+    uses_pointmaps = False
+
+    def generate(self, *, conditions, progress=None, cancel=None, **_) -> torch.Tensor:
+        from engine.conditioning import pil_to_tensor
+
         ensure(progress)(0.0, "preview: filling holes")
-        frames = preview_clip(start_image, render.image, render.mask)
+        render, covered = conditions.render_frames()
+        frames = preview_clip(pil_to_tensor(conditions.image), render, covered)
         ensure(progress)(1.0, "preview: done")
         return frames
 
@@ -178,21 +211,17 @@ class NetworkGenerator:
         self.pipeline = pipeline
         self.steps = steps  # None: the variant's own (4 for DMD, 40 otherwise)
 
-    def generate(self, *, start_image, cameras, render, bank, retrieval, cache, prompt, seed,
-                 progress=None, cancel=None) -> torch.Tensor:
-        from engine.pipeline import References
+    @property
+    def has_memory(self) -> bool:
+        return self.pipeline.config.has_memory
 
-        refs = None
-        if retrieval.refs and self.pipeline.config.has_memory:
-            ids = list(retrieval.refs)
-            ref_cams = bank.cameras[ids]
-            refs = References(images=bank.images[ids], cameras=ref_cams,
-                              ref_index=torch.as_tensor(retrieval.ref_index, dtype=torch.long),
-                              pointmaps=cache.render(ref_cams).pointmap.permute(0, 3, 1, 2))
-        out = self.pipeline(image=start_image, cameras=cameras, render=render.image, render_mask=render.mask,
-                            pointmaps=render.pointmap.permute(0, 3, 1, 2), prompt=prompt, references=refs,
-                            seed=seed, steps=self.steps, progress=progress, cancel=cancel)
-        return out.frames
+    @property
+    def uses_pointmaps(self) -> bool:
+        return self.pipeline.uses_pointmaps
+
+    def generate(self, *, conditions, prompt, seed, progress=None, cancel=None) -> torch.Tensor:
+        return self.pipeline.generate(conditions, prompt=prompt, seed=seed, steps=self.steps, progress=progress,
+                                      cancel=cancel).frames
 
 
 _GENERATORS: dict = {}

@@ -1,8 +1,7 @@
-"""Image input at the edge: every way a file can be wrong, colour handling, and aspect-bucket fitting."""
+"""Image input at the edge: every way a file can be wrong, and colour handling (buckets: test_conditioning)."""
 from __future__ import annotations
 
 import io
-import math
 import struct
 
 import cv2
@@ -11,18 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.geometry.cameras import Cameras, intrinsics_from_fov
-from engine.images import (
-    ALPHA_BACKGROUND,
-    ImageInputError,
-    default_buckets,
-    fit_to_bucket,
-    load_image,
-    nearest_bucket,
-    save_image,
-    scaled_buckets,
-    to_uint8,
-)
+from engine.images import ALPHA_BACKGROUND, ImageInputError, load_image, save_image, to_uint8
 
 
 def _pattern(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -214,59 +202,3 @@ def test_numpy_and_pil_inputs_and_save_roundtrip(tmp_path):
     out = save_image(tmp_path / "x.png", a)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), arr)
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
-
-
-# ---- aspect buckets ------------------------------------------------------------------------------
-
-def test_default_buckets_span_official_range():
-    b = default_buckets()
-    assert (480, 768) in b and (768, 480) in b
-    for h, w in b:
-        assert h % 16 == 0 and w % 16 == 0
-        assert abs(h * w - 480 * 768) / (480 * 768) < 0.06
-    assert all(h % 16 == 0 and w % 16 == 0 for h, w in scaled_buckets(b, 0.5))
-    assert (240, 384) in scaled_buckets(b, 0.5)
-
-
-def test_nearest_bucket_by_aspect():
-    b = default_buckets()
-    assert nearest_bucket(720, 1080, b)[1] / nearest_bucket(720, 1080, b)[0] == pytest.approx(1.5, abs=0.06)
-    assert nearest_bucket(1000, 1000, b)[0] == pytest.approx(nearest_bucket(1000, 1000, b)[1], abs=32)
-    assert nearest_bucket(100, 1000, b) == (480, 768)
-    assert nearest_bucket(1000, 100, b) == (768, 480)
-
-
-def test_fit_to_bucket_keeps_projection_consistent():
-    # An image of projected points: after resize + crop, the adjusted cameras must project the same
-    # world points onto the same image content.
-    h, w = 90, 160
-    K = intrinsics_from_fov(w, h, 60.0)
-    cams = Cameras(torch.eye(4, dtype=torch.float64), K, w, h)
-    img = torch.zeros(3, h, w)
-    img[:, 30:60, 70:90] = 1.0  # a bright rectangle
-    buckets = [(48, 64), (64, 64), (32, 96)]
-    out, cams2 = fit_to_bucket(img, cams, buckets)
-    assert out.shape == (3, 48, 64) or out.shape[-2:] in [(64, 64), (32, 96)]
-    bh, bw = nearest_bucket(h, w, buckets)
-    assert out.shape == (3, bh, bw) and (cams2.width, cams2.height) == (bw, bh)
-
-    # Rectangle centre in the original: pixel (45, 80) -> world ray; project with the new cameras.
-    uv0 = torch.tensor([80.0, 45.0], dtype=torch.float64)
-    ray = torch.linalg.solve(K[0], torch.tensor([uv0[0], uv0[1], 1.0], dtype=torch.float64))
-    uv1, _ = cams2.project(ray[None] * 3.0)
-    u, v = uv1[0, 0]
-    assert out[0, int(v), int(u)] > 0.9
-    # The bright area's centroid matches the projected centre within a pixel.
-    ys, xs = torch.nonzero(out[0] > 0.5, as_tuple=True)
-    assert abs(xs.double().mean() + 0.5 - u) < 1.0 and abs(ys.double().mean() + 0.5 - v) < 1.0
-
-    # Plain K in, K out, same numbers as the Cameras path; a batch of frames keeps its leading dim.
-    frames = img[None].expand(2, -1, -1, -1)
-    out_f, k2 = fit_to_bucket(frames, K[0].float(), buckets)
-    assert out_f.shape == (2, 3, bh, bw) and k2.shape == (3, 3) and k2.dtype == torch.float32
-    torch.testing.assert_close(k2.double(), cams2.K[0], atol=1e-5, rtol=0)
-    # Field of view is preserved along the axis that was not cropped.
-    fov_x_new = 2 * math.degrees(math.atan(bw / 2 / float(k2[0, 0])))
-    fov_y_new = 2 * math.degrees(math.atan(bh / 2 / float(k2[1, 1])))
-    fov_y_old = 2 * math.degrees(math.atan(h / 2 / float(K[0, 1, 1])))
-    assert fov_x_new <= 60.0 + 1e-6 and (abs(fov_x_new - 60.0) < 0.5 or abs(fov_y_new - fov_y_old) < 0.5)

@@ -227,6 +227,18 @@ def test_min_overlap_and_exclude():
     assert empty.per_target.tolist() == [-1, -1] and empty.refs == []
 
 
+def test_input_view_retrieval_is_the_single_view_reference():
+    bank = MemoryBank()
+    bank.add(torch.rand(1, 3, H, W), camera(), torch.full((1, H, W), 2.0))
+    targets = Cameras.cat([camera(yaw) for yaw in (5.0, 20.0, 170.0)])  # the last one sees nothing of it
+    r = bank.input_view_retrieval(targets)
+    assert r.refs == [0] and r.ref_index == [0] and r.per_target.tolist() == [0, -1, -1]
+    assert r.overlaps[0].item() == pytest.approx(bank.overlaps(targets[0:1])[0, 0].item()) and r.overlaps[0] > 0
+    assert bank.retrieve(targets).per_target.tolist()[2] == -1  # retrieval proper would leave the last target out
+    with pytest.raises(MemoryBankError):
+        bank.input_view_retrieval(targets, index=3)
+
+
 def test_save_load_round_trip(tmp_path):
     bank = bank_with([camera(0.0), camera(40.0, 10.0, (0.1, 0.2, 0.3)), camera(-30.0)])
     # Images on the 8-bit grid survive PNG exactly.

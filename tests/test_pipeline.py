@@ -1,5 +1,8 @@
-"""One clip end to end on tiny-random packages, and the encoders against diffusers' Wan I2V pipeline."""
+"""One clip end to end on tiny-random packages: what the transformer receives, and the encoders against
+independent diffusers calls."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -135,50 +138,116 @@ def test_bad_inputs_get_one_sentence_errors(pipes, inputs):
         pipe(**args, references=bad)
 
 
-def test_conditions_follow_the_wan_i2v_layout(pipes, inputs):
-    pipe = pipes["worldstereo-memory-dmd"]
-    args, refs = inputs
+def _seen_kwargs(pipe, **call):
     seen = []
     handle = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
     try:
-        pipe(**args, references=refs)
+        pipe(**call)
     finally:
         handle.remove()
-    kw = seen[0]
+    return seen[0]
+
+
+def _independent_vae(package):
+    """The tiny base model's VAE loaded on its own, and diffusers' latent normalisation."""
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(str(package / "base_model"), subfolder="vae").eval()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    return lambda video: (vae.encode(video).latent_dist.mode() - mean) / std
+
+
+@pytest.mark.parametrize("mode", ["full_vae", "first_frame_only"])
+def test_transformer_receives_the_official_conditions(pipes, tiny_packages, inputs, mode, monkeypatch):
+    from engine import conditioning as C
+
+    pipe = pipes["worldstereo-memory-dmd"]
+    monkeypatch.setattr(pipe.config, "latent_cond_mode", mode)
+    args, refs = inputs
+    kw = _seen_kwargs(pipe, **args, references=refs)
     hidden = kw["hidden_states"]
     assert hidden.shape == (1, 36, F, H // 8, W // 8)
     mask = hidden[:, 16:20]
     assert (mask[:, :, 0] == 1).all() and (mask[:, :, 1:] == 0).all()
-    comps = pipe.components
-    first = comps.encode_frames(args["image"][None])
-    gray = comps.encode_frames(torch.full((1, 3, H, W), 0.5))
-    assert torch.allclose(hidden[:, 20:, :1], first, atol=1e-5)
-    assert torch.allclose(hidden[:, 20:, 1:], gray.expand(-1, -1, F - 1, -1, -1), atol=1e-5)
-    assert torch.allclose(kw["render_latent"], comps.encode_frames(args["render"]), atol=1e-5)
-    assert torch.equal(kw["render_mask"][0, 0], args["render_mask"].float())
-    # cameras relative to the input view: frame 0 is the identity, its code the identity rotation at the origin
-    assert torch.allclose(kw["extrinsics"][0, 0], torch.eye(4), atol=1e-6)
-    assert torch.allclose(kw["camera_qt"][0, 0], torch.tensor([0, 0, 0, 1, 0, 0, 0.0]), atol=1e-6)
-    # unit scale: the farthest camera centre (targets and references) is at distance 1
-    centres = torch.cat([kw["camera_qt"][0, :, 4:], kw["camera_qt_ref"][0, :, 4:]])
-    assert centres.norm(dim=-1).max().item() == pytest.approx(1.0, abs=1e-6)
-    plucker = kw["camera_embedding"][0]  # [6,F,H,W]: unit directions, moments orthogonal to them
-    d, m = plucker[3:], plucker[:3]
-    assert torch.allclose(d.norm(dim=0), torch.ones(F, H, W), atol=1e-5)
-    assert (m * d).sum(0).abs().max() < 1e-5
+    encode = _independent_vae(tiny_packages["worldstereo-memory-dmd"])
+    image = C.signed(C.pil_to_tensor(C.to_pil(args["image"])))[None, :, None]  # [1,3,1,H,W] in [-1,1]
+    with torch.no_grad():
+        if mode == "full_vae":  # [image, 4(F-1) zero frames] through the causal VAE as ONE video
+            expected = encode(torch.cat([image, torch.zeros(1, 3, 4 * (F - 1), H, W)], dim=2))
+        else:  # the image's latent, then one zero frame's latent repeated
+            expected = torch.cat([encode(image), encode(torch.zeros_like(image)).expand(-1, -1, F - 1, -1, -1)], 2)
+        render = C.signed(args["render"]).transpose(0, 1)[None]
+        render = torch.where(args["render_mask"][None, None], render, torch.zeros(()))
+        render[:, :, 0] = image[:, :, 0]  # frame 0: the input image; holes 0
+        render_latent = torch.cat([encode(render[:, :, i:i + 1]) for i in range(F)], dim=2)  # each keyframe alone
+        ref_latent = torch.cat([encode(C.signed(refs.images[i])[None, :, None]) for i in range(len(refs))], dim=2)
+    assert expected.shape == (1, 16, F, H // 8, W // 8)
+    assert torch.allclose(hidden[:, 20:], expected, atol=1e-5)
+    assert torch.allclose(kw["render_latent"], render_latent, atol=1e-5)
+    assert torch.allclose(kw["reference_latent"], torch.cat([ref_latent, torch.ones_like(ref_latent[:, :4]), ref_latent], 1),
+                          atol=1e-5)
+    # the official mask: 1 in holes, the input frame known
+    expected_mask = (~args["render_mask"]).float()
+    expected_mask[0] = 0
+    assert torch.equal(kw["render_mask"][0, 0], expected_mask)
+    cams = args["cameras"]
+    assert torch.allclose(kw["extrinsics"][0], cams.w2c.float()) and torch.allclose(kw["intrinsics"][0], cams.K.float())
+    assert torch.allclose(kw["camera_embedding"], C.camera_embedding(cams.K, cams.w2c, H, W), atol=1e-6)
+    qt, qt_ref = C.camera_qt(cams.w2c, refs.cameras.w2c)
+    assert torch.allclose(kw["camera_qt"], qt, atol=1e-6) and torch.allclose(kw["camera_qt_ref"], qt_ref, atol=1e-6)
     assert torch.equal(kw["ref_index"][0], refs.ref_index)
 
 
+def test_clip_reads_the_uint8_image_without_rescaling(pipes, tiny_packages, inputs):
+    from transformers import CLIPImageProcessor
+
+    from engine import conditioning as C
+
+    pipe = pipes["worldstereo-memory-dmd"]
+    args, _ = inputs
+    seen = []
+    handle = pipe.components.image_encoder.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["pixel_values"]),
+                                                                     with_kwargs=True)
+    try:
+        pipe(**args)
+    finally:
+        handle.remove()
+    processor = CLIPImageProcessor.from_pretrained(str(tiny_packages["worldstereo-memory-dmd"] / "base_model"),
+                                                   subfolder="image_processor", do_rescale=False)
+    expected = processor(images=C.to_pil(args["image"]), return_tensors="pt").pixel_values
+    assert torch.equal(seen[0], expected)
+    assert float(expected.max()) > 10  # 0..255 values reach the normalisation, as released
+
+
+def test_unipc_shift_comes_from_the_base_scheduler_config(tiny_packages, tmp_path):
+    import shutil
+
+    from diffusers import UniPCMultistepScheduler
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_packages["worldstereo-memory"], pkg)
+    cfg_file = pkg / "base_model" / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["flow_shift"] = 7.0
+    cfg_file.write_text(json.dumps(cfg))
+    sampler = ClipPipeline.from_pretrained(pkg, device="cpu").make_sampler(40)
+    reference = UniPCMultistepScheduler.from_pretrained(str(pkg / "base_model"), subfolder="scheduler")
+    reference.set_timesteps(40)
+    assert sampler.scheduler.config.flow_shift == 7.0
+    assert torch.equal(sampler.timesteps, reference.timesteps.float())
+
+
 def test_pointmaps_share_one_colour_box():
-    from engine.pipeline import colour_code_pointmaps
+    from engine.conditioning import colour_coded_pointmaps
 
     a = torch.tensor([[0.0, 1.0], [2.0, 4.0], [-1.0, 3.0]]).view(1, 3, 1, 2)
     b = torch.tensor([[4.0, float("nan")], [0.0, 1.0], [3.0, 3.0]]).view(1, 3, 1, 2)
-    ca, cb = colour_code_pointmaps(a, b)
-    # per axis over both maps: x in [0,4], y in [0,4], z in [-1,3]
-    assert torch.allclose(ca.view(3, 2), torch.tensor([[0.0, 0.25], [0.5, 1.0], [0.0, 1.0]]))
-    assert torch.allclose(cb.view(3, 2), torch.tensor([[1.0, 0.0], [0.0, 0.25], [1.0, 1.0]]))
-    assert colour_code_pointmaps(None, None) == [None, None]
+    ca, cb = colour_coded_pointmaps(a, b)
+    # per axis over both maps: x in [0,4], y in [0,4], z in [-1,3]; VAE range [-1,1]
+    assert torch.allclose(ca.view(3, 2), torch.tensor([[0.0, 0.25], [0.5, 1.0], [0.0, 1.0]]) * 2 - 1)
+    assert torch.allclose(cb.view(3, 2), torch.tensor([[1.0, 0.0], [0.0, 0.25], [1.0, 1.0]]) * 2 - 1)
+    assert colour_coded_pointmaps(None, None) == [None, None]
 
 
 def test_branch_memory_gets_pointmap_latents(tmp_path, inputs):
@@ -196,30 +265,20 @@ def test_branch_memory_gets_pointmap_latents(tmp_path, inputs):
     kw = seen[0]
     assert kw["pointmap_latent"].shape == (1, 16, F, H // 8, W // 8)
     assert kw["ref_pointmap_latent"].shape == (1, 16, 2, H // 8, W // 8)
-    assert kw["reference_latent"].shape == (1, 16, 2, H // 8, W // 8)
+    assert kw["reference_latent"].shape == (1, 36, 2, H // 8, W // 8)  # [latent, ones, latent]
 
 
 # ---------------------------------------------------------------------------- encoders vs diffusers' Wan I2V
 @pytest.fixture(scope="module")
-def wan_pipe(tiny_packages, monkeypatch_module):
+def wan_pipe(tiny_packages):
     from diffusers import WanImageToVideoPipeline
-    from diffusers.pipelines.wan import pipeline_wan_i2v
 
-    # diffusers cleans prompts with ftfy (not installed here); compare on prompts that need no cleaning
-    monkeypatch_module.setattr(pipeline_wan_i2v, "prompt_clean", lambda text: " ".join(text.split()))
     return WanImageToVideoPipeline.from_pretrained(str(tiny_packages["worldstereo-memory"] / "base_model"))
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 def test_prompt_encoding_matches_diffusers(pipes, wan_pipe):
     comps = pipes["worldstereo-memory"].components
-    texts = ["a stone house near the lake", "red"]
+    texts = ["a stone house near the lake", "red", "  a caf\u00c3\u00a9 &amp;amp; a\n\tlake "]  # mojibake, entities
     ours = comps.encode_prompt(texts)
     theirs = wan_pipe._get_t5_prompt_embeds(texts, max_sequence_length=512, device="cpu", dtype=torch.float32)
     assert torch.allclose(ours, theirs, atol=1e-6)
@@ -227,24 +286,11 @@ def test_prompt_encoding_matches_diffusers(pipes, wan_pipe):
     assert (ours[1, n:] == 0).all() and (ours[1, :n].abs().sum(-1) > 0).all()  # zero exactly past the prompt
 
 
-def test_image_encoding_matches_diffusers(pipes, wan_pipe):
-    from PIL import Image
-
-    comps = pipes["worldstereo-memory"].components
-    g = torch.Generator().manual_seed(5)
-    img = torch.randint(0, 256, (3, 32, 32), generator=g).float() / 255  # exactly representable in uint8
-    pil = Image.fromarray((img * 255).round().byte().permute(1, 2, 0).numpy())
-    ours = comps.encode_image(img)
-    theirs = wan_pipe.encode_image(pil, device="cpu")
-    assert ours.shape == theirs.shape == (1, 17, 24)
-    assert torch.allclose(ours, theirs, atol=1e-4)
-
-
 def test_keyframe_latents_match_diffusers_first_frame_condition(pipes, wan_pipe):
     comps = pipes["worldstereo-memory"].components
     g = torch.Generator().manual_seed(6)
     frames = torch.rand(3, 3, 32, 48, generator=g)
-    ours = comps.encode_frames(frames)
+    ours = comps.encode_keyframes((frames * 2 - 1).transpose(0, 1)[None])
     assert ours.shape == (1, 16, 3, 4, 6)
     for i in range(3):
         # diffusers' I2V condition of a one-frame video is exactly one keyframe's normalised latent

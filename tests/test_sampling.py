@@ -35,6 +35,21 @@ def test_dmd_timesteps_match_formula(shift, steps, start):
     assert all(a > b for a, b in zip(got.tolist(), got.tolist()[1:]))  # strictly descending
 
 
+def test_dmd_counts_training_timesteps_to_its_end_step():
+    """The release's DMD scheduler takes dmd_end_steps as num_train_timesteps: the schedule is divided and multiplied
+    by it, and a timestep's noise level is t / end (not t / 1000)."""
+    start, end, shift, steps = 100.0, 800.0, 5.0, 4
+    got = dmd_timesteps(steps, start, end, shift)
+    lin = [start + (end - start) * k / (steps - 1) for k in range(steps)]
+    expect = [end * shift * (t / end) / (1 + (shift - 1) * (t / end)) for t in reversed(lin)]
+    assert got.tolist() == pytest.approx(expect, rel=1e-12)
+    assert got[0].item() == pytest.approx(end)  # the first step starts from pure noise, sigma = 1
+    s = DMDEulerSampler(steps, start, end, shift)
+    out = s.step(torch.ones(1, dtype=torch.float64), 0, torch.zeros(1, dtype=torch.float64))
+    assert out.item() == pytest.approx((expect[1] - expect[0]) / end)
+    assert s.step(torch.ones(1, dtype=torch.float64), 3, torch.zeros(1, dtype=torch.float64)).item() == pytest.approx(-expect[3] / end)
+
+
 def test_dmd_default_schedule_values():
     # shift 1 leaves the linear schedule alone: 1000, 750, 500, 250
     assert dmd_timesteps().tolist() == pytest.approx([1000.0, 750.0, 500.0, 250.0])

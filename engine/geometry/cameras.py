@@ -237,37 +237,6 @@ class Cameras:
         o = self.centers[:, None, None, :].expand_as(d)
         return o, d
 
-    def plucker(self, height: Optional[int] = None, width: Optional[int] = None) -> torch.Tensor:
-        """Plücker ray embedding ``[N,6,H,W]``: channels are (o x d, d) with unit d."""
-        o, d = self.rays(height, width)
-        return torch.cat([torch.cross(o, d, dim=-1), d], dim=-1).permute(0, 3, 1, 2).contiguous()
-
-    # ---- model-side camera codes ----------------------------------------------------------------
-    def normalized(self, reference: int = 0) -> "Cameras":
-        """Poses relative to camera ``reference`` with the scale of the trajectory's centres set to 1.
-
-        The scale is the largest distance of any centre from the reference centre (1 when all coincide),
-        so a trajectory's camera codes do not depend on the scene's metric scale.
-        """
-        rel = self.w2c @ rigid_inverse(self.w2c[reference : reference + 1])
-        out = replace(self, w2c=rel)
-        c = out.centers
-        scale = c.norm(dim=-1).max()
-        if scale > 1e-8:
-            rel = rel.clone()
-            rel[:, :3, 3] /= scale
-        return replace(self, w2c=rel, motion_list=None)
-
-    def quaternion_translation(self) -> torch.Tensor:
-        """Per-camera code ``[N,7]``: c2w rotation as a unit quaternion (x, y, z, w; w >= 0) and the centre."""
-        from scipy.spatial.transform import Rotation
-
-        c2w = self.c2w.detach().cpu().double().numpy()
-        q = Rotation.from_matrix(c2w[:, :3, :3]).as_quat()
-        q = np.where(q[:, 3:4] < 0, -q, q)
-        code = np.concatenate([q, c2w[:, :3, 3]], axis=1)
-        return torch.as_tensor(code, dtype=self.dtype, device=self.device)
-
     # ---- official camera.json -------------------------------------------------------------------
     def to_json_dict(self) -> dict:
         out: dict = {}

@@ -427,6 +427,19 @@ class MemoryBank:
         cost = closeness(targets, self.cameras, torch.sqrt(near * far))
         return select_references(o, cost, max_refs, min_overlap, tie_tolerance)
 
+    def input_view_retrieval(self, targets: Cameras, index: int = 0) -> Retrieval:
+        """The first clip of a photo as the release runs it (``load_single_view_data``): bank frame ``index``, the
+        input view, is the only reference, placed at target 0 whatever the overlaps say."""
+        if not 0 <= index < len(self):
+            raise MemoryBankError(f"Memory bank frame {index} does not exist (the bank has {len(self)} frames).")
+        t_n = len(targets)
+        per_target = torch.full((t_n,), -1, dtype=torch.int64)
+        overlaps = torch.zeros(t_n, dtype=torch.float64)
+        if t_n:
+            per_target[0] = index
+            overlaps[0] = self.overlaps(targets[0:1])[0, index]
+        return Retrieval(per_target=per_target, refs=[index], ref_index=[0], overlaps=overlaps)
+
     # ---- persistence ------------------------------------------------------------------------------
     def save(self, folder: PathLike) -> Path:
         """Write the bank to ``folder`` (replaced as a whole, so a reader never sees half a bank):

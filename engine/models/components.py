@@ -1,20 +1,24 @@
 """The parts of the Wan2.1 I2V base model around the transformer: VAE, UMT5 text encoder, CLIP image encoder.
 
 They load from the base model's diffusers layout (``vae/``, ``text_encoder/`` + ``tokenizer/``,
-``image_encoder/`` + ``image_processor/``), a local folder or a hub repository id. Encodings follow the Wan
-pipelines: UMT5 last hidden states zeroed past each prompt's tokens, CLIP penultimate hidden states, VAE
-latents normalised by the VAE's ``latents_mean``/``latents_std``. The released WorldStereo 2.0 checkpoints
-work in a "keyframe latent space": every keyframe is VAE-encoded on its own (no temporal compression).
+``image_encoder/`` + ``image_processor/``, ``scheduler/``), a local folder or a hub repository id. Encodings
+follow the released WorldStereo pipelines: UMT5 last hidden states of cleaned prompts zeroed past each prompt's
+tokens, CLIP penultimate hidden states of the uint8 input view, VAE latents (``mode``) normalised by the VAE's
+``latents_mean``/``latents_std``. The released 2.0 checkpoints work in a "keyframe latent space": every render
+and reference keyframe is VAE-encoded on its own; only the input view's condition video goes through the VAE
+as one video.
 """
 from __future__ import annotations
 
 import html
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+from PIL import Image
 
 PathLike = Union[str, Path]
 
@@ -27,6 +31,15 @@ PROMPT_CACHE_SIZE = 8  # a real encoding is 512 x 4096 floats (8 MB); keep the f
 
 class ComponentLoadError(ValueError):
     """A base model folder or repository that lacks a part this engine needs."""
+
+
+def prompt_clean(text: str) -> str:
+    """The release's ``prompt_clean`` (models/pipelines/pipeline_dmd_keyframe.py): ftfy's fix, HTML entities
+    unescaped twice, runs of whitespace collapsed to one space, ends stripped."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def resolve_base_model(base_model: PathLike, package_dir: Optional[PathLike] = None) -> str:
@@ -65,21 +78,22 @@ class Components:
     device: torch.device
     dtype: torch.dtype
     offload_text_encoder: bool = False
+    scheduler_config: Optional[dict] = None  # the base model's scheduler/scheduler_config.json (UniPC, flow shift)
     _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     # ---------------------------------------------------------------- text
     def encode_prompt(self, texts: Union[str, Sequence[str]], max_length: int = TEXT_LENGTH) -> torch.Tensor:
         """UMT5 embeddings ``[B, max_length, D]`` on ``device``/``dtype``; rows past each prompt's tokens are 0.
 
-        Prompts seen before come from a cache, so a multi-clip run encodes its prompts once.
+        Prompts are cleaned as the release's ``_get_t5_prompt_embeds`` does (``prompt_clean``). Prompts seen before
+        come from a cache, so a multi-clip run encodes its prompts once.
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         missing = [t for t in dict.fromkeys(texts) if (t, max_length) not in self._prompt_cache]
         if missing:
             if self.text_encoder is None:
                 raise RuntimeError("The text encoder was released; create the pipeline again to encode new prompts.")
-            # Wan also runs ftfy (not a dependency here); entity unescaping + whitespace cover typed prompts
-            enc = self.tokenizer([" ".join(html.unescape(html.unescape(t)).split()) for t in missing], padding="max_length", max_length=max_length,
+            enc = self.tokenizer([prompt_clean(t) for t in missing], padding="max_length", max_length=max_length,
                                  truncation=True, add_special_tokens=True, return_attention_mask=True,
                                  return_tensors="pt")
             hooked = getattr(self.text_encoder, "_hf_hook", None) is not None
@@ -104,37 +118,71 @@ class Components:
         self.text_encoder = None
 
     # ---------------------------------------------------------------- image
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """CLIP penultimate hidden states ``[B, tokens, D]`` (257 tokens for ViT-H/14) of images ``[B,3,H,W]`` in [0,1]."""
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
-        pixels = self.image_processor(images=list(images.float().cpu().clamp(0, 1)), do_rescale=False,
-                                      return_tensors="pt").pixel_values
+    def clip_pixels(self, images: Union[Image.Image, Sequence[Image.Image]]) -> torch.Tensor:
+        """CLIP ``pixel_values`` of uint8 PIL images as the release makes them: its ``CLIPImageProcessor`` is
+        loaded with ``do_rescale=False`` (models/worldstereo_wrapper.py), so 0-255 values reach the normalisation."""
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        return self.image_processor(images=images, do_rescale=False, return_tensors="pt").pixel_values
+
+    def encode_image(self, images: Union[Image.Image, Sequence[Image.Image]]) -> torch.Tensor:
+        """CLIP penultimate hidden states ``[B, tokens, D]`` (257 tokens for ViT-H/14) of PIL images (``encode_image``
+        of the release's pipelines, on ``clip_pixels``)."""
+        pixels = self.clip_pixels(images)
         dev = _execution_device(self.image_encoder, self.device)
         enc_dtype = next(self.image_encoder.parameters()).dtype
         with torch.no_grad():
             out = self.image_encoder(pixel_values=pixels.to(dev, enc_dtype), output_hidden_states=True)
         return out.hidden_states[-2].to(self.device, self.dtype)
 
-    # ---------------------------------------------------------------- VAE (keyframe latent space)
+    # ---------------------------------------------------------------- VAE
     def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.vae.config
         mean = torch.tensor(cfg.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
         std = torch.tensor(cfg.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1, 1)
         return mean, std
 
-    def encode_frames(self, frames: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-        """Frames ``[F,3,H,W]`` in [0,1] → normalised latents ``[1,16,F,H/8,W/8]``, each frame encoded alone."""
+    def _normalised(self, z: torch.Tensor) -> torch.Tensor:
+        z = z.float()
+        mean, std = self._latent_stats(z)
+        return ((z - mean) / std).to(self.device, self.dtype)
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """One video ``[1,3,T,H,W]`` in [-1,1] through the causal VAE as a whole (``mode``, normalised):
+        ``[1,16,1+(T-1)/4,H/8,W/8]``."""
         dev = _execution_device(self.vae, self.device)
         vae_dtype = next(self.vae.parameters()).dtype
+        with torch.no_grad():
+            z = self.vae.encode(video.to(dev, vae_dtype)).latent_dist.mode()
+        return self._normalised(z)
+
+    def encode_keyframes(self, video: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """Keyframes ``[1,3,F,H,W]`` in [-1,1] -> normalised latents ``[1,16,F,H/8,W/8]``, every frame encoded as its
+        own one-frame video with the latent distribution's ``mode`` (``keyframe_vae_encode``, src/vae_utils.py)."""
+        dev = _execution_device(self.vae, self.device)
+        vae_dtype = next(self.vae.parameters()).dtype
+        frames = video[0].transpose(0, 1)  # [F,3,H,W]
         out = []
         with torch.no_grad():
             for part in frames.split(chunk):
-                x = (part.to(dev, vae_dtype) * 2 - 1).unsqueeze(2)  # [n,3,1,H,W]: one-frame videos
-                out.append(self.vae.encode(x).latent_dist.mode())  # the mode, as Wan's I2V conditioning does
-        z = torch.cat(out).squeeze(2).transpose(0, 1).unsqueeze(0).float()  # [1,16,F,h,w]
-        mean, std = self._latent_stats(z)
-        return ((z - mean) / std).to(self.device, self.dtype)
+                x = part.to(dev, vae_dtype).unsqueeze(2)  # [n,3,1,H,W]: n one-frame videos
+                out.append(self.vae.encode(x).latent_dist.mode())
+        return self._normalised(torch.cat(out).squeeze(2).transpose(0, 1).unsqueeze(0))
+
+    def condition_latents(self, image: torch.Tensor, num_frames: int, mode: str = "full_vae") -> torch.Tensor:
+        """The 16 condition channels ``[1,16,F,H/8,W/8]`` of the input view ``[3,H,W]`` in [-1,1], as the release's
+        ``prepare_latents`` makes them: ``full_vae`` encodes [image, 4(F-1) zero frames] as one video (the causal
+        x4 VAE gives F latent frames); ``first_frame_only`` is the image's latent followed by the latent of one zero
+        frame repeated."""
+        x = image.float().cpu()[None, :, None]  # [1,3,1,H,W]
+        if mode == "full_vae":
+            zeros = x.new_zeros(1, 3, 4 * (num_frames - 1), *x.shape[-2:])
+            return self.encode_video(torch.cat([x, zeros], dim=2))
+        if mode == "first_frame_only":
+            first = self.encode_video(x)
+            empty = self.encode_video(torch.zeros_like(x))
+            return torch.cat([first, empty.expand(-1, -1, num_frames - 1, -1, -1)], dim=2)
+        raise ComponentLoadError(f"latent_cond_mode '{mode}' is not one the release knows; use full_vae or "
+                                 "first_frame_only.")
 
     def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """Normalised latents ``[1,16,F,h,w]`` → frames ``[F,3,8h,8w]`` in [0,1] (float32), frame by frame."""
@@ -164,20 +212,21 @@ def load_components(base_model: PathLike, device: Union[str, torch.device] = "cp
                     offload_text_encoder: bool = False, vae_dtype: torch.dtype = torch.float32,
                     image_encoder_dtype: torch.dtype = torch.float32,
                     revision: Optional[str] = None) -> Components:
-    """Load VAE, UMT5 + tokenizer and CLIP vision + processor from a Wan2.1 I2V diffusers folder or repo.
+    """Load VAE, UMT5 + tokenizer, CLIP vision + processor and the scheduler config from a Wan2.1 I2V diffusers
+    folder or repo.
 
     ``dtype`` is the text encoder's and the returned embeddings' dtype; the VAE and CLIP run in float32 by
     default, as the Wan I2V examples do. ``text_encoder_device='cpu'`` keeps UMT5 off the GPU for good;
     ``offload_text_encoder`` moves it to the CPU after each use.
     """
-    from diffusers import AutoencoderKLWan
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
     device = torch.device(device)
     src = str(base_model)
     local = Path(src).is_dir()
     if local:
-        needed = ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor")
+        needed = ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor", "scheduler")
         absent = [n for n in needed if not (Path(src) / n).is_dir()]
         if absent:
             raise ComponentLoadError(f"The base model folder {src} lacks {', '.join(absent)}; point base_model at a "
@@ -189,6 +238,7 @@ def load_components(base_model: PathLike, device: Union[str, torch.device] = "cp
         text_encoder = UMT5EncoderModel.from_pretrained(src, subfolder="text_encoder", dtype=dtype, **kw)
         image_encoder = CLIPVisionModel.from_pretrained(src, subfolder="image_encoder", dtype=image_encoder_dtype, **kw)
         image_processor = CLIPImageProcessor.from_pretrained(src, subfolder="image_processor", **kw)
+        scheduler_config = dict(UniPCMultistepScheduler.load_config(src, subfolder="scheduler", **kw))
     except (OSError, ValueError) as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " (offline: download it first or pass a local folder)" if offline and not local else ""
@@ -200,4 +250,4 @@ def load_components(base_model: PathLike, device: Union[str, torch.device] = "cp
     text_encoder.to(torch.device(text_encoder_device) if text_encoder_device is not None else device)
     return Components(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, image_encoder=image_encoder,
                       image_processor=image_processor, device=device, dtype=dtype,
-                      offload_text_encoder=offload_text_encoder)
+                      offload_text_encoder=offload_text_encoder, scheduler_config=scheduler_config)

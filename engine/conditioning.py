@@ -243,14 +243,26 @@ def read_official_render(folder: PathLike, image: Image.Image, nframe: int) -> t
 
 
 def check_render_dir(folder: PathLike) -> Path:
-    """An official pre-rendered trajectory folder (``camera.json``, ``render.mp4``, ``render_mask.mp4``)."""
+    """An official pre-rendered trajectory folder: ``camera.json``, and ``render.mp4`` / ``render_mask.mp4`` that
+    decode to one frame per camera (checked before anything is written)."""
+    from engine.outputs import OutputError, read_video
+
     folder = Path(folder)
     if not folder.is_dir():
         raise ClipInputError(f"The render folder {folder.name} does not exist.")
     missing = [n for n in RENDER_FILES if not (folder / n).is_file()]
     if missing:
         raise ClipInputError(f"The render folder {folder.name} lacks {', '.join(missing)}; it needs "
-                                f"{', '.join(RENDER_FILES)} as the official examples have them.")
+                             f"{', '.join(RENDER_FILES)} as the official examples have them.")
+    count = len(Cameras.from_json(folder / "camera.json"))
+    for name in RENDER_FILES[1:]:
+        try:
+            frames = len(read_video(folder / name))
+        except OutputError as e:
+            raise ClipInputError(f"The render folder {folder.name}: {str(e).rstrip('.')}.") from None
+        if frames != count:
+            raise ClipInputError(f"The render folder {folder.name} has {frames} frames in {name} for {count} cameras; "
+                                 "it needs one per camera.")
     return folder
 
 

@@ -283,9 +283,9 @@ class ClipPipeline:
         if memory and cond.camera_qt is not None:
             out["camera_qt"] = cond.camera_qt.to(dev, dt)
         if memory and cond.num_references:
-            ref = comps.encode_keyframes(cond.reference_video)
-            # 36 channels as the release stacks a known frame: [latent 16, ones 4, latent 16]
-            out["reference_latent"] = torch.cat([ref, torch.ones_like(ref[:, :MASK_CHANNELS]), ref], dim=1).to(dev, dt)
+            # 16 channels: the transformer stacks them as the release does ([latent, ones 4, latent]), and the
+            # exported graphs take this layout
+            out["reference_latent"] = comps.encode_keyframes(cond.reference_video).to(dev, dt)
             out["ref_index"] = cond.ref_index.to(dev, torch.long)[None]
             out["camera_qt_ref"] = cond.camera_qt_ref.to(dev, dt)
             if self.uses_pointmaps:

@@ -185,8 +185,7 @@ def test_transformer_receives_the_official_conditions(pipes, tiny_packages, inpu
     assert expected.shape == (1, 16, F, H // 8, W // 8)
     assert torch.allclose(hidden[:, 20:], expected, atol=1e-5)
     assert torch.allclose(kw["render_latent"], render_latent, atol=1e-5)
-    assert torch.allclose(kw["reference_latent"], torch.cat([ref_latent, torch.ones_like(ref_latent[:, :4]), ref_latent], 1),
-                          atol=1e-5)
+    assert torch.allclose(kw["reference_latent"], ref_latent, atol=1e-5)  # each reference frame alone
     # the official mask: 1 in holes, the input frame known
     expected_mask = (~args["render_mask"]).float()
     expected_mask[0] = 0
@@ -265,7 +264,7 @@ def test_branch_memory_gets_pointmap_latents(tmp_path, inputs):
     kw = seen[0]
     assert kw["pointmap_latent"].shape == (1, 16, F, H // 8, W // 8)
     assert kw["ref_pointmap_latent"].shape == (1, 16, 2, H // 8, W // 8)
-    assert kw["reference_latent"].shape == (1, 36, 2, H // 8, W // 8)  # [latent, ones, latent]
+    assert kw["reference_latent"].shape == (1, 16, 2, H // 8, W // 8)
 
 
 # ---------------------------------------------------------------------------- encoders vs diffusers' Wan I2V

@@ -329,3 +329,17 @@ def test_prompt_cache_is_reused_and_bounded(pipes):
         assert len(comps._prompt_cache) <= PROMPT_CACHE_SIZE
     finally:
         handle.remove()
+
+
+def test_condition_latents_are_reused_for_the_same_view(pipes):
+    comps = pipes["worldstereo-memory-dmd"].components
+    calls = []
+    handle = comps.vae.encoder.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(11)) * 2 - 1
+        first = comps.condition_latents(image, 3)
+        n = len(calls)
+        assert n > 0 and torch.equal(comps.condition_latents(image, 3), first) and len(calls) == n
+        assert not torch.equal(comps.condition_latents(-image, 3), first) and len(calls) > n
+    finally:
+        handle.remove()

@@ -10,6 +10,7 @@ as one video.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import os
 import re
@@ -27,6 +28,7 @@ PathLike = Union[str, Path]
 TEXT_LENGTH = 512
 LATENT_CHANNELS = 16
 PROMPT_CACHE_SIZE = 8  # a real encoding is 512 x 4096 floats (8 MB); keep the few prompts a session reuses
+CONDITION_CACHE_SIZE = 2  # input-view condition latents (21 x 60 x 96 x 16 floats at full size)
 
 
 class ComponentLoadError(ValueError):
@@ -80,6 +82,7 @@ class Components:
     offload_text_encoder: bool = False
     scheduler_config: Optional[dict] = None  # the base model's scheduler/scheduler_config.json (UniPC, flow shift)
     _prompt_cache: dict = field(default_factory=dict, repr=False)
+    _condition_cache: dict = field(default_factory=dict, repr=False)
 
     # ---------------------------------------------------------------- text
     def encode_prompt(self, texts: Union[str, Sequence[str]], max_length: int = TEXT_LENGTH) -> torch.Tensor:
@@ -172,17 +175,25 @@ class Components:
         """The 16 condition channels ``[1,16,F,H/8,W/8]`` of the input view ``[3,H,W]`` in [-1,1], as the release's
         ``prepare_latents`` makes them: ``full_vae`` encodes [image, 4(F-1) zero frames] as one video (the causal
         x4 VAE gives F latent frames); ``first_frame_only`` is the image's latent followed by the latent of one zero
-        frame repeated."""
-        x = image.float().cpu()[None, :, None]  # [1,3,1,H,W]
-        if mode == "full_vae":
-            zeros = x.new_zeros(1, 3, 4 * (num_frames - 1), *x.shape[-2:])
-            return self.encode_video(torch.cat([x, zeros], dim=2))
-        if mode == "first_frame_only":
-            first = self.encode_video(x)
-            empty = self.encode_video(torch.zeros_like(x))
-            return torch.cat([first, empty.expand(-1, -1, num_frames - 1, -1, -1)], dim=2)
-        raise ComponentLoadError(f"latent_cond_mode '{mode}' is not one the release knows; use full_vae or "
-                                 "first_frame_only.")
+        frame repeated. The last few results are kept: every clip of a photo starts from the same view, and the
+        whole-video encoding is the costliest of the conditions."""
+        x = image.float().cpu()[None, :, None].contiguous()  # [1,3,1,H,W]
+        key = (hashlib.sha256(x.numpy().tobytes()).hexdigest(), tuple(x.shape), int(num_frames), mode)
+        if key not in self._condition_cache:
+            if mode == "full_vae":
+                zeros = x.new_zeros(1, 3, 4 * (num_frames - 1), *x.shape[-2:])
+                z = self.encode_video(torch.cat([x, zeros], dim=2))
+            elif mode == "first_frame_only":
+                first = self.encode_video(x)
+                empty = self.encode_video(torch.zeros_like(x))
+                z = torch.cat([first, empty.expand(-1, -1, num_frames - 1, -1, -1)], dim=2)
+            else:
+                raise ComponentLoadError(f"latent_cond_mode '{mode}' is not one the release knows; use full_vae or "
+                                         "first_frame_only.")
+            while len(self._condition_cache) >= CONDITION_CACHE_SIZE:
+                del self._condition_cache[next(iter(self._condition_cache))]
+            self._condition_cache[key] = z.cpu()
+        return self._condition_cache[key].to(self.device, self.dtype)
 
     def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """Normalised latents ``[1,16,F,h,w]`` → frames ``[F,3,8h,8w]`` in [0,1] (float32), frame by frame."""

@@ -37,6 +37,7 @@ PathLike = Union[str, Path]
 DEFAULT_SCALE_MAP = ((480, 768), (512, 720), (576, 640), (608, 608), (640, 576), (720, 512), (768, 480))
 DEFAULT_NFRAME = 21
 CAMERA_SCALE = 2.0
+RENDER_RADIUS_NDC = 0.008  # src/data_utils.py: the point renderer's radius, in PyTorch3D NDC
 SIZE_MULTIPLE = 16  # VAE x8 times the transformer's 2x2 patches
 RENDER_FILES = ("camera.json", "render.mp4", "render_mask.mp4")
 
@@ -198,6 +199,14 @@ def camera_embedding(K: torch.Tensor, w2c: torch.Tensor, height: int, width: int
 
 
 # ---- renders and masks -------------------------------------------------------------------------------
+
+def splat_radius(height: int, width: int) -> int:
+    """The half-size in pixels of the engine's square point splats that follows the release's render radius
+    (0.008 in PyTorch3D NDC, where the shorter image side spans 2): ``round(0.004 * min(H, W))``, at least 1 —
+    2 at 480 rows. Smaller splats leave combs of one-pixel gaps between points where the official renders
+    (radius ~2 px, 20 points per pixel) have none."""
+    return max(1, int(round(RENDER_RADIUS_NDC / 2 * min(height, width))))
+
 
 def signed(image: torch.Tensor) -> torch.Tensor:
     """[0,1] -> [-1,1] (torchvision ``ToTensor()(x) * 2 - 1``)."""

@@ -66,9 +66,10 @@ def photo_first_clip(image: torch.Tensor, camera_file: Optional[Path], preset: O
 
 
 def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: Optional[str] = None,
-                 frames: int = 21, max_side: int = 768, radius: int = 1,
+                 frames: int = 21, max_side: int = 768, radius: Optional[int] = None,
                  announce: Callable[[str], None] = print) -> Cameras:
-    """Render a scene's cache along a trajectory (see the module doc); returns the cameras used."""
+    """Render a scene's cache along a trajectory (see the module doc); returns the cameras used. ``radius``: the
+    splat half-size in pixels (default: the official render radius at the render's size)."""
     from engine.images import load_image, to_pil
 
     folder, out_dir = Path(scene), Path(out)
@@ -82,6 +83,7 @@ def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: 
         file_cams = job.read_camera_file(camera_file) if camera_file is not None else None
         cams = job.plan(TrajectoryRequest(name=preset or "camera.json", cameras=file_cams, frames=frames))
         image, cache = job.start_image_for(cams[0:1]), job.cache
+        radius = job.splat_radius(cams) if radius is None else radius
     else:
         image_path = next((folder / n for n in IMAGE_NAMES if (folder / n).is_file()), None)
         if image_path is None:
@@ -91,7 +93,7 @@ def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: 
         size = conditioning.scale_bucket(bucket, min(1.0, max_side / max(bucket)))
         seed, cams = photo_first_clip(photo, camera_file, preset, size, frames, depth, announce)
         image, cache = seed.image, seed.cache
-    result = cache.render(cams, radius=radius)
+    result = cache.render(cams, radius=conditioning.splat_radius(cams.height, cams.width) if radius is None else radius)
     video, mask = conditioning.render_video_and_mask(to_pil(image), result.image, result.mask)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs.write_video(out_dir / "render.mp4", (video[0].transpose(0, 1) + 1) / 2)
@@ -143,7 +145,7 @@ def write_conditions(image_path: str, out: str, camera_json: Optional[str] = Non
     else:
         seed, cams = photo_first_clip(image, Path(camera_json) if camera_json else None, trajectory, size, nframe,
                                       depth, announce)
-        render = seed.cache.render(cams)
+        render = seed.cache.render(cams, radius=conditioning.splat_radius(*size))
         refs = conditioning.single_view_references(seed.image, cams) if memory else None
         cond = conditioning.conditions_from_render(seed.image, cams, render.image, render.mask, refs, memory=memory,
                                                    stride=stride)

@@ -81,7 +81,7 @@ class SceneSettings:
     keep_frames: int = 8  # frames of each clip added to memory and cache (the paper's align_nframe)
     max_refs: int = 8
     point_budget: int = 1_000_000
-    splat_radius: int = 1
+    splat_radius: Optional[int] = None  # cache splat half-size in pixels; None: the official radius at the clip's size
     device: str = "cpu"
     weights: Optional[str] = None
     depth: Optional[str] = None  # MoGe repo/folder, or a user depth file (.npy / 16-bit PNG) for the start image
@@ -375,7 +375,7 @@ class Scene:
         safe_name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in req.name)[:40]
         name = f"{index:02d}_{safe_name}"
         report(0.0, f"{name}: rendering the 3D cache")
-        render = self.cache.render(cams, radius=self.settings.splat_radius)
+        render = self.cache.render(cams, radius=self.splat_radius(cams))
         timings["render"] = time.perf_counter() - t0
         check_cancel()
 
@@ -452,6 +452,12 @@ class Scene:
         self.write_scene_cloud()
         report(1.0, f"{name}: done")
         return record
+
+    def splat_radius(self, cams: Cameras) -> int:
+        """The splat half-size of this scene's cache renders (``conditioning.splat_radius`` unless set)."""
+        if self.settings.splat_radius is not None:
+            return int(self.settings.splat_radius)
+        return conditioning.splat_radius(cams.height, cams.width)
 
     @property
     def _single_view(self) -> bool:

@@ -313,7 +313,7 @@ def test_scene_feeds_a_photos_first_clip_the_input_view_alone(tmp_path):
                          depth_source=PlaneTestDepth(), announce=lambda m: None)
     recorder = scene._generator = _Recorder()
     cams = scene.plan("left")
-    render = scene.cache.render(cams, radius=scene.settings.splat_radius)
+    render = scene.cache.render(cams, radius=scene.splat_radius(cams))
     scene.run(["left", "right"])
     first, second = recorder.seen
     assert first.ref_index.tolist() == [0]
@@ -370,3 +370,37 @@ def test_generate_from_an_official_render_folder(examples, tmp_path, monkeypatch
         assert prompt == caption
         assert torch.equal(cond.render_video, video) and torch.equal(cond.render_mask, mask)
         assert cond.ref_index.tolist() == [0]
+
+
+def _comb_fraction(holes: torch.Tensor) -> float:
+    """Share of the frames' pixels that a 3x3 morphological opening removes from the hole mask ``[F,H,W]``: the
+    one-pixel gaps between splats (solid holes survive an opening but for their rims)."""
+    import torch.nn.functional as Fn
+
+    h = holes.float()[:, None]
+    opened = Fn.max_pool2d(-Fn.max_pool2d(-h, 3, 1, 1), 3, 1, 1)
+    return float((h - opened).clamp(min=0).mean())
+
+
+def test_splat_radius_follows_the_official_render_radius():
+    from engine.geometry import trajectories as traj
+    from engine.geometry.panorama import bank_cameras, look_rotation, panorama_points
+    from engine.scene_init import PANORAMA_CLOUD_HEIGHT
+
+    assert C.splat_radius(480, 768) == 2 and C.splat_radius(608, 608) == 2  # 0.008 NDC ~ 1.9-2.4 px
+    assert C.splat_radius(240, 384) == 1 and C.splat_radius(80, 128) == 1
+    # A panorama's first cache (a 360 degree cloud lifted at PANORAMA_CLOUD_HEIGHT rows, here a 3 m sphere) seen
+    # along a forward move at the full engines' size.
+    hp = PANORAMA_CLOUD_HEIGHT
+    colours = torch.rand(3, hp, 2 * hp, generator=torch.Generator().manual_seed(0))
+    points, cols = panorama_points(colours, torch.full((hp, 2 * hp), 3.0))
+    cache = PointCache.empty()
+    cache.add_points(points.float(), cols.float(), frame_id=0)
+    w2c = torch.eye(4, dtype=torch.float64)
+    w2c[:3, :3] = look_rotation([0.0], [0.0])[0]
+    start = Cameras(w2c, bank_cameras(width=768, height=480).K[:1], 768, 480)
+    cams = traj.make_trajectory("forward", start, 3.0, frames=3)
+    combs = {r: _comb_fraction(~cache.render(cams[1:], radius=r).mask) for r in (1, C.splat_radius(480, 768))}
+    print(f"comb pixels: radius 1 {combs[1]:.4f}, official radius {combs[2]:.4f}")
+    assert combs[1] > 0.1  # 3x3 splats leave a comb over a tenth of the frame
+    assert combs[2] < 0.04

@@ -106,13 +106,14 @@ def seed_photo(image: torch.Tensor, depth_source, camera_json, size: tuple[int, 
         _, _, k = depth_source(image, None)
         start = Cameras(torch.eye(4, dtype=torch.float64), k.reshape(1, 3, 3), w0, h0)
     h, w = size
-    image = pil_to_tensor(stretch_to_bucket(image, (h, w)))
+    photo, image = image, pil_to_tensor(stretch_to_bucket(image, (h, w)))
     start = start.resized(w, h)
     report(0.3, "depth of the input")
     if user_depth:
         from engine.depth import UserDepth
 
-        depth = UserDepth(user_depth).estimate(image).depth.float()
+        # The user's map is of the photo as given; it is stretched with the photo below (nearest).
+        depth = UserDepth(user_depth).estimate(photo).depth.float()
         valid = torch.isfinite(depth) & (depth > 0)
         note = f"user depth from {Path(user_depth).name}"
     else:

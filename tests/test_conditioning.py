@@ -404,3 +404,16 @@ def test_splat_radius_follows_the_official_render_radius():
     print(f"comb pixels: radius 1 {combs[1]:.4f}, official radius {combs[2]:.4f}")
     assert combs[1] > 0.1  # 3x3 splats leave a comb over a tenth of the frame
     assert combs[2] < 0.04
+
+
+def test_a_users_depth_map_is_stretched_with_the_photo(tmp_path):
+    from engine.scene import Scene, SceneSettings
+
+    save_image(tmp_path / "photo.png", torch.rand(3, 96, 144))  # 2:3, stretched to the 240x384 preview bucket
+    np.save(tmp_path / "depth.npy", np.full((96, 144), 2.5, dtype=np.float32))
+    scene = Scene.create(tmp_path / "job", tmp_path / "photo.png", announce=lambda m: None,
+                         settings=SceneSettings(depth=str(tmp_path / "depth.npy"), frames=3),
+                         depth_source=PlaneTestDepth())  # camera guess only: the depth is the user's
+    assert scene.manifest["size"] == [240, 384] and scene.manifest["input_size"] == [96, 144]
+    assert scene.manifest["median_depth"] == pytest.approx(2.5)
+    assert len(scene.cache) == 240 * 384  # every pixel of the stretched photo has the user's depth

@@ -144,6 +144,18 @@ def test_conditions_command_refuses_bad_input_in_one_sentence(examples, tmp_path
     assert not (tmp_path / "c.safetensors").exists()
 
 
+def test_conditions_command_with_a_preset_at_a_small_engines_size(examples, tmp_path):
+    out = tmp_path / "tiny.safetensors"
+    assert cli_main(["conditions", "--image", str(examples / CASES["dining"][0]), "--trajectory", "up",
+                     "--engine", "tiny-random", "--depth", "plane", "--stride", "4", "--out", str(out)]) == 0
+    c = load_file(str(out))
+    assert c["extrinsics"].shape == (21, 4, 4) and c["camera_embedding"].shape == (1, 6, 21, 20, 32)  # 80x128 / 4
+    assert torch.allclose(c["extrinsics"][0], torch.eye(4))  # a preset starts at the input view
+    assert torch.allclose(c["camera_qt"][0, 0, :4], torch.tensor([1.0, 0, 0, 0]))  # camera 0: identity rotation
+    assert float(c["camera_qt"][0, 0, 4:].norm()) == pytest.approx(2.0, abs=1e-5)  # at distance 2 from the mean
+    assert torch.equal(c["camera_qt_ref"], c["camera_qt"][:, :1]) and c["ref_index"].tolist() == [0]
+
+
 def test_camera_variant_conditions_have_no_memory_inputs(examples, tmp_path):
     out = tmp_path / "cam.safetensors"
     image_rel, _, render_rel = CASES["corridor_view0_traj1"]

@@ -31,7 +31,7 @@ def _torch_dtype(trt_dtype) -> torch.dtype:
 
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
              trt.DataType.BOOL: torch.bool, trt.DataType.INT8: torch.int8}
-    for name, dt in (("BF16", torch.bfloat16), ("INT64", torch.int64), ("FP8", torch.float8_e4m3fn)):
+    for name, dt in (("BF16", torch.bfloat16), ("INT64", torch.int64)):
         if hasattr(trt.DataType, name):
             table[getattr(trt.DataType, name)] = dt
     return table[trt_dtype]

@@ -271,20 +271,20 @@ def test_bfloat16_export_keeps_the_dtype_and_computes_the_float32_graphs_functio
 
 
 MEMORY_SCRIPT = """
-import json, resource, sys
+import json, sys
 import onnx, onnxruntime, torch  # imported before the baseline: their own memory is no export cost
 import engine.models.loading, engine.models.tiny, export.api, export.onnx_export
 from export.__main__ import main
 
-def rss():
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize()
+def status():
+    with open("/proc/self/status") as fh:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in fh)
+                if k in ("VmHWM", "RssAnon", "RssFile")}
 
 torch.set_num_threads(1)
-before = rss()
+before = status()
 code = main(sys.argv[1:])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"code": code, "before": before, "peak": peak}))
+print(json.dumps({"code": code, "before": before, "after": status()}))
 """
 
 
@@ -323,8 +323,11 @@ def test_export_host_memory_stays_below_twice_the_checkpoint(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    growth = report["peak"] - report["before"]
-    print(f"checkpoint {size / 1e6:.0f} MB, peak RSS growth {growth / 1e6:.0f} MB ({growth / size:.2f}x)")
+    # Growth of the high-water mark itself: pages resident once before the export (libraries the imports touched)
+    # count in the baseline even if the kernel evicts them meanwhile on a busy machine.
+    growth = report["after"]["VmHWM"] - report["before"]["VmHWM"]
+    print(f"checkpoint {size / 1e6:.0f} MB, peak RSS growth {growth / 1e6:.0f} MB ({growth / size:.2f}x); "
+          f"before {report['before']}, after {report['after']}")
     assert report["code"] == 0
     assert growth < 2 * size
     manifest = json.loads((tmp_path / "onnx" / spec.MANIFEST_NAME).read_text())

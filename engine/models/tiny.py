@@ -92,7 +92,8 @@ def write_tiny_package(folder: Union[str, Path], variant: str = "worldstereo-mem
     return folder
 
 
-# Bump when write_tiny_package changes what it writes in a way the config and the state-dict layout do not show.
+# Bump when write_tiny_package or the models' initialisation change what is written in a way the config and the
+# state-dict layout do not show.
 TINY_PACKAGE_FORMAT = 2
 
 

@@ -131,7 +131,8 @@ def _replace(root: nn.Module, predicate, make) -> list[tuple[nn.Module, str, nn.
 
 @contextlib.contextmanager
 def export_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Swap attention processors, norms and rotary modules of ``model`` for exportable ones; restore on exit."""
+    """Swap attention processors and norms of ``model`` for exportable ones and read rotary tables in float32;
+    restore everything on exit."""
     attn_modules = [m for m in model.modules() if isinstance(m, WanAttention)]
     saved_processors = [m.processor for m in attn_modules]
     ropes = [m for m in model.modules() if isinstance(m, WorldStereoRope)]

@@ -1,8 +1,9 @@
-"""The two ControlNet branches of WorldStereo and the pieces they share.
+"""The two ControlNet branches of WorldStereo and the pieces they share, the rotary helper among them.
 
 Attention inside the branches is diffusers' `WanAttention` (same to_q/to_k/to_v/to_out/norm_q/norm_k names as the
 official checkpoints), so `model.set_attn_processor(...)` swaps the processor of the branches together with the
-backbone's, and the q/k `RMSNorm` modules can be replaced by name (an ONNX export mode does both).
+backbone's, and the q/k `RMSNorm` modules can be replaced by name (an ONNX export mode does both). Every rotary
+table — backbone, branches, reference positions — is read through `WorldStereoRope` at `token_positions`.
 """
 from __future__ import annotations
 

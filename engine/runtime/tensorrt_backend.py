@@ -60,8 +60,10 @@ class _TrtRunner:
         keep = []
         for name, t in feeds.items():
             t = t.to(self.device, _torch_dtype(engine.get_tensor_dtype(name))).contiguous()
-            keep.append(t)
             ctx.set_input_shape(name, tuple(t.shape))
+            if t.numel() == 0:  # zero reference tokens: TensorRT wants a valid address even for an empty tensor
+                t = torch.empty(1, dtype=t.dtype, device=self.device)
+            keep.append(t)
             ctx.set_tensor_address(name, t.data_ptr())
         out = {}
         for name in self.outputs[graph]:

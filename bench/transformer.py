@@ -48,7 +48,7 @@ def build(size: str, variant: str, device: torch.device, dtype: torch.dtype):
     try:
         with torch.device(device), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(0)
-            model = WorldStereoTransformer(cfg, base)
+            model = WorldStereoTransformer.from_checkpoint_config(cfg, base)
     finally:
         torch.set_default_dtype(previous)
     return model.eval(), cfg, base

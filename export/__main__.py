@@ -6,8 +6,9 @@ Examples::
     python -m export --engine worldstereo-memory-dmd --weights ckpts/WorldStereo --format tensorrt \\
         --out exported/dmd --height 480 --width 768 --frames 21 --refs 8 --precision bf16
 
-TensorRT is an optional extra (``pip install tensorrt``) and needs a CUDA GPU; without them the tensorrt format
-refuses in one sentence and exits with status 2.
+The model is loaded once, in the precision the graphs get (default: the dtype its weights file holds), and exported
+without a copy. TensorRT is an optional extra (``pip install tensorrt``) and needs a CUDA GPU; without them the
+tensorrt format refuses in one sentence and exits with status 2.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Optional
+
+from .api import PRECISIONS
 
 ENGINE_VARIANTS = {"worldstereo-memory-dmd": "worldstereo-memory-dmd", "worldstereo-memory": "worldstereo-memory",
                    "worldstereo-camera": "worldstereo-camera"}
@@ -39,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, help="keyframes per clip (default: the config's nframe)")
     p.add_argument("--refs", type=int, default=2, help="memory references in the sample inputs (1-8; default 2)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16", "fp8"],
-                   help="engine precision (default: fp32 for onnx, bf16 for tensorrt); ONNX graphs are float32")
+    p.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help="dtype of the graphs and engines (default: the dtype of the checkpoint's weights); "
+                        "ONNX Runtime on a CPU checks parity of fp32 graphs only")
     p.add_argument("--variant", choices=list(ENGINE_VARIANTS), help="tiny-random only: which variant to build tiny")
     p.add_argument("--memory-mode", choices=["stitched", "branch"], default="stitched",
                    help="tiny-random only: stitched (released) or branch (paper) memory")
@@ -51,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args) -> tuple:
     from engine.models.loading import load_transformer, resolve_checkpoint
 
-
+    dtype = PRECISIONS[args.precision] if args.precision else None  # None: as stored, no cast
     if args.engine == TINY:
         variant = args.variant or TINY_DEFAULT_VARIANT
         folder = args.weights
@@ -59,7 +63,7 @@ def _load(args) -> tuple:
             from engine.models.tiny import cached_tiny_package
 
             folder = cached_tiny_package(variant, args.memory_mode)
-        model = load_transformer(folder)
+        model = load_transformer(folder, dtype=dtype)
     else:
         if args.variant or args.memory_mode != "stitched":
             raise ExportUsageError("--variant and --memory-mode apply to tiny-random only; a checkpoint brings its own.")
@@ -69,14 +73,13 @@ def _load(args) -> tuple:
             folder = HUB_REPO
         else:
             folder = args.weights
-        model = load_transformer(folder, variant=ENGINE_VARIANTS[args.engine], dtype=None)
+        model = load_transformer(folder, variant=ENGINE_VARIANTS[args.engine], dtype=dtype)
     _, weights = resolve_checkpoint(folder, None if args.engine == TINY else ENGINE_VARIANTS[args.engine])
     return model, weights
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    precision = args.precision or ("fp32" if args.format == "onnx" else "bf16")
     try:
         if args.format == "tensorrt":
             from .tensorrt_build import require_tensorrt
@@ -93,14 +96,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                         args.frames or model.ws_config.nframe, args.refs,
                                         TINY_IMAGE_TOKENS if tiny else FULL_IMAGE_TOKENS, batch=args.batch)
         onnx_dir = args.out if args.format == "onnx" else args.out / "onnx"
-        export_onnx(model, onnx_dir, shape, engine=args.engine, source=weights, precision=precision, seed=args.seed)
+        export_onnx(model, onnx_dir, shape, engine=args.engine, source=weights, seed=args.seed)
         if args.format == "tensorrt":
             import dataclasses
 
             from .tensorrt_build import build_engines
 
             del model
-            build_engines(onnx_dir, args.out, precision=precision, target=dataclasses.asdict(shape))
+            build_engines(onnx_dir, args.out, target=dataclasses.asdict(shape))
     except ValueError as e:  # user-fixable input: one sentence, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

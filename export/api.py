@@ -13,10 +13,11 @@ from engine.atomicio import atomic_write_json, file_sha256
 from engine.models.transformer import WorldStereoTransformer
 from engine.runtime import spec
 
-from .graphs import ExportShape, graphs_for, num_residuals
+from .graphs import ExportShape, graphs_for, num_residuals, takes_reference_tokens
 from .onnx_export import OPSET, PARITY_RTOL, export_graph
 
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+# The dtype the graphs (and the engines built from them) hold the weights and compute in.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Above this many tokens the traced/parity-checked sample is a small one; the graphs' dynamic axes carry the
 # target size (ONNX Runtime on a CPU would take hours on a 14B forward at 30k tokens).
 MAX_CHECK_TOKENS = 4096
@@ -48,28 +49,28 @@ def model_info(model: WorldStereoTransformer) -> dict[str, Any]:
     return {"inner_dim": model.inner_dim, "patch_size": list(cfg.patch_size), "num_residuals": num_residuals(model),
             "in_channels": cfg.in_channels, "out_channels": cfg.out_channels, "text_dim": cfg.text_dim,
             "image_dim": cfg.image_dim, "num_layers": cfg.num_layers, "variant": model.ws_config.variant,
-            "memory_mode": model.ws_config.memory_mode,
+            "memory_mode": model.ws_config.memory_mode, "has_memory": model.ws_config.has_memory,
+            "reference_tokens": takes_reference_tokens(model), "head_dim": cfg.attention_head_dim,
             "mask_frames": "one render_mask/camera_embedding frame per keyframe (the released 2.0 layout)",
             "reference_channels": 16}
 
 
 def export_onnx(model: WorldStereoTransformer, out_dir: Path, target: ExportShape, *, engine: str = "",
-                source: Optional[Path] = None, precision: str = "fp32", seed: int = 0,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Write every graph of ``model`` (float32, export mode) to ``out_dir`` with a manifest; return the manifest.
+                source: Optional[Path] = None, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write every graph of ``model`` (export mode, in the model's own dtype) to ``out_dir`` with a manifest; return
+    the manifest. No copy of the model is made: load it in the precision the graphs should have.
 
-    Each graph is checked against PyTorch with ONNX Runtime (CPU) on the same random inputs and export fails
-    (`ParityError`) above ``PARITY_RTOL`` relative error.
+    Float32 graphs are checked against PyTorch with ONNX Runtime (CPU) on the same random inputs and export fails
+    (`ParityError`) above ``PARITY_RTOL`` relative error; other dtypes are recorded as unchecked (no CPU kernels).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.float().eval()
+    model = model.eval()
     check = check_shape(model, target)
     entries = []
     for graph in graphs_for(model):
         entries.append(dataclasses.asdict(export_graph(graph, out_dir, check, seed=seed, log=log)))
+    dtype = str(model.dtype).replace("torch.", "")
     manifest = {
         "format": spec.MANIFEST_FORMAT,
         "runtime": "onnx",
@@ -79,11 +80,12 @@ def export_onnx(model: WorldStereoTransformer, out_dir: Path, target: ExportShap
         "graph_order": [e["name"] for e in entries],
         "graphs": entries,
         "shapes": {"target": dataclasses.asdict(target), "traced_and_checked": dataclasses.asdict(check)},
-        "precision": {"onnx_graphs": "fp32", "requested": precision,
-                      "note": "ONNX graphs are float32; bf16/fp16/fp8 apply when TensorRT builds engines from them"},
+        "precision": {"dtype": dtype,
+                      "note": "weights and activations in the model's dtype; norms, softmax and rotary in float32"},
         "parity": {"runtime": "onnxruntime CPUExecutionProvider", "metric": "max|ort - torch| / max|torch| per output",
-                   "tolerance": PARITY_RTOL, "dtype": "float32"},
-        "exporter": {"name": "torch.onnx TorchScript exporter (dynamo=False) on the export mode", "opset": OPSET,
+                   "tolerance": PARITY_RTOL, "dtype": dtype, "checked": model.dtype == torch.float32},
+        "exporter": {"name": "torch.onnx TorchScript exporter (dynamo=False) on the export mode, weights streamed "
+                             "to external data", "opset": OPSET,
                      "versions": exporter_versions(), "python": platform.python_version()},
         "source": {"weights": str(source) if source else None,
                    "sha256": file_sha256(source) if source and Path(source).is_file() else None},

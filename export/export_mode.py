@@ -1,6 +1,6 @@
 """Export mode: the same WorldStereo function written in operators every ONNX consumer accepts.
 
-Exporting the model as it is fails three ways (see /work/shared/NOTES.md): no `aten::rms_norm` in the TorchScript
+Exporting the model as it is fails three ways (see the project notes): no `aten::rms_norm` in the TorchScript
 exporter, an unloadable Reshape from the dynamo exporter at opset 18 and a failing CPU `Attention` kernel at opset 23.
 Inside ``export_mode(model)``:
 
@@ -8,10 +8,11 @@ Inside ``export_mode(model)``:
   rotary embedding as real multiply-adds on the even/odd channel pairs (no complex numbers, no strided writes);
 - every `torch.nn.RMSNorm` becomes `DecomposedRMSNorm` (x·rsqrt(mean(x²)+eps)·w in float32), every LayerNorm a
   `DecomposedLayerNorm`, both sharing the original parameters;
-- each `WanRotaryPosEmbed` returns float32 tables built with gathers from position ranges (the original keeps
-  float64 tables, which TensorRT cannot take, and slices them with Python integers, which freezes the shape).
+- every `WorldStereoRope` reads its tables in float32 (diffusers keeps them in float64, which TensorRT cannot take;
+  the model's rope already gathers them at positions built from the input's shape, so sizes stay dynamic).
 
-On exit everything is put back. The functions agree with the originals to float32 rounding (tested at 1e-5).
+The model keeps its dtype: a bfloat16 model gives bfloat16 graphs. On exit everything is put back. The functions
+agree with the originals to float32 rounding (tested at 1e-5).
 """
 from __future__ import annotations
 
@@ -21,10 +22,9 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from diffusers.models.transformers.transformer_wan import WanAttention, WanRotaryPosEmbed
+from diffusers.models.transformers.transformer_wan import WanAttention
 
-from engine.models.branches import AdaLayerNormZero
+from engine.models.branches import WorldStereoRope
 
 TEXT_TOKENS = 512  # diffusers' Wan processor splits image/text context at a fixed 512 text tokens; so do we
 
@@ -35,9 +35,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     The tables repeat each angle for both channels of a pair (diffusers' `repeat_interleave_real`), so
     out = x·cos + swap(x)·sin with swap(x1, x2) = (−x2, x1) is the same rotation as diffusers' strided version.
     """
-    pairs = x.unflatten(-1, (-1, 2))
+    xf = x.float()  # in float32 whatever the graph's dtype, as diffusers rotates against its float64 tables
+    pairs = xf.unflatten(-1, (-1, 2))
     swapped = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    return x * cos.to(x.dtype) + swapped * sin.to(x.dtype)
+    return (xf * cos.float() + swapped * sin.float()).to(x.dtype)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -118,69 +119,6 @@ class DecomposedLayerNorm(nn.Module):
         return y.to(x.dtype)
 
 
-def rotary_tables(rope: WanRotaryPosEmbed, t: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
-                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) [1 or B, N, 1, head_dim] at integer positions, gathered from float32 copies of rope's tables."""
-    sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
-    out = []
-    for table in (rope.freqs_cos, rope.freqs_sin):
-        ft, fh, fw = table.to(dtype).split(sizes, dim=1)
-        emb = torch.cat([ft[t], fh[h], fw[w]], dim=-1)
-        if emb.ndim == 2:
-            emb = emb.unsqueeze(0)
-        out.append(emb.unsqueeze(2))
-    return out[0], out[1]
-
-
-def grid_rotary(rope: WanRotaryPosEmbed, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``rope(hidden_states)`` returns, in float32, with positions derived from the input's shape as graph
-    values (so the frame/height/width axes stay dynamic in an exported graph)."""
-    pt, ph, pw = rope.patch_size
-    dev = hidden_states.device
-    t = torch.arange(hidden_states.shape[2] // pt, device=dev)
-    h = torch.arange(hidden_states.shape[3] // ph, device=dev)
-    w = torch.arange(hidden_states.shape[4] // pw, device=dev)
-    nt, nh, nw = t.shape[0], h.shape[0], w.shape[0]
-    tt = t.view(-1, 1, 1).expand(nt, nh, nw).reshape(-1)
-    hh = h.view(1, -1, 1).expand(nt, nh, nw).reshape(-1)
-    ww = w.view(1, 1, -1).expand(nt, nh, nw).reshape(-1)
-    return rotary_tables(rope, tt, hh, ww)
-
-
-class _ExportAdaLayerNormZero(nn.Module):
-    """`AdaLayerNormZero` with its LayerNorm decomposed (the original calls F.layer_norm with a traced shape, which
-    the TorchScript exporter cannot turn into a constant)."""
-
-    def __init__(self, original: AdaLayerNormZero):
-        super().__init__()
-        self.original = original
-        self.layer_norm = DecomposedLayerNorm(original.norm) if isinstance(original.norm, nn.LayerNorm) \
-            else original.norm
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lin = self.original.linear
-        mod = lin(F.silu(temb.to(lin.weight.dtype))).float()
-        shift, scale, gate = mod.unsqueeze(1).chunk(3, dim=-1)
-        return (self.layer_norm(x.float()) * (1 + scale) + shift).type_as(x), gate
-
-
-class _ExportRope(nn.Module):
-    """Stands in for a `WanRotaryPosEmbed` inside export mode; keeps the original (and its buffers) as a child."""
-
-    def __init__(self, original: WanRotaryPosEmbed):
-        super().__init__()
-        self.original = original
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("original"), name)
-
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return grid_rotary(self.original, hidden_states)
-
-
 def _replace(root: nn.Module, predicate, make) -> list[tuple[nn.Module, str, nn.Module]]:
     swapped = []
     for parent in list(root.modules()):
@@ -193,20 +131,24 @@ def _replace(root: nn.Module, predicate, make) -> list[tuple[nn.Module, str, nn.
 
 @contextlib.contextmanager
 def export_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Swap attention processors, norms and rotary modules of ``model`` for exportable ones; restore on exit."""
+    """Swap attention processors and norms of ``model`` for exportable ones and read rotary tables in float32;
+    restore everything on exit."""
     attn_modules = [m for m in model.modules() if isinstance(m, WanAttention)]
     saved_processors = [m.processor for m in attn_modules]
+    ropes = [m for m in model.modules() if isinstance(m, WorldStereoRope)]
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         for m in attn_modules:
             m.set_processor(PlainAttnProcessor())
-        swapped += _replace(model, lambda c: isinstance(c, AdaLayerNormZero), _ExportAdaLayerNormZero)
+        for rope in ropes:
+            rope.table_dtype = torch.float32
         swapped += _replace(model, lambda c: isinstance(c, nn.RMSNorm), DecomposedRMSNorm)
         swapped += _replace(model, lambda c: isinstance(c, nn.LayerNorm), DecomposedLayerNorm)
-        swapped += _replace(model, lambda c: isinstance(c, WanRotaryPosEmbed), _ExportRope)
         yield model
     finally:
         for parent, name, child in reversed(swapped):
             setattr(parent, name, child)
+        for rope in ropes:
+            rope.table_dtype = None  # the tables' own dtype again
         for m, p in zip(attn_modules, saved_processors):
             m.set_processor(p)

@@ -1,21 +1,19 @@
 """The exported pieces of a `WorldStereoTransformer`, each an `nn.Module` with positional, named tensors.
 
-Every piece reuses the model's own submodules (no weight copies) and reproduces the matching part of
-`WorldStereoTransformer.forward`; chaining them (`run_chain`) gives the forward's velocity exactly, which the tests
-check, so the graphs cannot drift from the model unnoticed. Names come from `engine.runtime.spec`.
+Every piece calls the model's own forward steps (`embed`, `encode_mask_and_rays`, `camera_branch`,
+`reference_tokens`, `memory_branch_residuals`, `run_blocks`, `head`) on the model's own submodules: there is one
+implementation of the forward, and chaining the graphs gives the forward's velocity exactly (tested). Names come
+from `engine.runtime.spec`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from engine.models.transformer import LATENT_CHANNELS, VAE_SCALE, WorldStereoTransformer
 from engine.runtime import spec
-
-from .export_mode import rotary_tables
 
 TEXT_TOKENS = 512
 
@@ -39,35 +37,14 @@ class ExportShape:
         return cls(batch, frames, height // VAE_SCALE, width // VAE_SCALE, refs, TEXT_TOKENS, image_tokens)
 
 
-def timestep_embedding(model: WorldStereoTransformer, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """temb [B, D] exactly as `WanTimeTextImageEmbedding.forward` makes it (without the text/image parts)."""
-    ce = model.condition_embedder
-    t = ce.timesteps_proj(timestep)
-    t = t.to(next(iter(ce.time_embedder.parameters())).dtype)
-    return ce.time_embedder(t).to(dtype)
-
-
-def _token_grid(frames: torch.Tensor, hp: int, wp: int, w_offset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(t, h, w) [B, R·hp·wp] positions of patch tokens of the frames ``frames`` [B, R], frame-major, row-major."""
-    b, r = frames.shape
-    hh = torch.arange(hp, device=frames.device)
-    ww = torch.arange(wp, device=frames.device) + w_offset
-    t = frames.view(b, r, 1, 1).expand(b, r, hp, wp).reshape(b, -1)
-    h = hh.view(1, 1, hp, 1).expand(b, r, hp, wp).reshape(b, -1)
-    w = ww.view(1, 1, 1, wp).expand(b, r, hp, wp).reshape(b, -1)
-    return t, h, w
-
-
-def _frame_offsets(model: WorldStereoTransformer, codes: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
-    emb = model.camera_embedding(codes.to(model.camera_embedding[0].weight.dtype))
-    b, f, d = emb.shape
-    return emb.unsqueeze(2).expand(b, f, tokens_per_frame, d).reshape(b, -1, d)
-
-
 class GraphModule(nn.Module):
-    """One exported piece: ``input_names``/``output_names`` in forward order, ``dynamic_axes`` per tensor."""
+    """One exported piece: ``input_names``/``output_names`` in forward order, ``dynamic_axes`` per tensor.
+
+    ``min_refs``: the fewest references the graph runs with (the size its dynamic axes are verified at).
+    """
 
     name: str = ""
+    min_refs: int = 1
 
     def __init__(self, model: WorldStereoTransformer):
         super().__init__()
@@ -84,13 +61,43 @@ class GraphModule(nn.Module):
         if axes:
             self.dynamic_axes[name] = axes
 
+    def _randn(self, g: torch.Generator, *shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(self.model.dtype)
 
-def _latent_axes() -> dict[int, str]:
-    return {0: "batch", 2: "frames", 3: "latent_height", 4: "latent_width"}
+
+LATENT_AXES = {0: "batch", 2: "frames", 3: "latent_height", 4: "latent_width"}
+REF_LATENT_AXES = {0: "batch", 2: "refs", 3: "latent_height", 4: "latent_width"}
+TOKEN_AXES = {0: "batch", 1: "tokens"}
+PIXEL_AXES = {0: "batch", 2: "frames", 3: "height", 4: "width"}  # one mask frame per keyframe (the release's form)
 
 
-def _token_axes() -> dict[int, str]:
-    return {0: "batch", 1: "tokens"}
+def _timestep(shape: ExportShape, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(shape.batch, generator=g) * 1000
+
+
+class CameraMaskGraph(GraphModule):
+    """Render mask + Plücker rays → the camera branch's mask tokens (once per clip)."""
+
+    name = spec.CAMERA_MASK
+
+    def __init__(self, model: WorldStereoTransformer):
+        super().__init__(model)
+        self.uses_rays = model.ws_config.controlnet_cfg.add_channels > 1
+        self._add_input(spec.RENDER_MASK, PIXEL_AXES)
+        if self.uses_rays:
+            self._add_input(spec.CAMERA_EMBEDDING, PIXEL_AXES)
+        self.output_names = [spec.MASK_TOKENS]
+        self.dynamic_axes[spec.MASK_TOKENS] = TOKEN_AXES
+
+    def forward(self, render_mask, camera_embedding=None):
+        return self.model.encode_mask_and_rays(render_mask, camera_embedding, render_mask.shape[2])
+
+    def sample_inputs(self, s: ExportShape, g: torch.Generator) -> dict[str, torch.Tensor]:
+        px = (s.batch, 1, s.frames, s.height * VAE_SCALE, s.width * VAE_SCALE)
+        out = {spec.RENDER_MASK: (torch.rand(px, generator=g) > 0.3).to(self.model.dtype)}
+        if self.uses_rays:
+            out[spec.CAMERA_EMBEDDING] = self._randn(g, s.batch, 6, *px[2:])
+        return out
 
 
 class CameraBranchGraph(GraphModule):
@@ -98,32 +105,26 @@ class CameraBranchGraph(GraphModule):
 
     def __init__(self, model: WorldStereoTransformer):
         super().__init__(model)
-        self.uses_rays = model.ws_config.controlnet_cfg.add_channels > 1
-        pix = {0: "batch", 2: "frames", 3: "height", 4: "width"}  # one mask frame per keyframe (the release's form)
-        self._add_input(spec.HIDDEN_STATES, _latent_axes())
+        self._add_input(spec.HIDDEN_STATES, LATENT_AXES)
         self._add_input(spec.TIMESTEP, {0: "batch"})
-        self._add_input(spec.RENDER_LATENT, _latent_axes())
-        self._add_input(spec.RENDER_MASK, pix)
-        if self.uses_rays:
-            self._add_input(spec.CAMERA_EMBEDDING, pix)
+        self._add_input(spec.RENDER_LATENT, LATENT_AXES)
+        self._add_input(spec.MASK_TOKENS, TOKEN_AXES)
         self.output_names = [spec.residual_name(i) for i in range(model.ws_config.controlnet_cfg.num_layers)]
-        self.dynamic_axes.update({n: _token_axes() for n in self.output_names})
+        self.dynamic_axes.update({n: TOKEN_AXES for n in self.output_names})
 
-    def forward(self, hidden_states, timestep, render_latent, render_mask, camera_embedding=None):
-        temb = timestep_embedding(self.model, timestep, hidden_states.dtype)
-        return tuple(self.model.camera_branch(hidden_states=hidden_states, render_latent=render_latent,
-                                              render_mask=render_mask, camera_embedding=camera_embedding, temb=temb))
+    def forward(self, hidden_states, timestep, render_latent, mask_tokens):
+        temb = self.model.timestep_embedding(timestep, hidden_states.dtype)
+        return tuple(self.model.camera_branch(hidden_states, render_latent, temb, mask_tokens))
 
     def sample_inputs(self, s: ExportShape, g: torch.Generator) -> dict[str, torch.Tensor]:
-        px = (s.batch, 1, s.frames, s.height * VAE_SCALE, s.width * VAE_SCALE)
-        out = {spec.HIDDEN_STATES: torch.randn(s.batch, self.model.config.in_channels, s.frames, s.height, s.width,
-                                               generator=g),
-               spec.TIMESTEP: torch.rand(s.batch, generator=g) * 1000,
-               spec.RENDER_LATENT: torch.randn(s.batch, LATENT_CHANNELS, s.frames, s.height, s.width, generator=g),
-               spec.RENDER_MASK: (torch.rand(px, generator=g) > 0.3).float()}
-        if self.uses_rays:
-            out[spec.CAMERA_EMBEDDING] = torch.randn(s.batch, 6, *px[2:], generator=g)
-        return out
+        m = self.model
+        mask = CameraMaskGraph(m)
+        with torch.no_grad():
+            tokens = mask(*mask.sample_inputs(s, g).values())
+        return {spec.HIDDEN_STATES: self._randn(g, s.batch, m.config.in_channels, s.frames, s.height, s.width),
+                spec.TIMESTEP: _timestep(s, g),
+                spec.RENDER_LATENT: self._randn(g, s.batch, LATENT_CHANNELS, s.frames, s.height, s.width),
+                spec.MASK_TOKENS: tokens + 0.1 * torch.randn(tokens.shape, generator=g).to(tokens.dtype)}
 
 
 class MemoryFrontendGraph(GraphModule):
@@ -134,37 +135,23 @@ class MemoryFrontendGraph(GraphModule):
     def __init__(self, model: WorldStereoTransformer):
         super().__init__(model)
         self.uses_codes = model.camera_embedding is not None
-        self._add_input(spec.REFERENCE_LATENT, {0: "batch", 2: "refs", 3: "latent_height", 4: "latent_width"})
+        self._add_input(spec.REFERENCE_LATENT, REF_LATENT_AXES)
         self._add_input(spec.REF_INDEX, {0: "batch", 1: "refs"})
         if self.uses_codes:
             self._add_input(spec.CAMERA_QT_REF, {0: "batch", 1: "refs"})
         self.output_names = [spec.REF_TOKENS, spec.REF_ROTARY_COS, spec.REF_ROTARY_SIN]
-        self.dynamic_axes.update({spec.REF_TOKENS: {0: "batch", 1: "ref_tokens"},
-                                  spec.REF_ROTARY_COS: {0: "batch", 1: "ref_tokens"},
-                                  spec.REF_ROTARY_SIN: {0: "batch", 1: "ref_tokens"}})
+        self.dynamic_axes.update({n: {0: "batch", 1: "ref_tokens"} for n in self.output_names})
 
     def forward(self, reference_latent, ref_index, camera_qt_ref=None):
-        m = self.model
-        _, ph, pw = m.config.patch_size
-        hp, wp = reference_latent.shape[3] // ph, reference_latent.shape[4] // pw
-        tokens = m._tokens(m._reference_input(reference_latent))
-        frames = ref_index + 1
-        b, r = frames.shape
-        if m.ref_index_embedding is not None:
-            tokens = tokens + m.ref_index_embedding(frames).unsqueeze(2).expand(b, r, hp * wp, -1).reshape(
-                b, -1, tokens.shape[-1]).to(tokens.dtype)
-        if self.uses_codes:
-            tokens = tokens + _frame_offsets(m, camera_qt_ref, hp * wp).to(tokens.dtype)
-        t, h, w = _token_grid(frames, hp, wp, wp)  # right half of the 2W canvas, at the served frame's time
-        cos, sin = rotary_tables(m.rope, t, h, w)
-        return tokens, cos, sin
+        tokens, (cos, sin) = self.model.reference_tokens(reference_latent, ref_index, camera_qt_ref)
+        return tokens, cos.float(), sin.float()  # float32 between graphs (the export mode's rotary dtype)
 
     def sample_inputs(self, s: ExportShape, g: torch.Generator) -> dict[str, torch.Tensor]:
-        out = {spec.REFERENCE_LATENT: torch.randn(s.batch, LATENT_CHANNELS, s.refs, s.height, s.width, generator=g),
+        out = {spec.REFERENCE_LATENT: self._randn(g, s.batch, LATENT_CHANNELS, s.refs, s.height, s.width),
                spec.REF_INDEX: torch.randint(0, max(s.frames - 1, 1), (s.batch, s.refs), generator=g)}
         if self.uses_codes:
-            out[spec.CAMERA_QT_REF] = torch.randn(s.batch, s.refs, self.model.ws_config.controlnet_cfg.camera_embedding_dim,
-                                                  generator=g)
+            code = self.model.ws_config.controlnet_cfg.camera_embedding_dim
+            out[spec.CAMERA_QT_REF] = self._randn(g, s.batch, s.refs, code)
         return out
 
 
@@ -175,31 +162,29 @@ class MemoryBranchGraph(GraphModule):
 
     def __init__(self, model: WorldStereoTransformer):
         super().__init__(model)
-        self._add_input(spec.HIDDEN_STATES, _latent_axes())
+        self._add_input(spec.HIDDEN_STATES, LATENT_AXES)
         self._add_input(spec.TIMESTEP, {0: "batch"})
-        self._add_input(spec.REFERENCE_LATENT, {0: "batch", 2: "refs", 3: "latent_height", 4: "latent_width"})
+        self._add_input(spec.REFERENCE_LATENT, REF_LATENT_AXES)
         self._add_input(spec.REF_INDEX, {0: "batch", 1: "refs"})
-        self._add_input(spec.POINTMAP_LATENT, _latent_axes())
-        self._add_input(spec.REF_POINTMAP_LATENT, {0: "batch", 2: "refs", 3: "latent_height", 4: "latent_width"})
+        self._add_input(spec.POINTMAP_LATENT, LATENT_AXES)
+        self._add_input(spec.REF_POINTMAP_LATENT, REF_LATENT_AXES)
         self.output_names = [spec.residual_name(i) for i in range(model.ws_config.memory_cfg.num_layers)]
-        self.dynamic_axes.update({n: _token_axes() for n in self.output_names})
+        self.dynamic_axes.update({n: TOKEN_AXES for n in self.output_names})
 
     def forward(self, hidden_states, timestep, reference_latent, ref_index, pointmap_latent, ref_pointmap_latent):
-        temb = timestep_embedding(self.model, timestep, hidden_states.dtype)
-        return tuple(self.model.memory_branch_residuals(
-            hidden_states=hidden_states, reference_latent=reference_latent, ref_index=ref_index, temb=temb,
-            pointmap_latent=pointmap_latent, ref_pointmap_latent=ref_pointmap_latent))
+        temb = self.model.timestep_embedding(timestep, hidden_states.dtype)
+        return tuple(self.model.memory_branch_residuals(hidden_states, reference_latent, ref_index, temb,
+                                                        pointmap_latent, ref_pointmap_latent))
 
     def sample_inputs(self, s: ExportShape, g: torch.Generator) -> dict[str, torch.Tensor]:
         lat = (s.batch, LATENT_CHANNELS, s.frames, s.height, s.width)
         ref = (s.batch, LATENT_CHANNELS, s.refs, s.height, s.width)
         # distinct served frames: the branch scatters, and duplicates would add (fine, but a weaker check)
         idx = torch.stack([torch.randperm(max(s.frames - 1, 1), generator=g)[: s.refs] for _ in range(s.batch)])
-        return {spec.HIDDEN_STATES: torch.randn(s.batch, self.model.config.in_channels, s.frames, s.height, s.width,
-                                                generator=g),
-                spec.TIMESTEP: torch.rand(s.batch, generator=g) * 1000,
-                spec.REFERENCE_LATENT: torch.randn(ref, generator=g), spec.REF_INDEX: idx,
-                spec.POINTMAP_LATENT: torch.randn(lat, generator=g), spec.REF_POINTMAP_LATENT: torch.randn(ref, generator=g)}
+        return {spec.HIDDEN_STATES: self._randn(g, s.batch, self.model.config.in_channels, s.frames, s.height, s.width),
+                spec.TIMESTEP: _timestep(s, g),
+                spec.REFERENCE_LATENT: self._randn(g, *ref), spec.REF_INDEX: idx,
+                spec.POINTMAP_LATENT: self._randn(g, *lat), spec.REF_POINTMAP_LATENT: self._randn(g, *ref)}
 
 
 def num_residuals(model: WorldStereoTransformer) -> int:
@@ -209,91 +194,80 @@ def num_residuals(model: WorldStereoTransformer) -> int:
     return min(n, len(model.blocks))
 
 
-class BackboneGraph(GraphModule):
-    """Everything after the branches: embeddings, the 40 (tiny: 4) blocks with residuals added, the output head."""
+def takes_reference_tokens(model: WorldStereoTransformer) -> bool:
+    """Whether the backbone graph has reference inputs (the stitched memory's)."""
+    return model.ws_config.has_memory and model.memory_branch is None
 
-    def __init__(self, model: WorldStereoTransformer, with_references: bool = False):
+
+class BackboneGraph(GraphModule):
+    """Everything after the branches: embeddings, the blocks with residuals added, the output head. For the stitched
+    memory the reference tokens and rotary tables are inputs, which may hold zero tokens (no references)."""
+
+    name = spec.BACKBONE
+    min_refs = 0
+
+    def __init__(self, model: WorldStereoTransformer):
         super().__init__(model)
-        self.name = spec.BACKBONE_MEMORY if with_references else spec.BACKBONE
-        self.with_references = with_references
+        self.with_references = takes_reference_tokens(model)
         self.uses_codes = model.camera_embedding is not None
         self.n_residuals = num_residuals(model)
-        self._add_input(spec.HIDDEN_STATES, _latent_axes())
+        self._add_input(spec.HIDDEN_STATES, LATENT_AXES)
         self._add_input(spec.TIMESTEP, {0: "batch"})
         self._add_input(spec.TEXT, {0: "batch"})
         self._add_input(spec.IMAGE, {0: "batch"})
         if self.uses_codes:
             self._add_input(spec.CAMERA_QT, {0: "batch", 1: "frames"})
         for i in range(self.n_residuals):
-            self._add_input(spec.residual_name(i), _token_axes())
-        if with_references:
+            self._add_input(spec.residual_name(i), TOKEN_AXES)
+        if self.with_references:
             for n in (spec.REF_TOKENS, spec.REF_ROTARY_COS, spec.REF_ROTARY_SIN):
                 self._add_input(n, {0: "batch", 1: "ref_tokens"})
         self.output_names = [spec.VELOCITY]
-        self.dynamic_axes[spec.VELOCITY] = _latent_axes()
+        self.dynamic_axes[spec.VELOCITY] = LATENT_AXES
 
     def forward(self, *args):
+        m = self.model
         named = dict(zip(self.input_names, args))
+        hidden = named[spec.HIDDEN_STATES]
+        embedded = m.embed(hidden, named[spec.TIMESTEP], named[spec.TEXT], named[spec.IMAGE], named.get(spec.CAMERA_QT))
         residuals = [named[spec.residual_name(i)] for i in range(self.n_residuals)]
-        refs = (named[spec.REF_TOKENS], named[spec.REF_ROTARY_COS], named[spec.REF_ROTARY_SIN]) \
-            if self.with_references else None
-        return backbone_forward(self.model, named[spec.HIDDEN_STATES], named[spec.TIMESTEP], named[spec.TEXT],
-                                named[spec.IMAGE], named.get(spec.CAMERA_QT), residuals, refs)
+        refs = None
+        if self.with_references:
+            refs = (named[spec.REF_TOKENS], (named[spec.REF_ROTARY_COS], named[spec.REF_ROTARY_SIN]))
+        return m.head(m.run_blocks(embedded, residuals, refs), embedded.temb, hidden.shape)
 
     def sample_inputs(self, s: ExportShape, g: torch.Generator) -> dict[str, torch.Tensor]:
         m = self.model
         cfg = m.config
         n_tok = s.frames * (s.height // cfg.patch_size[1]) * (s.width // cfg.patch_size[2])
-        out = {spec.HIDDEN_STATES: torch.randn(s.batch, cfg.in_channels, s.frames, s.height, s.width, generator=g),
-               spec.TIMESTEP: torch.rand(s.batch, generator=g) * 1000,
-               spec.TEXT: torch.randn(s.batch, s.text_tokens, cfg.text_dim, generator=g),
-               spec.IMAGE: torch.randn(s.batch, s.image_tokens, cfg.image_dim, generator=g)}
+        out = {spec.HIDDEN_STATES: self._randn(g, s.batch, cfg.in_channels, s.frames, s.height, s.width),
+               spec.TIMESTEP: _timestep(s, g),
+               spec.TEXT: self._randn(g, s.batch, s.text_tokens, cfg.text_dim),
+               spec.IMAGE: self._randn(g, s.batch, s.image_tokens, cfg.image_dim)}
         if self.uses_codes:
-            out[spec.CAMERA_QT] = torch.randn(s.batch, s.frames, m.ws_config.controlnet_cfg.camera_embedding_dim,
-                                              generator=g)
+            out[spec.CAMERA_QT] = self._randn(g, s.batch, s.frames, m.ws_config.controlnet_cfg.camera_embedding_dim)
         for i in range(self.n_residuals):
-            out[spec.residual_name(i)] = torch.randn(s.batch, n_tok, m.inner_dim, generator=g) * 0.1
+            out[spec.residual_name(i)] = self._randn(g, s.batch, n_tok, m.inner_dim) * 0.1
         if self.with_references:
-            front = MemoryFrontendGraph(m)
-            with torch.no_grad():
-                tokens, cos, sin = front(*front.sample_inputs(s, g).values())
-            out.update({spec.REF_TOKENS: tokens, spec.REF_ROTARY_COS: cos, spec.REF_ROTARY_SIN: sin})
+            out.update(reference_inputs(m, s, g))
         return out
 
 
-def backbone_forward(model: WorldStereoTransformer, hidden_states, timestep, text, image, camera_qt,
-                     residuals: list[torch.Tensor], refs: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """`WorldStereoTransformer.forward` after its branches, with their outputs given."""
-    m = model
-    b, _, f, h, w = hidden_states.shape
-    pt, ph, pw = m.config.patch_size
-    fp, hp, wp = f // pt, h // ph, w // pw
-    x = m._tokens(hidden_states)
-    rotary = m.rope(hidden_states)
-    temb, timestep_proj, context, context_img = m.condition_embedder(timestep, text, image)
-    timestep_proj = timestep_proj.unflatten(1, (6, -1))
-    if context_img is not None:
-        context = torch.cat([context_img, context], dim=1)
-    if m.camera_embedding is not None and camera_qt is not None:
-        x = x + _frame_offsets(m, camera_qt, hp * wp).to(x.dtype)
-    n_ref = 0
-    if refs is not None:
-        ref_tokens, ref_cos, ref_sin = refs
-        rotary = tuple(torch.cat([rr.to(tr.dtype), tr.expand(b, -1, -1, -1)], dim=1)
-                       for rr, tr in zip((ref_cos, ref_sin), rotary))
-        x = torch.cat([ref_tokens.to(x.dtype), x], dim=1)
-        n_ref = ref_tokens.shape[1]
-    for i, block in enumerate(m.blocks):
-        x = block(x, context, timestep_proj, rotary)
-        if i < len(residuals):
-            res = residuals[i].to(x.dtype)
-            x = x + res if refs is None else torch.cat([x[:, :n_ref], x[:, n_ref:] + res], 1)
-    x = x[:, n_ref:]
-    shift, scale = (m.scale_shift_table.to(temb.device) + temb.unsqueeze(1)).chunk(2, dim=1)
-    x = (m.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
-    x = m.proj_out(x)
-    x = x.reshape(b, fp, hp, wp, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
-    return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+def reference_inputs(model: WorldStereoTransformer, s: ExportShape, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """The backbone's reference inputs for ``s.refs`` random references (zero tokens when s.refs is 0)."""
+    if s.refs == 0:
+        return empty_reference_inputs(model, s.batch)
+    front = MemoryFrontendGraph(model)
+    with torch.no_grad():
+        tokens, cos, sin = front(*front.sample_inputs(s, g).values())
+    return {spec.REF_TOKENS: tokens, spec.REF_ROTARY_COS: cos, spec.REF_ROTARY_SIN: sin}
+
+
+def empty_reference_inputs(model: WorldStereoTransformer, batch: int, device=None) -> dict[str, torch.Tensor]:
+    """Zero reference tokens: what the backbone graph takes when a clip has no references."""
+    rotary = torch.zeros(batch, 0, 1, model.config.attention_head_dim, device=device)
+    return {spec.REF_TOKENS: torch.zeros(batch, 0, model.inner_dim, dtype=model.dtype, device=device),
+            spec.REF_ROTARY_COS: rotary, spec.REF_ROTARY_SIN: rotary}
 
 
 @dataclass
@@ -309,13 +283,10 @@ class GraphSet:
 
 def graphs_for(model: WorldStereoTransformer) -> GraphSet:
     """The pieces this model's variant has, in run order."""
-    out = [CameraBranchGraph(model)]
-    stitched_memory = model.memory_branch is None and model.ws_config.has_memory
+    out: list[GraphModule] = [CameraMaskGraph(model), CameraBranchGraph(model)]
     if model.memory_branch is not None:
         out.append(MemoryBranchGraph(model))
-    elif stitched_memory:
+    elif takes_reference_tokens(model):
         out.append(MemoryFrontendGraph(model))
     out.append(BackboneGraph(model))
-    if stitched_memory:
-        out.append(BackboneGraph(model, with_references=True))
     return GraphSet(out)

@@ -5,8 +5,9 @@ requirements.txt, so the CPU install stays small). Without either, `build_engine
 
 Per graph: parse the ONNX file (external weights included), one optimization profile covering the dynamic axes
 (batch 1–2 so CFG's doubled batch fits; frames 2–F; latent height/width across the landscape and portrait aspect
-buckets of the target size; 1–8 references), precision flags (bf16 / fp16 / fp8), a timing cache shared by all
-graphs and kept on disk so rebuilds are fast, then ``<name>.engine`` and ``manifest.json`` beside it.
+buckets of the target size; 1–8 references, and 0–8 references' tokens for the backbone), the precision flag of
+the graphs' dtype (bf16 / fp16), a timing cache shared by all graphs and kept on disk so rebuilds are fast, then
+``<name>.engine`` and ``manifest.json`` beside it.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def axis_ranges(target: dict[str, int], patch: tuple[int, int, int]) -> dict[str
         "height": (8 * lo, 8 * h, 8 * hi), "width": (8 * lo, 8 * w, 8 * hi),
         "refs": (1, r, MAX_REFS),
         "tokens": (tok(2, lo, lo), tok(f, h, w), tok(f, hi, hi)),
-        "ref_tokens": (tok(1, lo, lo), tok(r, h, w), tok(MAX_REFS, hi, hi)),
+        "ref_tokens": (0, tok(r, h, w), tok(MAX_REFS, hi, hi)),  # 0: a clip without references
     }
 
 
@@ -65,15 +66,17 @@ def input_profile(entry: dict[str, Any], ranges: dict[str, tuple[int, int, int]]
     return out
 
 
-def build_engines(onnx_dir: Path, out_dir: Path, precision: str = "bf16", target: Optional[dict[str, int]] = None,
+def build_engines(onnx_dir: Path, out_dir: Path, target: Optional[dict[str, int]] = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build one engine per graph of ``onnx_dir``'s manifest into ``out_dir``; returns the engine manifest."""
+    """Build one engine per graph of ``onnx_dir``'s manifest into ``out_dir``, in the graphs' dtype; returns the
+    engine manifest."""
     require_tensorrt()
     import tensorrt as trt
 
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(onnx_dir)
+    precision = manifest["precision"]["dtype"]
     target = target or manifest["shapes"]["target"]
     ranges = axis_ranges(target, tuple(manifest["model"]["patch_size"]))
     logger = trt.Logger(trt.Logger.WARNING)
@@ -89,14 +92,10 @@ def build_engines(onnx_dir: Path, out_dir: Path, precision: str = "bf16", target
             raise RuntimeError(f"TensorRT could not parse {entry['file']}: {errors}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-        if precision in ("bf16", "fp8"):
+        if precision == "bfloat16":
             config.set_flag(trt.BuilderFlag.BF16)
-        if precision == "fp16":
+        if precision == "float16":
             config.set_flag(trt.BuilderFlag.FP16)
-        if precision == "fp8":
-            # FP8 kernels are chosen only where the graph carries Q/DQ scales (e.g. from NVIDIA ModelOpt);
-            # elsewhere TensorRT stays at bf16.
-            config.set_flag(trt.BuilderFlag.FP8)
         if timing_cache is None:
             timing_cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(timing_cache, ignore_mismatch=False)

@@ -1,16 +1,18 @@
 """WorldStereoTransformer at the tiny official configuration: key contract, forward, branch behaviour."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
 import torch
-from diffusers.models.transformers.transformer_wan import WanTransformer3DModel
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformer3DModel
 
-from engine.models.branches import grid_positions, rotary_at
+from engine.models.branches import token_positions
 from engine.models.config import WorldStereoConfig
 from engine.models.loading import build_transformer, tiny_transformer_config
-from engine.models.transformer import backbone_init_kwargs
+from engine.models.transformer import WorldStereoTransformer, backbone_init_kwargs
+from engine.runtime import spec
 
 OFFICIAL = "reference/official_state_dict_tiny.json"
 B, F, H, W = 1, 3, 16, 16  # latent size; pixel size is 8x
@@ -84,12 +86,18 @@ def test_dmd_variant_has_memory_layout(official):
     assert cfg.dmd_steps == 4
 
 
-def test_rotary_at_reproduces_diffusers_grid(memory_model):
+def test_rope_reproduces_diffusers_grid_and_reads_any_position(memory_model):
     x = torch.zeros(1, 36, F, H, W)
-    cos, sin = memory_model.rope(x)
-    t, h, w = grid_positions(range(F), H // 2, W // 2)
-    cos2, sin2 = rotary_at(memory_model.rope, t, h, w)
-    assert torch.equal(cos, cos2) and torch.equal(sin, sin2)
+    c = memory_model.config
+    cos, sin = WanRotaryPosEmbed(c.attention_head_dim, c.patch_size, c.rope_max_seq_len)(x)  # diffusers' own
+    cos2, sin2 = memory_model.rope(x)
+    cos3, sin3 = memory_model.rope.at(*token_positions(torch.arange(F), H // 2, W // 2))
+    assert torch.equal(cos, cos2) and torch.equal(sin, sin2) and torch.equal(cos, cos3) and torch.equal(sin, sin3)
+    # the right half of a 2W canvas at frame 2 is that canvas's rotary, as the official references take it
+    wide, _ = WanRotaryPosEmbed(c.attention_head_dim, c.patch_size, c.rope_max_seq_len)(torch.zeros(1, 36, F, H, 2 * W))
+    wide = wide.view(F, H // 2, W, -1)[2, :, W // 2:].reshape(1, -1, 1, wide.shape[-1])
+    right, _ = memory_model.rope.at(*token_positions(torch.tensor([2]), H // 2, W // 2, w_offset=W // 2))
+    assert torch.equal(right, wide)
 
 
 @pytest.mark.parametrize("refs", [0, 2])
@@ -228,3 +236,68 @@ def test_config_round_trip_keeps_unknown_keys(tmp_path):
     back = json.loads(cfg.to_json())
     assert back.pop("memory_mode") == "stitched"
     assert back == d
+
+
+def test_forward_and_constructor_signatures_are_the_declared_ones():
+    forward = list(inspect.signature(WorldStereoTransformer.forward).parameters)[1:]
+    assert tuple(forward) == spec.FORWARD_INPUTS
+    init = list(inspect.signature(WorldStereoTransformer.__init__).parameters)[1:]
+    wan = list(inspect.signature(WanTransformer3DModel.__init__).parameters)[1:]
+    assert init == wan + ["worldstereo"]  # the diffusers config: the backbone's arguments plus the checkpoint config
+
+
+@pytest.mark.parametrize("variant", ["worldstereo-camera", "worldstereo-memory"])
+def test_save_pretrained_from_pretrained_round_trip(tmp_path, variant):
+    cfg, base = tiny_transformer_config(variant)
+    model = _perturb_zero_params(build_transformer(cfg, base, seed=12))
+    model.save_pretrained(tmp_path)
+    loaded = WorldStereoTransformer.from_pretrained(tmp_path).eval()
+    assert loaded.ws_config.to_dict() == model.ws_config.to_dict()
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(want) == set(got)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    kw = _inputs(seed=13, refs=2 if variant != "worldstereo-camera" else 0)
+    with torch.no_grad():  # bit-identical weights; summation order may differ with memory alignment
+        torch.testing.assert_close(loaded(**kw), model(**kw), rtol=0, atol=1e-5)
+
+
+def test_a_constructor_without_the_checkpoint_config_is_refused_in_one_sentence():
+    with pytest.raises(ValueError, match="checkpoint config"):
+        WorldStereoTransformer(num_layers=1, num_attention_heads=2, attention_head_dim=16)
+
+
+def test_mask_tokens_computed_once_give_the_same_output(memory_model):
+    kw = _inputs(seed=14, refs=2)
+    calls = []
+    hook = memory_model.controlnet.controlnet_mask_embedding.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        each_step = [memory_model(**kw) for _ in range(3)]
+        n_each = len(calls)
+        tokens = memory_model.encode_mask_and_rays(kw["render_mask"], kw["camera_embedding"], F)
+        cached_kw = {k: v for k, v in kw.items() if k not in ("render_mask", "camera_embedding")}
+        cached = [memory_model(**cached_kw, mask_tokens=tokens) for _ in range(3)]
+    hook.remove()
+    assert n_each == 3 and len(calls) == 4  # one evaluation for the clip instead of one per step
+    for a, b in zip(each_step, cached):
+        assert torch.equal(a, b)
+    # a batch-1 token set serves the doubled CFG batch
+    kw2 = {k: (torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == (B,) and k != "ref_index" else v)
+           for k, v in cached_kw.items()}
+    with torch.no_grad():
+        doubled = memory_model(**kw2, mask_tokens=tokens)
+    torch.testing.assert_close(doubled[:1], cached[0], rtol=0, atol=1e-6)
+
+
+def test_interp_pads_three_frames_on_both_ends():
+    cfg, base = tiny_transformer_config("worldstereo-camera")
+    cfg.controlnet_cfg.interp = True
+    model = build_transformer(cfg, base, seed=15)
+    emb = model.controlnet.controlnet_mask_embedding
+    assert emb.time_padding == (3, 3) and emb.video_frames(F) == 4 * F - 6
+    g = torch.Generator().manual_seed(2)
+    tokens = model.encode_mask_and_rays(torch.rand(1, 1, 4 * F - 6, 8 * H, 8 * W, generator=g),
+                                        torch.randn(1, 6, 4 * F - 6, 8 * H, 8 * W, generator=g), F)
+    assert tokens.shape == (1, F * (H // 2) * (W // 2), 32)
+    with pytest.raises(ValueError, match="frames"):
+        model.encode_mask_and_rays(torch.rand(1, 1, F_PIX, 8 * H, 8 * W), torch.randn(1, 6, F_PIX, 8 * H, 8 * W), F)

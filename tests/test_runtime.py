@@ -8,8 +8,8 @@ import torch
 
 from conftest import tiny_clip_inputs
 from engine.pipeline import ClipPipeline
-from engine.runtime import BACKENDS, BackendUnavailable, make_backend
-from engine.runtime.chain import GraphInputError
+from engine.runtime import BACKENDS, BackendUnavailable, make_backend, spec
+from engine.runtime.chain import GraphChain, GraphInputError
 from engine.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from export.api import export_onnx
 from export.graphs import ExportShape
@@ -66,23 +66,39 @@ def rel(a, b):
     return ((a - b).abs().max() / a.abs().max()).item()
 
 
-@pytest.mark.parametrize("case", ["refs", "no_refs", "cfg_batch", "backbone_only"])
+@pytest.mark.parametrize("case", ["refs", "no_refs", "cfg_batch", "backbone_only", "mask_tokens"])
 def test_onnxruntime_velocity_equals_eager(pipe, graphs, case):
     model = pipe.transformer
     backend = make_backend("onnxruntime", model, graphs_dir=graphs, fallback=False)
+    assert sorted(backend.chain.graphs) == sorted([spec.CAMERA_MASK, spec.CAMERA_BRANCH, spec.MEMORY_FRONTEND,
+                                                   spec.BACKBONE])  # one backbone, with or without references
     # sizes other than the traced ones: the dynamic axes are exercised
-    kw = kwargs_for(model, b=2 if case == "cfg_batch" else 1, f=4, h=6, w=4, r=3, seed=hash(case) % 1000)
+    kw = kwargs_for(model, b=2 if case == "cfg_batch" else 1, f=4, h=6, w=4, r=3, seed=sum(map(ord, case)))
     if case in ("no_refs", "backbone_only"):
         for k in ("reference_latent", "ref_index", "camera_qt_ref"):
             kw.pop(k)
     if case == "backbone_only":
         for k in ("render_latent", "render_mask", "camera_embedding"):
             kw.pop(k)
+    if case == "mask_tokens":  # computed once per clip by the caller: the camera-mask graph is skipped
+        with torch.no_grad():
+            kw["mask_tokens"] = model.encode_mask_and_rays(kw.pop("render_mask"), kw.pop("camera_embedding"), 4)
+        ran = []
+        backend.chain.runner.run = _recording(backend.chain.runner.run, ran)
     with torch.no_grad():
         ref = model(**kw)
         got = backend(**kw)
     assert got.shape == ref.shape and got.dtype == torch.float32
     assert rel(ref, got) <= RTOL
+    if case == "mask_tokens":
+        assert ran == [spec.CAMERA_BRANCH, spec.MEMORY_FRONTEND, spec.BACKBONE]
+
+
+def _recording(run, ran):
+    def wrapped(graph, feeds):
+        ran.append(graph)
+        return run(graph, feeds)
+    return wrapped
 
 
 def test_onnxruntime_clip_equals_eager_clip(pipe, graphs):
@@ -135,6 +151,39 @@ def test_backend_answers_model_attributes_and_rejects_missing_inputs(pipe, graph
     kw["render_mask"] = kw["render_mask"].repeat_interleave(4, dim=2)[:, :, 3:]  # (F-1)*4+1 video frames
     with pytest.raises(GraphInputError, match="one render_mask frame per keyframe"):
         backend(**kw)
+
+
+class _FakeRunner:
+    """Records what each graph is fed and answers with zeros of the declared outputs."""
+
+    def __init__(self, manifest):
+        self.manifest, self.fed = manifest, {}
+
+    def run(self, graph, feeds):
+        self.fed[graph] = feeds
+        entry = next(g for g in self.manifest["graphs"] if g["name"] == graph)
+        return {n: torch.zeros(1) for n in entry["outputs"]}
+
+
+def test_chain_feeds_zero_reference_tokens_and_refuses_what_the_variant_cannot_take(pipe, graphs):
+    from engine.runtime.chain import read_manifest
+
+    manifest = read_manifest(graphs)
+    runner = _FakeRunner(manifest)
+    chain = GraphChain(manifest, runner)
+    kw = kwargs_for(pipe.transformer, b=2)
+    for k in ("reference_latent", "ref_index", "camera_qt_ref", "render_latent", "render_mask", "camera_embedding"):
+        kw.pop(k)
+    chain(**kw)
+    fed = runner.fed[spec.BACKBONE]
+    assert fed[spec.REF_TOKENS].shape == (2, 0, manifest["model"]["inner_dim"])
+    assert fed[spec.REF_ROTARY_COS].shape == (2, 0, 1, manifest["model"]["head_dim"])
+    assert set(runner.fed) == {spec.BACKBONE}
+    with pytest.raises(GraphInputError, match="unknown forward argument"):
+        chain(**kw, render_masks=None)
+    camera = dict(manifest, model=dict(manifest["model"], has_memory=False, variant="worldstereo-camera"))
+    with pytest.raises(GraphInputError, match="not trained with references"):
+        GraphChain(camera, _FakeRunner(camera))(**kwargs_for(pipe.transformer))
 
 
 @pytest.mark.slow

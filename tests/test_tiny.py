@@ -95,3 +95,27 @@ def test_tokenizer_is_package_local_and_t5_shaped(packages):
     assert saved.decode(ids, skip_special_tokens=True) == text
     padded = saved([text], padding="max_length", max_length=512, truncation=True)
     assert len(padded.input_ids[0]) == 512 and sum(padded.attention_mask[0]) == len(ids)
+
+
+def test_cache_is_keyed_on_the_checkpoint_layout(tmp_path, monkeypatch):
+    import engine.models.loading as loading
+    import engine.models.tiny as tiny
+
+    key = tiny.tiny_package_key("worldstereo-memory-dmd")
+    assert key == tiny.tiny_package_key("worldstereo-memory-dmd")  # stable
+    assert key != tiny.tiny_package_key("worldstereo-camera")
+    monkeypatch.setitem(loading._TINY_CONTROLNET, "num_layers", 3)  # another layout: another key
+    assert tiny.tiny_package_key("worldstereo-memory-dmd") != key
+    monkeypatch.undo()
+    monkeypatch.setattr(tiny, "TINY_PACKAGE_FORMAT", tiny.TINY_PACKAGE_FORMAT + 1)
+    assert tiny.tiny_package_key("worldstereo-memory-dmd") != key
+    monkeypatch.undo()
+    # a package left by an older model (no key in its name) is never reused
+    monkeypatch.setenv("WORLDSTEREO_CACHE", str(tmp_path))
+    stale = tmp_path / "tiny-random-worldstereo-memory-dmd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"stale")
+    folder = tiny.cached_tiny_package("worldstereo-memory-dmd")
+    assert folder.name == f"tiny-random-worldstereo-memory-dmd-{key}"
+    assert load_transformer(folder).ws_config.variant == "worldstereo-memory-dmd"
+    assert tiny.cached_tiny_package("worldstereo-memory-dmd") == folder  # and then reused

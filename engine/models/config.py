@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 MEMORY_MODES = ("stitched", "branch")
+VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")
 
 
 class ConfigError(ValueError):
@@ -33,11 +34,11 @@ class ControlNetConfig:
     add_channels: int = 1
     mid_channels: int = 64
     mask_downsample: int = 4
-    interp: bool = False  # read here as: resample mask/rays to 8x the latent size when they differ
-    # Kept for round trips only: the release states that stitched references are updated in every block (which the
-    # model always does); no published fact ties this flag to another behaviour.
+    interp: bool = False  # the mask embedding also pads 3 frames behind (clips whose last frame is known too)
+    # Stitched memory: true carries each block's reference output to the next block; false (the released setting)
+    # feeds every block the original reference tokens again.
     update_ref: bool = False
-    ref_embedding: bool = False
+    ref_embedding: bool = False  # builds `ref_index_embedding`, which the official forward never reads
     main_camera_embedding: bool = False
     camera_embedding_dim: int = 7
     extra: dict[str, Any] = field(default_factory=dict)
@@ -128,8 +129,11 @@ class WorldStereoConfig:
             raise ConfigError("config.json has no 'base_model'; it must name the Wan2.1 I2V diffusers repository or folder.")
         known = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
-        if variant is not None and kwargs.get("variant") is None:
-            kwargs["variant"] = variant
+        if kwargs.get("variant") is None:
+            # the official loader takes the variant from the hub subfolder it reads (its "model_type")
+            named = variant if variant is not None else d.get("model_type")
+            if named is not None:
+                kwargs["variant"] = named
         cfg = cls(**kwargs)
         cfg.extra = {k: v for k, v in d.items() if k not in known}
         return cfg
@@ -169,7 +173,12 @@ class WorldStereoConfig:
 
     @property
     def has_memory(self) -> bool:
-        """Whether this variant was trained with references (the camera-only variant was not)."""
+        """Whether this variant was trained with references (the camera-only variant was not).
+
+        Decided by the variant, as the official loader does from its model type: a `worldstereo-camera` config may
+        carry `ref_embedding` / `main_camera_embedding` and still has no memory. Only a config with no variant
+        falls back to those flags.
+        """
         if self.variant is not None:
             return "memory" in self.variant
         c = self.controlnet_cfg

@@ -19,11 +19,10 @@ from engine.atomicio import atomic_path, atomic_write_text
 from engine.hub import local_files_only
 from engine.progress import Progress, ensure
 
-from .config import ConfigError, ControlNetConfig, WorldStereoConfig
+from .config import VARIANTS, ConfigError, ControlNetConfig, WorldStereoConfig
 from .transformer import WorldStereoTransformer
 
 HUB_REPO = "hanshanxue/WorldStereo"
-VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ETAG_TIMEOUT_S = 5.0
@@ -117,7 +116,7 @@ def build_transformer(config: WorldStereoConfig, base_transformer_config: dict[s
     without touching the global RNG stream."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = WorldStereoTransformer(config, base_transformer_config)
+        model = WorldStereoTransformer.from_checkpoint_config(config, base_transformer_config)
     place_model(model, device, dtype)
     return model.eval()
 
@@ -270,15 +269,17 @@ def load_transformer(checkpoint_dir_or_repo: PathLike, variant: Optional[str] = 
     report = ensure(progress)
     report(0.0, "locating checkpoint")
     config_path, weights_path = resolve_checkpoint(checkpoint_dir_or_repo, variant)
-    config = WorldStereoConfig.from_json(config_path, variant=variant)
+    # Camera or memory is decided by the variant, as the official loader does from the hub subfolder it reads.
+    folder_variant = config_path.parent.name if config_path.parent.name in VARIANTS else None
+    config = WorldStereoConfig.from_json(config_path, variant=variant or folder_variant)
     base_cfg = resolve_base_transformer_config(base_model or config.base_model, config_path.parent)
     report(0.05, "building model")
 
     if lenient:
-        model = WorldStereoTransformer(config, base_cfg)
+        model = WorldStereoTransformer.from_checkpoint_config(config, base_cfg)
     else:
         with init_empty_weights(include_buffers=False):  # parameters on meta: no second copy of a 14B model
-            model = WorldStereoTransformer(config, base_cfg)
+            model = WorldStereoTransformer.from_checkpoint_config(config, base_cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
 

@@ -92,18 +92,43 @@ def write_tiny_package(folder: Union[str, Path], variant: str = "worldstereo-mem
     return folder
 
 
+# Bump when write_tiny_package or the models' initialisation change what is written in a way the config and the
+# state-dict layout do not show.
+TINY_PACKAGE_FORMAT = 2
+
+
+def tiny_package_key(variant: str, memory_mode: str = "stitched") -> str:
+    """A short hash of what a cached tiny package depends on: its config, its backbone config, the transformer's
+    state-dict keys and shapes (the checkpoint layout, read off a weightless model) and ``TINY_PACKAGE_FORMAT``.
+    A package written by a model with another layout or config schema is never reused."""
+    import hashlib
+
+    from accelerate import init_empty_weights
+
+    from .transformer import WorldStereoTransformer
+
+    config, base_cfg = tiny_transformer_config(variant, base_model=BASE_MODEL_DIR, memory_mode=memory_mode)
+    with init_empty_weights():
+        model = WorldStereoTransformer.from_checkpoint_config(config, base_cfg)
+    layout = sorted((k, list(v.shape)) for k, v in model.state_dict().items())
+    blob = json.dumps([TINY_PACKAGE_FORMAT, config.to_dict(), base_cfg, layout], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def cached_tiny_package(variant: str = "worldstereo-memory-dmd", memory_mode: str = "stitched") -> Path:
     """The tiny-random package for ``variant``, written once into the engine's cache (``WORLDSTEREO_CACHE``,
     default ``~/.cache/worldstereo-studio``) and reused; the `tiny-random` engine and `python -m export` share it.
 
-    Written into a temporary folder and renamed into place, so concurrent first runs never see half a package.
+    The folder name carries `tiny_package_key`, so a package written by an older model is not picked up. Written
+    into a temporary folder and renamed into place, so concurrent first runs never see half a package.
     """
     import os
     import shutil
     import tempfile
 
     root = Path(os.environ.get("WORLDSTEREO_CACHE", Path.home() / ".cache" / "worldstereo-studio"))
-    folder = root / (f"tiny-random-{variant}" + ("" if memory_mode == "stitched" else f"-{memory_mode}"))
+    mode = "" if memory_mode == "stitched" else f"-{memory_mode}"
+    folder = root / f"tiny-random-{variant}{mode}-{tiny_package_key(variant, memory_mode)}"
     if (folder / "model.safetensors").is_file():
         return folder
     root.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
-"""Run the exported graphs of one transformer forward in order: branches → (memory) → backbone.
+"""Run the exported graphs of one transformer forward in order: camera mask → camera branch → memory → backbone.
 
 Shared by the ONNX Runtime and TensorRT backends; each supplies a `GraphRunner` that runs one named graph on
-torch tensors. The keyword arguments are exactly those of `WorldStereoTransformer.forward`.
+torch tensors. The keyword arguments are exactly those of `WorldStereoTransformer.forward` (``spec.FORWARD_INPUTS``),
+including ``mask_tokens``, which skips the camera-mask graph.
 """
 from __future__ import annotations
 
@@ -57,66 +58,73 @@ class GraphChain:
             feeds[name] = torch.as_tensor(v).to(device=device, dtype=_DTYPES[meta["dtype"]]).contiguous()
         return feeds
 
-    def __call__(self, *, hidden_states: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                 encoder_hidden_states_image: Optional[torch.Tensor] = None,
-                 render_latent: Optional[torch.Tensor] = None, render_mask: Optional[torch.Tensor] = None,
-                 camera_embedding: Optional[torch.Tensor] = None, extrinsics: Optional[torch.Tensor] = None,
-                 intrinsics: Optional[torch.Tensor] = None, reference_latent: Optional[torch.Tensor] = None,
-                 ref_index: Optional[torch.Tensor] = None, camera_qt: Optional[torch.Tensor] = None,
-                 camera_qt_ref: Optional[torch.Tensor] = None, pointmap_latent: Optional[torch.Tensor] = None,
-                 ref_pointmap_latent: Optional[torch.Tensor] = None, return_dict: bool = False) -> torch.Tensor:
-        # extrinsics/intrinsics are accepted for signature parity; the model does not read them (nor do the graphs).
+    def __call__(self, **inputs: Any) -> torch.Tensor:
+        """The transformer forward: the keyword arguments of `WorldStereoTransformer.forward`
+        (``spec.FORWARD_INPUTS``)."""
+        unknown = sorted(set(inputs) - set(spec.FORWARD_INPUTS))
+        if unknown:
+            raise GraphInputError(f"unknown forward argument(s) {', '.join(unknown)}; the transformer takes "
+                                  f"{', '.join(spec.FORWARD_INPUTS)}.")
+        # extrinsics/intrinsics are accepted like the model accepts them; neither it nor the graphs read them.
+        values: dict[str, Any] = {k: inputs.get(k) for k in spec.FORWARD_INPUTS}
+        hidden_states = values[spec.HIDDEN_STATES]
         device = hidden_states.device
         b, _, f, h, w = hidden_states.shape
-        t = torch.as_tensor(timestep, device=device).float().reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(b)
-        values: dict[str, Optional[torch.Tensor]] = {
-            spec.HIDDEN_STATES: hidden_states, spec.TIMESTEP: t, spec.TEXT: encoder_hidden_states,
-            spec.IMAGE: encoder_hidden_states_image, spec.RENDER_LATENT: render_latent, spec.RENDER_MASK: render_mask,
-            spec.CAMERA_EMBEDDING: camera_embedding, spec.CAMERA_QT: camera_qt, spec.CAMERA_QT_REF: camera_qt_ref,
-            spec.POINTMAP_LATENT: pointmap_latent, spec.REF_POINTMAP_LATENT: ref_pointmap_latent,
-        }
+        t = torch.as_tensor(values[spec.TIMESTEP], device=device).float().reshape(-1)
+        values[spec.TIMESTEP] = t.expand(b) if t.numel() == 1 else t
         pt, ph, pw = self.model["patch_size"]
         n_tokens = (f // pt) * (h // ph) * (w // pw)
-        n_res = self.model["num_residuals"]
-        residuals: list[Optional[torch.Tensor]] = [None] * n_res
+        residuals: list[Optional[torch.Tensor]] = [None] * self.model["num_residuals"]
 
-        if (render_latent is None) != (render_mask is None):
-            raise GraphInputError("the camera branch needs both render_latent and render_mask; pass both or neither.")
-        if render_latent is not None:
-            if render_mask.shape[2] != f:
-                raise GraphInputError(f"the exported camera branch takes one render_mask frame per keyframe ({f}); "
-                                      f"got {render_mask.shape[2]}.")
-            out = self.runner.run(spec.CAMERA_BRANCH, self._feeds(spec.CAMERA_BRANCH, values, device))
-            residuals = _add_residuals(residuals, out)
+        render_latent, render_mask = values[spec.RENDER_LATENT], values[spec.RENDER_MASK]
+        if render_latent is not None or render_mask is not None or values[spec.MASK_TOKENS] is not None:
+            if render_latent is None or (render_mask is None and values[spec.MASK_TOKENS] is None):
+                raise GraphInputError("the camera branch needs render_latent and render_mask (or its mask_tokens); "
+                                      "pass both or neither.")
+            if values[spec.MASK_TOKENS] is None:
+                if render_mask.shape[2] != f:
+                    raise GraphInputError(f"the exported camera branch takes one render_mask frame per keyframe "
+                                          f"({f}); got {render_mask.shape[2]}.")
+                values.update(self._run(spec.CAMERA_MASK, values, device))
+            residuals = _add_residuals(residuals, self._run(spec.CAMERA_BRANCH, values, device))
 
-        backbone = spec.BACKBONE
+        reference_latent = values[spec.REFERENCE_LATENT]
         if reference_latent is not None:
+            if not self.model["has_memory"]:
+                raise GraphInputError(f"the {self.model['variant'] or 'camera'} variant was not trained with "
+                                      "references; pass no reference_latent.")
             r = reference_latent.shape[2]
+            ref_index = values[spec.REF_INDEX]
             idx = torch.arange(r, device=device) if ref_index is None else torch.as_tensor(ref_index, device=device)
-            idx = idx.long().reshape(-1, r).expand(b, r)
-            values[spec.REFERENCE_LATENT] = reference_latent
-            values[spec.REF_INDEX] = idx
+            values[spec.REF_INDEX] = idx.long().reshape(-1, r).expand(b, r)
             if spec.MEMORY_FRONTEND in self.graphs:
-                out = self.runner.run(spec.MEMORY_FRONTEND, self._feeds(spec.MEMORY_FRONTEND, values, device))
-                values.update(out)
-                backbone = spec.BACKBONE_MEMORY
-            elif spec.MEMORY_BRANCH in self.graphs:
-                out = self.runner.run(spec.MEMORY_BRANCH, self._feeds(spec.MEMORY_BRANCH, values, device))
-                residuals = _add_residuals(residuals, out)
-            # a variant without memory ignores references, as the model does
+                values.update(self._run(spec.MEMORY_FRONTEND, values, device))
+            else:
+                residuals = _add_residuals(residuals, self._run(spec.MEMORY_BRANCH, values, device))
+        if self.model["reference_tokens"] and values.get(spec.REF_TOKENS) is None:
+            values.update(self._empty_references(b, device))  # a clip without references: zero tokens
 
-        dtype = _DTYPES[self._inputs(backbone)[spec.HIDDEN_STATES]["dtype"]]
+        dtype = _DTYPES[self._inputs(spec.BACKBONE)[spec.HIDDEN_STATES]["dtype"]]
         for i, r in enumerate(residuals):
             values[spec.residual_name(i)] = r if r is not None else \
                 torch.zeros(b, n_tokens, self.model["inner_dim"], device=device, dtype=dtype)
-        velocity = self.runner.run(backbone, self._feeds(backbone, values, device))[spec.VELOCITY]
-        if return_dict:
+        velocity = self._run(spec.BACKBONE, values, device)[spec.VELOCITY]
+        if values[spec.RETURN_DICT]:
             from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
             return Transformer2DModelOutput(sample=velocity)
         return velocity
+
+    def _run(self, graph: str, values: dict[str, Any], device) -> dict[str, torch.Tensor]:
+        return self.runner.run(graph, self._feeds(graph, values, device))
+
+    def _empty_references(self, batch: int, device) -> dict[str, torch.Tensor]:
+        inputs = self._inputs(spec.BACKBONE)
+        tokens = (batch, 0, self.model["inner_dim"])
+        rotary = (batch, 0, 1, self.model["head_dim"])
+        return {name: torch.zeros(shape, device=device, dtype=_DTYPES[inputs[name]["dtype"]])
+                for name, shape in ((spec.REF_TOKENS, tokens), (spec.REF_ROTARY_COS, rotary),
+                                    (spec.REF_ROTARY_SIN, rotary))}
 
 
 def _add_residuals(acc: list[Optional[torch.Tensor]], outputs: dict[str, torch.Tensor]) -> list[Optional[torch.Tensor]]:

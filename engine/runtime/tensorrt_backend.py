@@ -31,7 +31,7 @@ def _torch_dtype(trt_dtype) -> torch.dtype:
 
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
              trt.DataType.BOOL: torch.bool, trt.DataType.INT8: torch.int8}
-    for name, dt in (("BF16", torch.bfloat16), ("INT64", torch.int64), ("FP8", torch.float8_e4m3fn)):
+    for name, dt in (("BF16", torch.bfloat16), ("INT64", torch.int64)):
         if hasattr(trt.DataType, name):
             table[getattr(trt.DataType, name)] = dt
     return table[trt_dtype]
@@ -60,8 +60,10 @@ class _TrtRunner:
         keep = []
         for name, t in feeds.items():
             t = t.to(self.device, _torch_dtype(engine.get_tensor_dtype(name))).contiguous()
-            keep.append(t)
             ctx.set_input_shape(name, tuple(t.shape))
+            if t.numel() == 0:  # zero reference tokens: TensorRT wants a valid address even for an empty tensor
+                t = torch.empty(1, dtype=t.dtype, device=self.device)
+            keep.append(t)
             ctx.set_tensor_address(name, t.data_ptr())
         out = {}
         for name in self.outputs[graph]:

@@ -35,6 +35,7 @@ SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonic constant, 1 / (2 sqrt
 SPLAT_OPACITY = 0.99
 # OpenCV (x right, y down, z forward) to the glTF / OpenGL / nerfstudio camera axes (x right, y up, z back).
 OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0])
+OPENGL_TO_OPENCV = OPENCV_TO_OPENGL  # the flip is its own inverse
 # A z-up world (the panorama bank's) into glTF's y-up frame: (x, y, z) -> (x, z, -y).
 ZUP_TO_OPENGL = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: archives are byte-identical run to run

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from engine import outputs
@@ -54,7 +55,9 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 # Scene-level files derived from the clips and the cache (rewritten after every clip, export or revert).
 SCENE_OUTPUTS = ("scene.ply", "scene.glb", "scene_splats.ply", "cameras.json", "transforms.json", "scene.zip")
-SPLAT_SIGMA = 0.5  # splat standard deviation in units of the local point spacing (engine.geometry.cache notes)
+SPLAT_SIGMA = 1.0  # splat standard deviation in units of the local point spacing (engine.geometry.cache notes)
+MAX_VIEW_SPLATS = 100_000  # splats in the browser's splat view (a fixed subset beyond that)
+VIEW_RADIUS = 1.0  # size of the cloud in the splat viewer's frame (gradio's viewer orbits the origin close by)
 
 # Engines without the real network use the official aspect buckets at a fraction of the size, so a CPU run
 # stays quick while showing the same framing.
@@ -535,24 +538,40 @@ class Scene:
         return viewer_confidence(self.cache.points, self.cache.confidence, self.start_camera.centers[0],
                                  float(self.manifest.get("median_depth") or 1.0))
 
-    def write_viewer_files(self, folder, min_confidence: float = 0.0) -> dict:
-        """``scene.glb`` and ``scene_splats.ply`` of the points whose viewer confidence is at least
-        ``min_confidence``, into ``folder`` (for a viewer's confidence slider). Refuses to hide everything."""
+    def write_viewer_files(self, folder, min_confidence: float = 0.0, with_glb: bool = True) -> dict:
+        """What the browser's viewers show, into ``folder``: ``scene.glb`` and ``scene_splats.ply`` of the points
+        whose viewer confidence is at least ``min_confidence``. The splats are put in the splat viewer's frame
+        (y down, centred on the cloud's median point, scaled so 90% of the points lie within
+        ``VIEW_RADIUS``: splat viewers orbit the origin from a fixed distance), at most ``MAX_VIEW_SPLATS`` of
+        them. ``with_glb=False`` writes the splats only. Refuses to hide everything."""
         keep = self.viewer_confidence() >= float(min_confidence)
         if not bool(keep.any()):
             raise SceneError(f"No point has a confidence of {min_confidence:g} or more; lower the threshold.")
         folder = Path(folder)
-        paths = {"glb": folder / "scene.glb", "splats": folder / "scene_splats.ply"}
-        self._write_viewer_clouds(paths["glb"], paths["splats"], keep=keep)
+        paths = {"glb": folder / "scene.glb" if with_glb else None, "splats": folder / "scene_splats.ply"}
+        self._write_viewer_clouds(paths["glb"], paths["splats"], keep=keep, view_frame=True)
         return paths
 
-    def _write_viewer_clouds(self, glb: Path, splats: Path, keep: Optional[torch.Tensor]) -> None:
+    def _write_viewer_clouds(self, glb: Optional[Path], splats: Path, keep: Optional[torch.Tensor],
+                             view_frame: bool = False) -> None:
         points, colors = self.cache.points, self.cache.colors
         # Splat sizes come from the whole cloud's spacing, so hiding points does not swell the rest.
         scale = SPLAT_SIGMA * point_spacing(points)
         if keep is not None:
             points, colors, scale = points[keep], colors[keep], scale[keep.numpy()]
-        outputs.write_point_cloud_glb(glb, points, colors, axes=self.viewer_axes())
+        if glb is not None:
+            outputs.write_point_cloud_glb(glb, points, colors, axes=self.viewer_axes())
+        if view_frame:
+            p = points.double().numpy() @ (outputs.OPENGL_TO_OPENCV @ self.viewer_axes()).T
+            centre = np.median(p, axis=0)
+            radius = float(np.quantile(np.linalg.norm(p - centre, axis=1), 0.9)) or 1.0
+            points, scale = torch.from_numpy((p - centre) * (VIEW_RADIUS / radius)), scale * (VIEW_RADIUS / radius)
+            if len(points) > MAX_VIEW_SPLATS:
+                # Browsers sort every splat each frame; a fixed random subset with splats grown to cover the
+                # same area keeps the view fluid on software WebGL too (the download keeps every point).
+                pick = np.sort(np.random.default_rng(0).choice(len(points), MAX_VIEW_SPLATS, replace=False))
+                grow = np.sqrt(len(points) / MAX_VIEW_SPLATS)
+                points, colors, scale = points[pick], colors[torch.from_numpy(pick)], scale[pick] * grow
         outputs.write_splat_ply(splats, points, colors, scale)
 
     def viewer_axes(self):
@@ -654,10 +673,14 @@ class _NoDepth:
         raise SceneError("This scene was opened without a depth model.")
 
 
+def open_for_files(job_dir) -> "Scene":
+    """The scene in ``job_dir`` opened to read or change its files (plan, render, revert): no model is loaded."""
+    return Scene.open(job_dir, depth_source=_NoDepth(), announce=lambda m: None)
+
+
 def revert(job_dir) -> tuple["Scene", dict]:
-    """Open the scene in ``job_dir`` without loading any model and remove its last clip:
-    ``(scene, removed clip record)``."""
-    scene = Scene.open(job_dir, depth_source=_NoDepth(), announce=lambda m: None)
+    """Remove the last clip of the scene in ``job_dir`` without loading any model: ``(scene, removed record)``."""
+    scene = open_for_files(job_dir)
     return scene, scene.revert()
 
 

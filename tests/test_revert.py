@@ -11,6 +11,7 @@ import torch
 
 from engine.cli import main as cli_main
 from engine.outputs import SH_C0, SPLAT_OPACITY, depth_to_colors
+from engine.scene import SPLAT_SIGMA
 
 PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"
 OTHER = "perspective/stylized-outdoor-aquatic_landscape-069/image.png"
@@ -66,12 +67,12 @@ def test_scene_splats_have_the_3dgs_layout(two_clips):
         np.testing.assert_array_equal(v[k], 0.0)
     np.testing.assert_array_equal(v["scale_0"], v["scale_1"])
     np.testing.assert_array_equal(v["scale_0"], v["scale_2"])
-    # Scale: half the mean distance to the 4 nearest other points, checked by brute force on a sample.
+    # Scale: SPLAT_SIGMA times the mean distance to the 4 nearest other points, by brute force on a sample.
     rng = np.random.default_rng(0)
     pts = xyz.astype(np.float64)
     for i in rng.choice(len(pts), 50, replace=False):
         d = np.sort(np.linalg.norm(pts - pts[i], axis=1))[1:5]
-        assert np.exp(float(v["scale_0"][i])) == pytest.approx(0.5 * d.mean(), rel=1e-4, abs=1e-7)
+        assert np.exp(float(v["scale_0"][i])) == pytest.approx(SPLAT_SIGMA * d.mean(), rel=1e-4, abs=1e-7)
 
 
 def test_revert_puts_back_every_file_of_the_first_clip_byte_for_byte(two_clips, capsys):

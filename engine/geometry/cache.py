@@ -35,9 +35,9 @@ Viewer confidence (``viewer_confidence``)
     keeps half its confidence.
 
 Splat scale (``point_spacing``)
-    The Gaussian splats written for the viewers are isotropic with a standard deviation of half the mean
-    distance to a point's ``k`` nearest neighbours (``scipy.spatial.cKDTree``), so neighbouring splats
-    overlap into a closed surface without blurring it.
+    The Gaussian splats written for the viewers are isotropic with a standard deviation of the mean distance
+    to a point's ``k`` nearest neighbours (``scipy.spatial.cKDTree``), so neighbouring splats overlap into a
+    closed surface.
 """
 from __future__ import annotations
 

@@ -386,14 +386,18 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
             lines.append(f"Clip {i + 1}/{n} `{record.name}` done in {record.seconds.get('total', 0):.1f} s "
                          f"({record.frames} frames, {record.references} reference views; {secs}).")
             clips = scene.clips
-            yield {"status": "\n\n".join(lines), **_views(scene, job_root, state),
+            views = _views(scene, job_root, state)
+            yield {"status": "\n\n".join(lines), **views,
                    "downloads": downloads_for(scene_dir, downloads_dir, clips, exported=False),
                    **_clip_update(scene_dir, clips, clips[-1])}
         progress(0.93, desc="export: cameras, 3DGS dataset, zip")
         scene.export(progress=lambda f, m: progress(0.93 + 0.07 * f, desc=f"export: {m}"))
         lines.append(f"Done in {time.perf_counter() - t_run:.1f} s. Everything is in the downloads; "
                      f"**Continue this scene** adds more trajectories to the same point cloud.")
-        yield {"status": "\n\n".join(lines), "downloads": downloads_for(scene_dir, downloads_dir, scene.clips, exported=True)}
+        # The viewers' files are sent again rather than skipped: gradio hands a viewer in a tab not yet shown
+        # the last message for it, and a skip there reaches it as a file without a path.
+        yield {"status": "\n\n".join(lines), **(views if n else {}),
+               "downloads": downloads_for(scene_dir, downloads_dir, scene.clips, exported=True)}
     except GenerationCancelled:
         lines.append(f"Cancelled. The {len(scene.clips)} finished clip(s) are kept and downloadable.")
         yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir)}

@@ -194,7 +194,7 @@ class PathEditor:
             color = START_COLOR if i == 0 else (SELECTED_COLOR if i == self.selected else KEY_COLOR)
             node = f"/keyframe-{i}"
             if i == self.selected and i > 0:
-                gizmo = scene.add_transform_controls(node, scale=2.5 * size, wxyz=key.wxyz, position=key.position,
+                gizmo = scene.add_transform_controls(node, scale=1.2 * size, wxyz=key.wxyz, position=key.position,
                                                      disable_sliders=True)
                 gizmo.on_update(self._gizmo_moved(i, gizmo))
                 self._handles.append(gizmo)

@@ -142,3 +142,30 @@ def test_depth_colours_run_from_red_near_to_blue_far_with_one_range_for_all_fram
     assert near[0] > 0.5 and near[2] < 0.3 and far[2] > near[2] and far[0] < near[0]
     assert torch.equal(rgb[0, :, :, 4:], rgb[1, :, :, 4:])  # same depth, same colour in every frame
     assert torch.equal(rgb[1, :, :, :4], torch.zeros(3, 8, 4))  # no depth: black
+
+
+def test_revert_within_one_run_restores_the_first_clips_files(examples, tmp_path):
+    """`generate --trajectories up,left` in one go, then `revert`: every file the scene had right after its first
+    clip (the cache, memory, manifest, scene.ply/.glb/splats) comes back byte for byte, and the exports are
+    written for that one clip."""
+    from engine.scene import Scene, SceneSettings
+
+    out = tmp_path / "scene"
+    scene = Scene.create(out, examples / PHOTO, settings=SceneSettings(engine="preview", frames=5),
+                         announce=lambda m: None)
+    first = {}
+
+    def after_first_clip():
+        manifest = json.loads((out / "manifest.json").read_text())
+        if len(manifest["clips"]) == 1 and (out / "state" / "manifest-0001.json").is_file() and not first:
+            first.update(_tree(out))
+        return False
+
+    scene.run(["up", "left"], cancel=after_first_clip)
+    assert first and len(json.loads((out / "manifest.json").read_text())["clips"]) == 2
+    assert cli_main(["revert", str(out)]) == 0
+    after = _tree(out)
+    changed = [name for name in first if after.get(name) != first[name]]
+    assert not changed, changed
+    assert {"cameras.json", "transforms.json", "scene.zip"} <= set(after)
+    assert not any(name.startswith("clips/01_left") or name == "state/cache-0002.ply" for name in after)

@@ -367,7 +367,9 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
     except _user_errors() as e:
         raise gr.Error(str(e)) from None
     jobs.write_pending(job_root, len(scene.clips), [_request_record(r, job_root) for r in requests])
-    yield {"state": state, "banner": banner, "model3d": str(glb),
+    # Every viewer gets a value in every message that changes it (None until the first clip): gradio hands a
+    # viewer in a tab not yet shown the last message for it, and a skip there reaches it as a file without a path.
+    yield {"state": state, "banner": banner, "model3d": str(glb), "splats": None,
            "status": "\n\n".join(lines + [_legend_markdown(legend, counts)])}
 
     n = len(requests)
@@ -394,13 +396,11 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
         scene.export(progress=lambda f, m: progress(0.93 + 0.07 * f, desc=f"export: {m}"))
         lines.append(f"Done in {time.perf_counter() - t_run:.1f} s. Everything is in the downloads; "
                      f"**Continue this scene** adds more trajectories to the same point cloud.")
-        # The viewers' files are sent again rather than skipped: gradio hands a viewer in a tab not yet shown
-        # the last message for it, and a skip there reaches it as a file without a path.
-        yield {"status": "\n\n".join(lines), **(views if n else {}),
+        yield {"status": "\n\n".join(lines), **views,
                "downloads": downloads_for(scene_dir, downloads_dir, scene.clips, exported=True)}
     except GenerationCancelled:
         lines.append(f"Cancelled. The {len(scene.clips)} finished clip(s) are kept and downloadable.")
-        yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir)}
+        yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir, job_root, state)}
     except Exception as e:  # noqa: BLE001 — every failure must reach the person as one sentence
         user = isinstance(e, _user_errors())
         if not user:
@@ -408,7 +408,7 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
         message = _sentence(str(e)) if user else (
             f"The engine stopped with an internal error ({type(e).__name__}: {_first_line(e)}).")
         lines.append(f"**Stopped:** {message} Finished clips are kept.")
-        yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir)}
+        yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir, job_root, state)}
         raise gr.Error(f"{message} The {len(scene.clips)} finished clip(s) stay downloadable.") from None
     finally:
         flag.clear()
@@ -471,16 +471,19 @@ def _sentence(text: str) -> str:
     return text if text.endswith((".", "!", "?")) else text + "."
 
 
-def _finish_partial(scene, scene_dir: Path, downloads_dir: Path) -> dict:
-    """Export what exists after a cancel or an error (best effort: the clips are downloadable either way)."""
-    exported = False
+def _finish_partial(scene, scene_dir: Path, downloads_dir: Path, job_root: Path, state: dict) -> dict:
+    """Export what exists after a cancel or an error (best effort: the clips are downloadable either way), and
+    give the viewers the scene's cloud again."""
+    exported, update = False, {}
     if scene.clips:
         try:
             scene.export()
             exported = True
+            update.update(_views(scene, job_root, state))
         except Exception:  # noqa: BLE001 — a failed export must not hide the clips that are done
             log.warning("export after a stopped run failed:\n%s", traceback.format_exc())
-    return {"downloads": downloads_for(scene_dir, downloads_dir, scene.clips, exported=exported)}
+    update["downloads"] = downloads_for(scene_dir, downloads_dir, scene.clips, exported=exported)
+    return update
 
 
 def cancel(ctx: AppContext, session: str = "-") -> str:
@@ -514,7 +517,10 @@ def show_clip(ctx: AppContext, state: dict, name: Optional[str]) -> tuple[Option
 def _views(scene, job_root: Path, state: dict) -> dict:
     """``model3d`` and ``splats`` for the scene's current cloud, without the points under the session's
     confidence threshold; the splats in the viewer's frame (``Scene.write_viewer_files``). The full files stay
-    the downloads; earlier views of the job are removed."""
+    the downloads; earlier views of the job are removed.
+
+    Every call hands the splat viewer a file of its own name (a hard link): gradio's viewer restarts its
+    loading only for a new file, and a repeated one arriving while it loads can leave it blank."""
     import shutil
 
     threshold = float((state or {}).get("min_confidence") or 0.0)
@@ -523,8 +529,14 @@ def _views(scene, job_root: Path, state: dict) -> dict:
     for old in views.glob("*") if views.is_dir() else []:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
-    paths = scene.write_viewer_files(views / name, threshold, with_glb=threshold > 0)
-    return {"model3d": str(paths["glb"] or scene.job_dir / "scene.glb"), "splats": str(paths["splats"])}
+    folder = views / name
+    if (folder / "scene_splats.ply").is_file() and (threshold <= 0 or (folder / "scene.glb").is_file()):
+        paths = {"glb": folder / "scene.glb" if threshold > 0 else None, "splats": folder / "scene_splats.ply"}
+    else:
+        paths = scene.write_viewer_files(folder, threshold, with_glb=threshold > 0)
+    alias = folder / f"scene_splats-{len(list(folder.glob('scene_splats-*.ply')))}.ply"
+    jobs.link_or_copy(paths["splats"], alias)
+    return {"model3d": str(paths["glb"] or scene.job_dir / "scene.glb"), "splats": str(alias)}
 
 
 def _open_files(ctx: AppContext, state: dict):

@@ -281,10 +281,11 @@ def _editor_path_undo_splats(page, examples, artifacts):
             break
     (artifacts / "splats.png").write_bytes(png)
     assert _bright_fraction(png) > 0.05, "the splat viewer stayed blank"
-    page.get_by_role("tab", name="Point cloud").click()  # and stop drawing splats
+    # Away from the splats (software WebGL keeps the page busy while they are drawn: generous timeouts).
+    page.get_by_role("tab", name="Point cloud").click(timeout=180_000)
 
     # Undo: the clip goes, and with it its video and downloads.
-    page.locator("#undo").click()
+    page.locator("#undo").click(timeout=120_000)
     page.locator("#status").get_by_text(re.compile(r"^Removed clip 00_camera_path")).wait_for()
     assert downloads.locator('a[download="00_camera_path.mp4"]').count() == 0
     assert page.locator("#clip-video video[src]").count() == 0

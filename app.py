@@ -2,7 +2,8 @@
 
 Without a CUDA GPU or the official weights it falls back to the CPU ``preview`` engine and says so in a
 banner. Flags: ``--host``, ``--port``, ``--engine``, ``--weights DIR``, ``--max-concurrent``, ``--output-dir``,
-``--keep-hours``, ``--max-upload-mb``, ``--share`` (off by default; see "Serving publicly" in README.md).
+``--keep-hours``, ``--max-upload-mb``, ``--max-editors``, ``--share`` (off by default; see "Serving publicly" in
+README.md).
 """
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples-dir", help="example inputs (default ../shared/examples when present)")
     p.add_argument("--max-upload-mb", type=float, default=50.0,
                    help="largest upload accepted, in MB; bigger files are refused before they are stored (default 50)")
+    p.add_argument("--max-editors", type=int, default=4,
+                   help="3D camera-path editors open at once, one per page; each is a viser server on 127.0.0.1 "
+                        "reached through this app (default 4, 0 switches the editor off)")
+    p.add_argument("--editor-idle-minutes", type=float, default=15.0,
+                   help="an editor nobody used for this long is closed (default 15)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     return p
 
@@ -57,6 +63,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.max_upload_mb > 0:
         print("error: --max-upload-mb must be more than 0.", file=sys.stderr)
         return 2
+    if args.max_editors < 0 or not args.editor_idle_minutes > 0:
+        print("error: --max-editors must be 0 or more and --editor-idle-minutes more than 0.", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +76,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from demo.ui import CSS, build_demo
 
     ctx, examples_dir = make_context(args)
+    routes = []
+    if args.max_editors > 0:
+        from demo.editor import EditorPool, routes as editor_routes
+
+        ctx.editors = EditorPool(args.max_editors, idle_s=60.0 * args.editor_idle_minutes)
+        routes = editor_routes(ctx.editors)
     removed = jobs.cleanup_old_jobs(ctx.output_dir, ctx.max_age_s)
     if removed:
         print(f"Removed {len(removed)} job folder(s) older than {args.keep_hours:g} h.", flush=True)
@@ -77,8 +92,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo = build_demo(ctx, max_concurrent=args.max_concurrent)
     allowed = [str(ctx.output_dir)] + ([str(examples_dir)] if examples_dir.is_dir() else [])
     print(f"Engine: {ctx.default_engine}. Serving on http://{args.host}:{args.port}", flush=True)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed,
-                css=CSS, show_error=True, footer_links=[], max_file_size=int(args.max_upload_mb * 1024 * 1024))
+    try:
+        # The editors' routes (/viser/<token>/ and its WebSocket) are the app's own: one port serves everything.
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed,
+                    css=CSS, show_error=True, footer_links=[], max_file_size=int(args.max_upload_mb * 1024 * 1024),
+                    app_kwargs={"routes": routes})
+    finally:
+        if ctx.editors is not None:
+            ctx.editors.close_all()
     return 0
 
 

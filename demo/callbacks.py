@@ -31,8 +31,8 @@ from engine.geometry import trajectories as traj
 log = logging.getLogger("worldstereo.demo")
 
 # Everything a generation run can update, in the order ui.py binds them.
-OUTPUT_KEYS = ("state", "status", "banner", "model3d", "clip_video", "render_video", "mask_video", "clip_choice",
-               "downloads")
+OUTPUT_KEYS = ("state", "status", "banner", "model3d", "splats", "clip_video", "render_video", "mask_video",
+               "depth_video", "clip_choice", "downloads")
 FAST, QUALITY = "fast", "quality"
 QUALITY_ENGINES = {FAST: "worldstereo-memory-dmd", QUALITY: "worldstereo-memory"}
 PANORAMA_VIEWS = ("view0", "view1", "view2", "view3")
@@ -53,6 +53,7 @@ class AppContext:
     cancel_flags: dict = field(default_factory=dict)
     active_jobs: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    editors: Optional[object] = None  # demo.editor.EditorPool of the 3D path editors; None: no editor here
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir).resolve()
@@ -277,9 +278,12 @@ def plan_paths(ctx: AppContext, state: dict, inp: GenerationInputs,
     return state, str(glb), _legend_markdown(legend, frames) + notes
 
 
-def _clip_files(scene_dir: Path, clip: dict) -> tuple[str, str, str]:
+def _clip_files(scene_dir: Path, clip: dict) -> tuple[str, str, str, Optional[str]]:
+    """Clip, GGM render, hole mask and depth video of one clip (scenes made before depth videos have none)."""
     folder = jobs.safe_path(scene_dir, clip["folder"])
-    return str(folder / "clip.mp4"), str(folder / "render.mp4"), str(folder / "render_mask.mp4")
+    depth = folder / "depth.mp4"
+    return (str(folder / "clip.mp4"), str(folder / "render.mp4"), str(folder / "render_mask.mp4"),
+            str(depth) if depth.is_file() else None)
 
 
 def zip_dataset(scene_dir: Path, target: Path) -> Path:
@@ -294,7 +298,7 @@ def downloads_for(scene_dir: Path, downloads_dir: Path, clips: Sequence[dict], e
         src = jobs.safe_path(scene_dir, clip["folder"]) / "clip.mp4"
         if src.is_file():
             out.append(str(jobs.link_or_copy(src, downloads_dir / f"{clip['name']}.mp4")))
-    names = ["scene.ply", "scene.glb"] + (["cameras.json", "scene.zip"] if exported else [])
+    names = ["scene.ply", "scene.glb", "scene_splats.ply"] + (["cameras.json", "scene.zip"] if exported else [])
     for name in names:
         src = scene_dir / name
         if src.is_file():
@@ -307,7 +311,10 @@ def downloads_for(scene_dir: Path, downloads_dir: Path, clips: Sequence[dict], e
 def _clip_update(scene_dir: Path, clips: list[dict], show: Optional[dict]) -> dict:
     update = {"clip_choice": gr.update(choices=[c["name"] for c in clips], value=show["name"] if show else None)}
     if show:
-        update["clip_video"], update["render_video"], update["mask_video"] = _clip_files(scene_dir, show)
+        update["clip_video"], update["render_video"], update["mask_video"], update["depth_video"] = \
+            _clip_files(scene_dir, show)
+    else:
+        update.update(clip_video=None, render_video=None, mask_video=None, depth_video=None)
     return update
 
 
@@ -360,7 +367,9 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
     except _user_errors() as e:
         raise gr.Error(str(e)) from None
     jobs.write_pending(job_root, len(scene.clips), [_request_record(r, job_root) for r in requests])
-    yield {"state": state, "banner": banner, "model3d": str(glb),
+    # Every viewer gets a value in every message that changes it (None until the first clip): gradio hands a
+    # viewer in a tab not yet shown the last message for it, and a skip there reaches it as a file without a path.
+    yield {"state": state, "banner": banner, "model3d": str(glb), "splats": None,
            "status": "\n\n".join(lines + [_legend_markdown(legend, counts)])}
 
     n = len(requests)
@@ -379,17 +388,19 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
             lines.append(f"Clip {i + 1}/{n} `{record.name}` done in {record.seconds.get('total', 0):.1f} s "
                          f"({record.frames} frames, {record.references} reference views; {secs}).")
             clips = scene.clips
-            yield {"status": "\n\n".join(lines), "model3d": str(scene_dir / "scene.glb"),
+            views = _views(scene, job_root, state)
+            yield {"status": "\n\n".join(lines), **views,
                    "downloads": downloads_for(scene_dir, downloads_dir, clips, exported=False),
                    **_clip_update(scene_dir, clips, clips[-1])}
         progress(0.93, desc="export: cameras, 3DGS dataset, zip")
         scene.export(progress=lambda f, m: progress(0.93 + 0.07 * f, desc=f"export: {m}"))
         lines.append(f"Done in {time.perf_counter() - t_run:.1f} s. Everything is in the downloads; "
                      f"**Continue this scene** adds more trajectories to the same point cloud.")
-        yield {"status": "\n\n".join(lines), "downloads": downloads_for(scene_dir, downloads_dir, scene.clips, exported=True)}
+        yield {"status": "\n\n".join(lines), **views,
+               "downloads": downloads_for(scene_dir, downloads_dir, scene.clips, exported=True)}
     except GenerationCancelled:
         lines.append(f"Cancelled. The {len(scene.clips)} finished clip(s) are kept and downloadable.")
-        yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir)}
+        yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir, job_root, state)}
     except Exception as e:  # noqa: BLE001 — every failure must reach the person as one sentence
         user = isinstance(e, _user_errors())
         if not user:
@@ -397,7 +408,7 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
         message = _sentence(str(e)) if user else (
             f"The engine stopped with an internal error ({type(e).__name__}: {_first_line(e)}).")
         lines.append(f"**Stopped:** {message} Finished clips are kept.")
-        yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir)}
+        yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir, job_root, state)}
         raise gr.Error(f"{message} The {len(scene.clips)} finished clip(s) stay downloadable.") from None
     finally:
         flag.clear()
@@ -460,16 +471,19 @@ def _sentence(text: str) -> str:
     return text if text.endswith((".", "!", "?")) else text + "."
 
 
-def _finish_partial(scene, scene_dir: Path, downloads_dir: Path) -> dict:
-    """Export what exists after a cancel or an error (best effort: the clips are downloadable either way)."""
-    exported = False
+def _finish_partial(scene, scene_dir: Path, downloads_dir: Path, job_root: Path, state: dict) -> dict:
+    """Export what exists after a cancel or an error (best effort: the clips are downloadable either way), and
+    give the viewers the scene's cloud again."""
+    exported, update = False, {}
     if scene.clips:
         try:
             scene.export()
             exported = True
+            update.update(_views(scene, job_root, state))
         except Exception:  # noqa: BLE001 — a failed export must not hide the clips that are done
             log.warning("export after a stopped run failed:\n%s", traceback.format_exc())
-    return {"downloads": downloads_for(scene_dir, downloads_dir, scene.clips, exported=exported)}
+    update["downloads"] = downloads_for(scene_dir, downloads_dir, scene.clips, exported=exported)
+    return update
 
 
 def cancel(ctx: AppContext, session: str = "-") -> str:
@@ -477,10 +491,10 @@ def cancel(ctx: AppContext, session: str = "-") -> str:
     return "Cancelling after the current stage… finished clips are kept."
 
 
-def show_clip(ctx: AppContext, state: dict, name: Optional[str]) -> tuple[Optional[str], Optional[str], Optional[str]]:
-    """The clip, GGM render and hole mask videos of one finished clip of the session's scene."""
+def show_clip(ctx: AppContext, state: dict, name: Optional[str]) -> tuple[Optional[str], ...]:
+    """The clip, GGM render, hole mask and depth videos of one finished clip of the session's scene."""
     if not name or not (state or {}).get("job"):
-        return None, None, None
+        return None, None, None, None
     import json
 
     try:
@@ -496,3 +510,229 @@ def show_clip(ctx: AppContext, state: dict, name: Optional[str]) -> tuple[Option
         if clip.get("name") == name:
             return _clip_files(scene_dir, clip)
     raise gr.Error(f"The clip '{name}' is not part of this scene.")
+
+
+# ---- viewers: confidence filter ------------------------------------------------------------------------
+
+def _views(scene, job_root: Path, state: dict) -> dict:
+    """``model3d`` and ``splats`` for the scene's current cloud, without the points under the session's
+    confidence threshold; the splats in the viewer's frame (``Scene.write_viewer_files``). The full files stay
+    the downloads; earlier views of the job are removed.
+
+    Every call hands the splat viewer a file of its own name (a hard link): gradio's viewer restarts its
+    loading only for a new file, and a repeated one arriving while it loads can leave it blank."""
+    import shutil
+
+    threshold = float((state or {}).get("min_confidence") or 0.0)
+    name = f"{Path(scene.manifest['state']['cache']).stem}-{threshold:.2f}"
+    views = job_root / "view"
+    for old in views.glob("*") if views.is_dir() else []:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    folder = views / name
+    if (folder / "scene_splats.ply").is_file() and (threshold <= 0 or (folder / "scene.glb").is_file()):
+        paths = {"glb": folder / "scene.glb" if threshold > 0 else None, "splats": folder / "scene_splats.ply"}
+    else:
+        paths = scene.write_viewer_files(folder, threshold, with_glb=threshold > 0)
+    alias = folder / f"scene_splats-{len(list(folder.glob('scene_splats-*.ply')))}.ply"
+    jobs.link_or_copy(paths["splats"], alias)
+    return {"model3d": str(paths["glb"] or scene.job_dir / "scene.glb"), "splats": str(alias)}
+
+
+def _open_files(ctx: AppContext, state: dict):
+    """The session's scene opened without any model (for views, the editor and undo)."""
+    from engine.scene import open_for_files
+
+    if not (state or {}).get("job"):
+        raise gr.Error("There is no scene yet; press Generate (or Open the 3D editor) first.")
+    scene_dir, _ = _job_paths(ctx, state["job"])
+    if not (scene_dir / "manifest.json").is_file():
+        raise gr.Error("This scene is no longer on the server (old scenes are removed); start a new one.")
+    try:
+        return open_for_files(scene_dir)
+    except _user_errors() as e:
+        raise gr.Error(str(e)) from None
+
+
+def set_confidence(ctx: AppContext, state: dict, threshold: float) -> tuple[dict, Optional[str], Optional[str]]:
+    """Hide points under ``threshold`` in the point and splat viewers (and the 3D editor): ``(state, glb, splats)``."""
+    state = dict(state or {})
+    state["min_confidence"] = min(max(float(threshold or 0.0), 0.0), 1.0)
+    if not state.get("job"):
+        return state, None, None
+    scene = _open_files(ctx, state)
+    if not scene.clips:
+        return state, None, None
+    try:
+        views = _views(scene, jobs.job_dir(ctx.output_dir, state["job"]), state)
+    except _user_errors() as e:
+        raise gr.Error(str(e)) from None
+    return state, views["model3d"], views["splats"]
+
+
+# ---- the 3D camera-path editor -------------------------------------------------------------------------
+
+def editor_html(editor) -> str:
+    """The iframe that embeds a session's editor (a relative address: it works behind a path prefix too)."""
+    return (f'<iframe src="viser/{editor.token}/" title="3D camera-path editor" id="editor-frame" '
+            'style="width:100%;height:520px;border:0;border-radius:6px" allow="fullscreen"></iframe>')
+
+
+def _editor(ctx: AppContext, session: str, create: bool = False):
+    if ctx.editors is None:
+        raise gr.Error("The 3D editor is switched off on this server (--max-editors 0).")
+    editor = ctx.editors.open(session) if create else ctx.editors.get(session)
+    if editor is None:
+        raise gr.Error("Open the 3D editor first (it closes when the page has been idle for a while).")
+    return editor
+
+
+def _show_in_editor(ctx: AppContext, editor, scene, state: dict, frames: int) -> None:
+    """The scene's cloud (without the points under the session's confidence threshold) in the editor; the
+    keyframes stay while it is the same scene."""
+    keep = scene.viewer_confidence() >= float((state or {}).get("min_confidence") or 0.0)
+    editor.show_scene(state["job"], scene.cache.points[keep].numpy(), scene.cache.colors[keep].numpy(),
+                      scene.start_camera, float(scene.manifest.get("median_depth") or 1.0),
+                      "+z" if scene.manifest["kind"] == "panorama" else "-y", frames)
+
+
+def open_editor(ctx: AppContext, state: dict, inp: GenerationInputs, session: str = "-",
+                progress: Callable = None) -> tuple[dict, str, str]:
+    """Prepare the scene if needed (depth, first cloud) and show it in the session's 3D editor:
+    ``(state, iframe html, status)``."""
+    from demo.editor import EditorBusy
+
+    progress = progress or (lambda *a, **k: None)
+    state = dict(state or {})
+    if not state.get("job"):
+        announce = _Announcements()
+        engine, steps = choose_engine(inp.engine, inp.quality, ctx, warn=announce)
+        try:
+            new_state, _ = _open_or_create(ctx, state, inp, engine, steps, lambda f, m: progress(f, desc=m),
+                                           announce, fresh=False)
+        except _user_errors() as e:
+            raise gr.Error(str(e)) from None
+        state.update(new_state)
+    scene = _open_files(ctx, state)
+    try:
+        editor = _editor(ctx, session, create=True)
+    except EditorBusy as e:
+        raise gr.Error(str(e)) from None
+    _show_in_editor(ctx, editor, scene, state, int(inp.frames or DEFAULT_FRAMES))
+    return state, editor_html(editor), (f"3D editor of scene `{state['job']}`: add keyframes in the view, then "
+                                        "**Preview path** or **Generate this path**.")
+
+
+def _path_cameras(ctx: AppContext, state: dict, session: str, frames: int):
+    from engine.geometry.camera_path import path_cameras
+
+    scene = _open_files(ctx, state)
+    editor = _editor(ctx, session)
+    if editor.job != state.get("job"):
+        raise gr.Error("The 3D editor shows another scene; press Open the 3D editor again.")
+    keys = editor.snapshot()
+    if len(keys) < 2:
+        raise gr.Error("Add at least one keyframe after the start view (Add keyframe here, in the 3D view).")
+    try:
+        from engine.scene import check_frames
+
+        check_frames(int(frames), "Frames per clip")
+        return scene, keys, path_cameras(keys, int(frames), scene.start_camera)
+    except _user_errors() as e:
+        raise gr.Error(str(e)) from None
+
+
+def preview_path(ctx: AppContext, state: dict, frames: int, session: str = "-") -> str:
+    """The 3D cache rendered along the editor's path, as a video (what a clip along it is conditioned on)."""
+    scene, _, cams = _path_cameras(ctx, state, session, frames)
+    render = scene.cache.render(cams, radius=scene.settings.splat_radius)
+    folder = jobs.job_dir(ctx.output_dir, state["job"]) / "plan"
+    index = len(list(folder.glob("path-preview-*.mp4"))) if folder.is_dir() else 0
+    return str(outputs.write_video(folder / f"path-preview-{index:03d}.mp4", render.image))
+
+
+def save_editor_path(ctx: AppContext, state: dict, frames: int, session: str = "-") -> str:
+    """The editor's path as an official camera.json (with its keyframes), for download."""
+    from engine.geometry.camera_path import save_path
+
+    scene, keys, _ = _path_cameras(ctx, state, session, frames)
+    _, downloads = _job_paths(ctx, state["job"])
+    return str(save_path(downloads / "camera_path.json", keys, int(frames), scene.start_camera))
+
+
+def load_editor_path(ctx: AppContext, state: dict, path: Optional[str], session: str = "-") -> str:
+    """Keyframes from an uploaded camera.json into the editor; returns a status line."""
+    from engine.geometry.camera_path import load_path
+
+    if not path:
+        return ""
+    scene = _open_files(ctx, state)
+    editor = _editor(ctx, session)
+    try:
+        keys = load_path(path, scene.start_camera)
+    except _user_errors() as e:
+        raise gr.Error(str(e), title="camera.json cannot be used") from None
+    editor.set_keyframes(keys)
+    return f"Loaded {len(keys)} keyframes from {Path(path).name}; keyframe 0 stays the start view."
+
+
+def generate_path(ctx: AppContext, state: dict, frames: int, session: str = "-",
+                  progress: Callable = None) -> Iterator[dict]:
+    """Generate the editor's path as one more clip of the session's scene, then show the grown cloud in the editor."""
+    from engine.scene import TrajectoryRequest
+
+    _, _, cams = _path_cameras(ctx, state, session, frames)
+    request = TrajectoryRequest(name="camera_path", cameras=cams)
+    yield from generate(ctx, state, GenerationInputs(image=None, frames=int(frames)), session=session,
+                        continue_scene=True, progress=progress, requests=[request])
+    editor = ctx.editors.get(session) if ctx.editors is not None else None
+    if editor is not None:
+        _show_in_editor(ctx, editor, _open_files(ctx, state), state, int(frames))
+
+
+def close_session(ctx: AppContext, session: str) -> None:
+    """The page was closed: stop its 3D editor."""
+    if ctx.editors is not None:
+        ctx.editors.close(session)
+
+
+# ---- undo ----------------------------------------------------------------------------------------------
+
+def remove_last_clip(ctx: AppContext, state: dict, session: str = "-") -> dict:
+    """Put the session's scene back to its state before its last clip (cache, memory, downloads)."""
+    state = dict(state or {})
+    if not state.get("job"):
+        raise gr.Error("There is no scene yet, so there is no clip to remove.")
+    with ctx.lock:
+        if state["job"] in ctx.active_jobs:
+            raise gr.Error("This scene is being generated right now; cancel or wait before removing a clip.")
+        ctx.active_jobs.add(state["job"])
+    try:
+        scene = _open_files(ctx, state)
+        try:
+            removed = scene.revert()
+        except _user_errors() as e:
+            raise gr.Error(str(e)) from None
+        job_root = jobs.job_dir(ctx.output_dir, state["job"])
+        scene_dir, downloads_dir = _job_paths(ctx, state["job"])
+        # Readable download names are links to the scene's files: rebuild them so none of the removed clip stays.
+        import shutil
+
+        shutil.rmtree(downloads_dir, ignore_errors=True)
+        jobs.write_pending(job_root, len(scene.clips), [])
+        clips = scene.clips
+        update = {"state": state, **_clip_update(scene_dir, clips, clips[-1] if clips else None),
+                  "downloads": downloads_for(scene_dir, downloads_dir, clips, exported=bool(clips))}
+        if clips:
+            update.update(_views(scene, job_root, state))
+        else:
+            update.update(model3d=None, splats=None)
+        update["status"] = (f"Removed clip `{removed['name']}`: the scene is back as it was before it "
+                            f"({len(clips)} clip(s); point cloud, memory and downloads as they were).")
+        editor = ctx.editors.get(session) if ctx.editors is not None else None
+        if editor is not None and editor.job == state["job"]:
+            _show_in_editor(ctx, editor, scene, state, editor.frames)
+        return update
+    finally:
+        with ctx.lock:
+            ctx.active_jobs.discard(state["job"])

@@ -1,5 +1,6 @@
-"""The page: input column (image, trajectories, settings, buttons) and result column (status, 3D viewer,
-clip / GGM render / hole mask videos, downloads). Behaviour lives in ``demo/callbacks.py``."""
+"""The page: input column (image, trajectories, settings, buttons) and result column (status; point cloud,
+splats and the 3D camera-path editor; clip / GGM render / hole mask / depth videos; undo; downloads).
+Behaviour lives in ``demo/callbacks.py``."""
 from __future__ import annotations
 
 import gradio as gr
@@ -72,23 +73,54 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                     resume_btn = gr.Button("Resume", elem_id="resume")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")
-                model3d = gr.Model3D(label="3D point cloud (planned paths before generating)", height=460,
-                                     clear_color=(0.08, 0.08, 0.1, 1.0), display_mode="point_cloud",
-                                     elem_id="viewer")
+                with gr.Tabs(elem_id="views-tabs"):
+                    with gr.Tab("Point cloud", id="points", elem_id="tab-points"):
+                        model3d = gr.Model3D(label="3D point cloud (planned paths before generating)", height=460,
+                                             clear_color=(0.08, 0.08, 0.1, 1.0), display_mode="point_cloud",
+                                             elem_id="viewer")
+                    with gr.Tab("Splats", id="splats", elem_id="tab-splats"):
+                        splats = gr.Model3D(label="Gaussian splats (scene_splats.ply)", height=460,
+                                            clear_color=(0.08, 0.08, 0.1, 1.0), elem_id="splats")
+                    with gr.Tab("3D camera-path editor", id="editor", elem_id="tab-editor"):
+                        editor_frame = gr.HTML("<p>Press <b>Open the 3D editor</b> to place camera keyframes over the "
+                                               "point cloud.</p>", elem_id="editor")
+                        with gr.Row():
+                            editor_btn = gr.Button("Open the 3D editor", elem_id="editor-open")
+                            path_preview_btn = gr.Button("Preview path", elem_id="path-preview")
+                            path_generate_btn = gr.Button("Generate this path", variant="primary",
+                                                          elem_id="path-generate")
+                            path_save_btn = gr.Button("Save camera.json", elem_id="path-save")
+                        with gr.Row():
+                            path_video = gr.Video(label="Path preview (the 3D cache along the path)", autoplay=True,
+                                                  loop=True, height=240, elem_id="path-video")
+                            with gr.Column():
+                                path_file = gr.File(label="Path as camera.json", interactive=False,
+                                                    elem_id="path-file")
+                                path_upload = gr.File(label="Load a camera.json into the editor", file_types=[".json"],
+                                                      type="filepath", height=100, elem_id="path-upload")
+                confidence = gr.Slider(0, 1, value=0, step=0.05, label="Hide points below confidence (0 shows all)",
+                                       info="1 = depth of the input or of a generated frame; 0.5 = guessed colour or "
+                                            "depth (preview inpainting, holes filled without a depth model); "
+                                            "points beyond 4× the median depth count less the farther they are.",
+                                       elem_id="confidence")
                 with gr.Row():
                     clip_video = gr.Video(label="Clip", autoplay=True, loop=True, elem_id="clip-video")
                     render_video = gr.Video(label="GGM render (point cloud along the path)", autoplay=True, loop=True,
                                             elem_id="render-video")
                     mask_video = gr.Video(label="Hole mask (white = to generate)", autoplay=True, loop=True,
                                           elem_id="mask-video")
-                clip_choice = gr.Dropdown([], label="Show clip", elem_id="clip-choice")
+                    depth_video = gr.Video(label="Depth (near = red, far = blue)", autoplay=True, loop=True,
+                                           elem_id="depth-video")
+                with gr.Row():
+                    clip_choice = gr.Dropdown([], label="Show clip", elem_id="clip-choice", scale=3)
+                    undo_btn = gr.Button("Remove last clip", elem_id="undo", scale=1)
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
 
         inputs = [state, image, panorama, presets, views, angle, distance, frames, camera_json, prompt, seed, engine,
                   quality]
-        by_key = {"state": state, "status": status, "banner": banner, "model3d": model3d, "clip_video": clip_video,
-                  "render_video": render_video, "mask_video": mask_video, "clip_choice": clip_choice,
-                  "downloads": downloads}
+        by_key = {"state": state, "status": status, "banner": banner, "model3d": model3d, "splats": splats,
+                  "clip_video": clip_video, "render_video": render_video, "mask_video": mask_video,
+                  "depth_video": depth_video, "clip_choice": clip_choice, "downloads": downloads}
         outputs = [by_key[k] for k in cb.OUTPUT_KEYS]
 
         def gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q) -> tuple[dict, cb.GenerationInputs]:
@@ -134,6 +166,37 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
         def on_clip(st, name):
             return cb.show_clip(ctx, st, name)
 
+        def session_of(request: gr.Request) -> str:
+            return getattr(request, "session_hash", None) or "-"
+
+        def on_editor(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, request: gr.Request,
+                      progress=gr.Progress()):
+            st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q)
+            return cb.open_editor(ctx, st, inp, session=session_of(request), progress=progress)
+
+        def on_path_preview(st, fr, request: gr.Request):
+            return cb.preview_path(ctx, st, int(fr or cb.DEFAULT_FRAMES), session=session_of(request))
+
+        def on_path_save(st, fr, request: gr.Request):
+            return cb.save_editor_path(ctx, st, int(fr or cb.DEFAULT_FRAMES), session=session_of(request))
+
+        def on_path_upload(st, path, request: gr.Request):
+            return cb.load_editor_path(ctx, st, path, session=session_of(request))
+
+        def on_path_generate(st, fr, request: gr.Request, progress=gr.Progress()):
+            for update in cb.generate_path(ctx, st, int(fr or cb.DEFAULT_FRAMES), session=session_of(request),
+                                           progress=progress):
+                yield as_tuple(update)
+
+        def on_undo(st, request: gr.Request):
+            return as_tuple(cb.remove_last_clip(ctx, st, session=session_of(request)))
+
+        def on_confidence(st, value):
+            return cb.set_confidence(ctx, st, value)
+
+        def on_unload(request: gr.Request):
+            cb.close_session(ctx, session_of(request))
+
         # A file the engine cannot read is removed again after its error, so the next upload can follow at once.
         image.change(on_upload, [image], [preview, panorama, input_info], concurrency_limit=None,
                      api_name="inspect_upload").failure(
@@ -155,7 +218,21 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
         resume_btn.click(on_resume, [state, resume_id], outputs, concurrency_id=ENGINE_QUEUE,
                          concurrency_limit=max_concurrent, api_name="resume")
         cancel_btn.click(on_cancel, None, [status], concurrency_limit=None, api_name="cancel")
-        clip_choice.input(on_clip, [state, clip_choice], [clip_video, render_video, mask_video], concurrency_limit=None,
-                          api_name="show_clip")
+        clip_choice.input(on_clip, [state, clip_choice], [clip_video, render_video, mask_video, depth_video],
+                          concurrency_limit=None, api_name="show_clip")
+        editor_btn.click(on_editor, inputs, [state, editor_frame, status], concurrency_id=ENGINE_QUEUE,
+                         concurrency_limit=max_concurrent, api_name="open_editor")
+        path_preview_btn.click(on_path_preview, [state, frames], [path_video], concurrency_limit=None,
+                               api_name="preview_path")
+        path_save_btn.click(on_path_save, [state, frames], [path_file], concurrency_limit=None, api_name="save_path")
+        path_upload.upload(on_path_upload, [state, path_upload], [status], concurrency_limit=None,
+                           api_name="load_path")
+        path_generate_btn.click(on_path_generate, [state, frames], outputs, concurrency_id=ENGINE_QUEUE,
+                                concurrency_limit=max_concurrent, api_name="generate_path")
+        undo_btn.click(on_undo, [state], outputs, concurrency_id=ENGINE_QUEUE, concurrency_limit=max_concurrent,
+                       api_name="remove_last_clip")
+        confidence.release(on_confidence, [state, confidence], [state, model3d, splats], concurrency_limit=None,
+                           api_name="set_confidence")
+        demo.unload(on_unload)
     demo.queue(default_concurrency_limit=max_concurrent)
     return demo

@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine generate|render|conditions|engines`` — the same engine the web demo drives.
+"""Command line: ``python -m engine generate|revert|render|conditions|engines`` — the same engine the web demo drives.
 
 Every error a person can cause ends in one sentence on stderr and exit code 2; nothing is half-written.
 """
@@ -73,6 +73,9 @@ def cmd_generate(args) -> int:
     engine = resolve_engine(args.engine, Path(args.weights) if args.weights else None, announce=print)
     out = Path(args.out)
     if (out / "manifest.json").exists():
+        from engine.scene import check_same_input
+
+        check_same_input(out, args.image or args.panorama, panorama=bool(args.panorama))
         scene = Scene.open(out, settings_override={"backend": args.backend, "graphs": args.graphs})
         print(f"Resuming the scene in {out} ({len(scene.clips)} clip(s) already done).")
     else:
@@ -102,8 +105,9 @@ def cmd_generate(args) -> int:
         bar.close()
     print(f"Done in {time.perf_counter() - t0:.1f} s with the '{scene.settings.engine}' engine. Written to {out}:")
     for clip in scene.clips:
-        print(f"  {clip['folder']}/  clip.mp4 render.mp4 render_mask.mp4 cameras.json references.json")
-    for name in ("scene.ply", "scene.glb", "cameras.json", "transforms.json", "images/", "manifest.json", "scene.zip"):
+        print(f"  {clip['folder']}/  clip.mp4 render.mp4 render_mask.mp4 depth.mp4 cameras.json references.json")
+    for name in ("scene.ply", "scene.glb", "scene_splats.ply", "cameras.json", "transforms.json", "images/",
+                 "manifest.json", "scene.zip"):
         print(f"  {name}")
     return 0
 
@@ -116,6 +120,15 @@ def cmd_conditions(args) -> int:
                             depth=args.depth, announce=print)
     keys = ", ".join(f"{k} {list(v.shape)}" for k, v in cond.tensors().items())
     print(f"Wrote {args.out}: {keys}")
+    return 0
+
+
+def cmd_revert(args) -> int:
+    from engine.scene import revert
+
+    scene, removed = revert(Path(args.out))
+    print(f"Removed clip {removed['name']}; {args.out} holds {len(scene.clips)} clip(s), its files as they were "
+          "before that clip.")
     return 0
 
 
@@ -161,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU memory saving: move the text encoder off the GPU after use, or offload every network")
     g.add_argument("--out", default="outputs/scene", help="job folder (an existing one is resumed)")
     g.set_defaults(func=cmd_generate)
+
+    v = sub.add_parser("revert", help="remove a scene's last clip: cache, memory, manifest and downloads as before it")
+    v.add_argument("out", help="the scene's job folder (generate --out)")
+    v.set_defaults(func=cmd_revert)
 
     r = sub.add_parser("render", help="render a scene's 3D cache along a trajectory (GGM inputs)")
     r.add_argument("--scene", required=True, help="a folder with image.png (+ camera.json), or a job folder")

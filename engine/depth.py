@@ -14,6 +14,18 @@ Fallbacks, used when MoGe weights are missing (offline, not in the cache) and al
   distance ``DEFAULT_SPHERE_RADIUS`` from the centre, so all views of one panorama agree on one sphere.
 - ``UserDepth``: the user's own depth map, a ``.npy`` of float z-depth in METRES or a 16-bit PNG of z-depth
   in MILLIMETRES (0 = no data in either). Detected by content, like images.
+
+The plane and the sphere say nothing about a *generated* frame: giving each new frame its own plane 3 m
+away would fan the cloud out into one flat card per frame. So when a scene's depth is a fallback
+(``is_fallback``), a generated frame's depth is the 3D cache's own rendered depth, with the holes of the
+render filled by ``depth_from_render``: each hole pixel continues the local plane of the nearest covered
+pixel. A plane's inverse depth is an affine function of the pixel position (``1/z = a u + b v + c``), so
+per covered pixel an affine function is fitted to the inverse depth of the covered pixels in its
+``(2r+1)^2`` window (``FILL_RADIUS``), and a hole pixel takes the value of its nearest covered pixel's fit
+at its own position: planar surfaces continue exactly and the cloud stays one surface. Where a window is
+degenerate (fewer than three covered pixels, or all on a line) the nearest covered depth is used as is,
+and a continuation that would leave ``[depth_min / 2, 2 depth_max]`` of the covered depths (a surface
+seen edge-on, running off to infinity) is left as a hole.
 """
 from __future__ import annotations
 
@@ -161,6 +173,7 @@ class _Estimator:
     """Common batch handling; subclasses implement ``estimate``."""
 
     source: str = ""
+    fallback = False  # True for the stand-ins used when no depth model is available (module notes)
 
     def estimate(self, image: torch.Tensor, fov_x: Optional[float] = None) -> DepthEstimate:  # pragma: no cover
         raise NotImplementedError
@@ -321,6 +334,7 @@ class PlaneDepth(_Estimator):
     """A fronto-parallel plane at ``depth`` metres seen with a ``fov_x``-degree horizontal field of view."""
 
     source = "plane fallback"
+    fallback = True
 
     def __init__(self, depth: float = DEFAULT_PLANE_DEPTH, fov_x: float = DEFAULT_FOV_X):
         if not (depth > 0 and math.isfinite(depth)):
@@ -342,6 +356,7 @@ class SphereDepth(_Estimator):
     """Every pixel at distance ``radius`` from the camera centre (z-depth = radius / |K^-1 (u,v,1)|)."""
 
     source = "sphere fallback"
+    fallback = True
 
     def __init__(self, radius: float = DEFAULT_SPHERE_RADIUS, fov_x: float = DEFAULT_FOV_X):
         if not (radius > 0 and math.isfinite(radius)):
@@ -471,6 +486,72 @@ def load_depth_estimator(
         if announce is not None:
             announce(f"Depth: {reason.rstrip('.')}; using a {fallback.describe()} instead.")
         return fallback
+
+
+# ---- generated frames when depth is a fallback ---------------------------------------------------
+
+FILL_RADIUS = 6
+
+
+def is_fallback(source) -> bool:
+    """Whether a depth source (an estimator, or a wrapper holding one as ``estimator``) is a stand-in."""
+    return bool(getattr(getattr(source, "estimator", source), "fallback", False))
+
+
+def depth_from_render(depth: torch.Tensor, covered: torch.Tensor, radius: int = FILL_RADIUS):
+    """``(depth [H,W], valid [H,W])``: the rendered ``depth`` where ``covered``, holes filled by continuing
+    the local plane of the nearest covered pixel (module notes)."""
+    from scipy import ndimage
+
+    z = depth.detach().cpu().double().numpy()
+    known = covered.detach().cpu().numpy().astype(bool) & np.isfinite(z) & (z > 0)
+    out = np.where(known, z, 0.0)
+    if not known.any():
+        return torch.from_numpy(out).to(depth.dtype), torch.from_numpy(known)
+    holes = ~known
+    if holes.any():
+        h, w = z.shape
+        q = np.where(known, 1.0 / np.where(known, z, 1.0), 0.0)
+        ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+        # Window sums of the normal equations of q ~ alpha + beta x + gamma y over covered pixels.
+        size = 2 * radius + 1
+        m = known.astype(np.float64)
+
+        def box(a):
+            return ndimage.uniform_filter(a, size=size, mode="constant", cval=0.0) * size * size
+
+        _, (ny, nx) = ndimage.distance_transform_edt(holes, return_indices=True)
+        hy, hx = np.nonzero(holes)
+        py, px = ny[hy, hx], nx[hy, hx]
+        # Only the nearest covered pixels of holes need a fit; local coordinates keep the sums well scaled.
+        sums = {}
+        for name, a in {"n": m, "x": m * xs, "y": m * ys, "xx": m * xs * xs, "xy": m * xs * ys, "yy": m * ys * ys,
+                        "q": m * q, "xq": m * xs * q, "yq": m * ys * q}.items():
+            sums[name] = box(a)[py, px]
+        cx, cy = px.astype(np.float64), py.astype(np.float64)
+        n = sums["n"]
+        sx, sy = sums["x"] - cx * n, sums["y"] - cy * n
+        sxx = sums["xx"] - 2 * cx * sums["x"] + cx * cx * n
+        syy = sums["yy"] - 2 * cy * sums["y"] + cy * cy * n
+        sxy = sums["xy"] - cx * sums["y"] - cy * sums["x"] + cx * cy * n
+        sq = sums["q"]
+        sxq, syq = sums["xq"] - cx * sq, sums["yq"] - cy * sq
+        a = np.stack([np.stack([n, sx, sy], -1), np.stack([sx, sxx, sxy], -1), np.stack([sy, sxy, syy], -1)], -2)
+        b = np.stack([sq, sxq, syq], -1)
+        det = np.linalg.det(a)
+        # Determinant of the centred second moments relative to the count: zero when the points lie on a line.
+        ok = (n >= 3) & (np.abs(det) > 1e-6 * np.maximum(n, 1) ** 3)
+        q_fill = q[py, px].copy()
+        if ok.any():
+            coef = np.linalg.solve(a[ok], b[ok][..., None])[..., 0]
+            q_fill[ok] = coef[:, 0] + coef[:, 1] * (hx[ok] - cx[ok]) + coef[:, 2] * (hy[ok] - cy[ok])
+        q_known = q[known]
+        lo, hi = 0.5 * q_known.min(), 2.0 * q_known.max()
+        good = (q_fill >= lo) & (q_fill <= hi)
+        out[hy[good], hx[good]] = 1.0 / q_fill[good]
+        known = known.copy()
+        known[hy[good], hx[good]] = True
+    return torch.from_numpy(out).to(depth.dtype), torch.from_numpy(known)
 
 
 # ---- scale alignment to the 3D cache -------------------------------------------------------------

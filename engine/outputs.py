@@ -8,7 +8,7 @@ behind. Files are written so that common tools open them unchanged:
 - ``scene.ply``: plain binary point cloud, float32 x,y,z + uint8 red,green,blue (open3d, trimesh, MeshLab).
 - ``scene.glb``: glTF binary with one POINTS primitive and COLOR_0, for gradio's ``gr.Model3D``
   (which sends every ``.ply`` to its Gaussian-splat renderer).
-- ``splat.ply``: the 3D Gaussian splatting layout (degree-0 SH colour, opacity logit, log scales,
+- ``scene_splats.ply``: the 3D Gaussian splatting layout (degree-0 SH colour, opacity logit, log scales,
   identity rotation) for splat viewers.
 - ``camera.json``: the official WorldStereo format; ``transforms.json``: nerfstudio.
 """
@@ -35,6 +35,7 @@ SH_C0 = 0.28209479177387814  # degree-0 spherical-harmonic constant, 1 / (2 sqrt
 SPLAT_OPACITY = 0.99
 # OpenCV (x right, y down, z forward) to the glTF / OpenGL / nerfstudio camera axes (x right, y up, z back).
 OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0])
+OPENGL_TO_OPENCV = OPENCV_TO_OPENGL  # the flip is its own inverse
 # A z-up world (the panorama bank's) into glTF's y-up frame: (x, y, z) -> (x, z, -y).
 ZUP_TO_OPENGL = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest zip timestamp: archives are byte-identical run to run
@@ -142,6 +143,32 @@ def write_mask_video(path: PathLike, masks: torch.Tensor, fps: float = 16) -> Pa
     return write_video(path, frames, fps=fps)
 
 
+def depth_to_colors(depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Depth maps ``[F,H,W]`` as colour frames ``[F,3,H,W]`` in [0,1]: inverse depth on the turbo colour map
+    (near = red, far = blue), one range for all frames (the 2nd to 98th percentile of the valid inverse
+    depths, so the colours do not flicker from frame to frame); invalid pixels black."""
+    import cv2
+
+    d = _numpy(depth, np.float64)
+    ok = _numpy(valid).astype(bool) & np.isfinite(d) & (d > 0)
+    if d.ndim != 3 or ok.shape != d.shape:
+        raise OutputError(f"depth_to_colors needs depth and valid shaped [F,H,W]; got {d.shape} and {ok.shape}.")
+    inv = np.where(ok, 1.0 / np.where(ok, d, 1.0), 0.0)
+    if ok.any():
+        lo, hi = np.percentile(inv[ok], [2.0, 98.0])
+    else:
+        lo, hi = 0.0, 1.0
+    t = np.clip((inv - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
+    rgb = np.stack([cv2.applyColorMap(np.round(f * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1] for f in t])
+    rgb = np.where(ok[..., None], rgb, 0).astype(np.float32) / 255.0
+    return torch.from_numpy(rgb).permute(0, 3, 1, 2)
+
+
+def write_depth_video(path: PathLike, depth: torch.Tensor, valid: torch.Tensor, fps: float = 16) -> Path:
+    """A depth video (``depth_to_colors``) as an MP4."""
+    return write_video(path, depth_to_colors(depth, valid), fps=fps)
+
+
 def read_video(path: PathLike) -> torch.Tensor:
     """An MP4 (or any ffmpeg-readable video) as float ``[F,3,H,W]`` in [0,1]."""
     import imageio.v2 as imageio
@@ -205,34 +232,47 @@ def write_point_cloud_glb(
     return Path(path)
 
 
-def write_splat_ply(path: PathLike, points: ArrayLike, colors: Optional[ArrayLike], scale: Union[float, ArrayLike]) -> Path:
-    """Points as isotropic Gaussians in the 3DGS PLY layout.
+def write_splat_ply(path: PathLike, points: ArrayLike, colors: Optional[ArrayLike], scale: Union[float, ArrayLike],
+                    opacity: Union[float, ArrayLike] = SPLAT_OPACITY) -> Path:
+    """Points as isotropic Gaussians in the 3D Gaussian splatting PLY layout (binary little-endian float32),
+    written with plyfile.
 
-    Per point: position; normals 0; ``f_dc = (rgb - 0.5) / SH_C0`` (so the viewer's ``0.5 + SH_C0 * f_dc``
-    gives back the colour); ``opacity = logit(SPLAT_OPACITY)``; ``scale_i = log(scale)`` (world units, e.g.
-    the voxel size); rotation the identity quaternion ``(w, x, y, z) = (1, 0, 0, 0)``.
+    Per point: ``x y z``; normals ``nx ny nz`` 0; ``f_dc_0..2 = (rgb - 0.5) / SH_C0`` (so a viewer's
+    ``0.5 + SH_C0 * f_dc`` gives back the colour); ``opacity = logit(opacity)``; ``scale_0..2 = log(scale)``
+    (world units, e.g. the local point spacing); ``rot_0..3`` the identity quaternion ``(w, x, y, z) =
+    (1, 0, 0, 0)``. ``scale`` and ``opacity`` are one value or one per point.
     """
+    from plyfile import PlyData, PlyElement
+
     p, c8, keep = _points_colors(points, colors, "write_splat_ply")
     n = p.shape[0]
-    s = _numpy(scale, np.float64).reshape(-1)
-    if s.size == 1:
-        s = np.full(n, s[0])
-    elif s.size == keep.size:
-        s = s[keep]
-    else:
-        raise OutputError(f"write_splat_ply needs one scale or one per point ({keep.size}); got {s.size}.")
+
+    def per_point(value, what: str) -> np.ndarray:
+        v = _numpy(value, np.float64).reshape(-1)
+        if v.size == 1:
+            return np.full(n, v[0])
+        if v.size == keep.size:
+            return v[keep]
+        raise OutputError(f"write_splat_ply needs one {what} or one per point ({keep.size}); got {v.size}.")
+
+    s, a = per_point(scale, "scale"), per_point(opacity, "opacity")
     if n and not (np.isfinite(s).all() and (s > 0).all()):
         raise OutputError("write_splat_ply needs positive finite scales.")
-    rgb = c8.astype(np.float64) / 255.0
-    f_dc = (rgb - 0.5) / SH_C0
-    opacity = np.full(n, np.log(SPLAT_OPACITY / (1.0 - SPLAT_OPACITY)))
-    log_s = np.log(s)
+    if n and not ((a > 0).all() and (a < 1).all()):
+        raise OutputError("write_splat_ply needs opacities strictly between 0 and 1.")
+    f_dc = (c8.astype(np.float64) / 255.0 - 0.5) / SH_C0
+    log_s = np.log(s) if n else s
     zeros, ones = np.zeros(n), np.ones(n)
-    names = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
-             "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
-    cols = [p[:, 0], p[:, 1], p[:, 2], zeros, zeros, zeros, f_dc[:, 0], f_dc[:, 1], f_dc[:, 2], opacity,
-            log_s, log_s, log_s, ones, zeros, zeros, zeros]
-    return _write_binary_ply(Path(path), [(name, "<f4") for name in names], cols, n)
+    columns = {"x": p[:, 0], "y": p[:, 1], "z": p[:, 2], "nx": zeros, "ny": zeros, "nz": zeros,
+               "f_dc_0": f_dc[:, 0], "f_dc_1": f_dc[:, 1], "f_dc_2": f_dc[:, 2], "opacity": np.log(a / (1.0 - a)),
+               "scale_0": log_s, "scale_1": log_s, "scale_2": log_s, "rot_0": ones, "rot_1": zeros, "rot_2": zeros,
+               "rot_3": zeros}
+    rows = np.empty(n, dtype=[(name, "<f4") for name in columns])
+    for name, col in columns.items():
+        rows[name] = col
+    with atomic_path(Path(path), suffix=".ply") as tmp:
+        PlyData([PlyElement.describe(rows, "vertex")], text=False, byte_order="<").write(str(tmp))
+    return Path(path)
 
 
 # ---- cameras -------------------------------------------------------------------------------------

@@ -9,13 +9,22 @@ Job folder (everything written atomically; ``manifest.json`` is the commit point
     manifest.json            inputs, engine, seed, versions, timings, the clips done, the current state files
     input.png                the start image (or panorama) as used
     state/start.json         start camera (official camera.json)
-    state/cache-NNNN.ply     the 3D cache after NNNN clips (the manifest names the current one)
+    state/cache-NNNN.ply     the 3D cache after NNNN clips (the manifest names the current one; the earlier
+                             ones are kept for ``revert``)
+    state/manifest-NNNN.json the manifest as the scene stood with NNNN clips (what ``revert`` goes back to)
     state/bank-start/        the memory bank's seed frames
-    clips/NN_name/           clip.mp4, render.mp4, render_mask.mp4, cameras.json, references.json, memory/
-    scene.ply, scene.glb, cameras.json, transforms.json + images/, scene.zip   (``export``)
+    clips/NN_name/           clip.mp4, render.mp4, render_mask.mp4, depth.mp4, cameras.json, references.json,
+                             memory/
+    scene.ply, scene.glb, scene_splats.ply                             (after every clip)
+    cameras.json, transforms.json + images/, scene.zip                 (``export``)
 
 A clip is written into a temporary folder and renamed into place, then the new cache file, then the manifest:
 a crash at any point leaves the last committed state intact, and ``Scene.open`` resumes from it.
+
+``revert`` removes the last clip: it writes back the manifest of the clip before (the commit point), removes
+the clip's folder and cache file, and rewrites the scene-level files for that state. Every writer is
+deterministic (fixed zip timestamps, sorted entries, no wall-clock values outside the manifest), so the
+files come back byte for byte as the run that ended with that clip left them.
 """
 from __future__ import annotations
 
@@ -27,13 +36,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from engine import conditioning, outputs
 from engine.atomicio import atomic_write_json, file_sha256
 from engine.engines import ENGINES
 from engine.geometry.cameras import Cameras
-from engine.geometry.cache import PointCache
+from engine.geometry.cache import PointCache, point_spacing, viewer_confidence
 from engine.geometry.memory import MemoryBank
 from engine.geometry import trajectories as traj
 from engine.images import load_image, save_image
@@ -43,6 +53,11 @@ from engine.sampling import SamplingCancelled
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+# Scene-level files derived from the clips and the cache (rewritten after every clip, export or revert).
+SCENE_OUTPUTS = ("scene.ply", "scene.glb", "scene_splats.ply", "cameras.json", "transforms.json", "scene.zip")
+SPLAT_SIGMA = 1.0  # splat standard deviation in units of the local point spacing (engine.geometry.cache notes)
+MAX_VIEW_SPLATS = 100_000  # splats in the browser's splat view (a fixed subset beyond that)
+VIEW_RADIUS = 1.0  # size of the cloud in the splat viewer's frame (gradio's viewer orbits the origin close by)
 
 # Engines without the real network use the official aspect buckets at a fraction of the size, so a CPU run
 # stays quick while showing the same framing (the bucket is chosen at full size, then scaled).
@@ -240,6 +255,7 @@ class Scene:
             "state": {"cache": cache_file},
         }
         atomic_write_json(job_dir / MANIFEST, manifest)
+        atomic_write_json(job_dir / _snapshot(0), manifest)
         report(1.0, "scene ready")
         return cls(job_dir, settings, manifest, seed.image, seed.start_camera, seed.cache, seed.bank,
                    depth_source, announce)
@@ -422,7 +438,10 @@ class Scene:
 
         t = time.perf_counter()
         report(0.92, f"{name}: writing outputs")
-        folder = self._write_clip(name, frames, cams, conditions, retrieval, keep, torch.stack(kept_depths), index)
+        # The depth video: the grown cache seen from every camera of the clip (the geometry the clip left).
+        seen = new_cache.render(cams, radius=self.splat_radius(cams))
+        folder = self._write_clip(name, frames, cams, conditions, retrieval, keep, torch.stack(kept_depths), index,
+                                  depth_video=(seen.depth, seen.mask))
         record = ClipRecord(name=name, folder=folder, trajectory=req.name, frames=len(cams),
                             references=len(retrieval.refs), seconds=timings)
         cache_file = f"state/cache-{index + 1:04d}.ply"
@@ -442,14 +461,15 @@ class Scene:
             if cache_file != old_cache:
                 (self.job_dir / cache_file).unlink(missing_ok=True)
             raise
-        # Only now does the in-memory scene move on.
+        # Only now does the in-memory scene move on. The cache is taken back from its file (colours quantised
+        # as stored), so a run reopened from the folder (resume, revert) continues from exactly this state.
         self.manifest = manifest
-        self.cache = new_cache
+        self.cache = PointCache.load_ply(self.job_dir / cache_file, device=new_cache.device)
         self.bank.add(frames[keep], cams[keep], torch.stack(kept_depths),
                       frame_ids=[1000 * (index + 1) + int(i) for i in keep], source=name)
-        if old_cache != cache_file:
-            (self.job_dir / old_cache).unlink(missing_ok=True)
+        # The previous cache file stays: ``revert`` goes back to it.
         self.write_scene_cloud()
+        atomic_write_json(self.job_dir / _snapshot(index + 1), self.manifest)
         report(1.0, f"{name}: done")
         return record
 
@@ -498,8 +518,9 @@ class Scene:
 
     @property
     def _new_point_confidence(self) -> float:
-        # Preview fills holes by inpainting: its colours there are a guess, and the cache says so.
-        return 0.5 if self.settings.engine == "preview" else 1.0
+        # Preview fills holes by inpainting: its colours there are a guess, and the cache says so; so is depth
+        # continued into the holes of the cache's render when there is no depth model.
+        return 0.5 if self.settings.engine == "preview" or self._depth_is_fallback else 1.0
 
     def _kept_indices(self, n: int) -> list[int]:
         k = min(self.settings.keep_frames, n - 1)
@@ -507,9 +528,20 @@ class Scene:
             return []
         return sorted({int(round(1 + i * (n - 2) / max(k - 1, 1))) for i in range(k)})
 
+    @property
+    def _depth_is_fallback(self) -> bool:
+        from engine.depth import is_fallback
+
+        return is_fallback(self.depth_source)
+
     def _aligned_depth(self, image, camera, ref_depth, ref_valid):
         from engine.geometry.align import align_depth
 
+        if self._depth_is_fallback:
+            # No depth model: the cache's own depth, holes continued from it (engine.depth notes).
+            from engine.depth import depth_from_render
+
+            return depth_from_render(ref_depth, ref_valid)
         depth, valid, _ = self.depth_source(image, camera)
         overlap = valid & ref_valid & (ref_depth > 0)
         if int(overlap.sum()) >= 64:
@@ -519,7 +551,7 @@ class Scene:
                 pass  # too little usable overlap: keep the estimate's own scale
         return depth, valid & (depth > 0)
 
-    def _write_clip(self, name, frames, cams, conditions, retrieval, keep, kept_depths, index) -> str:
+    def _write_clip(self, name, frames, cams, conditions, retrieval, keep, kept_depths, index, depth_video=None) -> str:
         final = self.job_dir / "clips" / name
         tmp = self.job_dir / "clips" / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -531,6 +563,8 @@ class Scene:
             render, covered = conditions.render_frames()
             outputs.write_video(tmp / "render.mp4", render)
             outputs.write_mask_video(tmp / "render_mask.mp4", ~covered)
+            if depth_video is not None:
+                outputs.write_depth_video(tmp / "depth.mp4", *depth_video)
             cams.save_json(tmp / "cameras.json")
             refs = retrieval.to_json()
             refs["bank_frames"] = [self.bank.sources[i] + f"#{self.bank.frame_ids[i]}" for i in retrieval.refs]
@@ -548,15 +582,58 @@ class Scene:
 
     # ---- outputs --------------------------------------------------------------------------------------
     def write_scene_cloud(self, only_if_stale: bool = False) -> dict:
-        """The fused cloud for viewers: plain ``scene.ply`` for tools, ``scene.glb`` for the browser viewer."""
-        paths = {"ply": self.job_dir / "scene.ply", "glb": self.job_dir / "scene.glb"}
+        """The fused cloud: plain ``scene.ply`` for tools, ``scene.glb`` for the browser's point viewer and
+        ``scene_splats.ply`` (3D Gaussian splats) for splat viewers."""
+        paths = {"ply": self.job_dir / "scene.ply", "glb": self.job_dir / "scene.glb",
+                 "splats": self.job_dir / "scene_splats.ply"}
         state = self.manifest["state"]["cache"]
         if not (only_if_stale and self.manifest.get("cloud_written_for") == state and all(p.exists() for p in paths.values())):
             outputs.write_point_cloud_ply(paths["ply"], self.cache.points, self.cache.colors)
-            outputs.write_point_cloud_glb(paths["glb"], self.cache.points, self.cache.colors, axes=self.viewer_axes())
+            self._write_viewer_clouds(paths["glb"], paths["splats"], keep=None)
             self.manifest["cloud_written_for"] = state
             atomic_write_json(self.job_dir / MANIFEST, self.manifest)
         return paths
+
+    def viewer_confidence(self) -> torch.Tensor:
+        """Per-point confidence the viewers filter on (``engine.geometry.cache.viewer_confidence``)."""
+        return viewer_confidence(self.cache.points, self.cache.confidence, self.start_camera.centers[0],
+                                 float(self.manifest.get("median_depth") or 1.0))
+
+    def write_viewer_files(self, folder, min_confidence: float = 0.0, with_glb: bool = True) -> dict:
+        """What the browser's viewers show, into ``folder``: ``scene.glb`` and ``scene_splats.ply`` of the points
+        whose viewer confidence is at least ``min_confidence``. The splats are put in the splat viewer's frame
+        (y down, centred on the cloud's median point, scaled so 90% of the points lie within
+        ``VIEW_RADIUS``: splat viewers orbit the origin from a fixed distance), at most ``MAX_VIEW_SPLATS`` of
+        them. ``with_glb=False`` writes the splats only. Refuses to hide everything."""
+        keep = self.viewer_confidence() >= float(min_confidence)
+        if not bool(keep.any()):
+            raise SceneError(f"No point has a confidence of {min_confidence:g} or more; lower the threshold.")
+        folder = Path(folder)
+        paths = {"glb": folder / "scene.glb" if with_glb else None, "splats": folder / "scene_splats.ply"}
+        self._write_viewer_clouds(paths["glb"], paths["splats"], keep=keep, view_frame=True)
+        return paths
+
+    def _write_viewer_clouds(self, glb: Optional[Path], splats: Path, keep: Optional[torch.Tensor],
+                             view_frame: bool = False) -> None:
+        points, colors = self.cache.points, self.cache.colors
+        # Splat sizes come from the whole cloud's spacing, so hiding points does not swell the rest.
+        scale = SPLAT_SIGMA * point_spacing(points)
+        if keep is not None:
+            points, colors, scale = points[keep], colors[keep], scale[keep.numpy()]
+        if glb is not None:
+            outputs.write_point_cloud_glb(glb, points, colors, axes=self.viewer_axes())
+        if view_frame:
+            p = points.double().numpy() @ (outputs.OPENGL_TO_OPENCV @ self.viewer_axes()).T
+            centre = np.median(p, axis=0)
+            radius = float(np.quantile(np.linalg.norm(p - centre, axis=1), 0.9)) or 1.0
+            points, scale = torch.from_numpy((p - centre) * (VIEW_RADIUS / radius)), scale * (VIEW_RADIUS / radius)
+            if len(points) > MAX_VIEW_SPLATS:
+                # Browsers sort every splat each frame; a fixed random subset with splats grown to cover the
+                # same area keeps the view fluid on software WebGL too (the download keeps every point).
+                pick = np.sort(np.random.default_rng(0).choice(len(points), MAX_VIEW_SPLATS, replace=False))
+                grow = np.sqrt(len(points) / MAX_VIEW_SPLATS)
+                points, colors, scale = points[pick], colors[torch.from_numpy(pick)], scale[pick] * grow
+        outputs.write_splat_ply(splats, points, colors, scale)
 
     def viewer_axes(self):
         """World-to-glTF axes for the viewer: photos live in the input camera's OpenCV frame (y down),
@@ -581,6 +658,11 @@ class Scene:
         outputs.write_cameras_json(self.job_dir / "cameras.json", all_cams)
         report(0.3, "writing the 3DGS dataset")
         outputs.write_transforms_json(self.job_dir, torch.cat(images), all_cams)
+        # Frames of a removed clip (``revert``) must not linger in the dataset or the zip.
+        listed = {f["file_path"] for f in json.loads((self.job_dir / "transforms.json").read_text())["frames"]}
+        for stale in (self.job_dir / "images").glob("*"):
+            if f"images/{stale.name}" not in listed and stale.is_file():
+                stale.unlink()
         report(0.8, "packing the zip")
         # The zip is for people: internal resume state (cache versions, memory frames) stays out.
         zip_path = outputs.zip_folder(self.job_dir, self.job_dir / "scene.zip",
@@ -588,3 +670,89 @@ class Scene:
         paths.update(cameras=self.job_dir / "cameras.json", transforms=self.job_dir / "transforms.json", zip=zip_path)
         report(1.0, "export done")
         return paths
+
+    # ---- undo -----------------------------------------------------------------------------------------
+    def revert(self, progress: Optional[Progress] = None) -> dict:
+        """Remove the last clip: the scene goes back to its state before that clip (module notes).
+
+        Returns the removed clip's record. The 3D cache, the memory bank, the manifest and every scene-level
+        file are those of the clip before; with no clip left, the scene-level files are removed, as after
+        ``create``.
+        """
+        report = ensure(progress)
+        clips = self.manifest["clips"]
+        if not clips:
+            raise SceneError("This scene has no clip to remove.")
+        n, removed = len(clips), clips[-1]
+        previous = self._manifest_before_last()
+        if not (self.job_dir / previous["state"]["cache"]).is_file():
+            raise SceneError(f"The 3D cache from before clip {removed['name']} was not kept, so it cannot be removed.")
+        report(0.1, f"removing {removed['name']}")
+        atomic_write_json(self.job_dir / MANIFEST, previous)  # the commit point
+        shutil.rmtree(self.job_dir / removed["folder"], ignore_errors=True)
+        if previous["state"]["cache"] != self.manifest["state"]["cache"]:
+            (self.job_dir / self.manifest["state"]["cache"]).unlink(missing_ok=True)
+        (self.job_dir / _snapshot(n)).unlink(missing_ok=True)
+        reopened = Scene.open(self.job_dir, depth_source=self.depth_source, announce=self.announce)
+        self.manifest, self.cache, self.bank = reopened.manifest, reopened.cache, reopened.bank
+        if n == 1:
+            for name in SCENE_OUTPUTS:
+                (self.job_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.job_dir / "images", ignore_errors=True)
+        else:
+            report(0.3, "rewriting the scene files")
+            self.write_scene_cloud()
+            self.export(progress=span(report, 0.5, 1.0))
+        report(1.0, f"removed {removed['name']}")
+        return removed
+
+    def _manifest_before_last(self) -> dict:
+        """The manifest kept when the scene had one clip less; rebuilt from the current one if that file is
+        missing (a run killed between a commit and its snapshot)."""
+        n = len(self.manifest["clips"])
+        try:
+            previous = json.loads((self.job_dir / _snapshot(n - 1)).read_text(encoding="utf-8"))
+            if previous.get("clips") == self.manifest["clips"][:-1]:
+                return previous
+        except (OSError, ValueError):
+            pass
+        previous = copy.deepcopy(self.manifest)
+        previous["clips"] = previous["clips"][:-1]
+        previous["state"]["cache"] = f"state/cache-{n - 1:04d}.ply"
+        previous.pop("cloud_written_for", None)
+        return previous
+
+
+def _snapshot(clips: int) -> str:
+    return f"state/manifest-{clips:04d}.json"
+
+
+class _NoDepth:
+    """The depth door of a scene opened only to be changed by file (``revert``): no model is loaded."""
+
+    def __call__(self, image, camera=None):
+        raise SceneError("This scene was opened without a depth model.")
+
+
+def open_for_files(job_dir) -> "Scene":
+    """The scene in ``job_dir`` opened to read or change its files (plan, render, revert): no model is loaded."""
+    return Scene.open(job_dir, depth_source=_NoDepth(), announce=lambda m: None)
+
+
+def revert(job_dir) -> tuple["Scene", dict]:
+    """Remove the last clip of the scene in ``job_dir`` without loading any model: ``(scene, removed record)``."""
+    scene = open_for_files(job_dir)
+    return scene, scene.revert()
+
+
+def check_same_input(job_dir, image, panorama: bool) -> None:
+    """Refuse to continue the scene in ``job_dir`` from an input other than the one it was made from."""
+    job_dir, image = Path(job_dir), Path(image)
+    manifest = json.loads((job_dir / MANIFEST).read_text(encoding="utf-8"))
+    if not image.is_file():
+        raise SceneError(f"Input {image.name} does not exist or is not a file.")
+    recorded = manifest.get("input", {})
+    kind = "panorama" if panorama else "photo"
+    if recorded.get("sha256") != file_sha256(image) or manifest.get("kind") != kind:
+        raise SceneError(f"{job_dir} holds a scene made from another input ({recorded.get('name', 'unknown')}, a "
+                         f"{manifest.get('kind', 'photo')}); choose another --out, or give that input to continue it.")

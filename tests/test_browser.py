@@ -1,14 +1,17 @@
 """The demo in a real browser: Debian's chromium driven by Playwright against `python app.py --engine preview`.
 
 The server is started on a free loopback port with a temporary output folder; the tests use the page the way
-a person does (upload, tick trajectories, move the frame slider, press Generate, download).
+a person does (upload, tick trajectories, move the frame slider, press Generate, download; place camera
+keyframes in the 3D editor, generate that path, look at the splats, remove the clip again).
+
+With WORLDSTEREO_UPDATE_SCREENSHOT=1 the README's pictures in docs/ are refreshed (scaled down and reduced to a
+palette, so they stay small).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -94,7 +97,10 @@ def _screenshot_on_failure(page, path: Path):
     try:
         yield
     except BaseException:
-        page.screenshot(path=str(path), full_page=True)
+        try:
+            page.screenshot(path=str(path), full_page=True, timeout=60_000)
+        except Exception:  # noqa: BLE001 — a busy page must not hide the failure itself
+            pass
         raise
 
 
@@ -149,14 +155,25 @@ def _generate_and_download(page, examples, artifacts, tmp_path):
     assert any(n.startswith("images/") for n in names)
     assert not any(n.startswith("state/") for n in names)
 
+    page.locator("#depth-video video[src]").wait_for()
     page.wait_for_timeout(1500)  # let the viewer finish drawing the final cloud
     shot = artifacts / "demo.png"
     page.screenshot(path=str(shot), full_page=True)
-    if os.environ.get("WORLDSTEREO_UPDATE_SCREENSHOT"):
-        # The README's picture: refreshed on request only, so a test run leaves the checkout unchanged.
-        docs = REPO / "docs"
-        docs.mkdir(exist_ok=True)
-        shutil.copyfile(shot, docs / "screenshot.png")
+    _update_docs_picture(shot, "screenshot.png", width=1000)
+
+
+def _update_docs_picture(shot: Path, name: str, width: int) -> None:
+    """The README's pictures: refreshed on request only, so a test run leaves the checkout unchanged."""
+    if not os.environ.get("WORLDSTEREO_UPDATE_SCREENSHOT"):
+        return
+    from PIL import Image
+
+    docs = REPO / "docs"
+    docs.mkdir(exist_ok=True)
+    with Image.open(shot) as im:
+        im = im.convert("RGB")
+        small = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+        small.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(docs / name, optimize=True)
 
 
 def test_invalid_upload_shows_sentence_and_page_keeps_working(page, examples, artifacts, tmp_path):
@@ -182,3 +199,93 @@ def _invalid_upload(page, examples, tmp_path):
     # The same page still serves: a good image is accepted and described.
     _upload(page, examples / PHOTO)
     page.locator("#input-info").get_by_text("read as a photo").wait_for()
+
+
+# ---- the 3D camera-path editor, undo and the splats ----------------------------------------------------
+
+def test_camera_path_editor_generate_undo_and_splats(page, examples, artifacts):
+    with _screenshot_on_failure(page, artifacts / "editor-failure.png"):
+        _editor_path_undo_splats(page, examples, artifacts)
+
+
+def _bright_fraction(png: bytes) -> float:
+    """Share of pixels clearly brighter than the viewers' dark background."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int32)
+    return float((rgb.max(axis=2) > 60).mean())
+
+
+def _editor_path_undo_splats(page, examples, artifacts):
+    _upload(page, examples / PHOTO)
+    page.locator("#input-info").get_by_text("read as a photo").wait_for()
+    frames = page.locator("#frames input[type=number]")
+    frames.fill("5")
+    frames.press("Enter")
+    page.get_by_role("tab", name="3D camera-path editor").click()
+    page.locator("#editor-open").click()
+    editor = page.frame_locator("#editor-frame")
+    add = editor.get_by_role("button", name="Add keyframe here")
+    add.wait_for(timeout=120_000)
+    editor.get_by_text("1 keyframe(s)").wait_for()
+    # Three keyframes, each after turning the view a little (a drag orbits the viewer's camera).
+    box = page.locator("#editor-frame").bounding_box()
+    x, y = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.7
+    for k in range(3):
+        page.mouse.move(x, y)
+        page.mouse.down()
+        page.mouse.move(x + 22, y - 4, steps=6)
+        page.mouse.up()
+        page.wait_for_timeout(400)
+        add.click()
+        editor.get_by_text(f"{k + 2} keyframe(s)").wait_for()
+    # Step back to see the path over the cloud.
+    page.mouse.move(box["x"] + box["width"] * 0.45, box["y"] + box["height"] * 0.5)
+    page.mouse.wheel(0, 450)
+    close = editor.locator('[class*="Notification"] button')
+    if close.count():
+        close.first.click()  # headless chromium draws WebGL in software, and viser says so in a pop-up
+
+    page.locator("#path-preview").click()
+    page.locator("#path-video video[src]").wait_for(timeout=60_000)
+    page.locator("#path-save").click()
+    page.locator('#path-file a[download="camera_path.json"]').wait_for()
+    page.wait_for_timeout(1500)
+    shot = artifacts / "editor.png"
+    page.locator("#tab-editor").screenshot(path=str(shot))
+    _update_docs_picture(shot, "editor.png", width=760)
+
+    page.locator("#path-generate").click()
+    page.locator("#status").get_by_text(re.compile(r"^Done in")).wait_for(timeout=180_000)
+    page.locator("#clip-video video[src]").wait_for()
+    page.locator("#depth-video video[src]").wait_for()
+    downloads = page.locator("#downloads")
+    for name in ("00_camera_path.mp4", "scene_splats.ply", "scene.zip"):
+        downloads.locator(f'a[download="{name}"]').wait_for()
+
+    # The splats: the viewer draws them (not a blank canvas).
+    page.get_by_role("tab", name="Splats").click()
+    canvas = page.locator("#splats canvas")
+    canvas.wait_for()
+    box = canvas.bounding_box()
+    deadline = time.time() + 120
+    while True:
+        page.wait_for_timeout(3000)
+        # Headless chromium draws WebGL in software: a frame of 100k splats takes seconds, so the picture is
+        # taken of the page region (no wait for the canvas to settle) with a generous timeout.
+        png = page.screenshot(clip=box, timeout=90_000)
+        if _bright_fraction(png) > 0.05 or time.time() > deadline:
+            break
+    (artifacts / "splats.png").write_bytes(png)
+    assert _bright_fraction(png) > 0.05, "the splat viewer stayed blank"
+    # Away from the splats (software WebGL keeps the page busy while they are drawn: generous timeouts).
+    page.get_by_role("tab", name="Point cloud").click(timeout=180_000)
+
+    # Undo: the clip goes, and with it its video and downloads.
+    page.locator("#undo").click(timeout=120_000)
+    page.locator("#status").get_by_text(re.compile(r"^Removed clip 00_camera_path")).wait_for()
+    assert downloads.locator('a[download="00_camera_path.mp4"]').count() == 0
+    assert page.locator("#clip-video video[src]").count() == 0

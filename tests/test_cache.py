@@ -376,3 +376,24 @@ def test_cache_on_cuda_matches_cpu():
     assert p0.shape == p1.shape
     torch.testing.assert_close(p0, p1, atol=1e-5, rtol=0)
     torch.testing.assert_close(c0, c1, atol=1e-5, rtol=0)
+
+
+def test_viewer_confidence_is_stored_confidence_fading_beyond_the_far_radius():
+    from engine.geometry.cache import FAR_FACTOR, point_spacing, viewer_confidence
+
+    origin = torch.tensor([1.0, -2.0, 0.5])
+    direction = torch.tensor([0.6, 0.0, 0.8])
+    median = 2.0
+    reach = FAR_FACTOR * median
+    dist = torch.tensor([0.5, reach, 2 * reach, 4 * reach])
+    points = origin + dist[:, None] * direction
+    conf = torch.tensor([0.5, 1.0, 1.0, 0.5])
+    out = viewer_confidence(points, conf, origin, median)
+    assert torch.allclose(out, torch.tensor([0.5, 1.0, 0.5, 0.125]), atol=1e-6)
+    # Spacing: a regular grid of step 0.1 has its 4 nearest neighbours at 0.1 (inside the grid).
+    g = torch.stack(torch.meshgrid(torch.arange(5.0), torch.arange(5.0), indexing="ij"), -1).reshape(-1, 2) * 0.1
+    grid = torch.cat([g, torch.zeros(25, 1)], 1)
+    spacing = point_spacing(grid)
+    assert spacing[12] == pytest.approx(0.1)
+    duplicate = torch.cat([grid, grid[:1].expand(6, 3)])
+    assert (point_spacing(duplicate) > 0).all()

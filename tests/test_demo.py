@@ -120,7 +120,7 @@ def test_continue_adds_trajectories_to_the_same_scene(ctx, run):
     assert all(u.get("state", state)["job"] == state["job"] for u in out)
     manifest = json.loads((jobs.job_dir(ctx.output_dir, state["job"]) / "scene" / "manifest.json").read_text())
     assert [c["trajectory"] for c in manifest["clips"]] == ["left", "up", "right"]
-    clip, render, mask = cb.show_clip(ctx, state, manifest["clips"][0]["name"])
+    clip, render, mask, depth = cb.show_clip(ctx, state, manifest["clips"][0]["name"])
     assert Path(clip).is_file() and Path(mask).name == "render_mask.mp4"
 
 
@@ -276,7 +276,7 @@ def test_show_clip_only_serves_clips_of_the_sessions_scene(ctx, run):
         cb.show_clip(ctx, state, "../../manifest")
     with pytest.raises(gr.Error):
         cb.show_clip(ctx, {"job": "../" + state["job"]}, "00_left")
-    assert cb.show_clip(ctx, {}, "00_left") == (None, None, None)
+    assert cb.show_clip(ctx, {}, "00_left") == (None, None, None, None)
 
 
 def test_old_job_folders_are_removed_by_age(tmp_path):

@@ -319,3 +319,37 @@ def test_align_to_real_module_recovers_scale():
     aligned, al = align_to(est, ref, torch.ones(12, 16, dtype=torch.bool))
     torch.testing.assert_close(aligned.depth, ref, atol=1e-3, rtol=1e-3)
     _check_consistent(aligned, 12, 16)
+
+
+# ---- generated frames without a depth model --------------------------------------------------------
+
+def test_holes_of_a_rendered_plane_are_filled_with_that_plane():
+    from engine.depth import depth_from_render, is_fallback, PlaneDepth, SphereDepth, UserDepth
+
+    # A tilted plane n.X = 1 seen by a pinhole camera: z = 1 / (n . K^-1 (u, v, 1)), analytic per pixel.
+    h, w, f = 48, 64, 50.0
+    v, u = torch.meshgrid(torch.arange(h, dtype=torch.float64) + 0.5, torch.arange(w, dtype=torch.float64) + 0.5,
+                          indexing="ij")
+    n = torch.tensor([0.05, -0.08, 0.3], dtype=torch.float64)
+    truth = 1.0 / (n[0] * (u - w / 2) / f + n[1] * (v - h / 2) / f + n[2])
+    covered = torch.ones(h, w, dtype=torch.bool)
+    covered[10:30, 20:40] = False  # a disocclusion inside
+    covered[:, 50:] = False  # a newly revealed border strip
+    covered[0, :] = False
+    rendered = torch.where(covered, truth, torch.zeros_like(truth))
+    depth, valid = depth_from_render(rendered, covered)
+    assert bool(valid.all())
+    assert torch.allclose(depth, truth, rtol=1e-9, atol=0)
+    # Nothing rendered: nothing is invented.
+    depth, valid = depth_from_render(torch.zeros(h, w), torch.zeros(h, w, dtype=torch.bool))
+    assert not bool(valid.any())
+    # A plane seen edge-on: inverse depth 0.004 (u - 32) + 0.1 is 0 at u = 7 (the horizon). Known on
+    # 7 < u < 20 (inverse depth up to 0.052): the continuation stops at the horizon instead of inventing points
+    # behind it, and where it would come nearer than half the nearest known depth.
+    inverse = 0.2 * (u - w / 2) / f + 0.1
+    known = (inverse > 0) & (u < 20)
+    depth, valid = depth_from_render(torch.where(known, 1.0 / inverse, torch.zeros_like(inverse)), known)
+    assert bool(valid[known].all()) and not bool(valid[inverse <= 0].any())
+    assert bool(valid[(inverse > 0.002) & (inverse < 0.1)].all()) and not bool(valid[inverse > 0.11].any())
+    assert torch.allclose(depth[valid], 1.0 / inverse[valid], rtol=1e-9, atol=0)
+    assert is_fallback(PlaneDepth()) and is_fallback(SphereDepth()) and not is_fallback(object())

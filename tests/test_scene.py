@@ -120,6 +120,43 @@ def test_geometric_truth_on_synthetic_room(room, tmp_path):
     assert psnr >= 25.0, psnr
 
 
+def _f1_against_room(scene, start, job, tau):
+    pts = scene.cache.points.double().numpy()
+    inside = np.minimum(pts - ROOM_LO, ROOM_HI - pts)
+    outside = np.linalg.norm(np.maximum(-inside, 0.0), axis=1)
+    precision = float((np.where((inside >= 0).all(axis=1), inside.min(axis=1), outside) < tau).mean())
+    cams = [start] + [Cameras.from_json(job / c["folder"] / "cameras.json") for c in scene.clips]
+    seen = torch.cat([_room_hit(c.resized(96, 60)).reshape(-1, 3) for c in cams]).numpy()
+    recall = float((cKDTree(pts).query(seen, k=1)[0] < tau).mean())
+    return 2 * precision * recall / (precision + recall), precision, recall
+
+
+@pytest.mark.parametrize("fill_from_cache", [True, False])
+def test_without_a_depth_model_generated_frames_continue_the_cached_surface(room, tmp_path, fill_from_cache):
+    """Ground-truth depth for the input only; every generated frame gets the plane fallback. With the fallback
+    hook, the fused cloud after 4 clips stays on the room's surface (F1 >= 0.9 at tau = 5 cm); without it (each
+    new frame its own 2 m plane, the old behaviour) it fans out into cards and the same measure fails."""
+    from conftest import PlaneTestDepth
+    from engine.scene import TrajectoryRequest
+
+    folder, start = room
+    job = tmp_path / "job"
+    settings = SceneSettings(engine="preview", frames=9, keep_frames=4, point_budget=400_000)
+    Scene.create(job, folder / "room.png", settings=settings, depth_source=RoomDepth(start), announce=lambda m: None)
+    plane = PlaneTestDepth()
+    plane.estimator.fallback = fill_from_cache
+    scene = Scene.open(job, depth_source=plane, announce=lambda m: None)
+    scene.run([TrajectoryRequest("left", amount=20.0), TrajectoryRequest("right", amount=20.0),
+               TrajectoryRequest("up", amount=15.0), TrajectoryRequest("down", amount=15.0)])
+    tau = 0.05  # metres, as in the ground-truth test above
+    f1, precision, recall = _f1_against_room(scene, start, job, tau)
+    print(f"fill from cache {fill_from_cache}: F1 {f1:.4f} (precision {precision:.4f}, recall {recall:.4f}, tau {tau} m)")
+    if fill_from_cache:
+        assert f1 >= 0.9, (precision, recall, f1)
+    else:
+        assert f1 < 0.9, (precision, recall, f1)
+
+
 def test_cli_preview_writes_every_output(examples, tmp_path, capsys):
     out = tmp_path / "scene"
     rc = cli_main(["generate", "--image", str(examples / PHOTO), "--engine", "preview", "--frames", "9",
@@ -179,7 +216,8 @@ def test_resume_after_kill_finishes_without_redoing(examples, tmp_path):
     assert [c["trajectory"] for c in final["clips"]] == ["up", "left", "right"]
     assert first_video.stat().st_mtime_ns == stamp
     assert not (out / "clips" / ".tmp-01_left").exists()
-    assert len(list((out / "state").glob("cache-*.ply"))) == 1
+    # Every committed cache version is kept (``revert`` goes back to them), and only those.
+    assert sorted(p.name for p in (out / "state").glob("cache-*.ply")) == [f"cache-{i:04d}.ply" for i in range(4)]
 
 
 def test_panorama_from_shared_bank(examples, tmp_path):

@@ -24,6 +24,20 @@ Voxel merging (``voxel_downsample``)
     2 shared CPU cores, same run: ``voxel_down_sample`` 6.9 s, this code 3.4 s; ``voxel_down_sample_and_trace``,
     which confidence and source would need, plus reading its trace back took 24 s), a budget search needs
     several counting passes (about 0.6 s each at 3M points), and this also runs on the GPU.
+
+Viewer confidence (``viewer_confidence``)
+    What the viewers' confidence slider compares against: a point's stored confidence (1 for points lifted
+    from estimated or given depth; 0.5 where the colour or the depth was a guess: the ``preview`` engine's
+    inpainted frames, depth filled into holes of the cache's render) times ``min(1, R / d)``, where ``d`` is
+    the point's distance from the start camera's centre and ``R = FAR_FACTOR`` times the input's median
+    depth. Far points count as low: depth errors grow with distance (relative depth error times depth), and
+    a monocular estimate's far field (sky, distant walls) is its least reliable part; at ``2R`` a point
+    keeps half its confidence.
+
+Splat scale (``point_spacing``)
+    The Gaussian splats written for the viewers are isotropic with a standard deviation of the mean distance
+    to a point's ``k`` nearest neighbours (``scipy.spatial.cKDTree``), so neighbouring splats overlap into a
+    closed surface.
 """
 from __future__ import annotations
 
@@ -43,6 +57,8 @@ from engine.geometry.render import RenderResult, render_points
 PathLike = Union[str, Path]
 
 DEFAULT_EDGE_THRESHOLD = 0.05
+FAR_FACTOR = 4.0  # viewer confidence: points beyond FAR_FACTOR x the median depth count less (module notes)
+SPACING_NEIGHBOURS = 4
 
 
 class CacheError(ValueError):
@@ -232,6 +248,37 @@ def find_voxel_size(points: torch.Tensor, budget: int, start: Optional[float] = 
             size *= 2
         hi = size
     return hi
+
+
+# ---- viewers ---------------------------------------------------------------------------------------
+
+def point_spacing(points: torch.Tensor, k: int = SPACING_NEIGHBOURS) -> np.ndarray:
+    """Mean distance ``[P]`` (float64) from each point to its ``k`` nearest other points (``cKDTree``).
+
+    Points that share a position with all their neighbours get the smallest positive spacing of the cloud,
+    so every splat keeps a finite positive size.
+    """
+    from scipy.spatial import cKDTree
+
+    p = points.detach().cpu().double().numpy()
+    if len(p) < 2:
+        return np.ones(len(p))
+    k = min(int(k), len(p) - 1)
+    dist, _ = cKDTree(p).query(p, k=k + 1)  # the first neighbour is the point itself
+    spacing = dist[:, 1:].mean(axis=1)
+    positive = spacing[spacing > 0]
+    floor = positive.min() if positive.size else 1.0
+    return np.where(spacing > 0, spacing, floor)
+
+
+def viewer_confidence(points: torch.Tensor, confidence: torch.Tensor, origin, median_depth: float,
+                      far_factor: float = FAR_FACTOR) -> torch.Tensor:
+    """Confidence ``[P]`` the viewers filter on (module notes): stored confidence times ``min(1, R / d)``."""
+    origin = torch.as_tensor(origin, dtype=torch.float64).reshape(1, 3)
+    d = (points.detach().cpu().double() - origin).norm(dim=1)
+    reach = far_factor * float(median_depth)
+    far = torch.where(d > reach, reach / d.clamp(min=1e-12), torch.ones_like(d))
+    return (confidence.detach().cpu().double() * far).float()
 
 
 # ---- the cache -------------------------------------------------------------------------------------

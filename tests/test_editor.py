@@ -1,0 +1,199 @@
+"""The 3D camera-path editor without a browser: the bounded pool of per-session viser servers, the app's routes
+that serve and relay them, and the page's path buttons (preview, save, load, generate, undo) as plain calls."""
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+
+from demo import callbacks as cb
+from demo import jobs
+from demo.editor import EditorBusy, EditorPool, routes
+from engine import outputs
+from engine.geometry.camera_path import Keyframe, load_path, path_cameras
+from engine.geometry.cameras import Cameras
+
+PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"
+FRAMES = 4
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_pool_is_bounded_per_session_on_loopback_and_reaps_idle_editors():
+    pool = EditorPool(max_editors=2, idle_s=60.0)
+    try:
+        a, b = pool.open("session-a"), pool.open("session-b")
+        assert pool.open("session-a") is a and a.token != b.token and a.port != b.port
+        for editor in (a, b):
+            assert editor.server.get_host() == "127.0.0.1" and _listening(editor.port)
+            assert pool.by_token(editor.token) is editor
+        assert pool.by_token("not-a-token") is None
+        with pytest.raises(EditorBusy, match="All 2 3D editors"):
+            pool.open("session-c")
+        pool.close("session-a")  # the page was closed
+        assert pool.get("session-a") is None and not _listening(a.port)
+        c = pool.open("session-c")
+        b.last_used -= 120.0  # idle for two minutes
+        assert pool.reap() == ["session-b"]
+        assert not _listening(b.port) and pool.get("session-c") is c
+    finally:
+        pool.close_all()
+    assert not pool.by_session
+
+
+def test_routes_serve_the_client_and_relay_its_websocket_only_for_live_tokens():
+    """The routes in a real ASGI server (uvicorn, as gradio runs them) on a free loopback port."""
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    import uvicorn
+    import viser
+    from starlette.applications import Starlette
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    pool = EditorPool(max_editors=1)
+    editor = pool.open("s")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=routes(pool)), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        base = f"http://127.0.0.1:{port}/viser"
+        with urllib.request.urlopen(f"{base}/{editor.token}/", timeout=10) as page:
+            assert page.status == 200 and b"<title>Viser</title>" in page.read()
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{base}/guessed-token/", timeout=10)
+        assert missing.value.code == 404
+        protocol = f"viser-v{viser.__version__}"
+        with connect(f"ws://127.0.0.1:{port}/viser/{editor.token}", subprotocols=[protocol], open_timeout=10) as ws:
+            assert ws.subprotocol == protocol
+            assert len(ws.recv(timeout=10)) > 0  # the server's scene and panel state, relayed unchanged
+        with pytest.raises((InvalidStatus, ConnectionError, OSError)):
+            with connect(f"ws://127.0.0.1:{port}/viser/guessed-token", subprotocols=[protocol], open_timeout=10) as ws:
+                ws.recv(timeout=10)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        pool.close_all()
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    context = cb.AppContext(output_dir=tmp_path_factory.mktemp("editor-out"), default_engine="preview", device="cpu",
+                            editors=EditorPool(max_editors=2))
+    yield context
+    context.editors.close_all()
+
+
+@pytest.fixture(scope="module")
+def opened(ctx, examples):
+    inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=[], frames=FRAMES)
+    state, html, status = cb.open_editor(ctx, {}, inp, session="p1")
+    return state, html
+
+
+def test_open_editor_prepares_the_scene_and_starts_at_the_start_view(ctx, opened):
+    state, html = opened
+    editor = ctx.editors.get("p1")
+    assert f'src="viser/{editor.token}/"' in html and editor.job == state["job"]
+    scene = cb._open_files(ctx, state)
+    assert len(editor.keyframes) == 1
+    np.testing.assert_allclose(editor.keyframes[0].c2w, scene.start_camera.c2w[0].numpy(), atol=1e-12)
+    with pytest.raises(gr.Error, match="at least one keyframe"):
+        cb.preview_path(ctx, state, FRAMES, session="p1")
+    with pytest.raises(gr.Error, match="Open the 3D editor first"):
+        cb.preview_path(ctx, state, FRAMES, session="someone-else")
+
+
+def _add_keyframes(editor, scene):
+    c2w = scene.start_camera.c2w[0].numpy()
+    d = float(scene.manifest["median_depth"])
+    for k, (dx, fov) in enumerate([(0.15, 50.0), (0.3, 40.0)]):
+        moved = c2w.copy()
+        moved[:3, 3] += dx * d * c2w[:3, 0]
+        editor.add_keyframe(Keyframe(moved, fov))
+
+
+def test_path_buttons_preview_save_load_generate_and_undo(ctx, opened, tmp_path):
+    state, _ = opened
+    editor = ctx.editors.get("p1")
+    scene = cb._open_files(ctx, state)
+    _add_keyframes(editor, scene)
+    expected = path_cameras(editor.snapshot(), FRAMES, scene.start_camera)
+
+    preview = cb.preview_path(ctx, state, FRAMES, session="p1")
+    frames = outputs.read_video(preview)
+    rendered = scene.cache.render(expected, radius=scene.settings.splat_radius).image
+    assert frames.shape[0] == FRAMES and (frames - rendered[:, :, : frames.shape[2], : frames.shape[3]]).abs().mean() < 0.03
+
+    saved = Path(cb.save_editor_path(ctx, state, FRAMES, session="p1"))
+    assert torch.allclose(Cameras.from_json(saved).w2c, expected.w2c, atol=1e-12)
+    editor.delete_keyframe(2)
+    assert len(editor.keyframes) == 2
+    assert "Loaded 3 keyframes" in cb.load_editor_path(ctx, state, str(saved), session="p1")
+    for a, b in zip(editor.snapshot(), load_path(saved, scene.start_camera)):
+        np.testing.assert_allclose(a.c2w, b.c2w, atol=1e-12)
+
+    updates = list(cb.generate_path(ctx, state, FRAMES, session="p1"))
+    scene_dir = jobs.job_dir(ctx.output_dir, state["job"]) / "scene"
+    manifest = json.loads((scene_dir / "manifest.json").read_text())
+    assert [c["name"] for c in manifest["clips"]] == ["00_camera_path"]
+    written = Cameras.from_json(scene_dir / "clips" / "00_camera_path" / "cameras.json")
+    assert torch.allclose(written.w2c, expected.w2c, atol=1e-9)
+    last_clip = [u for u in updates if u.get("depth_video")][-1]
+    assert outputs.read_video(last_clip["depth_video"]).shape[0] == FRAMES
+    assert Path(last_clip["splats"]).name.startswith("scene_splats")
+    assert any(Path(p).name == "00_camera_path.mp4" for p in updates[-1]["downloads"])
+
+    update = cb.remove_last_clip(ctx, state, session="p1")
+    assert "Removed clip `00_camera_path`" in update["status"]
+    assert update["clip_choice"]["choices"] == [] and update["clip_video"] is None and update["downloads"] == []
+    assert not (scene_dir / "clips" / "00_camera_path").exists()
+    downloads = jobs.job_dir(ctx.output_dir, state["job"]) / "downloads"
+    assert not downloads.exists() or not any(downloads.iterdir())
+    with pytest.raises(gr.Error, match="no clip to remove"):
+        cb.remove_last_clip(ctx, state, session="p1")
+    assert len(editor.keyframes) == 3  # the path stays for another try
+
+
+def test_confidence_slider_keeps_exactly_the_points_at_or_above_it(ctx, examples):
+    import trimesh
+
+    inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=["left"], frames=FRAMES)
+    updates = list(cb.generate(ctx, {}, inp, session="c1"))
+    state = updates[0]["state"]
+    scene_dir = jobs.job_dir(ctx.output_dir, state["job"]) / "scene"
+    manifest = json.loads((scene_dir / "manifest.json").read_text())
+    # Independently of the engine's code: the rule of the README from the cache file's confidence column.
+    from engine.geometry.cache import FAR_FACTOR, PointCache
+
+    cache = PointCache.load_ply(scene_dir / manifest["state"]["cache"])
+    centre = Cameras.from_json(scene_dir / "state" / "start.json").centers[0].float()
+    dist = (cache.points - centre).norm(dim=1).double()
+    reach = FAR_FACTOR * manifest["median_depth"]
+    conf = cache.confidence.double() * torch.clamp(reach / dist, max=1.0)
+    assert bool((conf < 0.75).any()) and bool((conf >= 0.75).any())
+    state, glb, splats = cb.set_confidence(ctx, state, 0.75)
+    points = sum(len(g.vertices) for g in trimesh.load(glb).geometry.values())
+    assert points == int((conf >= 0.75).sum()) < len(cache)
+    assert state["min_confidence"] == 0.75 and Path(splats).is_file()
+    state, glb, _ = cb.set_confidence(ctx, state, 0.0)
+    assert Path(glb) == scene_dir / "scene.glb"

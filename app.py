@@ -2,7 +2,8 @@
 
 Without a CUDA GPU or the official weights it falls back to the CPU ``preview`` engine and says so in a
 banner. Flags: ``--host``, ``--port``, ``--engine``, ``--weights DIR``, ``--max-concurrent``, ``--output-dir``,
-``--keep-hours``, ``--max-upload-mb``, ``--share`` (off by default; see "Serving publicly" in README.md).
+``--keep-hours``, ``--max-upload-mb``, ``--share`` (off by default; see "Serving publicly" in README.md), ``--gpus``
+and ``--workers-per-gpu`` (see "More than one GPU").
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=50.0,
                    help="largest upload accepted, in MB; bigger files are refused before they are stored (default 50)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--gpus", help="comma-separated CUDA GPUs, e.g. 0,1,2,3: one sequence-parallel group over them "
+                   "(worker processes started and stopped by the app)")
+    p.add_argument("--workers-per-gpu", type=int, help="instead of one group: one pipeline per GPU of --gpus (default "
+                   "every GPU), serving this many scenes at once on each")
     return p
 
 
@@ -57,6 +62,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.max_upload_mb > 0:
         print("error: --max-upload-mb must be more than 0.", file=sys.stderr)
         return 2
+    serving = None
+    if args.gpus is not None or args.workers_per_gpu is not None:
+        from engine.distributed import GroupError, start_serving
+
+        try:
+            serving = start_serving(args.gpus, args.workers_per_gpu, args.max_concurrent)
+        except GroupError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -67,6 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from demo.ui import CSS, build_demo
 
     ctx, examples_dir = make_context(args)
+    if serving is not None:
+        ctx.device = serving.device
+        print(f"GPUs: {serving.description}.", flush=True)
     removed = jobs.cleanup_old_jobs(ctx.output_dir, ctx.max_age_s)
     if removed:
         print(f"Removed {len(removed)} job folder(s) older than {args.keep_hours:g} h.", flush=True)
@@ -74,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Listed here, not on the page: a scene id is its only key, so visitors never see each other's.
         print(f"Unfinished scene {job['id']}: {job['clips']} clip(s) done, still to generate: "
               f"{', '.join(map(str, job['remaining']))} (Resume it by id on the page).", flush=True)
-    demo = build_demo(ctx, max_concurrent=args.max_concurrent)
+    demo = build_demo(ctx, max_concurrent=serving.max_concurrent if serving else args.max_concurrent)
     allowed = [str(ctx.output_dir)] + ([str(examples_dir)] if examples_dir.is_dir() else [])
     print(f"Engine: {ctx.default_engine}. Serving on http://{args.host}:{args.port}", flush=True)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=allowed,

@@ -16,6 +16,7 @@ all-gather that the CPU backend used by the tests lacks, so it is not used.)
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -110,6 +111,9 @@ def enable_sequence_parallel(model: WorldStereoTransformer) -> int:
     if torch.accelerator.device_count() < 1:
         raise ParallelError("Sequence parallelism needs an accelerator on every rank (one CUDA GPU per rank); this "
                             "machine has none.")
+    # diffusers' output gather calls a torch collective that torch now marks deprecated; the notice says nothing to
+    # a user and would print on every rank at the first forward
+    warnings.filterwarnings("ignore", message=r".*all_gather_tensor.* is deprecated", category=FutureWarning)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its "experimental feature" notices would print once per rank
     try:

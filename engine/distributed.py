@@ -37,6 +37,7 @@ from datetime import timedelta
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from engine.runtime.base import Backend
 
@@ -80,39 +81,30 @@ def _quiet() -> None:
 class Group:
     """This process's place in a sequence-parallel group and the channel from rank 0 to the others."""
 
-    def __init__(self, rank: int, world: int, device: torch.device, processes: Sequence[subprocess.Popen] = ()):
-        import torch.distributed as dist
-
+    def __init__(self, rank: int, world: int, device: torch.device, processes: Sequence[subprocess.Popen] = (),
+                 closing: Optional[threading.Event] = None):
         self.rank, self.world, self.device = rank, world, device
         self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
         self.lock = threading.Lock()
         self.broken = False
-        self.closed = False
+        self.closing = closing or threading.Event()  # set once the group is being closed on purpose
         self.processes = list(processes)
         self._ids = itertools.count()
 
     # ---- rank 0 → others
     def send(self, kind: str, body=None) -> None:
-        import torch.distributed as dist
-
         dist.broadcast_object_list([(kind, body)], src=0, group=self.control)
 
     def receive(self):
-        import torch.distributed as dist
-
         box = [None]
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
     def send_tensors(self, tensors: dict) -> None:
-        import torch.distributed as dist
-
         for t in tensors.values():
             dist.broadcast(t.to(self.device).contiguous(), src=0)
 
     def receive_tensors(self, shapes: list) -> dict:
-        import torch.distributed as dist
-
         out = {}
         for name, shape, dtype in shapes:
             out[name] = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
@@ -120,26 +112,27 @@ class Group:
         return out
 
     def gather_errors(self, error: Optional[str]) -> list:
-        import torch.distributed as dist
-
         errors = [None] * self.world
         dist.all_gather_object(errors, error, group=self.control)
         return errors
 
-    # ---- failures
+    # ---- failures: a note in the group's key-value store (torchrun's, or the app's TCP store), which works while
+    # the collectives are stuck
+    @staticmethod
+    def _store():
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+
     def post_failure(self, sentence: str) -> None:
         try:
-            from torch.distributed.distributed_c10d import _get_default_store
-
-            _get_default_store().set(FAILURE_KEY, sentence)
-        except Exception:  # noqa: BLE001 - the note is a courtesy; the sentence is printed anyway
-            pass
+            self._store().set(FAILURE_KEY, sentence)
+        except Exception:
+            pass  # the note only keeps rank 0 quiet; the failing rank prints its sentence anyway
 
     def posted_failure(self, wait_s: float = 0.0) -> Optional[str]:
         try:
-            from torch.distributed.distributed_c10d import _get_default_store
-
-            store = _get_default_store()
+            store = self._store()
             deadline = time.monotonic() + wait_s
             while True:
                 if store.check([FAILURE_KEY]):
@@ -147,8 +140,8 @@ class Group:
                 if time.monotonic() >= deadline:
                     return None
                 time.sleep(0.1)
-        except Exception:  # noqa: BLE001 - a store that is gone: the peer that failed ended with it
-            return None
+        except Exception:
+            return None  # a store that is gone went with the process that held it, which then printed why
 
     def ensure_usable(self) -> None:
         if self.broken:
@@ -157,11 +150,9 @@ class Group:
     # ---- end
     def close(self) -> None:
         """Stop the other ranks (unless a failure left them inside a forward: then their launcher ends them)."""
-        import torch.distributed as dist
-
-        if self.closed:
+        if self.closing.is_set():
             return
-        self.closed = True
+        self.closing.set()
         if self.rank == 0 and not self.broken:
             with self.lock:
                 self.send("stop")
@@ -197,8 +188,6 @@ def _check_accelerator() -> None:
 def init_from_env() -> Group:
     """Join the group torchrun (or `start_group`) described in the environment: RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT. Each rank takes the GPU of its local rank."""
-    import torch.distributed as dist
-
     global _GROUP
     _check_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -247,9 +236,9 @@ class SequenceParallelBackend(Backend):
             tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
             shapes = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()]
             values = {k: v for k, v in kwargs.items() if k not in tensors}
-            group.send("forward", {"id": self.model_id, "tensors": shapes, "values": values})
-            group.send_tensors(tensors)
             try:
+                group.send("forward", {"id": self.model_id, "tensors": shapes, "values": values})
+                group.send_tensors(tensors)
                 return self.model(**kwargs)
             except InputError:
                 raise  # raised alike on every rank (same inputs); the group goes on
@@ -278,8 +267,8 @@ def lead(pipe, source) -> None:
         failed = [(r, e) for r, e in enumerate(errors) if e]
         if failed:
             rank, error = failed[0]
-            raise GroupError(f"Rank {rank} could not load the transformer ({error}); every rank needs the weights "
-                             "at the same path or in its Hugging Face cache.")
+            raise GroupError(f"Rank {rank} could not load the transformer ({error}); every rank reads the weights "
+                             f"from {source}, so every machine needs them at that path.")
         enable_sequence_parallel(pipe.transformer)
     pipe.backend = SequenceParallelBackend(pipe.transformer, group, model_id)
 
@@ -301,7 +290,7 @@ def follow(group: Group) -> None:
             try:
                 models[body["id"]] = load_transformer(body["source"], device=group.device,
                                                       dtype=getattr(torch, body["dtype"]))
-            except Exception as e:  # noqa: BLE001 - reported by rank 0 in one sentence
+            except Exception as e:  # reported by rank 0 in one sentence
                 error = _sentence(e)
             if any(group.gather_errors(error)):
                 models.pop(body["id"], None)
@@ -322,7 +311,7 @@ def _follower_main(group: Group) -> int:
         follow(group)
     except KeyboardInterrupt:
         os._exit(130)
-    except BaseException as e:  # noqa: BLE001 - every failure ends in one sentence
+    except BaseException as e:  # every failure ends in one sentence
         sentence = f"rank {group.rank} failed ({_sentence(e)}); all ranks stop."
         group.post_failure(sentence)
         print(f"error: {sentence}", file=sys.stderr, flush=True)
@@ -357,7 +346,12 @@ def run_launched(command: Callable[[], int]) -> int:
 
 def main() -> int:
     """A worker process started by `start_group`: joins the group and follows rank 0 (the app)."""
-    return _follower_main(init_from_env())
+    try:
+        group = init_from_env()
+    except GroupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _follower_main(group)
 
 
 # ---------------------------------------------------------------------------------------------------- the app's group
@@ -367,24 +361,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _watch(group: Group, gpus: Sequence[str]) -> None:
+def _watch(processes: Sequence[subprocess.Popen], devices: Sequence[str], closing: threading.Event) -> None:
     """Ends the app when a worker process ends while the group is open (its forwards cannot go on without it)."""
-    while not group.closed:
-        for rank, p in enumerate(group.processes, start=1):
+    while not closing.is_set():
+        for rank, p in enumerate(processes, start=1):
             code = p.poll()
-            if code is not None and not group.closed:
-                if group.posted_failure() is None:  # a worker that printed its own failure is not reported twice
-                    print(f"error: the worker process of rank {rank} ({gpus[rank]}) ended with exit code {code}; "
+            if code is not None and not closing.is_set():
+                if code not in (1, 2):  # 1 and 2: the worker printed its own sentence
+                    print(f"error: the worker process of rank {rank} ({devices[rank]}) ended with exit code {code}; "
                           "the server stops.", file=sys.stderr, flush=True)
                 os._exit(1)
         time.sleep(0.5)
 
 
+def _visible_gpu(index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of this process's GPU ``index`` (a worker must see the same physical GPU)."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
 def start_group(devices: Sequence[str]) -> Group:
     """Make this process rank 0 of a sequence-parallel group over ``devices`` ("cuda:0", "cuda:1", ...): start one
     worker process for each further device, join them, and stop them when this process exits."""
-    import torch.distributed as dist
-
     global _GROUP
     _check_accelerator()
     devices = [str(d) for d in devices]
@@ -394,16 +392,16 @@ def start_group(devices: Sequence[str]) -> Group:
     processes = []
     for rank, dev in enumerate(devices[1:], start=1):
         env = {**base, "RANK": str(rank)}
-        d = torch.device(dev)
-        if d.type == "cuda":
-            env["CUDA_VISIBLE_DEVICES"] = str(d.index or 0)  # the worker sees its one GPU as cuda:0
+        if torch.device(dev).type == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = _visible_gpu(torch.device(dev).index or 0)  # its one GPU, seen as cuda:0
         processes.append(subprocess.Popen([sys.executable, "-m", "engine.distributed"], env=env))
+    closing = threading.Event()
+    threading.Thread(target=_watch, args=(processes, devices, closing), daemon=True, name="gpu-group-watch").start()
     device = torch.device(devices[0])
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=len(devices))
-    _GROUP = Group(0, len(devices), device, processes)
-    threading.Thread(target=_watch, args=(_GROUP, devices), daemon=True, name="gpu-group-watch").start()
+    _GROUP = Group(0, len(devices), device, processes, closing)
     atexit.register(stop_group)
     return _GROUP
 
@@ -418,11 +416,10 @@ def stop_group() -> None:
 
 # ---------------------------------------------------------------------------------------------------- one pipeline per GPU
 class GpuPool:
-    """Devices that each hold one pipeline per engine, and how many scenes each serves at once."""
+    """Devices that each hold one pipeline per engine (how many scenes run at once is the app queue's limit)."""
 
-    def __init__(self, devices: Sequence[str], jobs_per_device: int):
+    def __init__(self, devices: Sequence[str]):
         self.devices = [str(d) for d in devices]
-        self.jobs_per_device = int(jobs_per_device)
         self._busy = {d: 0 for d in self.devices}
         self._lock = threading.Lock()
 
@@ -477,11 +474,6 @@ class PooledGenerator:
 _POOL: Optional[GpuPool] = None
 
 
-def gpu_pool() -> Optional[GpuPool]:
-    """The pool of devices the app serves from, when it serves one pipeline per GPU."""
-    return _POOL
-
-
 def pooled_generator(settings, load: Callable):
     """The clip generator for ``settings`` spread over the GPU pool, or None without a pool (or without a network)."""
     if _POOL is None or settings.engine == "preview":
@@ -489,9 +481,9 @@ def pooled_generator(settings, load: Callable):
     return PooledGenerator(_POOL, settings, load)
 
 
-def set_gpu_pool(devices: Sequence[str], jobs_per_device: int) -> GpuPool:
+def set_gpu_pool(devices: Sequence[str]) -> GpuPool:
     global _POOL
-    _POOL = GpuPool(devices, jobs_per_device)
+    _POOL = GpuPool(devices)
     return _POOL
 
 
@@ -529,7 +521,7 @@ def start_serving(gpus_text: Optional[str], workers_per_gpu: Optional[int], max_
     if workers_per_gpu is not None:
         if max_concurrent != 1:
             raise GroupError("--workers-per-gpu sets how many scenes run at once; drop --max-concurrent.")
-        set_gpu_pool(devices, workers_per_gpu)
+        set_gpu_pool(devices)
         jobs = len(devices) * workers_per_gpu
         return Serving(devices[0], jobs, f"{len(devices)} GPU(s) ({', '.join(map(str, gpus))}), one pipeline each, "
                                          f"{workers_per_gpu} scene(s) per GPU at once ({jobs} in all)")

@@ -159,7 +159,7 @@ def test_one_pipeline_per_device_serves_clips_side_by_side(monkeypatch, one_thre
         loads.append(settings.device)
         return scene_init._load_generator(settings, lambda _: None, pooled=False)
 
-    pool = distributed.GpuPool(["cpu", "cpu:0"], jobs_per_device=1)
+    pool = distributed.GpuPool(["cpu", "cpu:0"])
     monkeypatch.setattr(distributed, "_POOL", pool)
     pooled = distributed.pooled_generator(SceneSettings(engine="tiny-random", device="cpu"), load)
     assert loads == ["cpu"]  # the first device at once (the scene asks it about memory), the others on first use

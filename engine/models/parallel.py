@@ -8,8 +8,9 @@ self-attention (backbone and branch), and the output projection gathers the targ
 forward with the same inputs (engine.distributed sends rank 0's to the others).
 
 Every rank gets an equal share: the number of ranks must divide the head count of every attention and, per forward,
-the target and the reference token counts. The release's buckets have 1440 tokens a frame (any of 2, 4, 8, 16 ranks
-divides them); the square 608×608 bucket has 1444, which 8 ranks do not divide. Such a forward is refused in one
+the target and the reference token counts. The 14B backbone has 40 heads, the camera branch 16: 2, 4 or 8 ranks.
+The release's buckets have 1440 tokens a frame, which all of them divide; the square 608×608 bucket has 1444, which 8
+ranks do not divide when the clip holds an odd number of frames or references. Such a forward is refused in one
 sentence before any rank starts it. (Padding would need an attention mask in every block, which the backbone's
 blocks do not take; diffusers' "Ulysses anything" mode shares unequal counts but gathers the output with an uneven
 all-gather that the CPU backend used by the tests lacks, so it is not used.)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -179,17 +180,13 @@ def _backend(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "cpu:gloo"
 
 
-def _check_accelerator() -> None:
-    if torch.accelerator.device_count() < 1:
-        raise GroupError("Sequence parallelism over several processes needs a CUDA GPU for every rank and this machine "
-                         "has none; run `python -m engine` without torchrun instead.")
-
-
 def init_from_env() -> Group:
     """Join the group torchrun (or `start_group`) described in the environment: RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT. Each rank takes the GPU of its local rank."""
+    from engine.models.parallel import check_accelerator
+
     global _GROUP
-    _check_accelerator()
+    check_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cpu")
     if torch.cuda.is_available():
@@ -323,9 +320,11 @@ def _follower_main(group: Group) -> int:
 def run_launched(command: Callable[[], int]) -> int:
     """A torchrun rank: rank 0 runs ``command`` (the CLI) and then stops the others; the others follow it."""
     global _GROUP
+    from engine.models.parallel import ParallelError
+
     try:
         group = init_from_env()
-    except GroupError as e:
+    except ParallelError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
@@ -346,9 +345,11 @@ def run_launched(command: Callable[[], int]) -> int:
 
 def main() -> int:
     """A worker process started by `start_group`: joins the group and follows rank 0 (the app)."""
+    from engine.models.parallel import ParallelError
+
     try:
         group = init_from_env()
-    except GroupError as e:
+    except ParallelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return _follower_main(group)
@@ -383,8 +384,10 @@ def _visible_gpu(index: int) -> str:
 def start_group(devices: Sequence[str]) -> Group:
     """Make this process rank 0 of a sequence-parallel group over ``devices`` ("cuda:0", "cuda:1", ...): start one
     worker process for each further device, join them, and stop them when this process exits."""
+    from engine.models.parallel import check_accelerator
+
     global _GROUP
-    _check_accelerator()
+    check_accelerator()
     devices = [str(d) for d in devices]
     port = _free_port()
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(len(devices)),
@@ -403,6 +406,9 @@ def start_group(devices: Sequence[str]) -> Group:
     dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=len(devices))
     _GROUP = Group(0, len(devices), device, processes, closing)
     atexit.register(stop_group)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # a plain SIGTERM would skip atexit and leave the workers waiting for a rank 0 that is gone
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     return _GROUP
 
 
@@ -414,7 +420,7 @@ def stop_group() -> None:
         _GROUP = None
 
 
-# ---------------------------------------------------------------------------------------------------- one pipeline per GPU
+# ----------------------------------------------------------------------------------------------- one pipeline per GPU
 class GpuPool:
     """Devices that each hold one pipeline per engine (how many scenes run at once is the app queue's limit)."""
 
@@ -527,7 +533,12 @@ def start_serving(gpus_text: Optional[str], workers_per_gpu: Optional[int], max_
                                          f"{workers_per_gpu} scene(s) per GPU at once ({jobs} in all)")
     if len(devices) == 1:
         return Serving(devices[0], max_concurrent, f"GPU {gpus[0]}")
-    start_group(devices)
+    from engine.models.parallel import ParallelError
+
+    try:
+        start_group(devices)
+    except ParallelError as e:
+        raise GroupError(str(e)) from None
     return Serving(devices[0], max_concurrent, f"one sequence-parallel group over GPUs {', '.join(map(str, gpus))}")
 
 

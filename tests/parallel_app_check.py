@@ -12,13 +12,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from conftest import tiny_clip_inputs  # noqa: E402
-
-from engine import distributed, scene_init  # noqa: E402
-from engine.models.tiny import cached_tiny_package  # noqa: E402
-from engine.pipeline import ClipPipeline  # noqa: E402
-from engine.scene import SceneSettings  # noqa: E402
+from conftest import tiny_clip_inputs  # tests/ is this script's folder, first on sys.path
+from engine import distributed, scene_init
+from engine.models.tiny import cached_tiny_package
+from engine.pipeline import ClipPipeline
+from engine.scene import SceneSettings
 
 
 def main(out_path: str) -> None:

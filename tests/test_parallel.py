@@ -43,7 +43,8 @@ def _rank_logs(logs: Path) -> dict:
     """{rank: stdout + stderr} of the (single) torchrun attempt under ``logs``."""
     out = {}
     for rank_dir in logs.glob("*/attempt_0/*"):
-        out[int(rank_dir.name)] = "".join((rank_dir / f).read_text(errors="replace") for f in ("stdout.log", "stderr.log"))
+        out[int(rank_dir.name)] = "".join((rank_dir / name).read_text(errors="replace")
+                                          for name in ("stdout.log", "stderr.log"))
     assert sorted(out) == [0, 1], out
     return out
 
@@ -73,13 +74,14 @@ def test_torchrun_generate_writes_the_single_process_clip_from_rank_0_only(tmp_p
     single = subprocess.run([PYTHON, *_generate_args(examples, "single")], cwd=tmp_path, env=_env(**cache),
                             capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
     assert single.returncode == 0, single.stderr[-3000:]
-    before = set(os.listdir(tmp_path))
+    before, cached = set(os.listdir(tmp_path)), _files(Path(cache["WORLDSTEREO_CACHE"]))
     run = _torchrun(_generate_args(examples, "sp"), tmp_path, tmp_path / "logs", **cache)
     assert run.returncode == 0, run.stderr[-3000:]
     logs = _rank_logs(tmp_path / "logs")
     assert "Done in" in logs[0] and "denoising step" in logs[0]  # rank 0 prints progress and the summary
     assert logs[1] == ""  # the other rank prints nothing ...
     assert set(os.listdir(tmp_path)) - before == {"sp", "logs"}  # ... and writes nothing besides rank 0's job folder
+    assert _files(Path(cache["WORLDSTEREO_CACHE"])) == cached  # (the tiny package was written by the first run)
     assert _files(tmp_path / "sp") == _files(tmp_path / "single")
 
     # The generated frames as written before video encoding (the memory bank keeps every target frame of a 5-frame

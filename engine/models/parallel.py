@@ -56,6 +56,13 @@ def check_degree(model: WorldStereoTransformer, degree: int) -> None:
                                 f"these rank counts: {options}.")
 
 
+def check_accelerator() -> None:
+    """Refuse, in one sentence, a machine without the accelerator diffusers builds its device mesh for."""
+    if torch.accelerator.device_count() < 1:
+        raise ParallelError("Sequence parallelism needs a CUDA GPU for every rank and this machine has none; run "
+                            "`python -m engine` without torchrun instead.")
+
+
 def tokens_per_forward(model: WorldStereoTransformer, hidden_states: torch.Tensor,
                        reference_latent: Optional[torch.Tensor]) -> tuple[int, int]:
     """(target tokens, reference tokens) of one forward: frames × patches per frame, references likewise."""
@@ -109,9 +116,7 @@ def enable_sequence_parallel(model: WorldStereoTransformer) -> int:
     if degree < 2:
         raise ParallelError("Sequence parallelism needs at least two ranks.")
     check_degree(model, degree)
-    if torch.accelerator.device_count() < 1:
-        raise ParallelError("Sequence parallelism needs an accelerator on every rank (one CUDA GPU per rank); this "
-                            "machine has none.")
+    check_accelerator()
     # diffusers' output gather calls a torch collective that torch now marks deprecated; the notice says nothing to
     # a user and would print on every rank at the first forward
     warnings.filterwarnings("ignore", message=r".*all_gather_tensor.* is deprecated", category=FutureWarning)

@@ -2,8 +2,8 @@
 
 Without a CUDA GPU or the official weights it falls back to the CPU ``preview`` engine and says so in a
 banner. Flags: ``--host``, ``--port``, ``--engine``, ``--weights DIR``, ``--max-concurrent``, ``--output-dir``,
-``--keep-hours``, ``--max-upload-mb``, ``--max-editors``, ``--share`` (off by default; see "Serving publicly" in
-README.md).
+``--keep-hours``, ``--max-upload-mb``, ``--max-editors``, ``--editor-idle-minutes``, ``--share`` (off by
+default; see "Serving publicly" in README.md), ``--gpus`` and ``--workers-per-gpu`` (see "More than one GPU").
 """
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--editor-idle-minutes", type=float, default=15.0,
                    help="an editor nobody used for this long is closed (default 15)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--gpus", help="comma-separated CUDA GPUs, e.g. 0,1,2,3: one sequence-parallel group over them "
+                   "(worker processes started and stopped by the app)")
+    p.add_argument("--workers-per-gpu", type=int, help="instead of one group: one pipeline per GPU of --gpus (default "
+                   "every GPU), serving this many scenes at once on each")
     return p
 
 
@@ -66,6 +70,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.max_editors < 0 or not args.editor_idle_minutes > 0:
         print("error: --max-editors must be 0 or more and --editor-idle-minutes more than 0.", file=sys.stderr)
         return 2
+    serving = None
+    if args.gpus is not None or args.workers_per_gpu is not None:
+        from engine.distributed import GroupError, start_serving
+
+        try:
+            serving = start_serving(args.gpus, args.workers_per_gpu, args.max_concurrent)
+        except GroupError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -82,6 +95,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         ctx.editors = EditorPool(args.max_editors, idle_s=60.0 * args.editor_idle_minutes)
         routes = editor_routes(ctx.editors)
+    if serving is not None:
+        ctx.device = serving.device
+        print(f"GPUs: {serving.description}.", flush=True)
     removed = jobs.cleanup_old_jobs(ctx.output_dir, ctx.max_age_s)
     if removed:
         print(f"Removed {len(removed)} job folder(s) older than {args.keep_hours:g} h.", flush=True)
@@ -89,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Listed here, not on the page: a scene id is its only key, so visitors never see each other's.
         print(f"Unfinished scene {job['id']}: {job['clips']} clip(s) done, still to generate: "
               f"{', '.join(map(str, job['remaining']))} (Resume it by id on the page).", flush=True)
-    demo = build_demo(ctx, max_concurrent=args.max_concurrent)
+    demo = build_demo(ctx, max_concurrent=serving.max_concurrent if serving else args.max_concurrent)
     allowed = [str(ctx.output_dir)] + ([str(examples_dir)] if examples_dir.is_dir() else [])
     print(f"Engine: {ctx.default_engine}. Serving on http://{args.host}:{args.port}", flush=True)
     try:

@@ -208,7 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    from engine import distributed
+
+    if distributed.launched():  # torchrun: rank 0 runs the command, the other ranks join its transformer forwards
+        return distributed.run_launched(lambda: _run(build_parser().parse_args(argv)))
+    return _run(build_parser().parse_args(argv))
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -240,25 +240,32 @@ def clip_generator(settings, announce: Callable[[str], None] = print):
         return _GENERATORS[key]
 
 
-def _load_generator(settings, announce: Callable[[str], None]):
+def _load_generator(settings, announce: Callable[[str], None], pooled: bool = True):
+    from engine import distributed
     from engine.engines import ENGINES, checkpoint_dir
 
     if settings.engine == "preview":
         return PreviewGenerator()
+    if pooled:  # the app serving one pipeline per GPU: a pipeline per device, each clip on the least busy one
+        pool = distributed.pooled_generator(settings, lambda s: _load_generator(s, announce, pooled=False))
+        if pool is not None:
+            return pool
+    distributed.check_settings(settings)
     from engine.pipeline import ClipPipeline
 
     device = settings.device
     if settings.engine == "tiny-random":
         from engine.models.tiny import cached_tiny_package
 
-        folder = cached_tiny_package("worldstereo-memory-dmd")
+        source = cached_tiny_package("worldstereo-memory-dmd")
         announce("tiny-random engine: a tiny randomly initialised WorldStereo; its frames are noise by design.")
-        pipe = ClipPipeline.from_pretrained(folder, device=device, dtype=torch.float32)
+        pipe = ClipPipeline.from_pretrained(source, device=device, dtype=torch.float32)
     else:
         variant = ENGINES[settings.engine].variant
         source = checkpoint_dir(variant, Path(settings.weights) if settings.weights else None)
         pipe = ClipPipeline.from_pretrained(source, device=device, offload_text_encoder=settings.offload == "text-encoder",
                                             cpu_offload=settings.offload == "model")
+    distributed.lead(pipe, source)  # in a sequence-parallel group, the other ranks join every transformer forward
     if settings.backend != "eager":
         pipe.use_backend(settings.backend, graphs_dir=settings.graphs, announce=announce)
     return NetworkGenerator(pipe, settings.steps)

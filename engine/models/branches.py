@@ -36,6 +36,19 @@ def token_positions(frames: torch.Tensor, height: int, width: int,
     return t.reshape(*lead, -1), h.reshape(*lead, -1), w.reshape(*lead, -1)
 
 
+class TokenShards(nn.Module):
+    """A point where sequence-parallel inference splits a token sequence and its rotary tables along the tokens.
+
+    In one process it hands its inputs back unchanged. `WorldStereoTransformer._cp_plan` names every instance, and
+    under diffusers' context parallelism a hook there keeps each rank's contiguous share of the tokens (and of the
+    matching rotary rows), so whatever follows — blocks, branch residuals — works on that share.
+    """
+
+    def forward(self, tokens: torch.Tensor, rotary_cos: torch.Tensor,
+                rotary_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tokens, rotary_cos, rotary_sin
+
+
 class WorldStereoRope(WanRotaryPosEmbed):
     """diffusers' Wan 3D rotary tables, readable at arbitrary integer token positions.
 
@@ -173,6 +186,7 @@ class CameraControlNet(nn.Module):
                                                        cfg.mask_downsample, patch_size, cfg.interp)
         self.proj_in = nn.Identity() if cfg.conv_out_dim == cfg.dim else nn.Linear(cfg.conv_out_dim, cfg.dim)
         self.rope = WorldStereoRope(cfg.dim // cfg.num_heads, tuple(patch_size), rope_max_seq_len)
+        self.shards = TokenShards()  # sequence parallelism: the branch runs on each rank's share of the tokens
 
     def forward(self, control_input: torch.Tensor, mask_tokens: torch.Tensor, temb: torch.Tensor) -> list[torch.Tensor]:
         """control_input [B, in_channels, F, h, w]; mask_tokens [B or 1, F·h'·w', conv_out_dim] (the output of
@@ -183,7 +197,8 @@ class CameraControlNet(nn.Module):
             raise ValueError(f"the render mask gives {mask_tokens.shape[1]} tokens but the latents give {x.shape[1]}; "
                              "pass render_mask/camera_embedding at 8x the latent size, frames as the model expects.")
         x = self.proj_in(x + mask_tokens.to(x.dtype))
-        rotary = self.rope(control_input)
+        x, cos, sin = self.shards(x, *self.rope(control_input))
+        rotary = (cos, sin)
         out = []
         for block, proj in zip(self.controlnet_blocks, self.proj_out):
             x = block(x, temb, rotary)

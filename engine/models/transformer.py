@@ -18,10 +18,11 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import register_to_config
+from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 
-from .branches import CameraControlNet, MemoryBranch, RotaryEmb, WorldStereoRope, token_positions
+from .branches import CameraControlNet, MemoryBranch, RotaryEmb, TokenShards, WorldStereoRope, token_positions
 from .config import ConfigError, WorldStereoConfig
 
 # Released checkpoints embed reference time indices 0..20 (21 keyframes); the table size is fixed by the weights.
@@ -95,6 +96,26 @@ def _align_mask_frames(x: torch.Tensor, num_latent_frames: int, expected: int, d
                      f"they need {expected}{alternative}.")
 
 
+# Sequence parallelism (diffusers' context parallelism): at every `TokenShards` each rank keeps its contiguous share of
+# the tokens and of their rotary rows; attention gathers the whole sequence through the Ulysses all-to-all inside
+# diffusers' `dispatch_attention_fn`; the output projection gathers the target tokens again before the unpatchify.
+# The camera branch is split at its own `shards`, so its residual i is the same share of the target tokens that
+# backbone block i holds. Reference tokens are split on their own: the joint self-attention then gathers
+# [reference share ; target share] of every rank — the whole set of tokens in another order, which attention (no
+# mask, rotary applied per token beforehand) does not see — and each rank keeps its outputs for its own rows.
+_SHARD_TOKENS = {
+    "tokens": ContextParallelInput(split_dim=1, expected_dims=3),
+    "rotary_cos": ContextParallelInput(split_dim=1, expected_dims=4),
+    "rotary_sin": ContextParallelInput(split_dim=1, expected_dims=4),
+}
+CONTEXT_PARALLEL_PLAN = {
+    "controlnet.shards": _SHARD_TOKENS,
+    "target_shards": _SHARD_TOKENS,
+    "reference_shards": _SHARD_TOKENS,
+    "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+}
+
+
 def _tracing() -> bool:
     """Under ONNX/TorchScript tracing or torch.compile, data-dependent checks would freeze or break the graph."""
     return torch.jit.is_tracing() or torch.compiler.is_compiling()
@@ -105,7 +126,10 @@ class WorldStereoTransformer(WanTransformer3DModel):
 
     Constructor arguments: those of `WanTransformer3DModel` (the base model's `transformer/config.json`) plus
     ``worldstereo``, the checkpoint's `config.json` as a dict. `from_checkpoint_config` builds one from the two.
+    ``_cp_plan`` is the sequence-parallel plan `enable_parallelism` applies (see `engine.models.parallel`).
     """
+
+    _cp_plan = CONTEXT_PARALLEL_PLAN
 
     @register_to_config
     def __init__(self, patch_size: tuple[int, ...] = (1, 2, 2), num_attention_heads: int = 40,
@@ -130,6 +154,8 @@ class WorldStereoTransformer(WanTransformer3DModel):
                               "since the mask tokens are added to the branch's patch embedding.")
         self.inner_dim = inner
         self.rope = WorldStereoRope(cfg.attention_head_dim, tuple(cfg.patch_size), cfg.rope_max_seq_len)
+        self.target_shards = TokenShards()
+        self.reference_shards = TokenShards()
         self.controlnet = CameraControlNet(cn, cfg.in_channels, cfg.patch_size, inner, cfg.rope_max_seq_len)
         with torch.no_grad():  # official: the branch patch embedding starts as a copy of the backbone's
             self.controlnet.controlnet_patch_embedding.weight.copy_(self.patch_embedding.weight)
@@ -300,19 +326,21 @@ class WorldStereoTransformer(WanTransformer3DModel):
         """The backbone blocks. Branch residual i is added to the target tokens after block i. With ``refs``
         (stitched memory: tokens and rotary from `reference_tokens`) every block is a `memory_block`, fed the
         original reference tokens again unless `controlnet_cfg.update_ref` carries them from block to block."""
-        x, context, proj = embedded.tokens, embedded.context, embedded.timestep_proj
+        context, proj = embedded.context, embedded.timestep_proj
+        x, cos, sin = self.target_shards(embedded.tokens, *embedded.rotary)
+        target_rotary = (cos, sin)
         if refs is None:
             for i, block in enumerate(self.blocks):
-                x = block(x, context, proj, embedded.rotary)
+                x = block(x, context, proj, target_rotary)
                 if i < len(residuals):
                     x = x + residuals[i].to(x.dtype)
             return x
-        ref_in, ref_rotary = refs
+        ref_in, ref_cos, ref_sin = self.reference_shards(refs[0], *refs[1])
         ref_in = ref_in.to(x.dtype)
         if ref_in.shape[0] != x.shape[0]:
             ref_in = ref_in.expand(x.shape[0], -1, -1)
         rotary = tuple(torch.cat([r.to(t.dtype), t.expand(r.shape[0], -1, -1, -1)], dim=1)
-                       for r, t in zip(ref_rotary, embedded.rotary))
+                       for r, t in zip((ref_cos, ref_sin), target_rotary))
         carry = self.ws_config.controlnet_cfg.update_ref
         ref = ref_in
         for i, block in enumerate(self.blocks):

@@ -1,0 +1,546 @@
+"""More than one GPU: one sequence-parallel group (latency), or one pipeline per GPU (throughput).
+
+Sequence-parallel group. Rank 0 runs everything a clip needs besides the transformer's forwards — depth, the 3D cache
+and its renders, retrieval, the text/image encoders and the VAE, the sampler, every output file and all progress —
+and the other ranks hold only the transformer. For every forward, rank 0 sends its inputs to the others (a small
+control message over gloo, the tensors over the default backend: NCCL between GPUs), and all ranks run that forward
+together, split along the tokens (`engine.models.parallel`: diffusers' context parallelism, Ulysses degree = ranks).
+The noise is drawn on rank 0 from the clip's seed and reaches the others inside the forward's inputs, so a seed
+gives the same clip as on one GPU. Two ways to start a group:
+
+- ``torchrun --nproc-per-node N -m engine generate ...``: `engine.cli` calls `run_launched`; rank 0 runs the
+  command, the other ranks `follow` until rank 0 is done.
+- ``python app.py --gpus 0,1,...``: the app is rank 0 and starts the other ranks as worker processes
+  (`start_group`), which stop with it.
+
+A failure on any rank ends every rank with one sentence: the failing rank prints it and posts it to the group's
+store, rank 0 stays silent when a peer's failure broke its forward, and torchrun (or the app) ends the rest. An input
+error raised by the forward itself (`InputError`) happens alike on every rank; rank 0 reports it and the group goes
+on.
+
+Throughput. ``python app.py --gpus 0,1 --workers-per-gpu N``: each GPU holds its own pipeline (`GpuPool`), N scenes
+per GPU are served at once, and each clip runs on the GPU with the fewest clips in progress; the clips of one GPU
+take turns on its pipeline while the other scenes' depth, rendering and fusion go on.
+"""
+from __future__ import annotations
+
+import atexit
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from engine.runtime.base import Backend
+
+# Control messages wait as long as rank 0 spends between forwards: a server may idle for days.
+CONTROL_TIMEOUT = timedelta(days=3650)
+FAILURE_KEY = "worldstereo/failure"
+PEER_FAILURE_WAIT_S = 3.0  # how long rank 0 looks for a peer's failure note after its own forward broke
+STOP_WAIT_S = 30.0
+
+
+class GroupError(ValueError):
+    """A multi-GPU set-up that cannot run as asked; the message is one sentence."""
+
+
+class PeerFailed(BaseException):
+    """Rank 0's forward broke because another rank failed; that rank has printed the reason. A BaseException, so it
+    passes the engine's error handlers (which would print a second sentence) and only ends the command."""
+
+
+def launched() -> bool:
+    """Whether this process is one rank of several started by torchrun (or another launcher that sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def _sentence(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _quiet() -> None:
+    """Ranks other than 0 print nothing but their own failure: library warnings and notices are muted."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("diffusers", "transformers", "torch", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------------------------------------------- the group
+class Group:
+    """This process's place in a sequence-parallel group and the channel from rank 0 to the others."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, processes: Sequence[subprocess.Popen] = (),
+                 closing: Optional[threading.Event] = None):
+        self.rank, self.world, self.device = rank, world, device
+        self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        self.lock = threading.Lock()
+        self.broken = False
+        self.closing = closing or threading.Event()  # set once the group is being closed on purpose
+        self.processes = list(processes)
+        self._ids = itertools.count()
+
+    # ---- rank 0 → others
+    def send(self, kind: str, body=None) -> None:
+        dist.broadcast_object_list([(kind, body)], src=0, group=self.control)
+
+    def receive(self):
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def send_tensors(self, tensors: dict) -> None:
+        for t in tensors.values():
+            dist.broadcast(t.to(self.device).contiguous(), src=0)
+
+    def receive_tensors(self, shapes: list) -> dict:
+        out = {}
+        for name, shape, dtype in shapes:
+            out[name] = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            dist.broadcast(out[name], src=0)
+        return out
+
+    def gather_errors(self, error: Optional[str]) -> list:
+        errors = [None] * self.world
+        dist.all_gather_object(errors, error, group=self.control)
+        return errors
+
+    # ---- failures: a note in the group's key-value store (torchrun's, or the app's TCP store), which works while
+    # the collectives are stuck
+    @staticmethod
+    def _store():
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+
+    def post_failure(self, sentence: str) -> None:
+        try:
+            self._store().set(FAILURE_KEY, sentence)
+        except Exception:
+            pass  # the note only keeps rank 0 quiet; the failing rank prints its sentence anyway
+
+    def posted_failure(self, wait_s: float = 0.0) -> Optional[str]:
+        try:
+            store = self._store()
+            deadline = time.monotonic() + wait_s
+            while True:
+                if store.check([FAILURE_KEY]):
+                    return store.get(FAILURE_KEY).decode()
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(0.1)
+        except Exception:
+            return None  # a store that is gone went with the process that held it, which then printed why
+
+    def ensure_usable(self) -> None:
+        if self.broken:
+            raise GroupError("The GPU group stopped after an error in an earlier clip; restart to use it again.")
+
+    # ---- end
+    def close(self) -> None:
+        """Stop the other ranks (unless a failure left them inside a forward: then their launcher ends them)."""
+        if self.closing.is_set():
+            return
+        self.closing.set()
+        if self.rank == 0 and not self.broken:
+            with self.lock:
+                self.send("stop")
+        for p in self.processes:
+            try:
+                p.wait(timeout=STOP_WAIT_S if not self.broken else 0.1)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if not self.broken:
+            dist.destroy_process_group()
+
+
+_GROUP: Optional[Group] = None
+
+
+def current() -> Optional[Group]:
+    """The sequence-parallel group this process leads or follows, if any."""
+    return _GROUP
+
+
+def _backend(device: torch.device) -> str:
+    # Control messages and CPU tensors go through gloo, CUDA tensors through NCCL; diffusers gathers its share sizes
+    # on the CPU when the backend names one.
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "cpu:gloo"
+
+
+def init_from_env() -> Group:
+    """Join the group torchrun (or `start_group`) described in the environment: RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT. Each rank takes the GPU of its local rank."""
+    from engine.models.parallel import check_accelerator
+
+    global _GROUP
+    check_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    dist.init_process_group(_backend(device))
+    _GROUP = Group(dist.get_rank(), dist.get_world_size(), device)
+    return _GROUP
+
+
+def check_settings(settings) -> None:
+    """Refuse, in one sentence, scene settings a sequence-parallel group cannot run (no-op outside a group)."""
+    group = current()
+    if group is None or settings.engine == "preview":
+        return
+    if settings.backend != "eager":
+        raise GroupError(f"The '{settings.backend}' backend runs the transformer on one GPU; a sequence-parallel "
+                         "group runs it eagerly, so drop --backend.")
+    if settings.offload == "model":
+        raise GroupError("--offload model moves the transformer between CPU and GPU, which a sequence-parallel group "
+                         "cannot do; give each rank a GPU that holds it, or use --offload text-encoder.")
+    if torch.device(settings.device).type != group.device.type:
+        raise GroupError(f"Every rank of this group computes on {group.device.type}; drop --device "
+                         f"{settings.device}.")
+
+
+# ---------------------------------------------------------------------------------------------------- rank 0
+class SequenceParallelBackend(Backend):
+    """The transformer forward of rank 0 in a group: sends the inputs to the other ranks, then runs its share."""
+
+    name = "sequence-parallel"
+
+    def __init__(self, model: torch.nn.Module, group: Group, model_id: int):
+        super().__init__(model)
+        self.group = group
+        self.model_id = model_id
+
+    def __call__(self, **kwargs):
+        from engine.models.transformer import InputError
+
+        group = self.group
+        with group.lock:
+            group.ensure_usable()
+            tensors = {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
+            shapes = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()]
+            values = {k: v for k, v in kwargs.items() if k not in tensors}
+            try:
+                group.send("forward", {"id": self.model_id, "tensors": shapes, "values": values})
+                group.send_tensors(tensors)
+                return self.model(**kwargs)
+            except InputError:
+                raise  # raised alike on every rank (same inputs); the group goes on
+            except BaseException:
+                group.broken = True
+                if group.posted_failure(PEER_FAILURE_WAIT_S) is not None:
+                    raise PeerFailed() from None
+                raise
+
+
+def lead(pipe, source) -> None:
+    """Make ``pipe``'s transformer run on the whole group (rank 0; no-op outside a group): the other ranks load the
+    same checkpoint package ``source`` (weights once per rank), all ranks enable sequence parallelism, and the
+    pipeline's forwards go through `SequenceParallelBackend`."""
+    from engine.models.parallel import check_degree, enable_sequence_parallel
+
+    group = current()
+    if group is None:
+        return
+    with group.lock:
+        group.ensure_usable()
+        check_degree(pipe.transformer, group.world)
+        model_id = next(group._ids)
+        group.send("load", {"id": model_id, "source": str(source), "dtype": str(pipe.dtype).removeprefix("torch.")})
+        errors = group.gather_errors(None)
+        failed = [(r, e) for r, e in enumerate(errors) if e]
+        if failed:
+            rank, error = failed[0]
+            raise GroupError(f"Rank {rank} could not load the transformer ({error}); every rank reads the weights "
+                             f"from {source}, so every machine needs them at that path.")
+        enable_sequence_parallel(pipe.transformer)
+    pipe.backend = SequenceParallelBackend(pipe.transformer, group, model_id)
+
+
+# ---------------------------------------------------------------------------------------------------- other ranks
+def follow(group: Group) -> None:
+    """Serve rank 0's transformer forwards until it says stop."""
+    from engine.models.loading import load_transformer
+    from engine.models.parallel import enable_sequence_parallel
+    from engine.models.transformer import InputError
+
+    models: dict = {}
+    while True:
+        kind, body = group.receive()
+        if kind == "stop":
+            return
+        if kind == "load":
+            error = None
+            try:
+                models[body["id"]] = load_transformer(body["source"], device=group.device,
+                                                      dtype=getattr(torch, body["dtype"]))
+            except Exception as e:  # reported by rank 0 in one sentence
+                error = _sentence(e)
+            if any(group.gather_errors(error)):
+                models.pop(body["id"], None)
+                continue
+            enable_sequence_parallel(models[body["id"]])
+        elif kind == "forward":
+            kwargs = {**body["values"], **group.receive_tensors(body["tensors"])}
+            try:
+                with torch.no_grad():
+                    models[body["id"]](**kwargs)
+            except InputError:
+                pass  # rank 0 raised the same and reports it
+
+
+def _follower_main(group: Group) -> int:
+    _quiet()
+    try:
+        follow(group)
+    except KeyboardInterrupt:
+        os._exit(130)
+    except BaseException as e:  # every failure ends in one sentence
+        sentence = f"rank {group.rank} failed ({_sentence(e)}); all ranks stop."
+        group.post_failure(sentence)
+        print(f"error: {sentence}", file=sys.stderr, flush=True)
+        os._exit(1)  # peers may sit inside a collective: no orderly shutdown
+    group.close()
+    return 0
+
+
+def run_launched(command: Callable[[], int]) -> int:
+    """A torchrun rank: rank 0 runs ``command`` (the CLI) and then stops the others; the others follow it."""
+    global _GROUP
+    from engine.models.parallel import ParallelError
+
+    try:
+        group = init_from_env()
+    except ParallelError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if group.rank != 0:
+        return _follower_main(group)
+    code = 1
+    try:
+        code = command()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except PeerFailed:
+        code = 1
+    finally:
+        group.close()
+        _GROUP = None
+    return code
+
+
+def main() -> int:
+    """A worker process started by `start_group`: joins the group and follows rank 0 (the app)."""
+    from engine.models.parallel import ParallelError
+
+    try:
+        group = init_from_env()
+    except ParallelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _follower_main(group)
+
+
+# ---------------------------------------------------------------------------------------------------- the app's group
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _watch(processes: Sequence[subprocess.Popen], devices: Sequence[str], closing: threading.Event) -> None:
+    """Ends the app when a worker process ends while the group is open (its forwards cannot go on without it)."""
+    while not closing.is_set():
+        for rank, p in enumerate(processes, start=1):
+            code = p.poll()
+            if code is not None and not closing.is_set():
+                if code not in (1, 2):  # 1 and 2: the worker printed its own sentence
+                    print(f"error: the worker process of rank {rank} ({devices[rank]}) ended with exit code {code}; "
+                          "the server stops.", file=sys.stderr, flush=True)
+                os._exit(1)
+        time.sleep(0.5)
+
+
+def _visible_gpu(index: int) -> str:
+    """The CUDA_VISIBLE_DEVICES entry of this process's GPU ``index`` (a worker must see the same physical GPU)."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
+def start_group(devices: Sequence[str]) -> Group:
+    """Make this process rank 0 of a sequence-parallel group over ``devices`` ("cuda:0", "cuda:1", ...): start one
+    worker process for each further device, join them, and stop them when this process exits."""
+    from engine.models.parallel import check_accelerator
+
+    global _GROUP
+    check_accelerator()
+    devices = [str(d) for d in devices]
+    port = _free_port()
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(len(devices)),
+            "LOCAL_RANK": "0"}
+    processes = []
+    for rank, dev in enumerate(devices[1:], start=1):
+        env = {**base, "RANK": str(rank)}
+        if torch.device(dev).type == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = _visible_gpu(torch.device(dev).index or 0)  # its one GPU, seen as cuda:0
+        processes.append(subprocess.Popen([sys.executable, "-m", "engine.distributed"], env=env))
+    closing = threading.Event()
+    threading.Thread(target=_watch, args=(processes, devices, closing), daemon=True, name="gpu-group-watch").start()
+    device = torch.device(devices[0])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=len(devices))
+    _GROUP = Group(0, len(devices), device, processes, closing)
+    atexit.register(stop_group)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # a plain SIGTERM would skip atexit and leave the workers waiting for a rank 0 that is gone
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    return _GROUP
+
+
+def stop_group() -> None:
+    """Stop the worker processes of the group this process leads (no-op without one)."""
+    global _GROUP
+    if _GROUP is not None:
+        _GROUP.close()
+        _GROUP = None
+
+
+# ----------------------------------------------------------------------------------------------- one pipeline per GPU
+class GpuPool:
+    """Devices that each hold one pipeline per engine (how many scenes run at once is the app queue's limit)."""
+
+    def __init__(self, devices: Sequence[str]):
+        self.devices = [str(d) for d in devices]
+        self._busy = {d: 0 for d in self.devices}
+        self._lock = threading.Lock()
+
+    def pick(self) -> str:
+        """The device with the fewest clips in progress or waiting (first listed on a tie); counted as busier."""
+        with self._lock:
+            device = min(self.devices, key=lambda d: self._busy[d])
+            self._busy[device] += 1
+            return device
+
+    def done(self, device: str) -> None:
+        with self._lock:
+            self._busy[device] -= 1
+
+
+class PooledGenerator:
+    """A clip generator with one pipeline per pool device, loaded on a device's first clip; one clip at a time
+    runs on each device's pipeline."""
+
+    def __init__(self, pool: GpuPool, settings, load: Callable):
+        self.pool = pool
+        self._settings = settings
+        self._load = load  # settings → clip generator on settings.device
+        self._generators: dict = {}
+        self._locks = {d: threading.Lock() for d in pool.devices}
+        first = pool.devices[0]
+        with self._locks[first]:
+            self._generators[first] = load(replace(settings, device=first))
+
+    @property
+    def has_memory(self) -> bool:
+        return self._generators[self.pool.devices[0]].has_memory
+
+    @property
+    def uses_pointmaps(self) -> bool:
+        return self._generators[self.pool.devices[0]].uses_pointmaps
+
+    def generator_for(self, device: str):
+        if device not in self._generators:
+            self._generators[device] = self._load(replace(self._settings, device=device))
+        return self._generators[device]
+
+    def generate(self, **kwargs):
+        device = self.pool.pick()
+        try:
+            with self._locks[device]:
+                return self.generator_for(device).generate(**kwargs)
+        finally:
+            self.pool.done(device)
+
+
+_POOL: Optional[GpuPool] = None
+
+
+def pooled_generator(settings, load: Callable):
+    """The clip generator for ``settings`` spread over the GPU pool, or None without a pool (or without a network)."""
+    if _POOL is None or settings.engine == "preview":
+        return None
+    return PooledGenerator(_POOL, settings, load)
+
+
+def set_gpu_pool(devices: Sequence[str]) -> GpuPool:
+    global _POOL
+    _POOL = GpuPool(devices)
+    return _POOL
+
+
+# ---------------------------------------------------------------------------------------------------- the app's flags
+@dataclass
+class Serving:
+    device: str  # where scenes compute depth and renders (and, without a pool, everything)
+    max_concurrent: int  # scenes served at once
+    description: str
+
+
+def parse_gpus(text: Optional[str]) -> list[int]:
+    """``"0,1,3"`` → [0, 1, 3], checked against the CUDA GPUs present; None → every GPU present."""
+    if not torch.cuda.is_available():
+        raise GroupError("--gpus and --workers-per-gpu need CUDA GPUs and this machine has none.")
+    count = torch.cuda.device_count()
+    if text is None:
+        return list(range(count))
+    try:
+        gpus = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise GroupError(f"--gpus takes comma-separated GPU indices such as 0,1; got {text!r:.40}.") from None
+    if not gpus or len(set(gpus)) != len(gpus) or any(g < 0 or g >= count for g in gpus):
+        raise GroupError(f"--gpus must name distinct GPUs among 0..{count - 1}; got {text!r:.40}.")
+    return gpus
+
+
+def start_serving(gpus_text: Optional[str], workers_per_gpu: Optional[int], max_concurrent: int = 1) -> Serving:
+    """What `python app.py --gpus ... [--workers-per-gpu N]` asks for: a sequence-parallel group over the GPUs
+    (worker processes started here, stopped at exit), or one pipeline per GPU serving N scenes each."""
+    if workers_per_gpu is not None and workers_per_gpu < 1:
+        raise GroupError("--workers-per-gpu must be at least 1.")
+    gpus = parse_gpus(gpus_text)
+    devices = [f"cuda:{g}" for g in gpus]
+    if workers_per_gpu is not None:
+        if max_concurrent != 1:
+            raise GroupError("--workers-per-gpu sets how many scenes run at once; drop --max-concurrent.")
+        set_gpu_pool(devices)
+        jobs = len(devices) * workers_per_gpu
+        return Serving(devices[0], jobs, f"{len(devices)} GPU(s) ({', '.join(map(str, gpus))}), one pipeline each, "
+                                         f"{workers_per_gpu} scene(s) per GPU at once ({jobs} in all)")
+    if len(devices) == 1:
+        return Serving(devices[0], max_concurrent, f"GPU {gpus[0]}")
+    from engine.models.parallel import ParallelError
+
+    try:
+        start_group(devices)
+    except ParallelError as e:
+        raise GroupError(str(e)) from None
+    return Serving(devices[0], max_concurrent, f"one sequence-parallel group over GPUs {', '.join(map(str, gpus))}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Launched by tests/test_parallel.py under ``torchrun --nproc-per-node 2`` on CPU (gloo): the tiny transformer's
+output under 2-way Ulysses sequence parallelism against the same model's one-process output, for the camera variant
+and the memory variants (references serving different target frames, carried or fed-again references, a CFG batch of
+two); then a clip whose token count 2 does not divide, which every rank must refuse alike before any collective
+(a later forward still matches). Rank 0 writes ``{case: max abs difference, "refused": message}`` as JSON to
+argv[1].
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from engine.models.loading import build_transformer, tiny_transformer_config
+from engine.models.parallel import enable_sequence_parallel
+from engine.models.transformer import InputError
+
+# name, variant, batch, latent frames, latent height, width, reference target frames (ref_index), update_ref
+CASES = [
+    ("camera", "worldstereo-camera", 1, 3, 8, 8, None, False),
+    ("memory", "worldstereo-memory", 1, 4, 8, 8, [2, 0, 1], False),
+    ("memory-update-ref", "worldstereo-memory", 1, 4, 8, 8, [1, 0], True),
+    ("memory-cfg-batch", "worldstereo-memory", 2, 3, 8, 8, [0, 1], False),
+]
+
+
+def model_for(variant: str, update_ref: bool):
+    cfg, base = tiny_transformer_config(variant)
+    cfg.controlnet_cfg.update_ref = update_ref
+    model = build_transformer(cfg, base, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # the zero-initialised layers (branch outputs, camera codes) get weights, so they act
+        for p in model.parameters():
+            if p.is_floating_point() and not p.any():
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def inputs(batch, frames, h, w, ref_index, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f_pix = (frames - 1) * 4 + 1
+    kw = dict(
+        hidden_states=torch.randn(batch, 36, frames, h, w, generator=g),
+        timestep=torch.tensor([700.0] * batch),
+        encoder_hidden_states=torch.randn(batch, 8, 32, generator=g),
+        encoder_hidden_states_image=torch.randn(batch, 4, 24, generator=g),
+        render_latent=torch.randn(batch, 16, frames, h, w, generator=g),
+        render_mask=(torch.rand(batch, 1, f_pix, h * 8, w * 8, generator=g) > 0.3).float(),
+        camera_embedding=torch.randn(batch, 6, f_pix, h * 8, w * 8, generator=g),
+        camera_qt=torch.randn(batch, frames, 7, generator=g),
+    )
+    if ref_index is not None:
+        r = len(ref_index)
+        kw.update(reference_latent=torch.randn(batch, 16, r, h, w, generator=g),
+                  ref_index=torch.tensor(ref_index), camera_qt_ref=torch.randn(batch, r, 7, generator=g))
+    return kw
+
+
+def main(out_path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("cpu:gloo")
+    models, args, single = {}, {}, {}
+    with torch.no_grad():
+        for name, variant, batch, frames, h, w, ref_index, update_ref in CASES:
+            models[name] = model_for(variant, update_ref)
+            args[name] = inputs(batch, frames, h, w, ref_index)
+            single[name] = models[name](**args[name])
+        for name in models:
+            enable_sequence_parallel(models[name])
+        diffs = {name: float((models[name](**args[name]) - single[name]).abs().max()) for name in models}
+        try:
+            models["memory"](**inputs(1, 3, 6, 10, [1]))  # 3 x 3 x 5 = 45 target tokens, 15 reference tokens
+            diffs["refused"] = None
+        except InputError as e:
+            diffs["refused"] = str(e)
+        diffs["after-refusal"] = float((models["memory"](**args["memory"]) - single["memory"]).abs().max())
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as fh:
+            json.dump(diffs, fh)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

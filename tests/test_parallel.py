@@ -1,0 +1,184 @@
+"""More than one GPU, checked on a CPU with two processes over gloo.
+
+The multi-process runs import ``tests/cpu_parallel/sitecustomize.py`` (on their PYTHONPATH): two test-only shims that
+let diffusers' context parallelism build its device mesh without an accelerator. Everything else is the engine as a
+GPU machine runs it: torchrun, the process group, rank 0 sending every forward's inputs, the sequence-parallel plan.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, tiny_clip_inputs
+
+PYTHON = sys.executable
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+SHIMS = REPO / "tests" / "cpu_parallel"
+PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"
+LAUNCH_TIMEOUT_S = 600
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "WORLDSTEREO_TEST_FAULT_RANK"}
+    return {**env, "PYTHONPATH": os.pathsep.join([str(SHIMS), str(REPO)]), "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def _torchrun(args, cwd: Path, logs: Path, **env) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2`` with each rank's stdout/stderr kept in ``logs``."""
+    cmd = [TORCHRUN, "--nproc-per-node", "2", "--log-dir", str(logs), "--redirects", "3", *args]
+    return subprocess.run(cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+
+
+def _rank_logs(logs: Path) -> dict:
+    """{rank: stdout + stderr} of the (single) torchrun attempt under ``logs``."""
+    out = {}
+    for rank_dir in logs.glob("*/attempt_0/*"):
+        out[int(rank_dir.name)] = "".join((rank_dir / name).read_text(errors="replace")
+                                          for name in ("stdout.log", "stderr.log"))
+    assert sorted(out) == [0, 1], out
+    return out
+
+
+def _generate_args(examples: Path, out: str) -> list:
+    return ["-m", "engine", "generate", "--engine", "tiny-random", "--image", str(examples / PHOTO),
+            "--trajectories", "up", "--frames", "5", "--out", out]
+
+
+def _files(folder: Path) -> list:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_two_way_ulysses_gives_the_one_process_transformer_output(tmp_path):
+    result = tmp_path / "diffs.json"
+    run = _torchrun([str(REPO / "tests" / "parallel_model_check.py"), str(result)], tmp_path, tmp_path / "logs")
+    assert run.returncode == 0, run.stderr[-3000:]
+    diffs = json.loads(result.read_text())
+    for case in ("camera", "memory", "memory-update-ref", "memory-cfg-batch", "after-refusal"):
+        assert diffs[case] <= 1e-5, (case, diffs[case])
+    # 45 target / 15 reference tokens do not split in two equal shares: refused alike on both ranks, in one sentence
+    assert diffs["refused"] and diffs["refused"].count(". ") == 0 and "2 ranks cannot share equally" in diffs["refused"]
+
+
+def test_torchrun_generate_writes_the_single_process_clip_from_rank_0_only(tmp_path, examples):
+    cache = {"WORLDSTEREO_CACHE": os.environ.get("WORLDSTEREO_CACHE", str(tmp_path / "cache"))}
+    single = subprocess.run([PYTHON, *_generate_args(examples, "single")], cwd=tmp_path, env=_env(**cache),
+                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert single.returncode == 0, single.stderr[-3000:]
+    before, cached = set(os.listdir(tmp_path)), _files(Path(cache["WORLDSTEREO_CACHE"]))
+    run = _torchrun(_generate_args(examples, "sp"), tmp_path, tmp_path / "logs", **cache)
+    assert run.returncode == 0, run.stderr[-3000:]
+    logs = _rank_logs(tmp_path / "logs")
+    assert "Done in" in logs[0] and "denoising step" in logs[0]  # rank 0 prints progress and the summary
+    assert logs[1] == ""  # the other rank prints nothing ...
+    assert set(os.listdir(tmp_path)) - before == {"sp", "logs"}  # ... and writes nothing besides rank 0's job folder
+    assert _files(Path(cache["WORLDSTEREO_CACHE"])) == cached  # (the tiny package was written by the first run)
+    assert _files(tmp_path / "sp") == _files(tmp_path / "single")
+
+    # The generated frames as written before video encoding (the memory bank keeps every target frame of a 5-frame
+    # clip as PNG): equal up to the last bit's rounding.
+    pngs = sorted((tmp_path / "single" / "clips" / "00_up" / "memory" / "images").glob("*.png"))
+    assert len(pngs) == 4
+    for png in pngs:
+        a = np.asarray(Image.open(png), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "sp" / png.relative_to(tmp_path / "single")), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, png.name
+    # The decoded clip.mp4: H.264 decides its blocks anew when one input pixel rounds the other way, so single pixels
+    # may move by several levels; on average the clips agree to well within one level.
+    from engine.outputs import read_video
+
+    va = read_video(tmp_path / "single" / "clips" / "00_up" / "clip.mp4")
+    vb = read_video(tmp_path / "sp" / "clips" / "00_up" / "clip.mp4")
+    assert va.shape == vb.shape and float((va - vb).abs().mean()) <= 1 / 255
+
+
+def test_a_failure_on_rank_1_ends_both_ranks_with_one_sentence(tmp_path, examples):
+    cache = os.environ.get("WORLDSTEREO_CACHE", str(tmp_path / "cache"))
+    run = _torchrun(_generate_args(examples, "job"), tmp_path, tmp_path / "logs", WORLDSTEREO_CACHE=cache,
+                    WORLDSTEREO_TEST_FAULT_RANK="1")
+    assert run.returncode != 0  # torchrun ended (no hang) and reports the failure
+    logs = _rank_logs(tmp_path / "logs")
+    said = [line for text in logs.values() for line in text.splitlines() if line.startswith("error:")]
+    assert said == ["error: rank 1 failed (RuntimeError: injected fault in the attention kernel); all ranks stop."]
+    assert not any("Traceback" in text for text in logs.values())
+    assert not (tmp_path / "job" / "clips").exists()  # the clip was never committed; the scene resumes from its start
+
+
+def test_an_input_error_on_rank_0_stops_the_other_rank_quietly(tmp_path):
+    run = _torchrun(["-m", "engine", "generate", "--engine", "tiny-random", "--image", str(tmp_path / "absent.png"),
+                     "--out", "job"], tmp_path, tmp_path / "logs")
+    assert run.returncode != 0
+    logs = _rank_logs(tmp_path / "logs")
+    assert [ln for ln in logs[0].splitlines() if ln.startswith("error:")] == [
+        "error: Image file 'absent.png' does not exist; check the path."]
+    assert logs[1] == ""
+
+
+def test_the_app_starts_and_stops_a_group_whose_clip_equals_the_one_process_clip(tmp_path):
+    result = tmp_path / "app.json"
+    run = subprocess.run([PYTHON, str(REPO / "tests" / "parallel_app_check.py"), str(result)], cwd=tmp_path,
+                         env=_env(), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(result.read_text())
+    assert got["backend"] == "sequence-parallel" and got["frames"] == 5
+    assert got["frame_max_diff"] <= 1 / 255
+    assert got["worker_exit"] == 0
+
+
+def test_app_gpus_without_cuda_is_refused_in_one_sentence(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for flags in (["--gpus", "0,1"], ["--workers-per-gpu", "2"]):
+        run = subprocess.run([PYTHON, str(REPO / "app.py"), *flags, "--output-dir", str(tmp_path / "out")],
+                             cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2
+        assert run.stderr.strip() == "error: --gpus and --workers-per-gpu need CUDA GPUs and this machine has none."
+        assert run.stdout == ""
+
+
+def test_one_pipeline_per_device_serves_clips_side_by_side(monkeypatch, one_thread):
+    """The throughput mode's pool, with two CPU "devices": two clips at once land on different devices, each
+    device loads its own pipeline once, and each clip is the one a plain pipeline makes."""
+    from engine import distributed, scene_init
+    from engine.conditioning import conditions_from_render
+    from engine.scene import SceneSettings
+
+    args, refs = tiny_clip_inputs(frames=3, height=48, width=64, seed=1)
+    cond = conditions_from_render(args["image"], args["cameras"], args["render"], args["render_mask"], refs,
+                                  memory=True)
+    loads = []
+
+    def load(settings):
+        loads.append(settings.device)
+        return scene_init._load_generator(settings, lambda _: None, pooled=False)
+
+    pool = distributed.GpuPool(["cpu", "cpu:0"])
+    monkeypatch.setattr(distributed, "_POOL", pool)
+    pooled = distributed.pooled_generator(SceneSettings(engine="tiny-random", device="cpu"), load)
+    assert loads == ["cpu"]  # the first device at once (the scene asks it about memory), the others on first use
+    plain = load(SceneSettings(engine="tiny-random", device="cpu"))
+    want = {seed: plain.generate(conditions=cond, prompt="p", seed=seed) for seed in (5, 6)}
+
+    got, started = {}, threading.Barrier(2)
+
+    def clip(seed):
+        started.wait()
+        got[seed] = pooled.generate(conditions=cond, prompt="p", seed=seed)
+
+    threads = [threading.Thread(target=clip, args=(seed,)) for seed in (5, 6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(pooled._generators) == ["cpu", "cpu:0"] and loads.count("cpu:0") == 1
+    for seed in (5, 6):
+        assert float((got[seed] - want[seed]).abs().max()) <= 1e-5, float((got[seed] - want[seed]).abs().max())

@@ -105,10 +105,12 @@ class SceneSettings:
             raise SceneError(f"Denoising steps must be a whole number from 1 to 1000; got {self.steps!r:.40}.")
         check_prompt(self.prompt)
         from engine.offload import OFFLOAD_CHOICES
+        from engine.scene_init import engine_device
 
         if self.offload not in OFFLOAD_CHOICES:
             raise SceneError(f"GPU memory option {str(self.offload)[:40]!r} does not exist; choose one of: "
                              f"{', '.join(OFFLOAD_CHOICES)}.")
+        engine_device(self)  # a device this machine has
 
 
 def check_frames(frames, what: str = "A trajectory") -> None:
@@ -489,7 +491,7 @@ class Scene:
                     images=self.bank.images[list(retrieval.refs)], cameras=ref_cams,
                     ref_index=torch.as_tensor(retrieval.ref_index, dtype=torch.long))
             if use_pointmaps:
-                refs.pointmaps = self.cache.render(refs.cameras).pointmap.permute(0, 3, 1, 2)
+                refs.pointmaps = self.cache.render(refs.cameras, pointmaps=True).pointmap.permute(0, 3, 1, 2)
         pointmaps = render.pointmap.permute(0, 3, 1, 2) if use_pointmaps else None
         if req.render_dir is not None:
             return conditioning.conditions_from_render_dir(req.render_dir, start_image, cams, len(cams), refs,
@@ -520,6 +522,7 @@ class Scene:
         from engine.geometry.align import align_depth
 
         depth, valid, _ = self.depth_source(image, camera)
+        depth, valid = depth.to(ref_depth.device), valid.to(ref_depth.device)  # where the cache renders
         overlap = valid & ref_valid & (ref_depth > 0)
         if int(overlap.sum()) >= 64:
             try:

@@ -40,25 +40,19 @@ class DepthSource:
     """``(image [3,H,W], camera or None) -> (depth [H,W], valid [H,W], K [3,3])``: the scene's one depth door.
 
     Wraps an ``engine.depth`` estimator (MoGe-2 or an announced fallback). ``K`` is the estimator's own
-    intrinsics guess, used only for the input photo when no camera file gives them. ``device``: where depth and
-    mask are returned (the scene's device, where its 3D cache and renders live); None leaves them where the
-    estimator made them.
+    intrinsics guess, used only for the input photo when no camera file gives them.
     """
 
-    def __init__(self, estimator, note: str, device: Optional[torch.device] = None):
+    def __init__(self, estimator, note: str):
         self.estimator = estimator
         self.note = note
-        self.device = device
 
     def __call__(self, image: torch.Tensor, camera: Optional[Cameras] = None):
         fov_x = None
         if camera is not None:
             fov_x = math.degrees(2 * math.atan(camera.width / (2 * float(camera.K[0, 0, 0]))))
         est = self.estimator.estimate(image, fov_x=fov_x)
-        depth, valid = est.depth.float(), est.mask.bool()
-        if self.device is not None:
-            depth, valid = depth.to(self.device), valid.to(self.device)
-        return depth, valid, est.intrinsics.double()
+        return est.depth.float(), est.mask.bool(), est.intrinsics.double()
 
 
 def engine_device(settings) -> torch.device:
@@ -75,10 +69,9 @@ def depth_source_for(settings, panorama: bool, announce: Callable[[str], None]) 
     """The depth door of a scene: its depth model, loaded once per process (``engine.depth``), on its device."""
     from engine.depth import load_depth_estimator
 
-    device = engine_device(settings)
     estimator = load_depth_estimator(settings.depth if not is_depth_file(settings.depth) else None,
-                                     device=device, panorama=panorama, announce=announce)
-    return DepthSource(estimator, getattr(estimator, "source", type(estimator).__name__), device)
+                                     device=engine_device(settings), panorama=panorama, announce=announce)
+    return DepthSource(estimator, getattr(estimator, "source", type(estimator).__name__))
 
 
 def is_depth_file(spec: Optional[str]) -> bool:

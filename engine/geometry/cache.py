@@ -353,9 +353,10 @@ class PointCache:
 
     # ---- looking ------------------------------------------------------------------------------------
     def render(self, cameras: Cameras, radius: int = 0, near: float = 1e-3, far: Optional[float] = None,
-               pointmaps: bool = True) -> RenderResult:
+               pointmaps: bool = False) -> RenderResult:
         """What ``cameras`` see of the cache (``render_points``: nearest point per pixel), on the cache's device
-        (a cache moved to the GPU renders there); ``pointmaps=False`` skips the world-XYZ maps."""
+        (a cache moved to the GPU renders there). World-XYZ pointmaps only with ``pointmaps=True``: the paper's
+        branch-form memory is their one reader."""
         return render_points(self.points, self.colors, cameras, radius=radius, near=near, far=far, pointmaps=pointmaps)
 
     def median_depth(self, camera: Cameras, near: float = 1e-3) -> float:

@@ -19,7 +19,7 @@
 #   pip download --no-deps -d .whl diffusers==0.42.1 "huggingface_hub>=1.32,<3" importlib_metadata zipp \
 #       ftfy==6.3.1 wcwidth pillow regex filelock requests pytest pluggy iniconfig packaging \
 #       imageio imageio-ffmpeg scipy trimesh
-# and keep .whl/ under 64 MiB if it travels with the working tree (leave out what the machine already has).
+# leaving out what the GPU machine already has.
 #
 # On a machine without CUDA (or without torch) it prints what it would run, says that nothing was measured and
 # exits 0.

@@ -9,8 +9,10 @@ memory" (``bash bench/gpu_check.sh`` measures them).
   not seen (encodings are cached); everything else as ``none``.
 - ``model``: accelerate's model offload. Every network lives in CPU memory and moves to the GPU whole while it
   runs, so the transformer (35 GB) moves in and out once per clip.
-- ``group``: diffusers' group offloading with CUDA streams. Weights stream to the GPU layer by layer just ahead of
-  use while the layer before computes, so only a few layers are on the GPU at once; for 24-48 GB GPUs.
+- ``group``: diffusers' group offloading with CUDA streams for the transformer, the text encoder and the image
+  encoder. Weights stream to the GPU layer by layer just ahead of use while the layer before computes, so only a
+  few layers are on the GPU at once; meant for 24-48 GB GPUs. The VAE (0.5 GB) stays on the GPU: it runs through
+  ``encode`` / ``decode`` rather than ``forward``, which diffusers' stream prefetching keys on.
 
 Why leaf-level groups for ``group``: diffusers' block level onloads a block's group when that block's ``forward``
 runs, but the released checkpoints' stitched memory runs each backbone block's submodules itself (one joint
@@ -32,7 +34,8 @@ OFFLOAD_HELP = {
     "model": "each network moves to the GPU whole while it runs (accelerate model offload)",
     "group": "weights stream to the GPU layer by layer while the one before computes (24-48 GB GPUs)",
 }
-TEXT_ENCODER = "text_encoder"  # the role whose placement differs in 'text-encoder' mode
+# The networks' roles: where each lives depends on the option (Placement.resident).
+TRANSFORMER, TEXT_ENCODER, IMAGE_ENCODER, VAE = "transformer", "text_encoder", "image_encoder", "vae"
 # The layers diffusers' leaf-level group offloading hooks (its supported layer types); the rest stays resident.
 STREAMED_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.Embedding)
 
@@ -63,7 +66,8 @@ class Placement:
 
     def resident(self, role: str) -> bool:
         """Whether ``role``'s network stays on the GPU between uses."""
-        return self.mode == "none" or (self.mode == "text-encoder" and role != TEXT_ENCODER)
+        return (self.mode == "none" or (self.mode == "text-encoder" and role != TEXT_ENCODER)
+                or (self.mode == "group" and role == VAE))
 
     def load_device(self, role: str) -> torch.device:
         return self.device if self.resident(role) else torch.device("cpu")

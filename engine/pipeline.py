@@ -31,7 +31,7 @@ from engine.conditioning import (SIZE_MULTIPLE, ClipConditions, ClipInputError, 
 from engine.geometry.cameras import Cameras
 from engine.models.components import Components, load_components, resolve_base_model
 from engine.models.config import WorldStereoConfig
-from engine.offload import Placement
+from engine.offload import IMAGE_ENCODER, TRANSFORMER, VAE, Placement
 from engine.progress import Progress, ensure, span
 from engine.sampling import Sampler, make_sampler, sample
 
@@ -42,9 +42,6 @@ MASK_CHANNELS = 4
 MAX_REFERENCES = 8
 DEFAULT_SHIFT = 3.0  # flow shift of the DMD schedule when config.json names none (the release requires gen_shift)
 DEFAULT_GUIDANCE = 5.0
-TRANSFORMER = "transformer"  # placement roles
-VAE = "vae"
-IMAGE_ENCODER = "image_encoder"
 
 
 @dataclass

@@ -356,8 +356,9 @@ def test_cuda_bf16_clip(tiny_packages, inputs, offload):
     if offload == "model":  # every network back in CPU memory after the clip
         for m in (pipe.transformer, comps.vae, comps.text_encoder, comps.image_encoder):
             assert next(m.parameters()).device.type == "cpu"
-    if offload == "group":  # streamed layers wait in CPU memory; the rest stays on the GPU
-        for m in (pipe.transformer, comps.vae, comps.text_encoder, comps.image_encoder):
+    if offload == "group":  # streamed layers wait in CPU memory; the rest (and the VAE) stays on the GPU
+        assert next(comps.vae.parameters()).device.type == "cuda"
+        for m in (pipe.transformer, comps.text_encoder, comps.image_encoder):
             for layer in m.modules():
                 if isinstance(layer, STREAMED_LAYERS):
                     assert layer.weight.device.type == "cpu"

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 import torch
 from PIL import Image
 
-from engine.offload import TEXT_ENCODER, Placement
+from engine.offload import IMAGE_ENCODER, TEXT_ENCODER, VAE, Placement
 
 PathLike = Union[str, Path]
 
@@ -237,7 +237,7 @@ def assemble_components(vae, text_encoder, tokenizer, image_encoder, image_proce
                         dtype: torch.dtype, scheduler_config: Optional[dict] = None, source: str = "") -> Components:
     """``Components`` of networks already built (loaded, or random at full size for benchmarks), placed as
     ``placement`` says."""
-    for role, m in (("vae", vae), (TEXT_ENCODER, text_encoder), ("image_encoder", image_encoder)):
+    for role, m in ((VAE, vae), (TEXT_ENCODER, text_encoder), (IMAGE_ENCODER, image_encoder)):
         placement.place(m.eval().requires_grad_(False), role)
     return Components(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, image_encoder=image_encoder,
                       image_processor=image_processor, placement=placement, dtype=dtype,

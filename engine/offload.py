@@ -23,7 +23,7 @@ are read directly by the model code, so they stay resident on the GPU instead of
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -118,7 +118,3 @@ def group_offload(module: torch.nn.Module, device: Device, offload_device: Devic
         for table, name, tensor in resident:
             tensor.data = tensor.data.to(device)
             table[name] = tensor
-
-
-def is_group_offloaded(module: Optional[torch.nn.Module]) -> bool:
-    return module is not None and any(hasattr(m, "_diffusers_hook") for m in module.modules())

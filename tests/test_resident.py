@@ -1,7 +1,9 @@
 """One resident generative pipeline per process: switching variants swaps the transformer only."""
 from __future__ import annotations
 
+import gc
 import shutil
+import weakref
 
 import pytest
 import torch
@@ -71,7 +73,10 @@ def test_switching_variants_loads_shared_networks_once(weights, resident, monkey
     fast = scene_init.clip_generator(settings[DMD], announce=lambda _: None)
     cond = _conditions(resident.pipeline)
     first = fast.generate(conditions=cond, prompt="a red door", seed=1)
+    dmd_transformer = weakref.ref(resident.pipeline.transformer)
     quality = scene_init.clip_generator(settings[FULL], announce=lambda _: None)  # the Fast/Quality switch
+    gc.collect()
+    assert dmd_transformer() is None  # released, not kept beside the new one
     slow = quality.generate(conditions=cond, prompt="a red door", seed=1)
     again = fast.generate(conditions=cond, prompt="a red door", seed=1)  # a generator made before the switch
     # the encoders and the VAE once; the transformer at each switch (only one is ever in memory)

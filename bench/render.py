@@ -10,7 +10,7 @@ Baselines, written here on purpose in their plainest form:
   the points whose depth equals their pixel's minimum (the usual two-pass winner selection).
 All three produce the same outputs (image, mask, depth, pointmap, index); the table reports how many pixels
 the baselines' winners agree with render_points.
-Targets (the issue): under 1 s on 2 CPU cores, under 20 ms on an H100, at the default sizes.
+Targets: under 1 s on 2 CPU cores, under 20 ms on one H100/H200, at the default sizes (bench/RESULTS.md).
 """
 from __future__ import annotations
 

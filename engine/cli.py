@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from engine.engines import ENGINES, engine_status, resolve_engine
+from engine.offload import OFFLOAD_CHOICES, OFFLOAD_HELP
 from engine.runtime import BACKENDS
 
 
@@ -170,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=list(BACKENDS), default="eager",
                    help="how the transformer runs (onnxruntime/tensorrt need --graphs from `python -m export`)")
     g.add_argument("--graphs", help="folder of exported ONNX graphs or TensorRT engines")
-    g.add_argument("--offload", choices=["none", "text-encoder", "model"], default="none",
-                   help="GPU memory saving: move the text encoder off the GPU after use, or offload every network")
+    g.add_argument("--offload", choices=list(OFFLOAD_CHOICES), default="none",
+                   help="GPU memory: " + "; ".join(f"{k}: {v}" for k, v in OFFLOAD_HELP.items()))
     g.add_argument("--out", default="outputs/scene", help="job folder (an existing one is resumed)")
     g.set_defaults(func=cmd_generate)
 
@@ -237,7 +238,7 @@ def _run(args) -> int:
         if not _is_out_of_memory(e):
             raise
         print("error: The device ran out of memory during generation; finished clips are kept, rerun the same "
-              "command with --offload model or fewer --frames to resume.", file=sys.stderr)
+              "command with --offload group (or model) or fewer --frames to resume.", file=sys.stderr)
         return 1
 
 

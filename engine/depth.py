@@ -30,6 +30,7 @@ seen edge-on, running off to infinity) is left as a hole.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -457,6 +458,24 @@ def _is_user_depth_file(p: Path) -> bool:
     return head.startswith(b"\x93NUMPY") or head.startswith(b"\x89PNG\r\n\x1a\n")
 
 
+_LOADED: dict = {}  # (checkpoint path, mtime, size, device, dtype) -> DepthEstimator
+_LOADED_LOCK = threading.Lock()
+
+
+def _loaded_moge(spec, device, dtype, local_files_only) -> DepthEstimator:
+    """MoGe loaded once per process and reused: every scene, clip and plan of a server shares it. Keyed by the
+    resolved checkpoint file (its size and modification time: a replaced file loads again), device and dtype."""
+    path = resolve_moge_checkpoint(spec, local_files_only).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size, str(torch.device(device)), dtype or torch.float32)
+    with _LOADED_LOCK:
+        if key not in _LOADED:
+            for stale in [k for k in _LOADED if k[0] == key[0] and k[3:] == key[3:]]:
+                del _LOADED[stale]
+            _LOADED[key] = DepthEstimator.from_pretrained(path, device=device, dtype=dtype)
+        return _LOADED[key]
+
+
 def load_depth_estimator(
     spec=None,
     device: Union[str, torch.device] = "cpu",
@@ -470,7 +489,8 @@ def load_depth_estimator(
     ``spec``: None (MoGe-2 from the hub cache), a hub repo id, a local MoGe file/folder, a user depth file
     (``.npy`` / 16-bit PNG), ``'plane'`` / ``'sphere'``, or an estimator object (returned as is).
     When MoGe cannot be had, the plane (photos) or sphere (``panorama=True``) fallback is returned and
-    ``announce`` gets ONE line saying which fallback and why.
+    ``announce`` gets ONE line saying which fallback and why. MoGe is loaded once per process (per checkpoint
+    file, device and dtype) and the same estimator is returned again.
     """
     if isinstance(spec, _Estimator):
         return spec
@@ -479,7 +499,7 @@ def load_depth_estimator(
     if spec is not None and _is_user_depth_file(Path(spec)):
         return UserDepth(spec)
     try:
-        return DepthEstimator.from_pretrained(spec or DEFAULT_MOGE_REPO, device=device, dtype=dtype, local_files_only=local_files_only)
+        return _loaded_moge(spec or DEFAULT_MOGE_REPO, device, dtype, local_files_only)
     except DepthUnavailable as e:
         fallback = SphereDepth() if panorama else PlaneDepth()
         reason = " ".join(str(e).split())  # one line, whatever the message held

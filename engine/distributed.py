@@ -283,6 +283,7 @@ def follow(group: Group) -> None:
         if kind == "stop":
             return
         if kind == "load":
+            models.clear()  # rank 0 keeps one resident transformer (a variant switch replaces it): so do we
             error = None
             try:
                 models[body["id"]] = load_transformer(body["source"], device=group.device,

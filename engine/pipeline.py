@@ -1,15 +1,26 @@
 """One clip: the official conditions in, generated keyframes out.
 
 ``ClipPipeline`` holds the WorldStereo transformer, the base model's VAE / text / image encoders and the
-checkpoint config. ``generate`` takes one clip's ``ClipConditions`` (``engine.conditioning``: the pixel-level
-tensors of the official inference) and encodes them as the release's pipelines do — the prompt with UMT5 (cached
-across calls), the input view with CLIP, the input view's condition video per ``latent_cond_mode``, every render
-and reference keyframe on its own with the VAE — then runs the variant's sampler (4-step DMD, or 40-step UniPC
-with classifier-free guidance batched into one forward per step) and decodes the keyframes. Calling the pipeline
-with the engine's own tensors (image, cameras, cache render, covered mask) builds those conditions first.
+checkpoint config. ``generate(ClipConditions, ...)`` runs named steps, the way diffusers pipelines read:
+
+1. ``encode_prompt``: UMT5 embeddings of the prompt (and of the negative prompt under guidance), cached.
+2. ``encode_image``: CLIP tokens of the input view.
+3. ``prepare_conditions``: everything else the transformer reads, as the release's pipelines assemble it — the
+   input view's condition latents per ``latent_cond_mode``, every render and reference keyframe VAE-encoded on its
+   own, camera codes, and the camera branch's mask tokens (render mask + Plücker rays), computed ONCE per clip and
+   passed to every step as ``mask_tokens``.
+4. ``prepare_latents``: seeded noise.
+5. ``denoise``: the variant's sampler (4-step DMD, or 40-step UniPC with classifier-free guidance batched into one
+   forward per step).
+6. ``decode``: the VAE, keyframe by keyframe.
+
+Calling the pipeline with the engine's own tensors (image, cameras, cache render, covered mask) builds the
+conditions first. ``switch_variant`` swaps the transformer for another variant of the same base model, keeping
+the encoders, the VAE and their caches. Where the networks live is the ``offload`` option (``engine.offload``).
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -20,6 +31,7 @@ from engine.conditioning import (SIZE_MULTIPLE, ClipConditions, ClipInputError, 
 from engine.geometry.cameras import Cameras
 from engine.models.components import Components, load_components, resolve_base_model
 from engine.models.config import WorldStereoConfig
+from engine.offload import IMAGE_ENCODER, TRANSFORMER, VAE, Placement
 from engine.progress import Progress, ensure, span
 from engine.sampling import Sampler, make_sampler, sample
 
@@ -43,52 +55,62 @@ def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
 
 
 class ClipPipeline:
-    """Transformer + encoders + config of one WorldStereo variant; ``pipe(...)`` generates one clip."""
+    """Transformer + encoders + config of one WorldStereo variant; ``pipe(...)`` / ``generate`` make one clip."""
 
     def __init__(self, transformer: torch.nn.Module, components: Components, config: WorldStereoConfig,
-                 device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None):
-        self.transformer = transformer
+                 dtype: Optional[torch.dtype] = None):
         self.components = components
-        self.config = config
-        self.device = torch.device(device)
+        self.placement: Placement = components.placement
         self.dtype = dtype or default_dtype(self.device)
-        self._offload_hooks: list = []
+        self.transformer = self.placement.place(transformer, TRANSFORMER)
+        self.config = config
         self.backend = None  # engine.runtime backend running the transformer; None: the module itself (eager)
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def offload(self) -> str:
+        return self.placement.mode
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, package_or_repo, variant: Optional[str] = None,
                         device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None, *,
-                        base_model: Optional[str] = None, text_encoder_device: Union[str, torch.device, None] = None,
-                        offload_text_encoder: bool = False, cpu_offload: bool = False,
+                        base_model: Optional[str] = None, offload: str = "none",
                         progress: Optional[Progress] = None) -> "ClipPipeline":
         """Load a checkpoint package (folder, or hub repo + ``variant`` subfolder) and its base model's parts.
 
-        bf16 on CUDA by default. ``text_encoder_device='cpu'`` keeps UMT5 on the CPU; ``offload_text_encoder``
-        moves it off the GPU after each use; ``cpu_offload`` keeps every network on the CPU and moves each to
-        the GPU only while it runs (accelerate hooks).
+        bf16 on CUDA by default. ``offload``: one of ``engine.offload.OFFLOAD_CHOICES``.
         """
-        from engine.models.loading import load_transformer, resolve_checkpoint
-
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or default_dtype(device)
+        placement = Placement(offload, device)
         report = ensure(progress)
-        config_path, _ = resolve_checkpoint(package_or_repo, variant)
-        load_device = "cpu" if cpu_offload else device
-        transformer = load_transformer(package_or_repo, variant=variant, base_model=base_model, device=load_device,
-                                       dtype=dtype, progress=span(report, 0.0, 0.7))
-        config = transformer.ws_config
-        base = _resolve_base(base_model or config.base_model, config_path.parent)
+        transformer = _load_transformer(package_or_repo, variant, base_model, placement, dtype, span(report, 0.0, 0.7))
         report(0.7, "loading VAE, text and image encoders")
-        components = load_components(base, device=load_device, dtype=dtype,
-                                     text_encoder_device=text_encoder_device,
-                                     offload_text_encoder=offload_text_encoder)
-        components.device = device
-        pipe = cls(transformer, components, config, device=device, dtype=dtype)
-        if cpu_offload:
-            pipe.enable_model_cpu_offload(device)
+        base = base_model_of(package_or_repo, variant, base_model)
+        components = load_components(base, placement, dtype)
+        pipe = cls(transformer, components, transformer.ws_config, dtype=dtype)
         report(1.0, "model ready")
         return pipe
+
+    def switch_variant(self, package_or_repo, variant: Optional[str] = None, *, base_model: Optional[str] = None,
+                       progress: Optional[Progress] = None) -> None:
+        """Swap in another variant's transformer and config (DMD <-> 40-step, camera): the text and image encoders,
+        the VAE and their caches stay. The variant must share this pipeline's base model (``base_model_of``). The
+        old transformer is released before the new one loads, so the two are never in memory together; the
+        transformer then runs eagerly until ``use_backend`` is called again."""
+        base = base_model_of(package_or_repo, variant, base_model)
+        if base != self.components.source:
+            raise ValueError(f"{package_or_repo} builds on {base}, not on this pipeline's {self.components.source}; "
+                             "load a new pipeline for it.")
+        self.transformer = self.backend = None
+        release_memory(self.device)
+        transformer = _load_transformer(package_or_repo, variant, base_model, self.placement, self.dtype, progress)
+        self.transformer = self.placement.place(transformer, TRANSFORMER)
+        self.config = transformer.ws_config
 
     def use_backend(self, name: str, graphs_dir=None, announce: Callable[[str], None] = print, **options) -> str:
         """Run the transformer with an ``engine.runtime`` backend (eager, compile, onnxruntime, tensorrt).
@@ -104,31 +126,6 @@ class ClipPipeline:
             announce(reason)
         self.backend = None if backend.name == "eager" else backend
         return backend.name
-
-    def enable_model_cpu_offload(self, device: Union[str, torch.device, None] = None) -> None:
-        """Keep the networks on the CPU and move each to ``device`` only while it runs."""
-        from accelerate import cpu_offload_with_hook
-
-        dev = torch.device(device or self.device)
-        comps = self.components
-        modules = [self.transformer, comps.vae, comps.image_encoder]
-        # a text encoder pinned to the CPU (text_encoder_device='cpu') stays there
-        pinned = comps.text_encoder is not None and not comps.offload_text_encoder \
-            and next(comps.text_encoder.parameters()).device.type == "cpu" and dev.type != "cpu"
-        if comps.text_encoder is not None and not pinned:
-            modules.append(comps.text_encoder)
-        self._offload_hooks = []
-        for m in modules:
-            m.to("cpu")
-            _, hook = cpu_offload_with_hook(m, dev)
-            self._offload_hooks.append(hook)
-        comps.offload_text_encoder = not pinned
-        self.device = dev
-        comps.device = dev
-
-    def _offload(self) -> None:
-        for hook in self._offload_hooks:
-            hook.offload()
 
     # ------------------------------------------------------------------ sampling set-up
     @property
@@ -165,7 +162,7 @@ class ClipPipeline:
         pixel, ``pointmaps [F,3,H,W]`` their world XYZ (branch-form memory only); they become the official
         conditions through ``engine.conditioning.conditions_from_render``, then ``generate`` runs.
         """
-        self._check_engine_inputs(image, cameras, render, render_mask, references, pointmaps)
+        check_engine_inputs(image, cameras, render, render_mask, references, pointmaps)
         memory = self.config.has_memory
         cond = conditions_from_render(image, cameras, render, render_mask,
                                       references=references if memory and references is not None and len(references) else None,
@@ -182,100 +179,51 @@ class ClipPipeline:
         codes; ``guidance`` applies to the 40-step variants only (the unconditional branch differs in text only);
         ``negative_prompt`` defaults to the checkpoint config's."""
         report = ensure(progress)
-        f, h, w = self._check_conditions(conditions)
+        f, h, w = check_conditions(conditions)
         sampler = self.make_sampler(steps)
         use_cfg = sampler.uses_guidance and guidance is not None and float(guidance) != 1.0
-
         report(0.0, "encoding conditions")
-        cond = self._model_inputs(conditions, prompt, negative_prompt, use_cfg)
-        batch = 2 if use_cfg else 1
-        cond = {k: (v.expand(batch, *v.shape[1:]) if torch.is_tensor(v) and v.shape[0] == 1 and k != "text" else v)
-                for k, v in cond.items()}
-        first_frame = cond.pop("first_frame")
-        model_dtype = self.dtype
-
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            n = x.shape[0]
-            hidden = torch.cat([x.to(model_dtype), first_frame[:n]], dim=1)
-            extra = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in cond.items() if k != "text"}
-            net = self.backend or self.transformer
-            return net(hidden_states=hidden, timestep=t.to(self.device), encoder_hidden_states=cond["text"],
-                       return_dict=False, **extra).float()
-
-        gen = torch.Generator("cpu").manual_seed(int(seed))
-        noise = torch.randn((1, LATENT_CHANNELS, f, h // 8, w // 8), generator=gen, dtype=torch.float32)
-        latents = sample(velocity, noise.to(self.device), sampler, guidance=guidance if use_cfg else None,
-                         progress=span(report, 0.1, 0.9), cancel=cancel)
-        del cond, first_frame
-        self._offload()
+        text = self.encode_prompt(prompt, negative_prompt if use_cfg else None, use_cfg)
+        inputs = {"encoder_hidden_states": text, "encoder_hidden_states_image": self.encode_image(conditions),
+                  **self.prepare_conditions(conditions)}
+        latents = self.prepare_latents(f, h, w, seed)
+        latents = self.denoise(latents, inputs, sampler, guidance=guidance if use_cfg else None,
+                               progress=span(report, 0.1, 0.9), cancel=cancel)
+        del inputs
         report(0.9, "decoding frames")
-        frames = self.components.decode_latents(latents)
-        self._offload()
+        frames = self.decode(latents)
         report(1.0, "clip done")
         return ClipOutput(frames=frames, latents=latents.float().cpu())
 
-    # ------------------------------------------------------------------ helpers
-    def _check_engine_inputs(self, image, cameras, render, render_mask, references, pointmaps) -> None:
-        if render.dim() != 4 or render.shape[1] != 3:
-            raise ClipInputError(f"render must be [F,3,H,W]; got {tuple(render.shape)}.")
-        f, _, h, w = render.shape
-        if tuple(image.shape) != (3, h, w):
-            raise ClipInputError(f"image must be [3,{h},{w}] like the render frames; got {tuple(image.shape)}.")
-        if tuple(render_mask.shape) != (f, h, w):
-            raise ClipInputError(f"render_mask must be [{f},{h},{w}]; got {tuple(render_mask.shape)}.")
-        if len(cameras) != f:
-            raise ClipInputError(f"{len(cameras)} cameras were given for {f} render frames; pass one per frame.")
-        if pointmaps is not None and tuple(pointmaps.shape) != (f, 3, h, w):
-            raise ClipInputError(f"pointmaps must be [{f},3,{h},{w}]; got {tuple(pointmaps.shape)}.")
-        if references is not None and len(references) > 0:
-            r = len(references)
-            if tuple(references.images.shape) != (r, 3, h, w):
-                raise ClipInputError(f"reference images must be [R,3,{h},{w}]; got {tuple(references.images.shape)}.")
-            if len(references.cameras) != r or tuple(torch.as_tensor(references.ref_index).shape) != (r,):
-                raise ClipInputError("references need one camera and one ref_index per reference image.")
-            if references.pointmaps is not None and tuple(references.pointmaps.shape) != (r, 3, h, w):
-                raise ClipInputError(f"reference pointmaps must be [{r},3,{h},{w}]; "
-                                     f"got {tuple(references.pointmaps.shape)}.")
+    # ------------------------------------------------------------------ the steps
+    def encode_prompt(self, prompt: Optional[str], negative_prompt: Optional[str] = None,
+                      guidance: bool = False) -> torch.Tensor:
+        """UMT5 embeddings ``[1 or 2, 512, D]``: the prompt, then under guidance the negative prompt (default: the
+        checkpoint config's)."""
+        texts = [prompt or ""]
+        if guidance:
+            texts.append(self.config.negative_prompt if negative_prompt is None else negative_prompt)
+        return self.components.encode_prompt(texts)
 
-    def _check_conditions(self, cond: ClipConditions) -> tuple[int, int, int]:
-        f = cond.num_frames
-        h, w = cond.size
-        if cond.stride != 1 or tuple(cond.render_video.shape[-2:]) != (h, w):
-            raise ClipInputError("These conditions hold every few pixels only (a stride); build them at full size.")
-        if f < 2:
-            raise ClipInputError("A clip needs the input frame and at least one target frame.")
-        if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
-            raise ClipInputError(f"Frame size {w}x{h} must be a multiple of {SIZE_MULTIPLE} in both directions; "
-                                 "resize or crop the inputs.")
-        r = cond.num_references
-        if r > MAX_REFERENCES:
-            raise ClipInputError(f"{r} references were given; the model takes at most {MAX_REFERENCES}.")
-        if r and (int(cond.ref_index.min()) < 0 or int(cond.ref_index.max()) > f - 2):
-            raise ClipInputError(f"ref_index values must lie in 0..{f - 2} (target frames after the input frame).")
-        return f, h, w
+    def encode_image(self, conditions: ClipConditions) -> torch.Tensor:
+        """CLIP tokens ``[1, 257, 1280]`` of the input view (uint8, not rescaled, as released)."""
+        tokens = self.components.encode_image(conditions.image)
+        self.placement.after_use(self.components.image_encoder, IMAGE_ENCODER)
+        return tokens
 
-    def _model_inputs(self, cond: ClipConditions, prompt, negative_prompt, use_cfg: bool) -> dict:
-        """The transformer's keyword inputs (plus ``first_frame``: the 20 mask + condition channels of
-        ``hidden_states`` and ``text``), as the release's pipelines assemble them."""
+    def prepare_conditions(self, cond: ClipConditions) -> dict:
+        """The transformer's keyword inputs besides noise, time and text, as the release's pipelines assemble them:
+        ``first_frame`` (the 20 mask + condition channels of ``hidden_states``), render / reference / pointmap
+        latents, camera codes and the per-clip ``mask_tokens``."""
         comps, dev, dt = self.components, self.device, self.dtype
         f = cond.num_frames
         h, w = cond.size
-        texts = [prompt or ""]
-        if use_cfg:
-            texts.append(self.config.negative_prompt if negative_prompt is None else negative_prompt)
-        text = comps.encode_prompt(texts)
-        image_tokens = comps.encode_image(cond.image)
-
         cond_latent = comps.condition_latents(cond.image_tensor(), f, self.config.latent_cond_mode)
         mask = torch.zeros(1, MASK_CHANNELS, f, h // 8, w // 8, device=dev, dtype=dt)
         mask[:, :, 0] = 1  # only latent frame 0 (the input view) is given
         out = {
             "first_frame": torch.cat([mask, cond_latent.to(dev, dt)], dim=1),
-            "text": text,
-            "encoder_hidden_states_image": image_tokens.expand(len(texts), -1, -1),
             "render_latent": comps.encode_keyframes(cond.render_video).to(dev, dt),
-            "render_mask": cond.render_mask.to(dev, dt),
-            "camera_embedding": cond.camera_embedding.to(dev, dt),
             "extrinsics": cond.extrinsics.to(dev, dt)[None],
             "intrinsics": cond.intrinsics.to(dev, dt)[None],
         }
@@ -294,14 +242,120 @@ class ClipPipeline:
                     out["pointmap_latent"] = comps.encode_keyframes(targets.transpose(0, 1)[None]).to(dev, dt)
                 if refs is not None:
                     out["ref_pointmap_latent"] = comps.encode_keyframes(refs.transpose(0, 1)[None]).to(dev, dt)
-        self._offload()
+        self.placement.after_use(comps.vae, VAE)
+        out["mask_tokens"] = self.mask_tokens(cond)
         return out
 
+    def mask_tokens(self, cond: ClipConditions) -> torch.Tensor:
+        """The camera branch's mask tokens of the render mask and Plücker rays: constant over a clip's steps, so
+        computed once here and passed to every forward (``WorldStereoTransformer.encode_mask_and_rays``)."""
+        self.placement.before_use(self.transformer, TRANSFORMER)
+        return self.transformer.encode_mask_and_rays(cond.render_mask.to(self.device, self.dtype),
+                                                     cond.camera_embedding.to(self.device, self.dtype),
+                                                     num_frames=cond.num_frames)
 
-def _resolve_base(base_model: str, package_dir) -> str:
-    """Like the transformer loader: relative to the package, then beside it (variants sharing one base), then as is."""
-    for anchor in (package_dir, package_dir.parent):
+    def prepare_latents(self, frames: int, height: int, width: int, seed: int) -> torch.Tensor:
+        """Noise ``[1,16,F,H/8,W/8]`` (float32) from a CPU generator: a seed gives the same clip on every device."""
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        noise = torch.randn((1, LATENT_CHANNELS, frames, height // 8, width // 8), generator=gen, dtype=torch.float32)
+        return noise.to(self.device)
+
+    def denoise(self, latents: torch.Tensor, inputs: dict, sampler: Sampler, guidance: Optional[float] = None,
+                progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:
+        """Integrate from noise to clean latents. ``inputs``: ``encoder_hidden_states`` (2 rows under guidance: cond,
+        uncond), ``first_frame`` and the transformer's other keyword inputs, batch 1 (shared by both halves)."""
+        batch = inputs["encoder_hidden_states"].shape[0]
+        shared = {k: (v.expand(batch, *v.shape[1:]) if torch.is_tensor(v) and v.shape[0] == 1 else v)
+                  for k, v in inputs.items()}
+        first_frame = shared.pop("first_frame")
+        model_dtype = self.dtype
+        net = self.backend or self.transformer
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0]
+            hidden = torch.cat([x.to(model_dtype), first_frame[:n]], dim=1)
+            extra = {k: (v[:n] if torch.is_tensor(v) else v) for k, v in shared.items()}
+            return net(hidden_states=hidden, timestep=t.to(self.device), return_dict=False, **extra).float()
+
+        try:
+            return sample(velocity, latents, sampler, guidance=guidance, progress=progress, cancel=cancel)
+        finally:
+            self.placement.after_use(self.transformer, TRANSFORMER)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents → frames ``[F,3,H,W]`` in [0,1] (float32, CPU)."""
+        frames = self.components.decode_latents(latents)
+        self.placement.after_use(self.components.vae, VAE)
+        return frames
+
+
+# ---------------------------------------------------------------------- loading
+def base_model_of(package_or_repo, variant: Optional[str] = None, base_model: Optional[str] = None) -> str:
+    """The base model (folder or hub id) a checkpoint package builds on: ``base_model`` if given, else its
+    config.json's, resolved like the transformer loader (relative to the package, then beside it)."""
+    from engine.models.loading import resolve_checkpoint
+
+    config_path, _ = resolve_checkpoint(package_or_repo, variant)
+    if base_model is None:
+        base_model = WorldStereoConfig.from_json(config_path).base_model
+    for anchor in (config_path.parent, config_path.parent.parent):
         found = resolve_base_model(base_model, anchor)
         if found != base_model:
             return found
     return resolve_base_model(base_model)
+
+
+def _load_transformer(package_or_repo, variant, base_model, placement: Placement, dtype, progress):
+    from engine.models.loading import load_transformer
+
+    return load_transformer(package_or_repo, variant=variant, base_model=base_model,
+                            device=placement.load_device(TRANSFORMER), dtype=dtype, progress=progress)
+
+
+def release_memory(device: torch.device) -> None:
+    """Give freed networks' memory back (before a large load): Python's cycles first, then CUDA's cache."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------- input checks
+def check_engine_inputs(image, cameras, render, render_mask, references, pointmaps) -> None:
+    if render.dim() != 4 or render.shape[1] != 3:
+        raise ClipInputError(f"render must be [F,3,H,W]; got {tuple(render.shape)}.")
+    f, _, h, w = render.shape
+    if tuple(image.shape) != (3, h, w):
+        raise ClipInputError(f"image must be [3,{h},{w}] like the render frames; got {tuple(image.shape)}.")
+    if tuple(render_mask.shape) != (f, h, w):
+        raise ClipInputError(f"render_mask must be [{f},{h},{w}]; got {tuple(render_mask.shape)}.")
+    if len(cameras) != f:
+        raise ClipInputError(f"{len(cameras)} cameras were given for {f} render frames; pass one per frame.")
+    if pointmaps is not None and tuple(pointmaps.shape) != (f, 3, h, w):
+        raise ClipInputError(f"pointmaps must be [{f},3,{h},{w}]; got {tuple(pointmaps.shape)}.")
+    if references is not None and len(references) > 0:
+        r = len(references)
+        if tuple(references.images.shape) != (r, 3, h, w):
+            raise ClipInputError(f"reference images must be [R,3,{h},{w}]; got {tuple(references.images.shape)}.")
+        if len(references.cameras) != r or tuple(torch.as_tensor(references.ref_index).shape) != (r,):
+            raise ClipInputError("references need one camera and one ref_index per reference image.")
+        if references.pointmaps is not None and tuple(references.pointmaps.shape) != (r, 3, h, w):
+            raise ClipInputError(f"reference pointmaps must be [{r},3,{h},{w}]; "
+                                 f"got {tuple(references.pointmaps.shape)}.")
+
+
+def check_conditions(cond: ClipConditions) -> tuple[int, int, int]:
+    f = cond.num_frames
+    h, w = cond.size
+    if cond.stride != 1 or tuple(cond.render_video.shape[-2:]) != (h, w):
+        raise ClipInputError("These conditions hold every few pixels only (a stride); build them at full size.")
+    if f < 2:
+        raise ClipInputError("A clip needs the input frame and at least one target frame.")
+    if h % SIZE_MULTIPLE or w % SIZE_MULTIPLE:
+        raise ClipInputError(f"Frame size {w}x{h} must be a multiple of {SIZE_MULTIPLE} in both directions; "
+                             "resize or crop the inputs.")
+    r = cond.num_references
+    if r > MAX_REFERENCES:
+        raise ClipInputError(f"{r} references were given; the model takes at most {MAX_REFERENCES}.")
+    if r and (int(cond.ref_index.min()) < 0 or int(cond.ref_index.max()) > f - 2):
+        raise ClipInputError(f"ref_index values must lie in 0..{f - 2} (target frames after the input frame).")
+    return f, h, w

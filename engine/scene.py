@@ -103,7 +103,7 @@ class SceneSettings:
     steps: Optional[int] = None
     backend: str = "eager"  # how the transformer runs: eager, compile, onnxruntime, tensorrt (engine.runtime)
     graphs: Optional[str] = None  # exported graphs / engines for onnxruntime and tensorrt (python -m export)
-    offload: str = "none"  # GPU memory: none | text-encoder (UMT5 leaves the GPU after use) | model (CPU offload)
+    offload: str = "none"  # GPU memory: one of engine.offload.OFFLOAD_CHOICES
 
     @classmethod
     def from_dict(cls, data: dict) -> "SceneSettings":
@@ -119,6 +119,13 @@ class SceneSettings:
                                        or not 1 <= self.steps <= 1000):
             raise SceneError(f"Denoising steps must be a whole number from 1 to 1000; got {self.steps!r:.40}.")
         check_prompt(self.prompt)
+        from engine.offload import OFFLOAD_CHOICES
+        from engine.scene_init import engine_device
+
+        if self.offload not in OFFLOAD_CHOICES:
+            raise SceneError(f"GPU memory option {str(self.offload)[:40]!r} does not exist; choose one of: "
+                             f"{', '.join(OFFLOAD_CHOICES)}.")
+        engine_device(self)  # a device this machine has
 
 
 def check_frames(frames, what: str = "A trajectory") -> None:
@@ -195,7 +202,9 @@ class Scene:
         self.manifest = manifest
         self.start_image = start_image
         self.start_camera = start_camera
-        self.cache = cache
+        from engine.scene_init import engine_device
+
+        self.cache = cache.to(engine_device(settings))  # the cache and its renders live where the networks run
         self.bank = bank
         self.depth_source = depth_source
         self.announce = announce
@@ -384,6 +393,7 @@ class Scene:
             if cancel is not None and cancel():
                 raise GenerationCancelled("Generation was cancelled; the scene keeps every finished clip.")
 
+        generator = self._clip_generator()
         timings = {}
         t0 = time.perf_counter()
         cams = self.plan(req)
@@ -391,7 +401,9 @@ class Scene:
         safe_name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in req.name)[:40]
         name = f"{index:02d}_{safe_name}"
         report(0.0, f"{name}: rendering the 3D cache")
-        render = self.cache.render(cams, radius=self.splat_radius(cams))
+        # Only the paper's branch-form memory reads pointmaps; the released (stitched) form renders none.
+        render = self.cache.render(cams, radius=self.splat_radius(cams),
+                                   pointmaps=getattr(generator, "uses_pointmaps", False))
         timings["render"] = time.perf_counter() - t0
         check_cancel()
 
@@ -408,7 +420,6 @@ class Scene:
 
         t = time.perf_counter()
         start_image = self.start_image_for(cams[0:1])
-        generator = self._clip_generator()
         conditions = self._conditions(req, cams, render, retrieval, start_image, single_view, generator)
         try:
             frames = generator.generate(conditions=conditions, prompt=self.settings.prompt,
@@ -500,7 +511,7 @@ class Scene:
                     images=self.bank.images[list(retrieval.refs)], cameras=ref_cams,
                     ref_index=torch.as_tensor(retrieval.ref_index, dtype=torch.long))
             if use_pointmaps:
-                refs.pointmaps = self.cache.render(refs.cameras).pointmap.permute(0, 3, 1, 2)
+                refs.pointmaps = self.cache.render(refs.cameras, pointmaps=True).pointmap.permute(0, 3, 1, 2)
         pointmaps = render.pointmap.permute(0, 3, 1, 2) if use_pointmaps else None
         if req.render_dir is not None:
             return conditioning.conditions_from_render_dir(req.render_dir, start_image, cams, len(cams), refs,
@@ -543,6 +554,7 @@ class Scene:
 
             return depth_from_render(ref_depth, ref_valid)
         depth, valid, _ = self.depth_source(image, camera)
+        depth, valid = depth.to(ref_depth.device), valid.to(ref_depth.device)  # where the cache renders
         overlap = valid & ref_valid & (ref_depth > 0)
         if int(overlap.sum()) >= 64:
             try:

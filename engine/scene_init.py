@@ -55,11 +55,22 @@ class DepthSource:
         return est.depth.float(), est.mask.bool(), est.intrinsics.double()
 
 
+def engine_device(settings) -> torch.device:
+    """The scene's device: where the networks run and the 3D cache and its renders live."""
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from engine.scene import SceneError
+
+        raise SceneError(f"The device '{settings.device}' is not available here (no CUDA GPU); use --device cpu.")
+    return device
+
+
 def depth_source_for(settings, panorama: bool, announce: Callable[[str], None]) -> DepthSource:
+    """The depth door of a scene: its depth model, loaded once per process (``engine.depth``), on its device."""
     from engine.depth import load_depth_estimator
 
     estimator = load_depth_estimator(settings.depth if not is_depth_file(settings.depth) else None,
-                                     device=settings.device, panorama=panorama, announce=announce)
+                                     device=engine_device(settings), panorama=panorama, announce=announce)
     return DepthSource(estimator, getattr(estimator, "source", type(estimator).__name__))
 
 
@@ -123,7 +134,7 @@ def seed_photo(image: torch.Tensor, depth_source, camera_json, size: tuple[int, 
         depth = F.interpolate(depth[None, None], size=image.shape[-2:], mode="nearest")[0, 0]
         valid = F.interpolate(valid[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0] > 0.5
     report(0.7, "building the 3D cache")
-    cache = PointCache.empty()
+    cache = PointCache.empty(device=depth.device)
     cache.add_frame(image, depth, start, frame_id=0, valid=valid)
     bank = MemoryBank()
     bank.add(image[None], start, depth[None], frame_ids=[0], source="input")
@@ -156,7 +167,7 @@ def seed_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional
     depths = []
     for i in range(len(views)):
         depth, valid, _ = depth_source(images[i], views[i])
-        depth = torch.where(valid, depth, torch.zeros_like(depth)).float()
+        depth = torch.where(valid, depth, torch.zeros_like(depth)).float().cpu()  # stitched on the CPU
         seen = views_to_panorama_depth(depth[None], views[i : i + 1], hd, 2 * hd)
         overlap = (seen > 0) & (distance > 0)
         if int(overlap.sum()) >= 64:
@@ -206,66 +217,147 @@ class PreviewGenerator:
 
 
 class NetworkGenerator:
-    """A WorldStereo network (official weights or tiny random) behind the clip pipeline."""
+    """A WorldStereo network (official weights or tiny random) behind the clip pipeline.
 
-    def __init__(self, pipeline, steps: Optional[int] = None):
-        self.pipeline = pipeline
+    Generators do not own a pipeline: the process keeps ONE resident per device (``resident_for``), and a generator makes it its
+    own variant when it generates (switching DMD <-> 40-step swaps only the transformer). ``has_memory`` and
+    ``uses_pointmaps`` are its variant's, read when it was made.
+    """
+
+    def __init__(self, spec: "PipelineSpec", steps: Optional[int], pipeline, announce: Callable[[str], None] = print):
+        self.spec = spec
         self.steps = steps  # None: the variant's own (4 for DMD, 40 otherwise)
+        self.announce = announce
+        self.has_memory = pipeline.config.has_memory
+        self.uses_pointmaps = pipeline.uses_pointmaps
 
     @property
-    def has_memory(self) -> bool:
-        return self.pipeline.config.has_memory
-
-    @property
-    def uses_pointmaps(self) -> bool:
-        return self.pipeline.uses_pointmaps
+    def pipeline(self):
+        """The resident pipeline, made this generator's variant."""
+        return resident_for(self.spec.device).acquire(self.spec, self.announce)
 
     def generate(self, *, conditions, prompt, seed, progress=None, cancel=None) -> torch.Tensor:
-        return self.pipeline.generate(conditions, prompt=prompt, seed=seed, steps=self.steps, progress=progress,
-                                      cancel=cancel).frames
+        with resident_for(self.spec.device).lock:  # one clip at a time: another generator must not swap the transformer mid-clip
+            return self.pipeline.generate(conditions, prompt=prompt, seed=seed, steps=self.steps,
+                                          progress=progress, cancel=cancel).frames
 
 
-_GENERATORS: dict = {}
-_GENERATORS_LOCK = threading.Lock()
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What a resident pipeline is: the checkpoint package and how it runs."""
+
+    engine: str
+    source: str  # the checkpoint package folder
+    device: str
+    offload: str
+    backend: str
+    graphs: Optional[str]
+    dtype: Optional[torch.dtype] = None  # None: the device's default (bf16 on CUDA)
+
+    def shares_networks_with(self, other: "PipelineSpec") -> bool:
+        """Whether a pipeline made for ``other`` can become this one by swapping its transformer (same device,
+        offload and dtype; the base model is compared when switching)."""
+        return (self.device, self.offload, self.dtype) == (other.device, other.offload, other.dtype)
 
 
-def clip_generator(settings, announce: Callable[[str], None] = print):
-    """The clip generator of the settings' engine, loaded once per process: a server's second scene must not
-    load a 14B model again."""
-    key = (settings.engine, settings.weights, settings.device, settings.backend, settings.graphs, settings.offload,
-           settings.steps)
-    with _GENERATORS_LOCK:
-        if key not in _GENERATORS:
-            _GENERATORS[key] = _load_generator(settings, announce)
-        return _GENERATORS[key]
+class ResidentPipeline:
+    """At most one generative pipeline per process: the demo's Fast/Quality switch (DMD <-> 40-step) swaps the
+    transformer and its config and keeps the text encoder, image encoder and VAE of their shared base model."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.pipeline = None
+        self.spec: Optional[PipelineSpec] = None
+
+    def acquire(self, spec: PipelineSpec, announce: Callable[[str], None] = print):
+        with self.lock:
+            if self.spec == spec:
+                return self.pipeline
+            from engine.pipeline import ClipPipeline, base_model_of, release_memory
+
+            pipe, old = self.pipeline, self.spec
+            self.pipeline = self.spec = None  # a failure below leaves nothing half-made resident
+            if spec.engine == "tiny-random":
+                announce("tiny-random engine: a tiny randomly initialised WorldStereo; its frames are noise by design.")
+            if old is not None and old.shares_networks_with(spec) and base_model_of(spec.source) == pipe.components.source:
+                if old.source != spec.source:
+                    pipe.switch_variant(spec.source)
+            else:
+                pipe = None
+                release_memory(torch.device(spec.device))
+                pipe = ClipPipeline.from_pretrained(spec.source, device=spec.device, dtype=spec.dtype,
+                                                    offload=spec.offload)
+            from engine import distributed
+
+            if distributed.current() is not None:  # the other ranks of a sequence-parallel group load it too
+                distributed.lead(pipe, spec.source)
+            elif spec.backend != "eager" or pipe.backend is not None:
+                pipe.use_backend(spec.backend, graphs_dir=spec.graphs, announce=announce)
+            self.pipeline, self.spec = pipe, spec
+            return pipe
+
+    def release(self) -> None:
+        """Drop the resident pipeline (its memory goes back at once)."""
+        from engine.pipeline import release_memory
+
+        with self.lock:
+            device = torch.device(self.spec.device) if self.spec is not None else torch.device("cpu")
+            self.pipeline = self.spec = None
+            release_memory(device)
 
 
-def _load_generator(settings, announce: Callable[[str], None], pooled: bool = True):
-    from engine import distributed
+_RESIDENTS: dict[str, ResidentPipeline] = {}
+_RESIDENTS_LOCK = threading.Lock()
+
+
+def resident_for(device: str) -> ResidentPipeline:
+    """The resident pipeline slot of one device: one pipeline per process, or one per GPU when the app serves a
+    pipeline per GPU (``engine.distributed.GpuPool``)."""
+    key = str(torch.device(device))
+    with _RESIDENTS_LOCK:
+        return _RESIDENTS.setdefault(key, ResidentPipeline())
+
+
+def release_residents() -> None:
+    """Drop every resident pipeline (tests; a server that switches to the preview engine)."""
+    with _RESIDENTS_LOCK:
+        slots = list(_RESIDENTS.values())
+    for slot in slots:
+        slot.release()
+
+
+def pipeline_spec(settings) -> PipelineSpec:
+    """The resident pipeline a scene's settings ask for."""
     from engine.engines import ENGINES, checkpoint_dir
 
-    if settings.engine == "preview":
-        return PreviewGenerator()
-    if pooled:  # the app serving one pipeline per GPU: a pipeline per device, each clip on the least busy one
-        pool = distributed.pooled_generator(settings, lambda s: _load_generator(s, announce, pooled=False))
-        if pool is not None:
-            return pool
-    distributed.check_settings(settings)
-    from engine.pipeline import ClipPipeline
-
-    device = settings.device
     if settings.engine == "tiny-random":
         from engine.models.tiny import cached_tiny_package
 
-        source = cached_tiny_package("worldstereo-memory-dmd")
-        announce("tiny-random engine: a tiny randomly initialised WorldStereo; its frames are noise by design.")
-        pipe = ClipPipeline.from_pretrained(source, device=device, dtype=torch.float32)
-    else:
-        variant = ENGINES[settings.engine].variant
-        source = checkpoint_dir(variant, Path(settings.weights) if settings.weights else None)
-        pipe = ClipPipeline.from_pretrained(source, device=device, offload_text_encoder=settings.offload == "text-encoder",
-                                            cpu_offload=settings.offload == "model")
-    distributed.lead(pipe, source)  # in a sequence-parallel group, the other ranks join every transformer forward
-    if settings.backend != "eager":
-        pipe.use_backend(settings.backend, graphs_dir=settings.graphs, announce=announce)
-    return NetworkGenerator(pipe, settings.steps)
+        return PipelineSpec("tiny-random", str(cached_tiny_package("worldstereo-memory-dmd")), settings.device,
+                            settings.offload, settings.backend, settings.graphs, torch.float32)
+    variant = ENGINES[settings.engine].variant
+    source = checkpoint_dir(variant, Path(settings.weights) if settings.weights else None)
+    if source is None:
+        from engine.engines import engine_status
+        from engine.scene import SceneError
+
+        raise SceneError(engine_status(settings.engine, Path(settings.weights) if settings.weights else None)[1])
+    return PipelineSpec(settings.engine, str(source), settings.device, settings.offload, settings.backend,
+                        settings.graphs)
+
+
+def clip_generator(settings, announce: Callable[[str], None] = print, pooled: bool = True):
+    """The clip generator of the settings' engine. Networks load once per process (per GPU when the app serves a
+    pipeline per GPU): the resident pipeline is made this engine's (a server's second scene does not load a 14B
+    model again, nor does a switch of variant)."""
+    from engine import distributed
+
+    if settings.engine == "preview":
+        return PreviewGenerator()
+    if pooled:  # the app serving one pipeline per GPU: each clip on the least busy device
+        pool = distributed.pooled_generator(settings, lambda s: clip_generator(s, announce, pooled=False))
+        if pool is not None:
+            return pool
+    distributed.check_settings(settings)
+    spec = pipeline_spec(settings)
+    return NetworkGenerator(spec, settings.steps, RESIDENT.acquire(spec, announce), announce)

@@ -1,6 +1,7 @@
 """The benchmarks run at CI size and print their tables (their figures are recorded in bench/RESULTS.md)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,3 +36,137 @@ def test_step_bench_ci_size(tmp_path):
     assert "| eager | 0 |" in out and "| onnxruntime | 8 |" in out
     # The FLOP formula check against NOTES.md's figures is printed on every run.
     assert "1.49 PFLOP at 30240 tokens, 2.46 PFLOP with 8 refs at 41760 tokens" in out
+
+
+# ---------------------------------------------------------------------------- the prepared GPU run
+def test_gpu_check_says_nothing_was_measured_without_a_gpu():
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if not torch_cuda():
+        assert "Nothing was measured" in done.stdout and "clip-group" in done.stdout
+        assert not (REPO / "bench" / "gpu_results").exists() or not any((REPO / "bench" / "gpu_results").iterdir())
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture
+def gpu_check_on_cpu(monkeypatch, tiny_packages):
+    """bench/gpu_check.py's sections at a tiny size on the CPU (the same code the GPU run executes)."""
+    import torch
+
+    sys.path[:0] = [str(REPO / "bench")]
+    import gpu_check
+
+    from engine.models.components import load_components
+    from engine.models.loading import build_transformer, tiny_transformer_config
+    from engine.offload import Placement
+
+    monkeypatch.setattr(gpu_check, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_check, "DTYPE", "float32")
+    for name, value in (("FRAMES", 3), ("HEIGHT", 64), ("WIDTH", 64), ("REFS", 2), ("TEXT_TOKENS", 16)):
+        monkeypatch.setattr(gpu_check, name, value)
+    monkeypatch.setattr(gpu_check, "_sync", lambda: None)
+    monkeypatch.setattr(gpu_check, "matmul_rate", lambda *a, **k: 1e11)
+    for name in ("reset_peak_memory_stats", "max_memory_allocated", "memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: 0)
+
+    def tiny_transformer(seed=0):
+        cfg, base = tiny_transformer_config(gpu_check.VARIANT)
+        return build_transformer(cfg, base, seed=seed), cfg, base
+
+    package = tiny_packages[gpu_check.VARIANT]
+    monkeypatch.setattr(gpu_check, "full_transformer", tiny_transformer)
+    monkeypatch.setattr(gpu_check, "full_components",
+                        lambda offload: load_components(package / "base_model", Placement(offload, "cpu")))
+    yield gpu_check
+    sys.path.remove(str(REPO / "bench"))
+
+
+def test_gpu_check_sections_run_end_to_end_at_a_tiny_size(gpu_check_on_cpu, tmp_path, monkeypatch):
+    gc = gpu_check_on_cpu
+    monkeypatch.setattr(gc.tempfile, "gettempdir", lambda: str(tmp_path))
+    results = {"date": "today", "device": "cpu", "sections": {}}
+    for name in ("forward", "clip-none", "clip-group"):
+        out = {}
+        gc.SECTION_RUNNERS[name](out)
+        results["sections"][name] = {**out, "status": "done"}
+    fwd = results["sections"]["forward"]
+    assert set(fwd) >= {"refs_0", "refs_2"} and fwd["refs_2"]["pflop"] > fwd["refs_0"]["pflop"] > 0
+    none, group = results["sections"]["clip-none"], results["sections"]["clip-group"]
+    assert set(none["cold"]["stages_s"]) == {"encode_prompt", "encode_image", "prepare_conditions", "denoise_4_steps",
+                                             "decode"}
+    assert "warm" in none and group["max_latent_difference_from_none"] < 1e-5
+    page = gc.markdown(results)
+    assert "| none |" in page and "| group |" in page and "| eager | 0 |" in page
+
+
+# Every torch name the engine and the GPU run use, each present in torch 2.11 (the GPU machines' build; the
+# project is developed on a newer one). A name missing here fails the test below: check that it exists in torch
+# 2.11, then add it; otherwise the GPU run would fail there on import or on first use.
+TORCH_211_NAMES = frozenset("""
+Generator Tensor add arange arccos argmin as_tensor atan atan2 bfloat16 bincount bitwise_and bmm bool cat cdist
+clamp compile compiler compiler.is_compiling cos cross cuda cuda.OutOfMemoryError cuda.current_stream
+cuda.empty_cache cuda.get_device_name cuda.get_device_properties cuda.is_available cuda.max_memory_allocated
+cuda.memory_allocated cuda.reset_peak_memory_stats cuda.synchronize deg2rad device dtype einsum empty eye
+float16 float32 float64 from_numpy full full_like gather ge get_default_dtype get_num_threads gt hypot
+index_select inference_mode int32 int64 int8 is_tensor isfinite jit jit.is_tracing le linalg linalg.cross
+linalg.inv linspace load log long manual_seed maximum median meshgrid mul nan_to_num nn nn.Conv3d nn.Embedding
+nn.GELU nn.GroupNorm nn.Identity nn.Linear nn.Module nn.ModuleList nn.Sequential nn.SiLU
+nn.functional.grid_sample nn.functional.interpolate nn.functional.max_pool2d nn.functional.normalize
+nn.functional.pad nn.functional.silu nn.init nn.init.zeros_ nn.modules nn.modules.conv nn.modules.conv._ConvNd
+no_grad nonzero ones ones_like quantile rad2deg rand randint randn random random.fork_rng remainder save
+set_default_dtype set_num_threads sin sort sqrt stack tensor uint8 unique version version.cuda where zeros
+zeros_like
+""".split())
+
+
+def _torch_names(path: Path) -> set:
+    """The ``torch.a.b`` names a file reads (through ``import torch``, ``import torch.x as y``, ``from torch...``)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    aliases, names = {"torch": "torch"}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update({a.asname or a.name: a.name for a in node.names if a.name.split(".")[0] == "torch"})
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    for node in ast.walk(tree):
+        chain, inner = [], node
+        while isinstance(inner, ast.Attribute):
+            chain.append(inner.attr)
+            inner = inner.value
+        if chain and isinstance(inner, ast.Name) and inner.id in aliases:
+            names.add(".".join([aliases[inner.id], *reversed(chain)]))
+    return {n.split(".", 1)[1] for n in names if "." in n and n != "torch.__version__"}
+
+
+def test_the_gpu_run_uses_only_torch_names_of_torch_2_11():
+    files = sorted((REPO / "engine").rglob("*.py")) + [REPO / "bench" / f for f in
+                                                         ("gpu_check.py", "transformer.py", "flops.py", "render.py")]
+    used = {name: f.relative_to(REPO) for f in files for name in _torch_names(f)}
+    unchecked = sorted(set(used) - TORCH_211_NAMES)
+    assert not unchecked, "torch names not checked against torch 2.11: " + ", ".join(
+        f"torch.{n} ({used[n]})" for n in unchecked)
+    assert _torch_names(REPO / "bench" / "gpu_check.py") >= {"cuda.synchronize", "cuda.max_memory_allocated"}
+
+
+def test_gpu_check_records_failed_and_timed_out_sections(gpu_check_on_cpu, tmp_path, monkeypatch):
+    gc = gpu_check_on_cpu
+    monkeypatch.setattr(gc, "RESULTS", tmp_path / "gpu_results")
+    monkeypatch.setattr(gc, "cuda_available", lambda: (True, "Test Device 80GB"))
+    assert gc.main(["--only", "env"]) == 0  # its own process has no CUDA: the section fails, and says why
+    monkeypatch.setattr(gc, "SECTIONS", (("env", 1, "too short to start"), ("tests", 100, "never reached")))
+    monkeypatch.setattr(gc, "DEADLINE_S", 21)
+    assert gc.main([]) == 0
+    [result] = (tmp_path / "gpu_results").glob("*-test-device-80gb.json")
+    sections = json.loads(result.read_text())["sections"]
+    assert sections["env"]["status"].startswith("stopped after 1 s")
+    assert sections["tests"]["status"].startswith("not run")
+    assert "| env | stopped after 1 s" in result.with_suffix(".md").read_text()

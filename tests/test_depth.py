@@ -200,6 +200,34 @@ def test_load_depth_estimator_dispatch(tiny_moge, tmp_path):
     assert lines == []  # nothing fell back, nothing to announce
 
 
+def test_depth_model_loads_once_per_process(tiny_moge, tmp_path, monkeypatch):
+    """Every scene, clip and plan of a process shares one MoGe per checkpoint file, device and dtype."""
+    import os
+    import shutil
+
+    import engine.depth as depth_module
+    from engine.scene import SceneSettings
+    from engine.scene_init import depth_source_for
+
+    folder = tmp_path / "moge"
+    shutil.copytree(tiny_moge[0], folder)
+    loads = []
+    real = DepthEstimator.from_pretrained.__func__
+    monkeypatch.setattr(DepthEstimator, "from_pretrained",
+                        classmethod(lambda cls, *a, **kw: loads.append(a[0]) or real(cls, *a, **kw)))
+    monkeypatch.setattr(depth_module, "_LOADED", {})
+    settings = SceneSettings(depth=str(folder), device="cpu")
+    first = depth_source_for(settings, panorama=False, announce=print)
+    assert depth_source_for(settings, panorama=True, announce=print).estimator is first.estimator
+    assert load_depth_estimator(folder / "model.pt") is first.estimator  # the same file named another way
+    assert len(loads) == 1
+    assert load_depth_estimator(folder, dtype=torch.float64) is not first.estimator and len(loads) == 2
+    stat = (folder / "model.pt").stat()
+    os.utime(folder / "model.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a replaced checkpoint
+    assert depth_source_for(settings, panorama=False, announce=print).estimator is not first.estimator
+    assert len(loads) == 3
+
+
 # ---- fallbacks -----------------------------------------------------------------------------------
 
 def test_plane_fallback_is_a_fronto_parallel_plane():

@@ -159,7 +159,7 @@ def test_one_pipeline_per_device_serves_clips_side_by_side(monkeypatch, one_thre
 
     def load(settings):
         loads.append(settings.device)
-        return scene_init._load_generator(settings, lambda _: None, pooled=False)
+        return scene_init.clip_generator(settings, lambda _: None, pooled=False)
 
     pool = distributed.GpuPool(["cpu", "cpu:0"])
     monkeypatch.setattr(distributed, "_POOL", pool)

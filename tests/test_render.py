@@ -372,6 +372,21 @@ def test_large_frame_index_fallback_gives_the_same_render(monkeypatch):
             assert torch.equal(getattr(plain, name), getattr(wide, name)), name
 
 
+def test_render_without_pointmaps_gives_the_same_render():
+    g = torch.Generator().manual_seed(8)
+    pts = torch.rand(5000, 3, generator=g) * 2 - 1
+    pts[:, 2] += 4
+    cols = torch.rand(5000, 3, generator=g)
+    cams = make_cameras([(0, 0, 0), (0.4, 0.1, 0.2)], (0, 0, 4), 40, 30)
+    for radius in (0, 2):
+        full = render_points(pts, cols, cams, radius=radius)
+        bare = render_points(pts, cols, cams, radius=radius, pointmaps=False)
+        assert bare.pointmap is None and full.pointmap is not None
+        for name in ("image", "mask", "depth", "index"):
+            assert torch.equal(getattr(full, name), getattr(bare, name)), name
+    assert render_points(pts[:0], cols[:0], cams, pointmaps=False).pointmap is None
+
+
 @pytest.mark.gpu
 def test_cuda_render_matches_cpu_bit_for_bit():
     # Projection is separate IEEE multiplies/adds/divides and the z-buffer compares integer keys, so a

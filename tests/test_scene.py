@@ -275,7 +275,13 @@ def test_render_cli_on_official_trajectory(examples, tmp_path):
 
 
 def test_cli_tiny_random_runs_the_network_loop(examples, tmp_path, capsys, monkeypatch):
+    import engine.geometry.cache as cache_module
+
     monkeypatch.setenv("WORLDSTEREO_CACHE", str(tmp_path / "cache"))
+    renders = []
+    real_render = cache_module.render_points
+    monkeypatch.setattr(cache_module, "render_points",
+                        lambda *a, **kw: renders.append(kw.get("pointmaps", True)) or real_render(*a, **kw))
     out = tmp_path / "tiny"
     rc = cli_main(["generate", "--image", str(examples / PHOTO), "--engine", "tiny-random", "--frames", "5",
                    "--trajectories", "up,left", "--backend", "onnxruntime", "--out", str(out)])
@@ -289,6 +295,7 @@ def test_cli_tiny_random_runs_the_network_loop(examples, tmp_path, capsys, monke
         assert _frames(out / clip["folder"] / "clip.mp4") == 5
         refs = json.loads((out / clip["folder"] / "references.json").read_text())
         assert 1 <= len(refs["refs"]) <= 8  # the memory variant was given references from the bank
+    assert renders and not any(renders)  # the released (stitched) memory reads no pointmaps: none were made
 
 
 def test_render_cli_errors_are_one_sentence(examples, tmp_path, capsys):

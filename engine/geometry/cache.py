@@ -399,9 +399,12 @@ class PointCache:
             self.points, self.colors, self.confidence, self.source, float(voxel_size))
 
     # ---- looking ------------------------------------------------------------------------------------
-    def render(self, cameras: Cameras, radius: int = 0, near: float = 1e-3, far: Optional[float] = None) -> RenderResult:
-        """What ``cameras`` see of the cache (``render_points``: nearest point per pixel)."""
-        return render_points(self.points, self.colors, cameras, radius=radius, near=near, far=far)
+    def render(self, cameras: Cameras, radius: int = 0, near: float = 1e-3, far: Optional[float] = None,
+               pointmaps: bool = False) -> RenderResult:
+        """What ``cameras`` see of the cache (``render_points``: nearest point per pixel), on the cache's device
+        (a cache moved to the GPU renders there). World-XYZ pointmaps only with ``pointmaps=True``: the paper's
+        branch-form memory is their one reader."""
+        return render_points(self.points, self.colors, cameras, radius=radius, near=near, far=far, pointmaps=pointmaps)
 
     def median_depth(self, camera: Cameras, near: float = 1e-3) -> float:
         """Median camera z of the points at depth >= ``near`` projecting into the image (NaN if none).

@@ -49,13 +49,14 @@ class RenderResult:
 
     image [N,3,H,W] float in [0,1] (0 in holes); mask [N,H,W] bool (True = covered);
     depth [N,H,W] camera z of the winning point (0 in holes); pointmap [N,H,W,3] world XYZ of the winning
-    point (0 in holes); index [N,H,W] int64 winning point index (-1 in holes).
+    point (0 in holes; None when the render was asked for none); index [N,H,W] int64 winning point index
+    (-1 in holes).
     """
 
     image: torch.Tensor
     mask: torch.Tensor
     depth: torch.Tensor
-    pointmap: torch.Tensor
+    pointmap: Optional[torch.Tensor]
     index: torch.Tensor
 
     def __len__(self) -> int:
@@ -137,6 +138,7 @@ def render_points(
     near: float = 1e-3,
     far: Optional[float] = None,
     chunk: Optional[int] = None,
+    pointmaps: bool = True,
 ) -> RenderResult:
     """Render ``points [P,3]`` (world) with ``colors [P,3]`` into every camera of ``cameras``.
 
@@ -145,7 +147,8 @@ def render_points(
     ``chunk`` is how many frames one pass projects at once (default: sized for the device; the result
     does not depend on it). Runs on the points' device; computes in float64 for float64 points, else
     float32, and returns depth and pointmap in that dtype; the image is float32 (float64 for float64
-    colours; uint8 colours are scaled by 1/255).
+    colours; uint8 colours are scaled by 1/255). ``pointmaps=False`` skips the pointmap (``pointmap`` is None):
+    only the paper's branch-form memory reads it.
     """
     _check_inputs(points, colors, radius, near, far)
     if chunk is not None and (int(chunk) != chunk or chunk < 1):
@@ -162,7 +165,7 @@ def render_points(
             torch.zeros(n, 3, h, w, dtype=image_dtype, device=device),
             torch.zeros(n, h, w, dtype=torch.bool, device=device),
             torch.zeros(n, h, w, dtype=dtype, device=device),
-            torch.zeros(n, h, w, 3, dtype=dtype, device=device),
+            torch.zeros(n, h, w, 3, dtype=dtype, device=device) if pointmaps else None,
             torch.full((n, h, w), -1, dtype=torch.int64, device=device),
         )
     if dtype == torch.float32 and p >= 1 << 31:
@@ -185,7 +188,7 @@ def render_points(
     # ``index`` holds raw winners (P for holes) until the end: the gathers read it frame by frame.
     image = torch.empty(n, 3, h, w, dtype=image_dtype, device=device)
     depth = torch.empty(n, h, w, dtype=dtype, device=device)
-    pointmap = torch.empty(n, h, w, 3, dtype=dtype, device=device)
+    pointmap = torch.empty(n, h, w, 3, dtype=dtype, device=device) if pointmaps else None
     index = torch.empty(n, h, w, dtype=torch.int64, device=device)
 
     # Pixels are addressed in a frame padded by a ring of ``pad`` pixels: coordinates are clamped into the
@@ -251,10 +254,11 @@ def render_points(
     for ch in range(3):
         for f in range(n):
             torch.index_select(colors_rows[ch], 0, flat[f], out=image[f, ch].view(hw))
-    gathered = torch.empty(hw, dtype=dtype, device=device)
-    for ch in range(3):
-        for f in range(n):
-            pointmap[f].view(hw, 3)[:, ch].copy_(torch.index_select(points_rows[ch], 0, flat[f], out=gathered))
+    if pointmap is not None:
+        gathered = torch.empty(hw, dtype=dtype, device=device)
+        for ch in range(3):
+            for f in range(n):
+                pointmap[f].view(hw, 3)[:, ch].copy_(torch.index_select(points_rows[ch], 0, flat[f], out=gathered))
     mask = index != p
     index.masked_fill_(~mask, -1)
     return RenderResult(image, mask, depth, pointmap, index)

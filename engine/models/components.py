@@ -21,6 +21,8 @@ from typing import Optional, Sequence, Union
 import torch
 from PIL import Image
 
+from engine.offload import IMAGE_ENCODER, TEXT_ENCODER, VAE, Placement
+
 PathLike = Union[str, Path]
 
 # The Wan backbone splits its cross-attention context as [image tokens ; 512 text tokens] (the 512 is
@@ -56,33 +58,26 @@ def resolve_base_model(base_model: PathLike, package_dir: Optional[PathLike] = N
     return text
 
 
-def _execution_device(module: torch.nn.Module, fallback: torch.device) -> torch.device:
-    """Where a module computes: its accelerate hook's target when offloaded, else its parameters' device."""
-    hook = getattr(module, "_hf_hook", None)
-    dev = getattr(hook, "execution_device", None)
-    if dev is not None:
-        return torch.device(dev)
-    try:
-        return next(module.parameters()).device
-    except StopIteration:
-        return fallback
-
-
 @dataclass
 class Components:
     """VAE, text and image encoders of one base model, and the encodings WorldStereo needs from them."""
 
     vae: torch.nn.Module
-    text_encoder: Optional[torch.nn.Module]
+    text_encoder: torch.nn.Module
     tokenizer: object
     image_encoder: torch.nn.Module
     image_processor: object
-    device: torch.device
+    placement: Placement  # the GPU memory option: where the networks live (engine.offload)
     dtype: torch.dtype
-    offload_text_encoder: bool = False
     scheduler_config: Optional[dict] = None  # the base model's scheduler/scheduler_config.json (UniPC, flow shift)
+    source: str = ""  # the base model folder or repo they were loaded from
     _prompt_cache: dict = field(default_factory=dict, repr=False)
     _condition_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the networks compute (under every offload option)."""
+        return self.placement.device
 
     # ---------------------------------------------------------------- text
     def encode_prompt(self, texts: Union[str, Sequence[str]], max_length: int = TEXT_LENGTH) -> torch.Tensor:
@@ -94,17 +89,14 @@ class Components:
         texts = [texts] if isinstance(texts, str) else list(texts)
         missing = [t for t in dict.fromkeys(texts) if (t, max_length) not in self._prompt_cache]
         if missing:
-            if self.text_encoder is None:
-                raise RuntimeError("The text encoder was released; create the pipeline again to encode new prompts.")
             enc = self.tokenizer([prompt_clean(t) for t in missing], padding="max_length", max_length=max_length,
                                  truncation=True, add_special_tokens=True, return_attention_mask=True,
                                  return_tensors="pt")
-            hooked = getattr(self.text_encoder, "_hf_hook", None) is not None
-            if self.offload_text_encoder and not hooked:
-                self.text_encoder.to(self.device)
-            dev = _execution_device(self.text_encoder, self.device)
+            dev = self.device
+            self.placement.before_use(self.text_encoder, TEXT_ENCODER)
             with torch.no_grad():
                 hidden = self.text_encoder(enc.input_ids.to(dev), enc.attention_mask.to(dev)).last_hidden_state
+            self.placement.after_use(self.text_encoder, TEXT_ENCODER)
             keep = enc.attention_mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
             hidden = (hidden * keep).to("cpu", torch.float32)  # Wan zeroes everything past the prompt
             for t, h in zip(missing, hidden):
@@ -112,13 +104,7 @@ class Components:
             wanted = {(t, max_length) for t in texts}
             for key in [k for k in self._prompt_cache if k not in wanted][: max(0, len(self._prompt_cache) - PROMPT_CACHE_SIZE)]:
                 del self._prompt_cache[key]
-            if self.offload_text_encoder:
-                self._offload(self.text_encoder)
         return torch.stack([self._prompt_cache[(t, max_length)] for t in texts]).to(self.device, self.dtype)
-
-    def release_text_encoder(self) -> None:
-        """Drop the text encoder (cached prompt encodings stay usable)."""
-        self.text_encoder = None
 
     # ---------------------------------------------------------------- image
     def clip_pixels(self, images: Union[Image.Image, Sequence[Image.Image]]) -> torch.Tensor:
@@ -131,7 +117,7 @@ class Components:
         """CLIP penultimate hidden states ``[B, tokens, D]`` (257 tokens for ViT-H/14) of PIL images (``encode_image``
         of the release's pipelines, on ``clip_pixels``)."""
         pixels = self.clip_pixels(images)
-        dev = _execution_device(self.image_encoder, self.device)
+        dev = self.device
         enc_dtype = next(self.image_encoder.parameters()).dtype
         with torch.no_grad():
             out = self.image_encoder(pixel_values=pixels.to(dev, enc_dtype), output_hidden_states=True)
@@ -152,7 +138,7 @@ class Components:
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """One video ``[1,3,T,H,W]`` in [-1,1] through the causal VAE as a whole (``mode``, normalised):
         ``[1,16,1+(T-1)/4,H/8,W/8]``."""
-        dev = _execution_device(self.vae, self.device)
+        dev = self.device
         vae_dtype = next(self.vae.parameters()).dtype
         with torch.no_grad():
             z = self.vae.encode(video.to(dev, vae_dtype)).latent_dist.mode()
@@ -161,7 +147,7 @@ class Components:
     def encode_keyframes(self, video: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """Keyframes ``[1,3,F,H,W]`` in [-1,1] -> normalised latents ``[1,16,F,H/8,W/8]``, every frame encoded as its
         own one-frame video with the latent distribution's ``mode`` (``keyframe_vae_encode``, src/vae_utils.py)."""
-        dev = _execution_device(self.vae, self.device)
+        dev = self.device
         vae_dtype = next(self.vae.parameters()).dtype
         frames = video[0].transpose(0, 1)  # [F,3,H,W]
         out = []
@@ -197,7 +183,7 @@ class Components:
 
     def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """Normalised latents ``[1,16,F,h,w]`` → frames ``[F,3,8h,8w]`` in [0,1] (float32), frame by frame."""
-        dev = _execution_device(self.vae, self.device)
+        dev = self.device
         vae_dtype = next(self.vae.parameters()).dtype
         z = latents.float()
         mean, std = self._latent_stats(z)
@@ -209,31 +195,20 @@ class Components:
                 out.append(((x.float().squeeze(2) + 1) / 2).clamp(0, 1).cpu())
         return torch.cat(out)
 
-    # ---------------------------------------------------------------- memory
-    def _offload(self, module: torch.nn.Module) -> None:
-        hook = getattr(module, "_hf_hook", None)
-        if hook is not None and hasattr(hook, "offload"):
-            hook.offload()
-        else:
-            module.to("cpu")
 
-
-def load_components(base_model: PathLike, device: Union[str, torch.device] = "cpu",
-                    dtype: torch.dtype = torch.float32, *, text_encoder_device: Optional[Union[str, torch.device]] = None,
-                    offload_text_encoder: bool = False, vae_dtype: torch.dtype = torch.float32,
-                    image_encoder_dtype: torch.dtype = torch.float32,
+def load_components(base_model: PathLike, placement: Optional[Placement] = None, dtype: torch.dtype = torch.float32, *,
+                    vae_dtype: torch.dtype = torch.float32, image_encoder_dtype: torch.dtype = torch.float32,
                     revision: Optional[str] = None) -> Components:
     """Load VAE, UMT5 + tokenizer, CLIP vision + processor and the scheduler config from a Wan2.1 I2V diffusers
-    folder or repo.
+    folder or repo, and place them as ``placement`` says (default: everything on the CPU).
 
     ``dtype`` is the text encoder's and the returned embeddings' dtype; the VAE and CLIP run in float32 by
-    default, as the Wan I2V examples do. ``text_encoder_device='cpu'`` keeps UMT5 off the GPU for good;
-    ``offload_text_encoder`` moves it to the CPU after each use.
+    default, as the Wan I2V examples do.
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModel, UMT5EncoderModel
 
-    device = torch.device(device)
+    placement = placement or Placement()
     src = str(base_model)
     local = Path(src).is_dir()
     if local:
@@ -254,11 +229,16 @@ def load_components(base_model: PathLike, device: Union[str, torch.device] = "cp
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = " (offline: download it first or pass a local folder)" if offline and not local else ""
         raise ComponentLoadError(f"Could not load the base model parts from {src}{hint}: {str(e).splitlines()[0]}") from e
-    for m in (vae, text_encoder, image_encoder):
-        m.eval().requires_grad_(False)
-    vae.to(device)
-    image_encoder.to(device)
-    text_encoder.to(torch.device(text_encoder_device) if text_encoder_device is not None else device)
+    return assemble_components(vae, text_encoder, tokenizer, image_encoder, image_processor, placement, dtype,
+                               scheduler_config, source=src)
+
+
+def assemble_components(vae, text_encoder, tokenizer, image_encoder, image_processor, placement: Placement,
+                        dtype: torch.dtype, scheduler_config: Optional[dict] = None, source: str = "") -> Components:
+    """``Components`` of networks already built (loaded, or random at full size for benchmarks), placed as
+    ``placement`` says."""
+    for role, m in ((VAE, vae), (TEXT_ENCODER, text_encoder), (IMAGE_ENCODER, image_encoder)):
+        placement.place(m.eval().requires_grad_(False), role)
     return Components(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, image_encoder=image_encoder,
-                      image_processor=image_processor, device=device, dtype=dtype,
-                      offload_text_encoder=offload_text_encoder, scheduler_config=scheduler_config)
+                      image_processor=image_processor, placement=placement, dtype=dtype,
+                      scheduler_config=scheduler_config, source=source)

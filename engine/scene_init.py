@@ -360,4 +360,4 @@ def clip_generator(settings, announce: Callable[[str], None] = print, pooled: bo
             return pool
     distributed.check_settings(settings)
     spec = pipeline_spec(settings)
-    return NetworkGenerator(spec, settings.steps, RESIDENT.acquire(spec, announce), announce)
+    return NetworkGenerator(spec, settings.steps, resident_for(spec.device).acquire(spec, announce), announce)

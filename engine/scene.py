@@ -552,7 +552,8 @@ class Scene:
             # No depth model: the cache's own depth, holes continued from it (engine.depth notes).
             from engine.depth import depth_from_render
 
-            return depth_from_render(ref_depth, ref_valid)
+            depth, valid = depth_from_render(ref_depth, ref_valid)
+            return depth.to(ref_depth.device), valid.to(ref_depth.device)  # where the cache renders
         depth, valid, _ = self.depth_source(image, camera)
         depth, valid = depth.to(ref_depth.device), valid.to(ref_depth.device)  # where the cache renders
         overlap = valid & ref_valid & (ref_depth > 0)
@@ -627,10 +628,11 @@ class Scene:
 
     def _write_viewer_clouds(self, glb: Optional[Path], splats: Path, keep: Optional[torch.Tensor],
                              view_frame: bool = False) -> None:
-        points, colors = self.cache.points, self.cache.colors
+        points, colors = self.cache.points.cpu(), self.cache.colors.cpu()  # the cache may live on the GPU
         # Splat sizes come from the whole cloud's spacing, so hiding points does not swell the rest.
         scale = SPLAT_SIGMA * point_spacing(points)
         if keep is not None:
+            keep = keep.cpu()
             points, colors, scale = points[keep], colors[keep], scale[keep.numpy()]
         if glb is not None:
             outputs.write_point_cloud_glb(glb, points, colors, axes=self.viewer_axes())

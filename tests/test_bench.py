@@ -123,6 +123,10 @@ nn.functional.pad nn.functional.silu nn.init nn.init.zeros_ nn.modules nn.module
 no_grad nonzero ones ones_like quantile rad2deg rand randint randn random random.fork_rng remainder save
 set_default_dtype set_num_threads sin sort sqrt stack tensor uint8 unique version version.cuda where zeros
 zeros_like
+accelerator accelerator.device_count cuda.device_count cuda.set_device distributed.all_gather_object
+distributed.broadcast distributed.broadcast_object_list distributed.destroy_process_group
+distributed.distributed_c10d._get_default_store distributed.get_rank distributed.get_world_size
+distributed.init_process_group distributed.is_available distributed.is_initialized distributed.new_group
 """.split())
 
 

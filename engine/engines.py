@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-HUB_REPO = "hanshanxue/WorldStereo"
+from engine.hub import HUB_REPO
 
 
 @dataclass(frozen=True)

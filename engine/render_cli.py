@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from engine import conditioning, outputs
+from engine.constants import KEYFRAMES
 from engine.geometry import trajectories as traj
 from engine.geometry.cameras import Cameras
 
@@ -67,7 +68,7 @@ def photo_first_clip(image: torch.Tensor, camera_file: Optional[Path], preset: O
 
 
 def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: Optional[str] = None,
-                 frames: int = 21, max_side: int = 768, radius: Optional[int] = None,
+                 frames: int = KEYFRAMES, max_side: int = 768, radius: Optional[int] = None,
                  announce: Callable[[str], None] = print) -> Cameras:
     """Render a scene's cache along a trajectory (see the module doc); returns the cameras used. ``radius``: the
     splat half-size in pixels (default: the official render radius at the render's size)."""
@@ -130,7 +131,7 @@ def write_conditions(image_path: str, out: str, camera_json: Optional[str] = Non
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise RenderInputError(f"The stride must be a whole number of pixels from 1 up; got {stride!r:.40}.")
     config = checkpoint_config(engine, weights)
-    nframe = config.nframe if config is not None else conditioning.DEFAULT_NFRAME
+    nframe = config.nframe if config is not None else KEYFRAMES
     memory = config.has_memory if config is not None else engine != "worldstereo-camera"
     image = load_image(image_path)
     h0, w0 = image.shape[-2:]

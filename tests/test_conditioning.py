@@ -14,6 +14,7 @@ from scipy.spatial.transform import Rotation
 from conftest import SHARED, PlaneTestDepth
 from engine import conditioning as C
 from engine.cli import main as cli_main
+from engine.constants import KEYFRAMES
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
 from engine.geometry.cache import PointCache
 from engine.images import load_image, save_image
@@ -48,7 +49,7 @@ def official_case(examples, name: str):
     h0, w0 = image.shape[-2:]
     full = Cameras.from_json(examples / cam_rel, w0, h0)
     size = C.assign_bucket(h0, w0)
-    return image, full, size, C.official_cameras(full, (h0, w0), size, C.DEFAULT_NFRAME)
+    return image, full, size, C.official_cameras(full, (h0, w0), size, KEYFRAMES)
 
 
 # ---- the golden tensors ----------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def test_official_render_folder_is_read_as_the_loader_reads_it(examples):
     g, meta = golden("corridor_view0_traj1")
     image = load_image(examples / CASES["corridor_view0_traj1"][0])
     pil = C.stretch_to_bucket(image, tuple(meta["hw"]))
-    video, mask = C.read_official_render(examples / CORRIDOR / "traj1", pil, C.DEFAULT_NFRAME)
+    video, mask = C.read_official_render(examples / CORRIDOR / "traj1", pil, KEYFRAMES)
     s = meta["stride"]
     close(video[..., ::s, ::s], g["render_video"], RENDER_TOL)
     assert torch.equal(video[0, :, 0], C.signed(C.pil_to_tensor(pil)))  # frame 0 is the start frame itself

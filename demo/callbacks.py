@@ -131,7 +131,7 @@ def banner_markdown(engine: str, note: str = "") -> str:
 def _user_errors() -> tuple[type, ...]:
     from engine.geometry.cameras import CameraFormatError
     from engine.images import ImageInputError
-    from engine.scene import SceneError
+    from engine.settings import SceneError
 
     return (ImageInputError, CameraFormatError, SceneError, jobs.JobPathError, ValueError)
 
@@ -219,7 +219,8 @@ def _open_or_create(ctx: AppContext, state: dict, inp: GenerationInputs, engine:
                     report: Callable[[float, str], None], announce, fresh: bool):
     """The session's scene for these inputs: reused when it matches and (for a fresh run) has no clips yet,
     else a new job folder with a random id. Returns ``(state, scene)``."""
-    from engine.scene import Scene, SceneSettings
+    from engine.scene import Scene
+    from engine.settings import SceneSettings
 
     if not inp.image:
         raise gr.Error("Upload a photo or a 360° panorama first (or pick an example).")
@@ -634,7 +635,7 @@ def _path_cameras(ctx: AppContext, state: dict, session: str, frames: int):
     if len(keys) < 2:
         raise gr.Error("Add at least one keyframe after the start view (Add keyframe here, in the 3D view).")
     try:
-        from engine.scene import check_frames
+        from engine.settings import check_frames
 
         check_frames(int(frames), "Frames per clip")
         return scene, keys, path_cameras(keys, int(frames), scene.start_camera)

@@ -47,7 +47,7 @@ def photo_first_clip(image: torch.Tensor, camera_file: Optional[Path], preset: O
     release's single-view path has them: a camera file's trajectory subsampled to ``frames`` keyframes with its
     intrinsics rescaled from the photo to ``size``, or a preset from the start camera."""
     from engine.depth import PlaneDepth, load_depth_estimator
-    from engine.scene import check_frames
+    from engine.settings import check_frames
     from engine.scene_init import DepthSource, is_depth_file, seed_photo
 
     h0, w0 = image.shape[-2:]
@@ -116,7 +116,7 @@ def write_conditions(image_path: str, out: str, camera_json: Optional[str] = Non
     """
     from engine.engines import ENGINES
     from engine.images import load_image
-    from engine.scene import bucket_size
+    from engine.settings import bucket_size
     from engine.scene_init import checkpoint_config
 
     if engine not in ENGINES:

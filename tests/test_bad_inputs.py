@@ -25,8 +25,8 @@ from PIL import Image
 from engine.cli import main as cli_main
 from engine.geometry import trajectories as traj
 from conftest import PlaneTestDepth
-from engine.scene import (MAX_CLIP_FRAMES, MAX_PROMPT_CHARS, MIN_CLIP_FRAMES, Scene, SceneError, SceneSettings,
-                          TrajectoryRequest)
+from engine.scene import Scene, TrajectoryRequest
+from engine.settings import MAX_CLIP_FRAMES, MAX_PROMPT_CHARS, MIN_CLIP_FRAMES, SceneError, SceneSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hostile import hostile_prompt_bytes, hostile_prompts, quadrant_image, write_corpus  # noqa: E402

@@ -319,7 +319,8 @@ class _Recorder:
 
 
 def test_scene_feeds_a_photos_first_clip_the_input_view_alone(tmp_path):
-    from engine.scene import Scene, SceneSettings
+    from engine.scene import Scene
+    from engine.settings import SceneSettings
 
     save_image(tmp_path / "photo.png", torch.rand(3, 240, 384, generator=torch.Generator().manual_seed(1)))
     scene = Scene.create(tmp_path / "job", tmp_path / "photo.png", settings=SceneSettings(frames=5, keep_frames=2),
@@ -420,7 +421,8 @@ def test_splat_radius_follows_the_official_render_radius():
 
 
 def test_a_users_depth_map_is_stretched_with_the_photo(tmp_path):
-    from engine.scene import Scene, SceneSettings
+    from engine.scene import Scene
+    from engine.settings import SceneSettings
 
     save_image(tmp_path / "photo.png", torch.rand(3, 96, 144))  # 2:3, stretched to the 240x384 preview bucket
     np.save(tmp_path / "depth.npy", np.full((96, 144), 2.5, dtype=np.float32))

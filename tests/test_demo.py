@@ -140,7 +140,8 @@ def test_cancel_stops_after_the_current_stage_and_keeps_finished_clips(ctx, exam
 
 
 def test_engine_error_mid_run_is_one_sentence_and_keeps_earlier_clips(ctx, examples, monkeypatch):
-    from engine.scene import Scene, SceneError
+    from engine.scene import Scene
+    from engine.settings import SceneError
 
     original = Scene.generate
     calls = []

@@ -81,7 +81,8 @@ def test_revert_puts_back_every_file_of_the_first_clip_byte_for_byte(two_clips, 
 
 
 def test_revert_down_to_no_clip_and_refusals(examples, tmp_path, capsys):
-    from engine.scene import Scene, SceneSettings
+    from engine.scene import Scene
+    from engine.settings import SceneSettings
 
     out = tmp_path / "scene"
     scene = Scene.create(out, examples / PHOTO, settings=SceneSettings(engine="preview", frames=5),
@@ -137,7 +138,8 @@ def test_revert_within_one_run_restores_the_first_clips_files(examples, tmp_path
     """`generate --trajectories up,left` in one go, then `revert`: every file the scene had right after its first
     clip (the cache, memory, manifest, scene.ply/.glb/splats) comes back byte for byte, and the exports are
     written for that one clip."""
-    from engine.scene import Scene, SceneSettings
+    from engine.scene import Scene
+    from engine.settings import SceneSettings
 
     out = tmp_path / "scene"
     scene = Scene.create(out, examples / PHOTO, settings=SceneSettings(engine="preview", frames=5),

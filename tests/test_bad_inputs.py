@@ -90,7 +90,7 @@ def _refused(argv: list, out: Path, tmp_root: Path, private: Path, capsys, conte
 
 def test_every_refused_input_gets_one_sentence_and_leaves_nothing(corpus, good_image, tmp_path, private_tmp, capsys):
     refused = [h for h in corpus if h.expect == "refuse"]
-    assert len(refused) >= 25  # the list: images, camera files, panorama
+    assert len(refused) >= 25  # the hostile corpus: images, camera files, panorama
     messages = {}
     for h in refused:
         if h.role == "camera_json":

@@ -79,9 +79,9 @@ def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: 
         raise RenderInputError(f"Scene folder {folder} does not exist.")
     camera_file, preset = _requested(trajectory, folder)
     if (folder / "manifest.json").is_file():
-        from engine.scene import Scene, TrajectoryRequest
+        from engine.scene import TrajectoryRequest, open_for_files
 
-        job = Scene.open(folder, announce=announce)
+        job = open_for_files(folder)  # its cache is rendered: no depth model is needed
         file_cams = job.read_camera_file(camera_file) if camera_file is not None else None
         cams = job.plan(TrajectoryRequest(name=preset or "camera.json", cameras=file_cams, frames=frames))
         image, cache = job.start_image_for(cams[0:1]), job.cache

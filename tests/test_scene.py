@@ -308,6 +308,29 @@ def test_render_cli_on_official_trajectory(examples, tmp_path):
     assert iio.imread(out / "render_mask.mp4")[0].mean() < 5
 
 
+def test_render_cli_on_a_job_folder_renders_its_cache_without_a_depth_model(room, tmp_path, monkeypatch):
+    from engine import scene_init
+    from engine.geometry.render import render_points
+
+    folder, start = room
+    job = tmp_path / "job"
+    scene = Scene.create(job, folder / "room.png", settings=SceneSettings(engine="preview", frames=5),
+                         depth_source=RoomDepth(start), announce=lambda m: None)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("render loaded a depth model")
+
+    monkeypatch.setattr(scene_init, "depth_source_for", no_model)
+    out = tmp_path / "render"
+    assert cli_main(["render", "--scene", str(job), "--trajectory", "left", "--frames", "5", "--out", str(out)]) == 0
+    written = Cameras.from_json(out / "cameras.json")
+    assert torch.allclose(written.w2c, scene.plan("left").w2c, atol=1e-9)
+    # The mask is the job's cache seen along those cameras (white = hole), recomputed with the point renderer.
+    seen = render_points(scene.cache.points, scene.cache.colors, written, radius=scene.splat_radius(written))
+    mask = iio.imread(out / "render_mask.mp4")[..., 0] > 127
+    assert mask.shape[0] == 5 and (mask == ~seen.mask.numpy()).mean() > 0.98
+
+
 def test_cli_tiny_random_runs_the_network_loop(examples, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLDSTEREO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "tiny"

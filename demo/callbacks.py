@@ -665,7 +665,7 @@ def _path_cameras(ctx: AppContext, state: dict, session: str, frames: int):
 def preview_path(ctx: AppContext, state: dict, frames: int, session: str = "-") -> str:
     """The 3D cache rendered along the editor's path, as a video (what a clip along it is conditioned on)."""
     scene, _, cams = _path_cameras(ctx, state, session, frames)
-    render = scene.cache.render(cams, radius=scene.settings.splat_radius)
+    render = scene.cache.render(cams, radius=scene.splat_radius(cams))
     folder = jobs.job_dir(ctx.output_dir, state["job"]) / "plan"
     index = len(list(folder.glob("path-preview-*.mp4"))) if folder.is_dir() else 0
     return str(outputs.write_video(folder / f"path-preview-{index:03d}.mp4", render.image))

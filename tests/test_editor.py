@@ -141,7 +141,7 @@ def test_path_buttons_preview_save_load_generate_and_undo(ctx, opened, tmp_path)
 
     preview = cb.preview_path(ctx, state, FRAMES, session="p1")
     frames = outputs.read_video(preview)
-    rendered = scene.cache.render(expected, radius=scene.settings.splat_radius).image
+    rendered = scene.cache.render(expected, radius=scene.splat_radius(expected)).image
     assert frames.shape[0] == FRAMES and (frames - rendered[:, :, : frames.shape[2], : frames.shape[3]]).abs().mean() < 0.03
 
     saved = Path(cb.save_editor_path(ctx, state, FRAMES, session="p1"))

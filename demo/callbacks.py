@@ -26,7 +26,7 @@ from demo.planview import write_plan_glb
 from engine import outputs
 from engine.atomicio import file_sha256
 from engine.constants import KEYFRAMES
-from engine.engines import ENGINES, engine_status, resolve_engine
+from engine.engines import ENGINES, engine_status, resolve_engine, unknown_engine
 from engine.geometry import trajectories as traj
 
 log = logging.getLogger("worldstereo.demo")
@@ -118,7 +118,7 @@ def choose_engine(requested: Optional[str], quality: str, ctx: AppContext,
     if name in QUALITY_ENGINES.values():
         name = QUALITY_ENGINES.get(quality, name)
     if name not in ENGINES:
-        raise gr.Error(f"Unknown engine '{name}'; choose one of: {', '.join(ENGINES)}.")
+        raise gr.Error(unknown_engine(name))
     return resolve_engine(name, Path(ctx.weights) if ctx.weights else None, announce=warn)
 
 

@@ -114,13 +114,13 @@ def write_conditions(image_path: str, out: str, camera_json: Optional[str] = Non
     release's defaults; depth comes from MoGe when its weights are here, else the announced fallback. A single view
     has one reference, the input view at target 0.
     """
-    from engine.engines import ENGINES
+    from engine.engines import ENGINES, unknown_engine
     from engine.images import load_image
     from engine.settings import bucket_size
     from engine.scene_init import checkpoint_config
 
     if engine not in ENGINES:
-        raise RenderInputError(f"Unknown engine '{engine}'; choose one of: {', '.join(ENGINES)}.")
+        raise RenderInputError(unknown_engine(engine))
     if engine == "preview":
         raise RenderInputError("The preview engine runs no network, so it has no model conditioning; choose "
                                "worldstereo-memory-dmd, worldstereo-memory, worldstereo-camera or tiny-random.")

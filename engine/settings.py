@@ -11,7 +11,7 @@ from typing import Optional
 
 from engine import conditioning
 from engine.constants import KEYFRAMES, MAX_REFERENCES
-from engine.engines import ENGINES
+from engine.engines import ENGINES, unknown_engine
 
 # Engines without the real network use the official aspect buckets at a fraction of the size, so a CPU run
 # stays quick while showing the same framing (the bucket is chosen at full size, then scaled).
@@ -62,7 +62,7 @@ class SceneSettings:
     def validate(self) -> None:
         """Refuse settings a person can get wrong, with one sentence, before anything is loaded or written."""
         if self.engine not in ENGINES:
-            raise SceneError(f"Unknown engine '{self.engine}'; choose one of: {', '.join(ENGINES)}.")
+            raise SceneError(unknown_engine(self.engine))
         check_frames(self.frames, "Frames per clip")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
             raise SceneError(f"The seed must be a whole number from 0 to {MAX_SEED}; got {self.seed!r:.40}.")

@@ -169,6 +169,16 @@ def test_hostile_prompts_are_refused_with_the_stated_limit(good_image, tmp_path,
     SUMMARY["refused_prompts"] = seen
 
 
+def test_unknown_engine_is_refused_with_the_names_there_are(tmp_path):
+    from engine.engines import ENGINES
+
+    with pytest.raises(SceneError) as err:
+        SceneSettings(engine="worldstereo-huge").validate()
+    assert str(err.value) == f"Unknown engine 'worldstereo-huge'; choose one of: {', '.join(ENGINES)}."
+    for name in ENGINES:
+        SceneSettings(engine=name).validate()
+
+
 def test_subprocess_exit_code_and_stderr_for_non_utf8_prompt(good_image, tmp_path):
     """The real process: argv carries raw bytes; exit code 2, one sentence, no traceback, no folder, no temp."""
     tmpdir = tmp_path / "tmpdir"

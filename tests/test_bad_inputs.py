@@ -169,7 +169,7 @@ def test_hostile_prompts_are_refused_with_the_stated_limit(good_image, tmp_path,
     SUMMARY["refused_prompts"] = seen
 
 
-def test_unknown_engine_is_refused_with_the_names_there_are(tmp_path):
+def test_unknown_engine_is_refused_with_the_names_there_are():
     from engine.engines import ENGINES
 
     with pytest.raises(SceneError) as err:

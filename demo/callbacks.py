@@ -25,7 +25,8 @@ from demo.examples import Example, example_input
 from demo.planview import write_plan_glb
 from engine import outputs
 from engine.atomicio import file_sha256
-from engine.engines import ENGINES, engine_status
+from engine.constants import KEYFRAMES
+from engine.engines import ENGINES, engine_status, resolve_engine, unknown_engine
 from engine.geometry import trajectories as traj
 
 log = logging.getLogger("worldstereo.demo")
@@ -36,7 +37,6 @@ OUTPUT_KEYS = ("state", "status", "banner", "model3d", "splats", "clip_video", "
 FAST, QUALITY = "fast", "quality"
 QUALITY_ENGINES = {FAST: "worldstereo-memory-dmd", QUALITY: "worldstereo-memory"}
 PANORAMA_VIEWS = ("view0", "view1", "view2", "view3")
-DEFAULT_FRAMES = 21
 
 
 @dataclass
@@ -50,7 +50,7 @@ class AppContext:
     max_age_s: float = 24 * 3600.0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     startup_note: str = ""  # why the app fell back to preview, when it did
-    cancel_flags: dict = field(default_factory=dict)
+    cancel_flags: dict = field(default_factory=dict)  # session -> cancel flags of its runs in progress
     active_jobs: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     editors: Optional[object] = None  # demo.editor.EditorPool of the 3D path editors; None: no editor here
@@ -59,9 +59,25 @@ class AppContext:
         self.output_dir = Path(self.output_dir).resolve()
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
-    def cancel_flag(self, session: str) -> threading.Event:
+    def start_run(self, session: str) -> threading.Event:
+        """A new run's cancel flag; ``end_run`` drops it, so a long-lived server keeps no flag of a finished run."""
+        flag = threading.Event()
         with self.lock:
-            return self.cancel_flags.setdefault(session or "-", threading.Event())
+            self.cancel_flags.setdefault(session or "-", set()).add(flag)
+        return flag
+
+    def end_run(self, session: str, flag: threading.Event) -> None:
+        with self.lock:
+            flags = self.cancel_flags.get(session or "-", set())
+            flags.discard(flag)
+            if not flags:
+                self.cancel_flags.pop(session or "-", None)
+
+    def cancel_runs(self, session: str) -> None:
+        """Set the cancel flag of every run of ``session`` in progress (none: nothing to do)."""
+        with self.lock:
+            for flag in self.cancel_flags.get(session or "-", ()):
+                flag.set()
 
 
 @dataclass
@@ -74,7 +90,7 @@ class GenerationInputs:
     views: Sequence[str] = ("view0",)
     angle: float = 0.0  # degrees for angle presets; 0 keeps each preset's own amount
     distance: float = 0.0  # fraction of the median depth for distance presets; 0 keeps the preset's own
-    frames: int = DEFAULT_FRAMES
+    frames: int = KEYFRAMES
     camera_json: Optional[str] = None
     prompt: str = ""
     seed: int = 0
@@ -94,18 +110,16 @@ def engine_choices(weights: Optional[str] = None) -> list[tuple[str, str]]:
 
 
 def choose_engine(requested: Optional[str], quality: str, ctx: AppContext,
-                  warn: Callable[[str], None] = lambda m: None) -> tuple[str, Optional[int]]:
-    """The engine and sampler steps a run uses: the quality choice picks the DMD or the 40-step variant of the
-    full model; an engine that cannot run here falls back to ``preview`` with a one-line warning."""
-    from engine.engines import resolve_engine
-
+                  warn: Callable[[str], None] = lambda m: None) -> str:
+    """The engine a run uses: the quality choice picks the DMD or the 40-step variant of the full model (each
+    samples with its own step count); an engine that cannot run here falls back to ``preview`` with a one-line
+    warning."""
     name = requested or ctx.default_engine
     if name in QUALITY_ENGINES.values():
         name = QUALITY_ENGINES.get(quality, name)
     if name not in ENGINES:
-        raise gr.Error(f"Unknown engine '{name}'; choose one of: {', '.join(ENGINES)}.")
-    used = resolve_engine(name, Path(ctx.weights) if ctx.weights else None, announce=warn)
-    return used, None
+        raise gr.Error(unknown_engine(name))
+    return resolve_engine(name, Path(ctx.weights) if ctx.weights else None, announce=warn)
 
 
 def banner_markdown(engine: str, note: str = "") -> str:
@@ -131,7 +145,7 @@ def banner_markdown(engine: str, note: str = "") -> str:
 def _user_errors() -> tuple[type, ...]:
     from engine.geometry.cameras import CameraFormatError
     from engine.images import ImageInputError
-    from engine.scene import SceneError
+    from engine.settings import SceneError
 
     return (ImageInputError, CameraFormatError, SceneError, jobs.JobPathError, ValueError)
 
@@ -215,11 +229,12 @@ def _job_paths(ctx: AppContext, job_id: str) -> tuple[Path, Path]:
     return root / "scene", root / "downloads"
 
 
-def _open_or_create(ctx: AppContext, state: dict, inp: GenerationInputs, engine: str, steps: Optional[int],
+def _open_or_create(ctx: AppContext, state: dict, inp: GenerationInputs, engine: str,
                     report: Callable[[float, str], None], announce, fresh: bool):
     """The session's scene for these inputs: reused when it matches and (for a fresh run) has no clips yet,
     else a new job folder with a random id. Returns ``(state, scene)``."""
-    from engine.scene import Scene, SceneSettings
+    from engine.scene import Scene
+    from engine.settings import SceneSettings
 
     if not inp.image:
         raise gr.Error("Upload a photo or a 360° panorama first (or pick an example).")
@@ -238,8 +253,7 @@ def _open_or_create(ctx: AppContext, state: dict, inp: GenerationInputs, engine:
     jobs.cleanup_old_jobs(ctx.output_dir, ctx.max_age_s, keep=keep)
     scene_dir, _ = _job_paths(ctx, job_id)
     settings = SceneSettings(engine=engine, seed=int(inp.seed or 0), prompt=(inp.prompt or "").strip() or None,
-                             frames=int(inp.frames or DEFAULT_FRAMES), device=ctx.device, weights=ctx.weights,
-                             steps=steps)
+                             frames=int(inp.frames or KEYFRAMES), device=ctx.device, weights=ctx.weights)
     scene = Scene.create(scene_dir, inp.image, panorama=bool(inp.panorama), settings=settings,
                          camera_json=inp.camera_json or None, progress=report, announce=announce)
     return {"job": job_id, "key": key}, scene
@@ -266,10 +280,10 @@ def plan_paths(ctx: AppContext, state: dict, inp: GenerationInputs,
     """Prepare the scene (depth, first point cloud) and draw the planned paths: ``(state, glb, legend)``."""
     progress = progress or (lambda *a, **k: None)
     announce = _Announcements()
-    engine, steps = choose_engine(inp.engine, inp.quality, ctx, warn=announce)
+    engine = choose_engine(inp.engine, inp.quality, ctx, warn=announce)
     requests = trajectory_requests(inp)
     try:
-        state, scene = _open_or_create(ctx, state, inp, engine, steps,
+        state, scene = _open_or_create(ctx, state, inp, engine,
                                        lambda f, m: progress(f, desc=m), announce, fresh=False)
         glb, legend, frames = _plan_glb(scene, requests, jobs.job_dir(ctx.output_dir, state["job"]))
     except _user_errors() as e:
@@ -326,11 +340,18 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
     A cancel (``cancel``) stops after the current stage; every finished clip stays in the scene and in the
     downloads. Errors a person can cause end as ``gr.Error`` after the last good state was yielded.
     """
+    flag = ctx.start_run(session)
+    try:
+        yield from _generate(ctx, state, inp, flag, continue_scene, progress, requests)
+    finally:
+        ctx.end_run(session, flag)
+
+
+def _generate(ctx: AppContext, state: dict, inp: GenerationInputs, flag: threading.Event, continue_scene: bool,
+              progress: Optional[Callable], requests: Optional[Sequence]) -> Iterator[dict]:
     from engine.scene import GenerationCancelled, Scene
 
     progress = progress or (lambda *a, **k: None)
-    flag = ctx.cancel_flag(session)
-    flag.clear()
     announce = _Announcements()
     warnings = _Announcements()
     requests = list(requests) if requests is not None else trajectory_requests(inp)
@@ -344,11 +365,11 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
             raise gr.Error(f"{e} Press Generate to start a new scene.") from None
         engine = scene.settings.engine
     else:
-        engine, steps = choose_engine(inp.engine, inp.quality, ctx, warn=warnings)
+        engine = choose_engine(inp.engine, inp.quality, ctx, warn=warnings)
         for w in warnings:
             gr.Warning(w)
         try:
-            state, scene = _open_or_create(ctx, state, inp, engine, steps,
+            state, scene = _open_or_create(ctx, state, inp, engine,
                                            lambda f, m: progress(0.08 * f, desc=f"preparing: {m}"), announce, fresh=True)
         except _user_errors() as e:
             raise gr.Error(str(e)) from None
@@ -411,7 +432,6 @@ def generate(ctx: AppContext, state: dict, inp: GenerationInputs, session: str =
         yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir, job_root, state)}
         raise gr.Error(f"{message} The {len(scene.clips)} finished clip(s) stay downloadable.") from None
     finally:
-        flag.clear()
         with ctx.lock:
             ctx.active_jobs.discard(state["job"])
 
@@ -487,7 +507,7 @@ def _finish_partial(scene, scene_dir: Path, downloads_dir: Path, job_root: Path,
 
 
 def cancel(ctx: AppContext, session: str = "-") -> str:
-    ctx.cancel_flag(session).set()
+    ctx.cancel_runs(session)
     return "Cancelling after the current stage… finished clips are kept."
 
 
@@ -606,9 +626,9 @@ def open_editor(ctx: AppContext, state: dict, inp: GenerationInputs, session: st
     state = dict(state or {})
     if not state.get("job"):
         announce = _Announcements()
-        engine, steps = choose_engine(inp.engine, inp.quality, ctx, warn=announce)
+        engine = choose_engine(inp.engine, inp.quality, ctx, warn=announce)
         try:
-            new_state, _ = _open_or_create(ctx, state, inp, engine, steps, lambda f, m: progress(f, desc=m),
+            new_state, _ = _open_or_create(ctx, state, inp, engine, lambda f, m: progress(f, desc=m),
                                            announce, fresh=False)
         except _user_errors() as e:
             raise gr.Error(str(e)) from None
@@ -618,7 +638,7 @@ def open_editor(ctx: AppContext, state: dict, inp: GenerationInputs, session: st
         editor = _editor(ctx, session, create=True)
     except EditorBusy as e:
         raise gr.Error(str(e)) from None
-    _show_in_editor(ctx, editor, scene, state, int(inp.frames or DEFAULT_FRAMES))
+    _show_in_editor(ctx, editor, scene, state, int(inp.frames or KEYFRAMES))
     return state, editor_html(editor), (f"3D editor of scene `{state['job']}`: add keyframes in the view, then "
                                         "**Preview path** or **Generate this path**.")
 
@@ -634,7 +654,7 @@ def _path_cameras(ctx: AppContext, state: dict, session: str, frames: int):
     if len(keys) < 2:
         raise gr.Error("Add at least one keyframe after the start view (Add keyframe here, in the 3D view).")
     try:
-        from engine.scene import check_frames
+        from engine.settings import check_frames
 
         check_frames(int(frames), "Frames per clip")
         return scene, keys, path_cameras(keys, int(frames), scene.start_camera)

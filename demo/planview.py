@@ -2,7 +2,7 @@
 
 One ``.glb`` for ``gr.Model3D``: the scene's 3D cache as coloured points, and for every planned trajectory
 its camera centres joined into a path plus a few camera frusta, all drawn as densely sampled points (the
-viewer shows POINTS primitives reliably; see the field notes on gradio's 3D viewer). The file is written
+viewer shows POINTS primitives reliably, and it sends every ``.ply`` to its splat renderer). The file is written
 by the engine's own GLB writer, so the path lands in the same frame as the ``scene.glb`` shown later.
 """
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from demo import callbacks as cb
+from engine.constants import KEYFRAMES
 from engine.geometry import trajectories as traj
 
 CSS = """
@@ -46,7 +47,7 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                                            elem_id="trajectories")
                 views = gr.CheckboxGroup(list(cb.PANORAMA_VIEWS), value=["view0"], visible=False,
                                          label="Panorama start views (front, right, back, left)", elem_id="views")
-                frames = gr.Slider(2, 81, value=cb.DEFAULT_FRAMES, step=1, label="Frames per clip", elem_id="frames")
+                frames = gr.Slider(2, 81, value=KEYFRAMES, step=1, label="Frames per clip", elem_id="frames")
                 with gr.Accordion("Camera amounts, camera.json, planned paths", open=False, elem_id="camera-more"):
                     angle = gr.Slider(0, 720, value=0, step=5, label="Angle in degrees (0 = each preset's own)",
                                       elem_id="angle")
@@ -125,20 +126,22 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
 
         def gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q) -> tuple[dict, cb.GenerationInputs]:
             return st or {}, cb.GenerationInputs(image=img, panorama=bool(pano), trajectories=pre or [], views=vw or [],
-                                                 angle=ang or 0, distance=dist or 0, frames=int(fr or cb.DEFAULT_FRAMES),
+                                                 angle=ang or 0, distance=dist or 0, frames=int(fr or KEYFRAMES),
                                                  camera_json=cj, prompt=pr or "", seed=int(sd or 0), engine=eng,
                                                  quality=q or cb.FAST)
 
         def as_tuple(update: dict) -> tuple:
             return tuple(update.get(k, gr.skip()) for k in cb.OUTPUT_KEYS)
 
+        def session_of(request: gr.Request) -> str:
+            return getattr(request, "session_hash", None) or "-"
+
         def run(continue_scene: bool):
             # Explicit parameters: gradio injects Request / Progress by signature, which *args would hide.
             def handler(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, request: gr.Request,
                         progress=gr.Progress()):
                 st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q)
-                session = getattr(request, "session_hash", None) or "-"
-                for update in cb.generate(ctx, st, inp, session=session, continue_scene=continue_scene,
+                for update in cb.generate(ctx, st, inp, session=session_of(request), continue_scene=continue_scene,
                                           progress=progress):
                     yield as_tuple(update)
             return handler
@@ -156,18 +159,14 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
             return st, glb, legend
 
         def on_resume(st, job_id, request: gr.Request, progress=gr.Progress()):
-            session = getattr(request, "session_hash", None) or "-"
-            for update in cb.resume(ctx, st or {}, job_id, session=session, progress=progress):
+            for update in cb.resume(ctx, st or {}, job_id, session=session_of(request), progress=progress):
                 yield as_tuple(update)
 
         def on_cancel(request: gr.Request):
-            return cb.cancel(ctx, getattr(request, "session_hash", None) or "-")
+            return cb.cancel(ctx, session_of(request))
 
         def on_clip(st, name):
             return cb.show_clip(ctx, st, name)
-
-        def session_of(request: gr.Request) -> str:
-            return getattr(request, "session_hash", None) or "-"
 
         def on_editor(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, request: gr.Request,
                       progress=gr.Progress()):
@@ -175,16 +174,16 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
             return cb.open_editor(ctx, st, inp, session=session_of(request), progress=progress)
 
         def on_path_preview(st, fr, request: gr.Request):
-            return cb.preview_path(ctx, st, int(fr or cb.DEFAULT_FRAMES), session=session_of(request))
+            return cb.preview_path(ctx, st, int(fr or KEYFRAMES), session=session_of(request))
 
         def on_path_save(st, fr, request: gr.Request):
-            return cb.save_editor_path(ctx, st, int(fr or cb.DEFAULT_FRAMES), session=session_of(request))
+            return cb.save_editor_path(ctx, st, int(fr or KEYFRAMES), session=session_of(request))
 
         def on_path_upload(st, path, request: gr.Request):
             return cb.load_editor_path(ctx, st, path, session=session_of(request))
 
         def on_path_generate(st, fr, request: gr.Request, progress=gr.Progress()):
-            for update in cb.generate_path(ctx, st, int(fr or cb.DEFAULT_FRAMES), session=session_of(request),
+            for update in cb.generate_path(ctx, st, int(fr or KEYFRAMES), session=session_of(request),
                                            progress=progress):
                 yield as_tuple(update)
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from engine.constants import SIZE_MULTIPLE
 from engine.geometry.cameras import Cameras, rigid_inverse
 from engine.images import to_pil
 
@@ -35,10 +36,8 @@ PathLike = Union[str, Path]
 
 # models/worldstereo_wrapper.py + src/data_utils.py: the released defaults.
 DEFAULT_SCALE_MAP = ((480, 768), (512, 720), (576, 640), (608, 608), (640, 576), (720, 512), (768, 480))
-DEFAULT_NFRAME = 21
 CAMERA_SCALE = 2.0
 RENDER_RADIUS_NDC = 0.008  # src/data_utils.py: the point renderer's radius, in PyTorch3D NDC
-SIZE_MULTIPLE = 16  # VAE x8 times the transformer's 2x2 patches
 RENDER_FILES = ("camera.json", "render.mp4", "render_mask.mp4")
 
 

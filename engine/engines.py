@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-HUB_REPO = "hanshanxue/WorldStereo"
+from engine.hub import HUB_REPO
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ class EngineUnavailable(RuntimeError):
     """An engine that cannot run here; the message says why in one sentence."""
 
 
+def unknown_engine(name: str) -> str:
+    """The sentence that refuses an engine name that does not exist."""
+    return f"Unknown engine '{name}'; choose one of: {', '.join(ENGINES)}."
+
+
 def checkpoint_dir(variant: str, weights: Optional[Path]) -> Optional[Path]:
     """The local folder holding ``variant``'s config.json + model.safetensors, or None when not present.
 
@@ -72,7 +77,7 @@ def engine_status(name: str, weights: Optional[Path] = None) -> tuple[bool, str]
     """``(available, reason)``; ``reason`` is one sentence a person can act on."""
     spec = ENGINES.get(name)
     if spec is None:
-        return False, f"Unknown engine '{name}'; choose one of: {', '.join(ENGINES)}."
+        return False, unknown_engine(name)
     if spec.needs_gpu and not torch.cuda.is_available():
         return False, f"{name} needs a CUDA GPU and none was found."
     if spec.variant is not None and checkpoint_dir(spec.variant, weights) is None:

@@ -1,4 +1,4 @@
-"""Hugging Face hub access that never keeps a person waiting.
+"""Hugging Face hub access that never keeps a person waiting, and the hub's names for the released weights.
 
 huggingface_hub retries a failed request with back-off (about 25 s before it gives up when there is no
 network at all). One quick connection probe per process decides instead whether downloads are worth trying;
@@ -11,7 +11,14 @@ import os
 import socket
 from urllib.parse import urlparse
 
+HUB_REPO = "hanshanxue/WorldStereo"  # the released checkpoints, one subfolder per variant
 PROBE_TIMEOUT_S = 2.0
+
+
+def looks_like_repo_id(spec: str) -> bool:
+    """Whether ``spec`` has the form of a hub repository id (``owner/name``) rather than of a local path."""
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
 
 
 def hub_offline() -> bool:

@@ -15,7 +15,6 @@ behind. Files are written so that common tools open them unchanged:
 from __future__ import annotations
 
 import fnmatch
-import json
 import zipfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from engine.atomicio import atomic_path, atomic_write_json
 from engine.geometry.cameras import Cameras
 from engine.images import save_image, to_uint8
+from engine.plyio import write_vertices
 
 PathLike = Union[str, Path]
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -91,24 +91,6 @@ def _points_colors(points: ArrayLike, colors: Optional[ArrayLike], what: str) ->
             c = np.clip(np.round(c.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
     keep = np.isfinite(p).all(axis=1)
     return p[keep], c[keep], keep
-
-
-def _write_binary_ply(path: Path, fields: list[tuple[str, np.dtype]], columns: list[np.ndarray], n: int) -> Path:
-    """Binary little-endian PLY with one ``vertex`` element; a structured array writes it in one go
-    (millions of points in well under a second, no per-point Python)."""
-    dtype = np.dtype([(name, dt) for name, dt in fields])
-    data = np.empty(n, dtype=dtype)
-    for (name, _), col in zip(fields, columns):
-        data[name] = col
-    ply_type = {"f4": "float", "u1": "uchar", "f8": "double", "i4": "int"}
-    header = ["ply", "format binary_little_endian 1.0", f"element vertex {n}"]
-    header += [f"property {ply_type[np.dtype(dt).str[1:]]} {name}" for name, dt in fields]
-    header.append("end_header")
-    with atomic_path(path, suffix=".ply") as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(("\n".join(header) + "\n").encode("ascii"))
-            fh.write(data.tobytes())
-    return path
 
 
 # ---- videos --------------------------------------------------------------------------------------
@@ -189,24 +171,14 @@ def read_video(path: PathLike) -> torch.Tensor:
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(255.0)
 
 
-def video_fps(path: PathLike) -> float:
-    import imageio.v2 as imageio
-
-    reader = imageio.get_reader(path, format="FFMPEG")
-    try:
-        return float(reader.get_meta_data()["fps"])
-    finally:
-        reader.close()
-
-
 # ---- point clouds --------------------------------------------------------------------------------
 
 def write_point_cloud_ply(path: PathLike, points: ArrayLike, colors: Optional[ArrayLike] = None) -> Path:
     """Plain binary PLY: float32 x,y,z and uint8 red,green,blue per point (non-finite points dropped)."""
     p, c, _ = _points_colors(points, colors, "write_point_cloud_ply")
-    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
-    cols = [p[:, 0], p[:, 1], p[:, 2], c[:, 0], c[:, 1], c[:, 2]]
-    return _write_binary_ply(Path(path), fields, cols, p.shape[0])
+    p = p.astype(np.float32)
+    return write_vertices(path, {"x": p[:, 0], "y": p[:, 1], "z": p[:, 2],
+                                 "red": c[:, 0], "green": c[:, 1], "blue": c[:, 2]})
 
 
 def write_point_cloud_glb(
@@ -234,16 +206,13 @@ def write_point_cloud_glb(
 
 def write_splat_ply(path: PathLike, points: ArrayLike, colors: Optional[ArrayLike], scale: Union[float, ArrayLike],
                     opacity: Union[float, ArrayLike] = SPLAT_OPACITY) -> Path:
-    """Points as isotropic Gaussians in the 3D Gaussian splatting PLY layout (binary little-endian float32),
-    written with plyfile.
+    """Points as isotropic Gaussians in the 3D Gaussian splatting PLY layout (binary little-endian float32).
 
     Per point: ``x y z``; normals ``nx ny nz`` 0; ``f_dc_0..2 = (rgb - 0.5) / SH_C0`` (so a viewer's
     ``0.5 + SH_C0 * f_dc`` gives back the colour); ``opacity = logit(opacity)``; ``scale_0..2 = log(scale)``
     (world units, e.g. the local point spacing); ``rot_0..3`` the identity quaternion ``(w, x, y, z) =
     (1, 0, 0, 0)``. ``scale`` and ``opacity`` are one value or one per point.
     """
-    from plyfile import PlyData, PlyElement
-
     p, c8, keep = _points_colors(points, colors, "write_splat_ply")
     n = p.shape[0]
 
@@ -267,12 +236,7 @@ def write_splat_ply(path: PathLike, points: ArrayLike, colors: Optional[ArrayLik
                "f_dc_0": f_dc[:, 0], "f_dc_1": f_dc[:, 1], "f_dc_2": f_dc[:, 2], "opacity": np.log(a / (1.0 - a)),
                "scale_0": log_s, "scale_1": log_s, "scale_2": log_s, "rot_0": ones, "rot_1": zeros, "rot_2": zeros,
                "rot_3": zeros}
-    rows = np.empty(n, dtype=[(name, "<f4") for name in columns])
-    for name, col in columns.items():
-        rows[name] = col
-    with atomic_path(Path(path), suffix=".ply") as tmp:
-        PlyData([PlyElement.describe(rows, "vertex")], text=False, byte_order="<").write(str(tmp))
-    return Path(path)
+    return write_vertices(path, {name: np.asarray(col, np.float32) for name, col in columns.items()})
 
 
 # ---- cameras -------------------------------------------------------------------------------------
@@ -287,10 +251,6 @@ def opencv_c2w_to_nerfstudio(c2w: np.ndarray) -> np.ndarray:
     out = np.array(c2w, dtype=np.float64, copy=True)
     out[..., :3, :3] = out[..., :3, :3] @ OPENCV_TO_OPENGL
     return out
-
-
-def nerfstudio_c2w_to_opencv(c2w: np.ndarray) -> np.ndarray:
-    return opencv_c2w_to_nerfstudio(c2w)  # the flip is its own inverse
 
 
 def write_transforms_json(
@@ -324,15 +284,7 @@ def write_transforms_json(
     return atomic_write_json(folder / "transforms.json", data)
 
 
-# ---- manifest and zip ----------------------------------------------------------------------------
-
-def write_manifest(path: PathLike, manifest: dict) -> Path:
-    """A JSON description of a job (paths and other non-JSON values written as strings)."""
-    text = json.dumps(manifest, indent=2, default=str) + "\n"
-    from engine.atomicio import atomic_write_text
-
-    return atomic_write_text(path, text)
-
+# ---- zip ----------------------------------------------------------------------------
 
 def _excluded(rel: str, patterns: Sequence[str]) -> bool:
     name = rel.rsplit("/", 1)[-1]

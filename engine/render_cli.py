@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from engine import conditioning, outputs
+from engine.constants import KEYFRAMES
 from engine.geometry import trajectories as traj
 from engine.geometry.cameras import Cameras
 
@@ -46,7 +47,7 @@ def photo_first_clip(image: torch.Tensor, camera_file: Optional[Path], preset: O
     release's single-view path has them: a camera file's trajectory subsampled to ``frames`` keyframes with its
     intrinsics rescaled from the photo to ``size``, or a preset from the start camera."""
     from engine.depth import PlaneDepth, load_depth_estimator
-    from engine.scene import check_frames
+    from engine.settings import check_frames
     from engine.scene_init import DepthSource, is_depth_file, seed_photo
 
     h0, w0 = image.shape[-2:]
@@ -67,7 +68,7 @@ def photo_first_clip(image: torch.Tensor, camera_file: Optional[Path], preset: O
 
 
 def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: Optional[str] = None,
-                 frames: int = 21, max_side: int = 768, radius: Optional[int] = None,
+                 frames: int = KEYFRAMES, max_side: int = 768, radius: Optional[int] = None,
                  announce: Callable[[str], None] = print) -> Cameras:
     """Render a scene's cache along a trajectory (see the module doc); returns the cameras used. ``radius``: the
     splat half-size in pixels (default: the official render radius at the render's size)."""
@@ -78,9 +79,9 @@ def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: 
         raise RenderInputError(f"Scene folder {folder} does not exist.")
     camera_file, preset = _requested(trajectory, folder)
     if (folder / "manifest.json").is_file():
-        from engine.scene import Scene, TrajectoryRequest
+        from engine.scene import TrajectoryRequest, open_for_files
 
-        job = Scene.open(folder, announce=announce)
+        job = open_for_files(folder)  # its cache is rendered: no depth model is needed
         file_cams = job.read_camera_file(camera_file) if camera_file is not None else None
         cams = job.plan(TrajectoryRequest(name=preset or "camera.json", cameras=file_cams, frames=frames))
         image, cache = job.start_image_for(cams[0:1]), job.cache
@@ -113,13 +114,13 @@ def write_conditions(image_path: str, out: str, camera_json: Optional[str] = Non
     release's defaults; depth comes from MoGe when its weights are here, else the announced fallback. A single view
     has one reference, the input view at target 0.
     """
-    from engine.engines import ENGINES
+    from engine.engines import ENGINES, unknown_engine
     from engine.images import load_image
-    from engine.scene import bucket_size
+    from engine.settings import bucket_size
     from engine.scene_init import checkpoint_config
 
     if engine not in ENGINES:
-        raise RenderInputError(f"Unknown engine '{engine}'; choose one of: {', '.join(ENGINES)}.")
+        raise RenderInputError(unknown_engine(engine))
     if engine == "preview":
         raise RenderInputError("The preview engine runs no network, so it has no model conditioning; choose "
                                "worldstereo-memory-dmd, worldstereo-memory, worldstereo-camera or tiny-random.")
@@ -130,7 +131,7 @@ def write_conditions(image_path: str, out: str, camera_json: Optional[str] = Non
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise RenderInputError(f"The stride must be a whole number of pixels from 1 up; got {stride!r:.40}.")
     config = checkpoint_config(engine, weights)
-    nframe = config.nframe if config is not None else conditioning.DEFAULT_NFRAME
+    nframe = config.nframe if config is not None else KEYFRAMES
     memory = config.has_memory if config is not None else engine != "worldstereo-camera"
     image = load_image(image_path)
     h0, w0 = image.shape[-2:]

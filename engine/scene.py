@@ -4,160 +4,50 @@ Every clip is conditioned on the 3D cache rendered along its cameras (GGM) and o
 from the memory bank (SSM); afterwards a few of its frames get depth, are scale-aligned to the cache and grow
 both the cache and the bank, so the next trajectory sees everything generated so far.
 
-Job folder (everything written atomically; ``manifest.json`` is the commit point of each clip)::
-
-    manifest.json            inputs, engine, seed, versions, timings, the clips done, the current state files
-    input.png                the start image (or panorama) as used
-    state/start.json         start camera (official camera.json)
-    state/cache-NNNN.ply     the 3D cache after NNNN clips (the manifest names the current one; the earlier
-                             ones are kept for ``revert``)
-    state/manifest-NNNN.json the manifest as the scene stood with NNNN clips (what ``revert`` goes back to)
-    state/bank-start/        the memory bank's seed frames
-    clips/NN_name/           clip.mp4, render.mp4, render_mask.mp4, depth.mp4, cameras.json, references.json,
-                             memory/
-    scene.ply, scene.glb, scene_splats.ply                             (after every clip)
-    cameras.json, transforms.json + images/, scene.zip                 (``export``)
-
-A clip is written into a temporary folder and renamed into place, then the new cache file, then the manifest:
-a crash at any point leaves the last committed state intact, and ``Scene.open`` resumes from it.
-
-``revert`` removes the last clip: it writes back the manifest of the clip before (the commit point), removes
-the clip's folder and cache file, and rewrites the scene-level files for that state. Every writer is
-deterministic (fixed zip timestamps, sorted entries, no wall-clock values outside the manifest), so the
-files come back byte for byte as the run that ended with that clip left them.
+The rooms around the loop: ``engine.settings`` checks what a scene is asked for, ``engine.scene_init`` starts a
+scene (depth of the input, the first cache and bank, the clip generator), ``engine.jobfolder`` owns the files
+(layout, commits, resume, revert), ``engine.outputs`` writes each file format.
 """
 from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from engine import conditioning, outputs
-from engine.atomicio import atomic_write_json, file_sha256
+from engine import conditioning, outputs, scene_init
+from engine.atomicio import atomic_write_json
 from engine.engines import ENGINES
-from engine.geometry.cameras import Cameras
-from engine.geometry.cache import PointCache, point_spacing, viewer_confidence
-from engine.geometry.memory import MemoryBank
 from engine.geometry import trajectories as traj
+from engine.geometry.cache import PointCache, point_spacing, viewer_confidence
+from engine.geometry.cameras import Cameras
+from engine.geometry.memory import MemoryBank
 from engine.images import load_image, save_image
+from engine.jobfolder import (CLIPS, DATASET_IMAGES, FRAMES, MEMORY, ClipRecord, JobFolder, check_same_input,
+                              new_manifest)
 from engine.preview import PREVIEW_NOTE
 from engine.progress import Progress, ensure, span
 from engine.sampling import SamplingCancelled
+# Re-exported: engine/cli.py and engine/scene_init.py import these names from here.
+from engine.settings import SceneError, SceneSettings, bucket_size, check_frames, engine_device
 
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-# Scene-level files derived from the clips and the cache (rewritten after every clip, export or revert).
-SCENE_OUTPUTS = ("scene.ply", "scene.glb", "scene_splats.ply", "cameras.json", "transforms.json", "scene.zip")
+__all__ = ["GenerationCancelled", "Scene", "SceneError", "SceneSettings", "TrajectoryRequest", "bucket_size",
+           "check_frames", "check_same_input", "open_for_files", "revert"]
+
 SPLAT_SIGMA = 1.0  # splat standard deviation in units of the local point spacing (engine.geometry.cache notes)
 MAX_VIEW_SPLATS = 100_000  # splats in the browser's splat view (a fixed subset beyond that)
 VIEW_RADIUS = 1.0  # size of the cloud in the splat viewer's frame (gradio's viewer orbits the origin close by)
 
-# Engines without the real network use the official aspect buckets at a fraction of the size, so a CPU run
-# stays quick while showing the same framing (the bucket is chosen at full size, then scaled).
-ENGINE_SCALE = {"preview": 0.5, "tiny-random": 1 / 6}
 DEFAULT_PHOTO_TRAJECTORIES = ("up", "left", "right", "orbit")  # the paper's benchmark set
-# A clip holds every frame, render, mask and pointmap in memory at once (about 10 MB a frame at full size), so a
-# public server must bound it: 121 covers the official 81-frame camera files with room to spare.
-MIN_CLIP_FRAMES, MAX_CLIP_FRAMES = 2, 121
-# Wan's text encoder reads at most 512 tokens (about 2000 characters of English); longer prompts are refused
-# rather than cut silently, so what a person typed is what conditioned the clip.
-MAX_PROMPT_CHARS = 2000
-MAX_SEED = 2**63 - 1  # torch.Generator seeds are 64-bit; the manifest keeps them as JSON integers
-
-
-class SceneError(ValueError):
-    """A scene request that cannot be carried out; the message is one sentence."""
 
 
 class GenerationCancelled(RuntimeError):
     """Raised when the caller's cancel flag is set; the scene keeps its last committed state."""
-
-
-def bucket_size(engine: str, height: int, width: int, scale_map=None) -> tuple[int, int]:
-    """``(height, width)`` of a scene's frames for an input of ``height x width``: the official bucket (nearest
-    aspect in the checkpoint's ``scale_map``), scaled by ``ENGINE_SCALE`` for the small engines."""
-    bucket = conditioning.assign_bucket(height, width, scale_map)
-    return conditioning.scale_bucket(bucket, ENGINE_SCALE.get(engine, 1.0))
-
-
-@dataclass
-class SceneSettings:
-    engine: str = "preview"
-    seed: int = 0
-    prompt: Optional[str] = None
-    frames: int = 21  # keyframes per clip, frame 0 = the start view
-    keep_frames: int = 8  # frames of each clip added to memory and cache (the paper's align_nframe)
-    max_refs: int = 8
-    point_budget: int = 1_000_000
-    splat_radius: Optional[int] = None  # cache splat half-size in pixels; None: the official radius at the clip's size
-    device: str = "cpu"
-    weights: Optional[str] = None
-    depth: Optional[str] = None  # MoGe repo/folder, or a user depth file (.npy / 16-bit PNG) for the start image
-    steps: Optional[int] = None
-    backend: str = "eager"  # how the transformer runs: eager, compile, onnxruntime, tensorrt (engine.runtime)
-    graphs: Optional[str] = None  # exported graphs / engines for onnxruntime and tensorrt (python -m export)
-    offload: str = "none"  # GPU memory: one of engine.offload.OFFLOAD_CHOICES
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SceneSettings":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def validate(self) -> None:
-        """Refuse settings a person can get wrong, with one sentence, before anything is loaded or written."""
-        check_frames(self.frames, "Frames per clip")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
-            raise SceneError(f"The seed must be a whole number from 0 to {MAX_SEED}; got {self.seed!r:.40}.")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
-                                       or not 1 <= self.steps <= 1000):
-            raise SceneError(f"Denoising steps must be a whole number from 1 to 1000; got {self.steps!r:.40}.")
-        check_prompt(self.prompt)
-        from engine.offload import OFFLOAD_CHOICES
-        from engine.scene_init import engine_device
-
-        if self.offload not in OFFLOAD_CHOICES:
-            raise SceneError(f"GPU memory option {str(self.offload)[:40]!r} does not exist; choose one of: "
-                             f"{', '.join(OFFLOAD_CHOICES)}.")
-        engine_device(self)  # a device this machine has
-
-
-def check_frames(frames, what: str = "A trajectory") -> None:
-    if isinstance(frames, bool) or not isinstance(frames, int) or not MIN_CLIP_FRAMES <= frames <= MAX_CLIP_FRAMES:
-        raise SceneError(f"{what} must be a whole number from {MIN_CLIP_FRAMES} to {MAX_CLIP_FRAMES} frames; "
-                         f"got {frames!r:.40}.")
-
-
-def check_prompt(prompt: Optional[str]) -> None:
-    """Prompts are plain text of at most ``MAX_PROMPT_CHARS`` characters (refused, never truncated)."""
-    if prompt is None:
-        return
-    if not isinstance(prompt, str):
-        raise SceneError("The prompt must be text.")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise SceneError(f"The prompt is {len(prompt)} characters long; keep it to at most {MAX_PROMPT_CHARS}.")
-    # Bytes that were not UTF-8 reach Python as lone surrogates (argv, form posts): they cannot be encoded
-    # for the text encoder or written to the manifest as text.
-    if any("\ud800" <= ch <= "\udfff" for ch in prompt):
-        raise SceneError("The prompt is not valid UTF-8 text; retype it or save it as UTF-8.")
-    if any((ord(ch) < 32 and ch not in "\t\n\r") or ord(ch) == 127 for ch in prompt):
-        raise SceneError("The prompt contains control characters; use plain text.")
-
-
-@dataclass
-class ClipRecord:
-    name: str
-    folder: str  # relative to the job folder
-    trajectory: str
-    frames: int
-    references: int
-    seconds: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -180,30 +70,17 @@ class TrajectoryRequest:
         return spec if isinstance(spec, TrajectoryRequest) else cls(name=str(spec).strip())
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("torch", "diffusers", "transformers", "open3d", "dlr-moge"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 class Scene:
     """A scene in a job folder: the 3D cache, the memory bank, every generated camera, and the clip loop."""
 
     def __init__(self, job_dir: Path, settings: SceneSettings, manifest: dict, start_image: torch.Tensor,
                  start_camera: Cameras, cache: PointCache, bank: MemoryBank, depth_source, announce=print):
-        self.job_dir = Path(job_dir)
+        self.folder = JobFolder(job_dir)
+        self.job_dir = self.folder.path
         self.settings = settings
         self.manifest = manifest
         self.start_image = start_image
         self.start_camera = start_camera
-        from engine.scene_init import engine_device
-
         self.cache = cache.to(engine_device(settings))  # the cache and its renders live where the networks run
         self.bank = bank
         self.depth_source = depth_source
@@ -217,15 +94,11 @@ class Scene:
                depth_source=None, progress: Optional[Progress] = None, announce: Callable[[str], None] = print) -> "Scene":
         """Start a new scene from an image file. ``depth_source`` overrides depth estimation (tests pass
         ground truth): a callable ``(image [3,H,W], camera) -> (depth [H,W], valid [H,W])``."""
-        from engine import scene_init
-
         settings = settings or SceneSettings()
-        if settings.engine not in ENGINES:
-            raise SceneError(f"Unknown engine '{settings.engine}'; choose one of: {', '.join(ENGINES)}.")
         settings.validate()
-        job_dir = Path(job_dir)
-        if (job_dir / MANIFEST).exists():
-            raise SceneError(f"{job_dir} already holds a scene; open it to continue, or choose another folder.")
+        folder = JobFolder(job_dir)
+        if folder.holds_scene():
+            raise SceneError(f"{folder.path} already holds a scene; open it to continue, or choose another folder.")
         report = ensure(progress)
         image_path = Path(image)
         img = load_image(image_path)
@@ -239,72 +112,27 @@ class Scene:
             user_depth = settings.depth if scene_init.is_depth_file(settings.depth) else None
             seed = scene_init.seed_photo(img, depth_source, camera_json, size, user_depth, span(report, 0.2, 0.9))
         # Nothing is written before the input has been fully understood: a refused input leaves no folder.
-        job_dir.mkdir(parents=True, exist_ok=True)
-        save_image(job_dir / "input.png", seed.image)
-        seed.start_camera.save_json(job_dir / "state" / "start.json")
-        seed.bank.save(job_dir / "state" / "bank-start")
-        cache_file = "state/cache-0000.ply"
-        seed.cache.save_ply(job_dir / cache_file)
-        manifest = {
-            "format": FORMAT_VERSION,
-            "kind": "panorama" if panorama else "photo",
-            "input": {"name": image_path.name, "sha256": file_sha256(image_path)},
-            "engine": settings.engine,
-            "engine_note": PREVIEW_NOTE if settings.engine == "preview" else ENGINES[settings.engine].description,
-            "settings": asdict(settings),
-            "size": [int(seed.image.shape[-2]), int(seed.image.shape[-1])],
-            "input_size": [int(img.shape[-2]), int(img.shape[-1])],
-            "median_depth": seed.median_depth,
-            "start_views": seed.start_views,
-            "depth_note": seed.depth_note,
-            "versions": _versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "planned": [],
-            "clips": [],
-            "state": {"cache": cache_file},
-        }
-        atomic_write_json(job_dir / MANIFEST, manifest)
-        atomic_write_json(job_dir / _snapshot(0), manifest)
+        manifest = new_manifest(
+            kind="panorama" if panorama else "photo", input_path=image_path, settings=settings,
+            engine_note=PREVIEW_NOTE if settings.engine == "preview" else ENGINES[settings.engine].description,
+            size=seed.image.shape[-2:], input_size=img.shape[-2:], median_depth=seed.median_depth,
+            start_views=seed.start_views, depth_note=seed.depth_note)
+        folder.create(manifest, seed.image, seed.start_camera, seed.bank, seed.cache)
         report(1.0, "scene ready")
-        return cls(job_dir, settings, manifest, seed.image, seed.start_camera, seed.cache, seed.bank,
+        return cls(folder.path, settings, manifest, seed.image, seed.start_camera, seed.cache, seed.bank,
                    depth_source, announce)
 
     @classmethod
     def open(cls, job_dir, *, depth_source=None, settings_override: Optional[dict] = None,
              announce: Callable[[str], None] = print) -> "Scene":
         """Reopen a job folder at its last committed state (after a crash, a kill or to add trajectories)."""
-        from engine import scene_init
-
-        job_dir = Path(job_dir)
-        try:
-            manifest = json.loads((job_dir / MANIFEST).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SceneError(f"{job_dir} holds no scene (no {MANIFEST}).") from None
-        except json.JSONDecodeError:
-            raise SceneError(f"{job_dir / MANIFEST} is damaged and cannot be read.") from None
+        folder = JobFolder(job_dir)
+        manifest = folder.read_manifest()
         settings = SceneSettings.from_dict({**manifest["settings"], **(settings_override or {})})
-        # Clips that were being written when the process died never reached the manifest: drop them.
-        done = {c["folder"] for c in manifest["clips"]}
-        for leftover in (job_dir / "clips").glob("*") if (job_dir / "clips").is_dir() else []:
-            if leftover.is_dir() and f"clips/{leftover.name}" not in done:
-                shutil.rmtree(leftover, ignore_errors=True)
-        # Likewise the temp files of atomic writes it never renamed into place (".<target>.<random>", see
-        # engine.atomicio): they are never part of the state, and a killed run would otherwise leave one per kill.
-        for folder in (job_dir, job_dir / "state"):
-            for leftover in folder.glob(".*"):
-                if leftover.is_file():
-                    leftover.unlink(missing_ok=True)
-                elif leftover.is_dir() and ".tmp-" in leftover.name:
-                    shutil.rmtree(leftover, ignore_errors=True)
-        image = load_image(job_dir / "input.png")
-        start = Cameras.from_json(job_dir / "state" / "start.json")
-        cache = PointCache.load_ply(job_dir / manifest["state"]["cache"])
-        bank = MemoryBank.load(job_dir / "state" / "bank-start")
-        for clip in manifest["clips"]:
-            part = MemoryBank.load(job_dir / clip["folder"] / "memory")
-            bank.add(part.images, part.cameras, part.depths, frame_ids=part.frame_ids, source=clip["name"])
+        folder.clean_debris(manifest)
+        image, start, cache, bank = folder.load_state(manifest)
         depth_source = depth_source or scene_init.depth_source_for(settings, manifest["kind"] == "panorama", announce)
-        return cls(job_dir, settings, manifest, image, start, cache, bank, depth_source, announce)
+        return cls(folder.path, settings, manifest, image, start, cache, bank, depth_source, announce)
 
     # ---- trajectories ---------------------------------------------------------------------------------
     @property
@@ -360,8 +188,6 @@ class Scene:
     # ---- generation -----------------------------------------------------------------------------------
     def _clip_generator(self):
         if self._generator is None:
-            from engine import scene_init
-
             self._generator = scene_init.clip_generator(self.settings, self.announce)
         return self._generator
 
@@ -372,7 +198,7 @@ class Scene:
         planned = [r.name for r in requests]
         if planned != self.manifest.get("planned"):
             self.manifest["planned"] = planned
-            atomic_write_json(self.job_dir / MANIFEST, self.manifest)
+            self.folder.write_manifest(self.manifest)
         done = {c["trajectory"] for c in self.manifest["clips"]}
         todo = [r for r in requests if r.name not in done]
         report = ensure(progress)
@@ -451,36 +277,23 @@ class Scene:
         report(0.92, f"{name}: writing outputs")
         # The depth video: the grown cache seen from every camera of the clip (the geometry the clip left).
         seen = new_cache.render(cams, radius=self.splat_radius(cams))
-        folder = self._write_clip(name, frames, cams, conditions, retrieval, keep, torch.stack(kept_depths), index,
-                                  depth_video=(seen.depth, seen.mask))
-        record = ClipRecord(name=name, folder=folder, trajectory=req.name, frames=len(cams),
+        with self.folder.clip_folder(name) as tmp:
+            self._write_clip(tmp, name, frames, cams, conditions, retrieval, keep, torch.stack(kept_depths), index,
+                             depth_video=(seen.depth, seen.mask))
+        timings["write"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        record = ClipRecord(name=name, folder=f"{CLIPS}/{name}", trajectory=req.name, frames=len(cams),
                             references=len(retrieval.refs), seconds=timings)
-        cache_file = f"state/cache-{index + 1:04d}.ply"
-        old_cache = self.manifest["state"]["cache"]
-        try:
-            new_cache.save_ply(self.job_dir / cache_file)
-            manifest = copy.deepcopy(self.manifest)
-            timings["write"] = time.perf_counter() - t
-            timings["total"] = time.perf_counter() - t0
-            manifest["clips"].append(asdict(record))
-            manifest["state"]["cache"] = cache_file
-            atomic_write_json(self.job_dir / MANIFEST, manifest)  # the commit point
-        except BaseException:
-            # Not committed (disk full, kill signal): take back this clip's files, so the folder holds exactly
-            # the last committed state rather than an orphan cache file that only a later clip would replace.
-            shutil.rmtree(self.job_dir / folder, ignore_errors=True)
-            if cache_file != old_cache:
-                (self.job_dir / cache_file).unlink(missing_ok=True)
-            raise
+        manifest = self.folder.commit_clip(self.manifest, record, new_cache)
         # Only now does the in-memory scene move on. The cache is taken back from its file (colours quantised
         # as stored), so a run reopened from the folder (resume, revert) continues from exactly this state.
         self.manifest = manifest
-        self.cache = PointCache.load_ply(self.job_dir / cache_file, device=new_cache.device)
+        self.cache = PointCache.load_ply(self.job_dir / manifest["state"]["cache"], device=new_cache.device)
         self.bank.add(frames[keep], cams[keep], torch.stack(kept_depths),
                       frame_ids=[1000 * (index + 1) + int(i) for i in keep], source=name)
         # The previous cache file stays: ``revert`` goes back to it.
         self.write_scene_cloud()
-        atomic_write_json(self.job_dir / _snapshot(index + 1), self.manifest)
+        self.folder.snapshot(self.manifest)
         report(1.0, f"{name}: done")
         return record
 
@@ -564,34 +377,27 @@ class Scene:
                 pass  # too little usable overlap: keep the estimate's own scale
         return depth, valid & (depth > 0)
 
-    def _write_clip(self, name, frames, cams, conditions, retrieval, keep, kept_depths, index, depth_video=None) -> str:
-        final = self.job_dir / "clips" / name
-        tmp = self.job_dir / "clips" / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            outputs.write_video(tmp / "clip.mp4", frames)
-            # What the model was given, in the official files' convention: holes mid-grey, frame 0 the input view,
-            # render_mask.mp4 white where no point landed (the hole to generate).
-            render, covered = conditions.render_frames()
-            outputs.write_video(tmp / "render.mp4", render)
-            outputs.write_mask_video(tmp / "render_mask.mp4", ~covered)
-            if depth_video is not None:
-                outputs.write_depth_video(tmp / "depth.mp4", *depth_video)
-            cams.save_json(tmp / "cameras.json")
-            refs = retrieval.to_json()
-            refs["bank_frames"] = [self.bank.sources[i] + f"#{self.bank.frame_ids[i]}" for i in retrieval.refs]
-            atomic_write_json(tmp / "references.json", refs)
-            part = MemoryBank()
-            part.add(frames[keep], cams[keep], kept_depths, frame_ids=[1000 * (index + 1) + int(i) for i in keep], source=name)
-            part.save(tmp / "memory")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return f"clips/{name}"
+    def _write_clip(self, folder: Path, name, frames, cams, conditions, retrieval, keep, kept_depths, index,
+                    depth_video=None) -> None:
+        """A clip's files into ``folder`` (``JobFolder.clip_folder``)."""
+        outputs.write_video(folder / "clip.mp4", frames)
+        # The frames as generated, lossless: the 3DGS dataset is written from them, not from the H.264 video.
+        for i, frame in enumerate(frames):
+            save_image(folder / FRAMES / f"{i:04d}.png", frame)
+        # What the model was given, in the official files' convention: holes mid-grey, frame 0 the input view,
+        # render_mask.mp4 white where no point landed (the hole to generate).
+        render, covered = conditions.render_frames()
+        outputs.write_video(folder / "render.mp4", render)
+        outputs.write_mask_video(folder / "render_mask.mp4", ~covered)
+        if depth_video is not None:
+            outputs.write_depth_video(folder / "depth.mp4", *depth_video)
+        cams.save_json(folder / "cameras.json")
+        refs = retrieval.to_json()
+        refs["bank_frames"] = [self.bank.sources[i] + f"#{self.bank.frame_ids[i]}" for i in retrieval.refs]
+        atomic_write_json(folder / "references.json", refs)
+        part = MemoryBank()
+        part.add(frames[keep], cams[keep], kept_depths, frame_ids=[1000 * (index + 1) + int(i) for i in keep], source=name)
+        part.save(folder / MEMORY)
 
     # ---- outputs --------------------------------------------------------------------------------------
     def write_scene_cloud(self, only_if_stale: bool = False) -> dict:
@@ -604,7 +410,7 @@ class Scene:
             outputs.write_point_cloud_ply(paths["ply"], self.cache.points, self.cache.colors)
             self._write_viewer_clouds(paths["glb"], paths["splats"], keep=None)
             self.manifest["cloud_written_for"] = state
-            atomic_write_json(self.job_dir / MANIFEST, self.manifest)
+            self.folder.write_manifest(self.manifest)
         return paths
 
     def viewer_confidence(self) -> torch.Tensor:
@@ -664,30 +470,29 @@ class Scene:
         cams = [self.start_camera]
         images = [self.start_image_for(self.start_camera)[None]]
         for clip in self.manifest["clips"]:
-            clip_cams = Cameras.from_json(self.job_dir / clip["folder"] / "cameras.json")
-            clip_frames = outputs.read_video(self.job_dir / clip["folder"] / "clip.mp4")
-            cams.append(clip_cams[1:])
-            images.append(clip_frames[1:])
+            cams.append(Cameras.from_json(self.job_dir / clip["folder"] / "cameras.json")[1:])
+            images.append(self.folder.clip_frames(clip)[1:])
         all_cams = Cameras.cat(cams)
         outputs.write_cameras_json(self.job_dir / "cameras.json", all_cams)
         report(0.3, "writing the 3DGS dataset")
-        outputs.write_transforms_json(self.job_dir, torch.cat(images), all_cams)
+        outputs.write_transforms_json(self.job_dir, torch.cat(images), all_cams, image_dir=DATASET_IMAGES)
         # Frames of a removed clip (``revert``) must not linger in the dataset or the zip.
         listed = {f["file_path"] for f in json.loads((self.job_dir / "transforms.json").read_text())["frames"]}
-        for stale in (self.job_dir / "images").glob("*"):
-            if f"images/{stale.name}" not in listed and stale.is_file():
+        for stale in (self.job_dir / DATASET_IMAGES).glob("*"):
+            if f"{DATASET_IMAGES}/{stale.name}" not in listed and stale.is_file():
                 stale.unlink()
         report(0.8, "packing the zip")
-        # The zip is for people: internal resume state (cache versions, memory frames) stays out.
+        # The zip is for people: internal resume state (cache versions, memory frames) stays out, and so do the
+        # clips' lossless frames (the dataset images hold them).
         zip_path = outputs.zip_folder(self.job_dir, self.job_dir / "scene.zip",
-                                      exclude=("state/*", "clips/*/memory/*"))
+                                      exclude=("state/*", f"{CLIPS}/*/{MEMORY}/*", f"{CLIPS}/*/{FRAMES}/*"))
         paths.update(cameras=self.job_dir / "cameras.json", transforms=self.job_dir / "transforms.json", zip=zip_path)
         report(1.0, "export done")
         return paths
 
     # ---- undo -----------------------------------------------------------------------------------------
     def revert(self, progress: Optional[Progress] = None) -> dict:
-        """Remove the last clip: the scene goes back to its state before that clip (module notes).
+        """Remove the last clip: the scene goes back to its state before that clip (``engine.jobfolder`` notes).
 
         Returns the removed clip's record. The 3D cache, the memory bank, the manifest and every scene-level
         file are those of the clip before; with no clip left, the scene-level files are removed, as after
@@ -698,47 +503,21 @@ class Scene:
         if not clips:
             raise SceneError("This scene has no clip to remove.")
         n, removed = len(clips), clips[-1]
-        previous = self._manifest_before_last()
+        previous = self.folder.manifest_before_last(self.manifest)
         if not (self.job_dir / previous["state"]["cache"]).is_file():
             raise SceneError(f"The 3D cache from before clip {removed['name']} was not kept, so it cannot be removed.")
         report(0.1, f"removing {removed['name']}")
-        atomic_write_json(self.job_dir / MANIFEST, previous)  # the commit point
-        shutil.rmtree(self.job_dir / removed["folder"], ignore_errors=True)
-        if previous["state"]["cache"] != self.manifest["state"]["cache"]:
-            (self.job_dir / self.manifest["state"]["cache"]).unlink(missing_ok=True)
-        (self.job_dir / _snapshot(n)).unlink(missing_ok=True)
+        self.folder.remove_last_clip(self.manifest, previous)
         reopened = Scene.open(self.job_dir, depth_source=self.depth_source, announce=self.announce)
         self.manifest, self.cache, self.bank = reopened.manifest, reopened.cache, reopened.bank
         if n == 1:
-            for name in SCENE_OUTPUTS:
-                (self.job_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(self.job_dir / "images", ignore_errors=True)
+            self.folder.remove_scene_outputs()
         else:
             report(0.3, "rewriting the scene files")
             self.write_scene_cloud()
             self.export(progress=span(report, 0.5, 1.0))
         report(1.0, f"removed {removed['name']}")
         return removed
-
-    def _manifest_before_last(self) -> dict:
-        """The manifest kept when the scene had one clip less; rebuilt from the current one if that file is
-        missing (a run killed between a commit and its snapshot)."""
-        n = len(self.manifest["clips"])
-        try:
-            previous = json.loads((self.job_dir / _snapshot(n - 1)).read_text(encoding="utf-8"))
-            if previous.get("clips") == self.manifest["clips"][:-1]:
-                return previous
-        except (OSError, ValueError):
-            pass
-        previous = copy.deepcopy(self.manifest)
-        previous["clips"] = previous["clips"][:-1]
-        previous["state"]["cache"] = f"state/cache-{n - 1:04d}.ply"
-        previous.pop("cloud_written_for", None)
-        return previous
-
-
-def _snapshot(clips: int) -> str:
-    return f"state/manifest-{clips:04d}.json"
 
 
 class _NoDepth:
@@ -757,16 +536,3 @@ def revert(job_dir) -> tuple["Scene", dict]:
     """Remove the last clip of the scene in ``job_dir`` without loading any model: ``(scene, removed record)``."""
     scene = open_for_files(job_dir)
     return scene, scene.revert()
-
-
-def check_same_input(job_dir, image, panorama: bool) -> None:
-    """Refuse to continue the scene in ``job_dir`` from an input other than the one it was made from."""
-    job_dir, image = Path(job_dir), Path(image)
-    manifest = json.loads((job_dir / MANIFEST).read_text(encoding="utf-8"))
-    if not image.is_file():
-        raise SceneError(f"Input {image.name} does not exist or is not a file.")
-    recorded = manifest.get("input", {})
-    kind = "panorama" if panorama else "photo"
-    if recorded.get("sha256") != file_sha256(image) or manifest.get("kind") != kind:
-        raise SceneError(f"{job_dir} holds a scene made from another input ({recorded.get('name', 'unknown')}, a "
-                         f"{manifest.get('kind', 'photo')}); choose another --out, or give that input to continue it.")

@@ -19,6 +19,7 @@ from engine.geometry.cache import PointCache
 from engine.geometry.memory import MemoryBank
 from engine.preview import preview_clip
 from engine.progress import Progress, ensure
+from engine.settings import SceneError, bucket_size, engine_device
 
 PANORAMA_MAX_WIDTH = 2048
 PANORAMA_START_YAWS = (0.0, 90.0, 180.0, 270.0)  # exploration starts: the four horizontal directions
@@ -55,16 +56,6 @@ class DepthSource:
         return est.depth.float(), est.mask.bool(), est.intrinsics.double()
 
 
-def engine_device(settings) -> torch.device:
-    """The scene's device: where the networks run and the 3D cache and its renders live."""
-    device = torch.device(settings.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from engine.scene import SceneError
-
-        raise SceneError(f"The device '{settings.device}' is not available here (no CUDA GPU); use --device cpu.")
-    return device
-
-
 def depth_source_for(settings, panorama: bool, announce: Callable[[str], None]) -> DepthSource:
     """The depth door of a scene: its depth model, loaded once per process (``engine.depth``), on its device."""
     from engine.depth import load_depth_estimator
@@ -95,8 +86,6 @@ def checkpoint_config(engine: str, weights: Optional[str] = None):
 def photo_size(height: int, width: int, settings) -> tuple[int, int]:
     """``(h, w)`` of a photo scene's frames: the engine's bucket for the photo (the checkpoint's own
     ``scale_map`` when its config.json is here)."""
-    from engine.scene import bucket_size
-
     config = checkpoint_config(settings.engine, settings.weights)
     return bucket_size(settings.engine, height, width, config.scale_map if config is not None else None)
 
@@ -150,7 +139,6 @@ def seed_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional
     from engine.geometry.cache import depth_edges
     from engine.geometry.panorama import (BANK_HEIGHT, BANK_WIDTH, bank_cameras, equirect_to_perspective, is_equirect,
                                           look_rotation, panorama_points, views_to_panorama_depth)
-    from engine.scene import SceneError, bucket_size
 
     report = ensure(progress)
     hp, wp = pano.shape[-2:]
@@ -339,8 +327,6 @@ def pipeline_spec(settings) -> PipelineSpec:
     source = checkpoint_dir(variant, Path(settings.weights) if settings.weights else None)
     if source is None:
         from engine.engines import engine_status
-        from engine.scene import SceneError
-
         raise SceneError(engine_status(settings.engine, Path(settings.weights) if settings.weights else None)[1])
     return PipelineSpec(settings.engine, str(source), settings.device, settings.offload, settings.backend,
                         settings.graphs)

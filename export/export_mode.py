@@ -1,7 +1,8 @@
 """Export mode: the same WorldStereo function written in operators every ONNX consumer accepts.
 
-Exporting the model as it is fails three ways (see the project notes): no `aten::rms_norm` in the TorchScript
-exporter, an unloadable Reshape from the dynamo exporter at opset 18 and a failing CPU `Attention` kernel at opset 23.
+Exporting the model as it is fails three ways (diffusers 0.42, torch 2.13, ONNX Runtime 1.31): no `aten::rms_norm`
+in the TorchScript exporter, an unloadable Reshape from the dynamo exporter at opset 18 and a failing CPU `Attention`
+kernel at opset 23.
 Inside ``export_mode(model)``:
 
 - every `WanAttention` (backbone and both branches) runs `PlainAttnProcessor`: softmax(q·kᵀ/√d)·v as two matmuls,

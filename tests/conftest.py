@@ -6,6 +6,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download; weights are built tiny and saved locally
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,16 @@ def tiny_clip_inputs(frames: int, height: int, width: int, seed: int = 0):
                 render=torch.rand(frames, 3, height, width, generator=g),
                 render_mask=torch.rand(frames, height, width, generator=g) > 0.3)
     return args, refs
+
+
+def read_vertex_ply(path: Path) -> tuple[list[str], np.ndarray]:
+    """A binary little-endian vertex PLY read by hand (header, then one structured array): a reader independent
+    of the plyfile library the engine writes with."""
+    raw = Path(path).read_bytes()
+    end = raw.index(b"end_header\n") + len(b"end_header\n")
+    header = raw[:end].decode("ascii").splitlines()
+    assert header[:2] == ["ply", "format binary_little_endian 1.0"], header[:2]
+    types = {"float": "<f4", "uchar": "u1", "int": "<i4"}
+    fields = [(ln.split()[2], types[ln.split()[1]]) for ln in header if ln.startswith("property")]
+    n = int(next(ln for ln in header if ln.startswith("element vertex")).split()[-1])
+    return [f for f, _ in fields], np.frombuffer(raw, dtype=np.dtype(fields), count=n, offset=end)

@@ -25,8 +25,8 @@ from PIL import Image
 from engine.cli import main as cli_main
 from engine.geometry import trajectories as traj
 from conftest import PlaneTestDepth
-from engine.scene import (MAX_CLIP_FRAMES, MAX_PROMPT_CHARS, MIN_CLIP_FRAMES, Scene, SceneError, SceneSettings,
-                          TrajectoryRequest)
+from engine.scene import Scene, TrajectoryRequest
+from engine.settings import MAX_CLIP_FRAMES, MAX_PROMPT_CHARS, MIN_CLIP_FRAMES, SceneError, SceneSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hostile import hostile_prompt_bytes, hostile_prompts, quadrant_image, write_corpus  # noqa: E402
@@ -90,7 +90,7 @@ def _refused(argv: list, out: Path, tmp_root: Path, private: Path, capsys, conte
 
 def test_every_refused_input_gets_one_sentence_and_leaves_nothing(corpus, good_image, tmp_path, private_tmp, capsys):
     refused = [h for h in corpus if h.expect == "refuse"]
-    assert len(refused) >= 25  # the list: images, camera files, panorama
+    assert len(refused) >= 25  # the hostile corpus: images, camera files, panorama
     messages = {}
     for h in refused:
         if h.role == "camera_json":
@@ -167,6 +167,16 @@ def test_hostile_prompts_are_refused_with_the_stated_limit(good_image, tmp_path,
         SceneSettings(prompt="x" * (MAX_PROMPT_CHARS + 1)).validate()
     SceneSettings(prompt="a room\nwith a window,\tat dusk (caf\u00e9 \u6e2f)").validate()  # newlines, tabs, Unicode
     SUMMARY["refused_prompts"] = seen
+
+
+def test_unknown_engine_is_refused_with_the_names_there_are():
+    from engine.engines import ENGINES
+
+    with pytest.raises(SceneError) as err:
+        SceneSettings(engine="worldstereo-huge").validate()
+    assert str(err.value) == f"Unknown engine 'worldstereo-huge'; choose one of: {', '.join(ENGINES)}."
+    for name in ENGINES:
+        SceneSettings(engine=name).validate()
 
 
 def test_subprocess_exit_code_and_stderr_for_non_utf8_prompt(good_image, tmp_path):

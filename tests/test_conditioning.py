@@ -14,6 +14,7 @@ from scipy.spatial.transform import Rotation
 from conftest import SHARED, PlaneTestDepth
 from engine import conditioning as C
 from engine.cli import main as cli_main
+from engine.constants import KEYFRAMES
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
 from engine.geometry.cache import PointCache
 from engine.images import load_image, save_image
@@ -48,7 +49,7 @@ def official_case(examples, name: str):
     h0, w0 = image.shape[-2:]
     full = Cameras.from_json(examples / cam_rel, w0, h0)
     size = C.assign_bucket(h0, w0)
-    return image, full, size, C.official_cameras(full, (h0, w0), size, C.DEFAULT_NFRAME)
+    return image, full, size, C.official_cameras(full, (h0, w0), size, KEYFRAMES)
 
 
 # ---- the golden tensors ----------------------------------------------------------------------------
@@ -89,7 +90,7 @@ def test_official_render_folder_is_read_as_the_loader_reads_it(examples):
     g, meta = golden("corridor_view0_traj1")
     image = load_image(examples / CASES["corridor_view0_traj1"][0])
     pil = C.stretch_to_bucket(image, tuple(meta["hw"]))
-    video, mask = C.read_official_render(examples / CORRIDOR / "traj1", pil, C.DEFAULT_NFRAME)
+    video, mask = C.read_official_render(examples / CORRIDOR / "traj1", pil, KEYFRAMES)
     s = meta["stride"]
     close(video[..., ::s, ::s], g["render_video"], RENDER_TOL)
     assert torch.equal(video[0, :, 0], C.signed(C.pil_to_tensor(pil)))  # frame 0 is the start frame itself
@@ -318,7 +319,8 @@ class _Recorder:
 
 
 def test_scene_feeds_a_photos_first_clip_the_input_view_alone(tmp_path):
-    from engine.scene import Scene, SceneSettings
+    from engine.scene import Scene
+    from engine.settings import SceneSettings
 
     save_image(tmp_path / "photo.png", torch.rand(3, 240, 384, generator=torch.Generator().manual_seed(1)))
     scene = Scene.create(tmp_path / "job", tmp_path / "photo.png", settings=SceneSettings(frames=5, keep_frames=2),
@@ -419,7 +421,8 @@ def test_splat_radius_follows_the_official_render_radius():
 
 
 def test_a_users_depth_map_is_stretched_with_the_photo(tmp_path):
-    from engine.scene import Scene, SceneSettings
+    from engine.scene import Scene
+    from engine.settings import SceneSettings
 
     save_image(tmp_path / "photo.png", torch.rand(3, 96, 144))  # 2:3, stretched to the 240x384 preview bucket
     np.save(tmp_path / "depth.npy", np.full((96, 144), 2.5, dtype=np.float32))

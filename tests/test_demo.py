@@ -136,11 +136,14 @@ def test_cancel_stops_after_the_current_stage_and_keeps_finished_clips(ctx, exam
     manifest = json.loads((jobs.job_dir(ctx.output_dir, job) / "scene" / "manifest.json").read_text())
     assert [c["trajectory"] for c in manifest["clips"]] == ["left"]
     assert "00_left.mp4" in [Path(p).name for p in updates[-1]["downloads"]]
-    assert not ctx.cancel_flag("s2").is_set()  # the next run of this session starts uncancelled
+    assert "s2" not in ctx.cancel_flags  # the run's flag went with it: the next run starts uncancelled
+    cb.cancel(ctx, "idle")  # a cancel with no run in progress leaves nothing behind either
+    assert not ctx.cancel_flags
 
 
 def test_engine_error_mid_run_is_one_sentence_and_keeps_earlier_clips(ctx, examples, monkeypatch):
-    from engine.scene import Scene, SceneError
+    from engine.scene import Scene
+    from engine.settings import SceneError
 
     original = Scene.generate
     calls = []
@@ -161,6 +164,7 @@ def test_engine_error_mid_run_is_one_sentence_and_keeps_earlier_clips(ctx, examp
     assert "\n" not in err.value.message and "Traceback" not in err.value.message
     assert "00_left.mp4" in [Path(p).name for p in updates[-1]["downloads"]]
     assert "Stopped" in updates[-1]["status"]
+    assert "s3" not in ctx.cancel_flags
 
 
 def test_unreadable_upload_gives_the_engines_sentence(tmp_path):
@@ -238,7 +242,7 @@ def test_engine_dropdown_names_why_an_engine_cannot_run():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_unavailable_engine_falls_back_to_preview_with_a_warning(ctx):
     warnings = []
-    engine, _ = cb.choose_engine("worldstereo-memory-dmd", cb.QUALITY, ctx, warn=warnings.append)
+    engine = cb.choose_engine("worldstereo-memory-dmd", cb.QUALITY, ctx, warn=warnings.append)
     assert engine == "preview"
     # The quality choice picked the 40-step variant, and the warning says why it cannot run.
     assert len(warnings) == 1 and warnings[0].startswith(engine_status("worldstereo-memory")[1])

@@ -352,7 +352,7 @@ def test_align_to_real_module_recovers_scale():
 # ---- generated frames without a depth model --------------------------------------------------------
 
 def test_holes_of_a_rendered_plane_are_filled_with_that_plane():
-    from engine.depth import depth_from_render, is_fallback, PlaneDepth, SphereDepth, UserDepth
+    from engine.depth import depth_from_render, is_fallback, PlaneDepth, SphereDepth
 
     # A tilted plane n.X = 1 seen by a pinhole camera: z = 1 / (n . K^-1 (u, v, 1)), analytic per pixel.
     h, w, f = 48, 64, 50.0

@@ -25,10 +25,12 @@ import torch
 from PIL import Image
 
 import engine.scene as scene_mod
+import engine.settings as settings_mod
 import engine.scene_init as scene_init
 from engine.cli import main as cli_main
 from conftest import PlaneTestDepth
-from engine.scene import GenerationCancelled, Scene, SceneSettings
+from engine.scene import GenerationCancelled, Scene
+from engine.settings import SceneSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY: dict = {"faults": {}, "committed_files_checked": 0, "files_lost": 0}
@@ -42,7 +44,7 @@ def _survived(name: str, detail: str) -> None:
 def small_preview(monkeypatch):
     # Quarter-size preview buckets keep each clip to a second or two on the shared CPU; the fault handling
     # under test does not depend on the frame size.
-    monkeypatch.setitem(scene_mod.ENGINE_SCALE, "preview", 0.25)
+    monkeypatch.setitem(settings_mod.ENGINE_SCALE, "preview", 0.25)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def _assert_kept(before: dict, now: dict, keep: tuple = (), exact: bool = True) 
 
 
 def _temp_leftovers(job: Path) -> list:
-    # Atomic writes use ".name.*" temp files and ".tmp-*" clip folders; none may outlive a failure.
+    # Atomic writes use ".name.*" temporary files and folders (engine.atomicio); none may outlive a failure.
     return [str(p.relative_to(job)) for p in job.rglob(".*")]
 
 
@@ -80,14 +82,14 @@ def _temp_leftovers(job: Path) -> list:
 def template(tmp_path_factory, photo) -> Path:
     """A job folder with one committed clip ("up"); each test works on its own copy."""
     job = tmp_path_factory.mktemp("template") / "job"
-    old = scene_mod.ENGINE_SCALE["preview"]
-    scene_mod.ENGINE_SCALE["preview"] = 0.25
+    old = settings_mod.ENGINE_SCALE["preview"]
+    settings_mod.ENGINE_SCALE["preview"] = 0.25
     try:
         scene = Scene.create(job, photo, settings=SceneSettings(engine="preview", frames=3),
                              depth_source=PlaneTestDepth(), announce=lambda _: None)
         scene.generate("up")
     finally:
-        scene_mod.ENGINE_SCALE["preview"] = old
+        settings_mod.ENGINE_SCALE["preview"] = old
     return job
 
 
@@ -337,14 +339,15 @@ def test_sigkill_between_clips_then_the_same_command_finishes(photo, tmp_path):
 
 
 def test_open_drops_what_a_killed_run_left_half_written(template, tmp_path):
-    """The debris a kill can leave at each write (named as engine.atomicio and MemoryBank.save name their temp
-    files) is removed by Scene.open; the committed files are untouched."""
+    """The debris a kill can leave at each write (named as engine.atomicio names its temporary files and folders)
+    is removed by Scene.open; the committed files are untouched."""
     job = tmp_path / "job"
     shutil.copytree(template, job)
     files = _tree(job)
     debris = [job / ".manifest.json.k1ll3d.json", job / "state" / ".cache-0002.ply.x7q2.ply", job / ".scene.glb.ab12.glb",
-              job / "clips" / ".tmp-01_left" / "clip.mp4", job / "clips" / "01_left" / "clip.mp4",
-              job / "state" / ".bank-start.tmp-1234abcd" / "camera.json"]
+              job / "clips" / ".01_left.tmp-ab12cd34" / "clip.mp4", job / "clips" / "01_left" / "clip.mp4",
+              job / "state" / ".bank-start.tmp-1234abcd" / "camera.json",
+              job / "state" / ".bank-start.old-5678efgh" / "bank-start" / "index.json"]
     for path in debris:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half written")

@@ -11,7 +11,9 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
-from engine.geometry.memory import MAX_REFS, MemoryBank, MemoryBankError, frustum_overlap
+from engine.constants import MAX_REFERENCES
+from engine.geometry.memory import MemoryBank, MemoryBankError
+from engine.geometry.retrieval import overlap_matrix
 
 W, H = 32, 24
 
@@ -57,6 +59,11 @@ def bank_with(cams: list[Cameras], depth_lo=2.0, depth_hi=6.0, seed=0) -> Memory
 
 
 # ---- frustum overlap -----------------------------------------------------------------------------
+
+def frustum_overlap(a: Cameras, b: Cameras, near: float, far: float, **kw) -> float:
+    """One pair's entry of the overlap matrix."""
+    return float(overlap_matrix(a, b, [near], [far], **kw)[0, 0])
+
 
 def test_identical_camera_overlap_is_one():
     c = camera(37.0, -12.0, (0.3, -1.2, 2.0), fov=75.0)
@@ -179,8 +186,8 @@ def test_never_more_than_max_refs_and_each_target_gets_its_best_kept_reference()
     # A full turn of targets over a ring of 12 bank views: every target prefers a different view.
     bank = bank_with([camera(yaw) for yaw in range(0, 360, 30)])
     targets = Cameras.cat([camera(yaw + 3.0) for yaw in range(0, 360, 30)])
-    full = bank.retrieve(targets, max_refs=MAX_REFS)
-    assert len(full.refs) <= MAX_REFS
+    full = bank.retrieve(targets, max_refs=MAX_REFERENCES)
+    assert len(full.refs) <= MAX_REFERENCES
     o = bank.overlaps(targets)
     for max_refs in (1, 3, 5):
         got = bank.retrieve(targets, max_refs=max_refs)
@@ -197,7 +204,7 @@ def test_never_more_than_max_refs_and_each_target_gets_its_best_kept_reference()
             assert int(got.per_target[i]) == r
         assert got.ref_index == sorted(got.ref_index)
     with pytest.raises(ValueError):
-        bank.retrieve(targets, max_refs=MAX_REFS + 1)
+        bank.retrieve(targets, max_refs=MAX_REFERENCES + 1)
 
 
 def test_one_reference_goes_to_the_frame_covering_most():

@@ -121,7 +121,7 @@ def test_bank_cameras_other_sizes_keep_the_field_of_view():
 
 
 def test_stitch_then_cut_reproduces_the_official_bank_images(examples):
-    """The issue's must-show: bank -> panorama -> bank keeps PSNR >= 30 dB over covered pixels."""
+    """Bank -> panorama -> bank keeps PSNR >= 30 dB over covered pixels."""
     imageio = pytest.importorskip("imageio.v3")
     names, cams = official_bank(examples)
     images = torch.stack(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import read_vertex_ply
 from engine.cli import main as cli_main
 from engine.outputs import SH_C0, SPLAT_OPACITY, depth_to_colors
 from engine.scene import SPLAT_SIGMA
@@ -21,18 +22,6 @@ SPLAT_FIELDS = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "
 
 def _tree(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _read_vertex_ply(path: Path) -> tuple[list[str], np.ndarray]:
-    """A binary little-endian vertex PLY read by hand (header, then one structured array)."""
-    raw = path.read_bytes()
-    end = raw.index(b"end_header\n") + len(b"end_header\n")
-    header = raw[:end].decode("ascii").splitlines()
-    assert header[:2] == ["ply", "format binary_little_endian 1.0"], header[:2]
-    types = {"float": "<f4", "uchar": "u1", "int": "<i4"}
-    fields = [(ln.split()[2], types[ln.split()[1]]) for ln in header if ln.startswith("property")]
-    n = int(next(ln for ln in header if ln.startswith("element vertex")).split()[-1])
-    return [f for f, _ in fields], np.frombuffer(raw, dtype=np.dtype(fields), count=n, offset=end)
 
 
 def _generate(examples, out, trajectories, image=PHOTO):
@@ -53,9 +42,9 @@ def two_clips(examples, tmp_path_factory):
 
 def test_scene_splats_have_the_3dgs_layout(two_clips):
     out, _ = two_clips
-    names, v = _read_vertex_ply(out / "scene_splats.ply")
+    names, v = read_vertex_ply(out / "scene_splats.ply")
     assert names == SPLAT_FIELDS
-    plain_names, plain = _read_vertex_ply(out / "scene.ply")
+    plain_names, plain = read_vertex_ply(out / "scene.ply")
     assert plain_names[:6] == ["x", "y", "z", "red", "green", "blue"] and len(plain) == len(v) > 1000
     xyz = np.stack([v["x"], v["y"], v["z"]], 1)
     np.testing.assert_array_equal(xyz, np.stack([plain["x"], plain["y"], plain["z"]], 1))
@@ -92,7 +81,8 @@ def test_revert_puts_back_every_file_of_the_first_clip_byte_for_byte(two_clips, 
 
 
 def test_revert_down_to_no_clip_and_refusals(examples, tmp_path, capsys):
-    from engine.scene import Scene, SceneSettings
+    from engine.scene import Scene
+    from engine.settings import SceneSettings
 
     out = tmp_path / "scene"
     scene = Scene.create(out, examples / PHOTO, settings=SceneSettings(engine="preview", frames=5),
@@ -148,7 +138,8 @@ def test_revert_within_one_run_restores_the_first_clips_files(examples, tmp_path
     """`generate --trajectories up,left` in one go, then `revert`: every file the scene had right after its first
     clip (the cache, memory, manifest, scene.ply/.glb/splats) comes back byte for byte, and the exports are
     written for that one clip."""
-    from engine.scene import Scene, SceneSettings
+    from engine.scene import Scene
+    from engine.settings import SceneSettings
 
     out = tmp_path / "scene"
     scene = Scene.create(out, examples / PHOTO, settings=SceneSettings(engine="preview", frames=5),

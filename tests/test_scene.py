@@ -16,7 +16,8 @@ from engine.cli import main as cli_main
 from engine.geometry import trajectories as traj
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
 from engine.images import save_image
-from engine.scene import GenerationCancelled, Scene, SceneSettings
+from engine.scene import GenerationCancelled, Scene
+from engine.settings import SceneSettings
 
 PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"
 
@@ -157,6 +158,39 @@ def test_without_a_depth_model_generated_frames_continue_the_cached_surface(room
         assert f1 < 0.9, (precision, recall, f1)
 
 
+def test_dataset_images_are_the_generated_frames_exactly(room, tmp_path, monkeypatch):
+    """The 3DGS dataset's images are the generated frames pixel for pixel (kept losslessly in each clip, not
+    decoded back from the H.264 clip, which would not pass this test)."""
+    from engine import scene_init
+    from engine.images import to_uint8
+    from engine.outputs import read_video
+
+    folder, start = room
+    generated = []
+    real_generator = scene_init.clip_generator
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner, self.has_memory, self.uses_pointmaps = inner, inner.has_memory, inner.uses_pointmaps
+
+        def generate(self, **kwargs):
+            generated.append(self.inner.generate(**kwargs))
+            return generated[-1]
+
+    monkeypatch.setattr(scene_init, "clip_generator", lambda *a, **k: Recording(real_generator(*a, **k)))
+    job = tmp_path / "job"
+    scene = Scene.create(job, folder / "room.png", settings=SceneSettings(engine="preview", frames=5, keep_frames=2),
+                         depth_source=RoomDepth(start), announce=lambda m: None)
+    scene.run(["left", "up"])
+    files = [f["file_path"] for f in json.loads((job / "transforms.json").read_text())["frames"]]
+    expected = to_uint8(torch.cat([scene.start_image[None]] + [frames[1:] for frames in generated]))
+    assert len(files) == len(expected) == 1 + 2 * 4
+    for rel, want in zip(files, expected):
+        assert np.array_equal(iio.imread(job / rel), want), rel
+    video = to_uint8(read_video(job / scene.clips[0]["folder"] / "clip.mp4"))
+    assert not np.array_equal(video, to_uint8(generated[0]))  # the video is lossy: it could not have given them
+
+
 def test_cli_preview_writes_every_output(examples, tmp_path, capsys):
     out = tmp_path / "scene"
     rc = cli_main(["generate", "--image", str(examples / PHOTO), "--engine", "preview", "--frames", "9",
@@ -208,14 +242,14 @@ def test_resume_after_kill_finishes_without_redoing(examples, tmp_path):
     first_video = out / first["clips"][0]["folder"] / "clip.mp4"
     stamp = first_video.stat().st_mtime_ns
     # A leftover half-written clip from the "killed" process must not survive the restart.
-    (out / "clips" / ".tmp-01_left").mkdir()
+    (out / "clips" / ".01_left.tmp-ab12cd34").mkdir()
 
     again = Scene.open(out, announce=lambda m: None)
     again.run(["up", "left", "right"])
     final = json.loads((out / "manifest.json").read_text())
     assert [c["trajectory"] for c in final["clips"]] == ["up", "left", "right"]
     assert first_video.stat().st_mtime_ns == stamp
-    assert not (out / "clips" / ".tmp-01_left").exists()
+    assert not (out / "clips" / ".01_left.tmp-ab12cd34").exists()
     # Every committed cache version is kept (``revert`` goes back to them), and only those.
     assert sorted(p.name for p in (out / "state").glob("cache-*.ply")) == [f"cache-{i:04d}.ply" for i in range(4)]
 
@@ -272,6 +306,29 @@ def test_render_cli_on_official_trajectory(examples, tmp_path):
     assert torch.allclose(written.w2c, official.w2c[np.linspace(0, 80, 21, dtype=int)], atol=1e-9)
     # Frame 0 is the input view, fully known: its mask frame (white = hole) is black, its render the photo.
     assert iio.imread(out / "render_mask.mp4")[0].mean() < 5
+
+
+def test_render_cli_on_a_job_folder_renders_its_cache_without_a_depth_model(room, tmp_path, monkeypatch):
+    from engine import scene_init
+    from engine.geometry.render import render_points
+
+    folder, start = room
+    job = tmp_path / "job"
+    scene = Scene.create(job, folder / "room.png", settings=SceneSettings(engine="preview", frames=5),
+                         depth_source=RoomDepth(start), announce=lambda m: None)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("render loaded a depth model")
+
+    monkeypatch.setattr(scene_init, "depth_source_for", no_model)
+    out = tmp_path / "render"
+    assert cli_main(["render", "--scene", str(job), "--trajectory", "left", "--frames", "5", "--out", str(out)]) == 0
+    written = Cameras.from_json(out / "cameras.json")
+    assert torch.allclose(written.w2c, scene.plan("left").w2c, atol=1e-9)
+    # The mask is the job's cache seen along those cameras (white = hole), recomputed with the point renderer.
+    seen = render_points(scene.cache.points, scene.cache.colors, written, radius=scene.splat_radius(written))
+    mask = iio.imread(out / "render_mask.mp4")[..., 0] > 127
+    assert mask.shape[0] == 5 and (mask == ~seen.mask.numpy()).mean() > 0.98
 
 
 def test_cli_tiny_random_runs_the_network_loop(examples, tmp_path, capsys, monkeypatch):

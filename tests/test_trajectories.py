@@ -14,7 +14,6 @@ from engine.geometry.trajectories import (
     TrajectorySpec,
     cameras_from_motion_list,
     cameras_from_moves,
-    interpolate_cameras,
     make_trajectory,
     parse_motion,
 )
@@ -174,12 +173,6 @@ def test_bad_start_or_depth_raise():
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="Median depth"):
             make_trajectory("left", _start(), bad)
-
-
-def test_interpolate_cameras_hits_both_ends():
-    a, b = _start(0), _start(1)
-    mid = interpolate_cameras(a, b, 9)
-    assert torch.allclose(mid.w2c[0], a.w2c[0]) and torch.allclose(mid.w2c[-1], b.w2c[0], atol=1e-12)
 
 
 # ---- official motion strings -------------------------------------------------------------------------

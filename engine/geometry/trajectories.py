@@ -312,23 +312,6 @@ def make_trajectory(
     return cameras_from_moves(_preset_moves(name, amount, d), start, d, [frames - 1], ease=ease)
 
 
-def interpolate_cameras(a: Cameras, b: Cameras, frames: int, ease: bool = True) -> Cameras:
-    """``frames`` cameras from ``a`` to ``b`` (both length 1): slerped rotations, straight-line centres."""
-    if len(a) != 1 or len(b) != 1 or frames < 2:
-        raise ValueError("Interpolate between two single cameras over at least 2 frames.")
-    ca = a.c2w[0].detach().cpu().double().numpy()
-    cb = b.c2w[0].detach().cpu().to(a.device).double().numpy()
-    slerp = Slerp([0.0, 1.0], Rotation.from_matrix(np.stack([ca[:3, :3], cb[:3, :3]])))
-    fr = np.concatenate([[0.0], _profile(frames - 1, ease)])
-    poses = []
-    for f, r in zip(fr, slerp(fr)):
-        p = np.eye(4)
-        p[:3, :3] = r.as_matrix()
-        p[:3, 3] = (1 - f) * ca[:3, 3] + f * cb[:3, 3]
-        poses.append(p)
-    return _assemble(a, poses)
-
-
 __all__ = [
     "DEFAULT_FRAMES",
     "Motion",
@@ -336,7 +319,6 @@ __all__ = [
     "TrajectorySpec",
     "cameras_from_motion_list",
     "cameras_from_moves",
-    "interpolate_cameras",
     "make_trajectory",
     "parse_motion",
 ]

@@ -3,7 +3,7 @@
 Each point has a colour in [0,1], a confidence and the id of the frame it came from. Frames are lifted
 with ``unproject_frame`` (depth discontinuities dropped, see ``depth_edges``), the cloud is kept under a
 point budget by voxel merging (``PointCache.downsample``), rendered along cameras with
-``engine.geometry.render.render_points``, and saved as a binary PLY that standard readers open.
+``engine.geometry.render.render_points``, and saved as a binary PLY that standard readers open (``engine.plyio``).
 
 Depth edges (``depth_edges``)
     A pixel is an edge when the depths in its 3x3 neighbourhood (itself included, only valid pixels) span
@@ -42,7 +42,6 @@ Splat scale (``point_spacing``)
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 
 from engine.geometry.cameras import Cameras
 from engine.geometry.render import RenderResult, render_points
+from engine.plyio import PlyError, read_vertices, write_vertices
 
 PathLike = Union[str, Path]
 
@@ -425,32 +425,18 @@ class PointCache:
 
     # ---- files --------------------------------------------------------------------------------------
     def save_ply(self, path: PathLike) -> Path:
-        """Binary little-endian PLY: ``x y z`` float, ``red green blue`` uchar, ``confidence`` float and
-        ``source`` int (int32, so frame ids round-trip exactly); written atomically."""
-        from engine.atomicio import atomic_path
-
+        """Binary little-endian PLY (``engine.plyio``): ``x y z`` float, ``red green blue`` uchar, ``confidence``
+        float and ``source`` int (int32, so frame ids round-trip exactly); written atomically."""
         src = self.source.cpu().numpy()
         if src.size and (src.min() < -(2**31) or src.max() >= 2**31):
             raise CacheError("Frame ids in the cache do not fit the PLY file's 32-bit source field.")
-        rows = np.empty(len(self), dtype=_PLY_DTYPE)
-        pts = self.points.detach().cpu().numpy()
+        pts = self.points.detach().cpu().numpy().astype(np.float32)
         cols = np.round(self.colors.detach().cpu().clamp(0, 1).numpy() * 255).astype(np.uint8)
-        for i, axis in enumerate("xyz"):
-            rows[axis] = pts[:, i]
-        for i, ch in enumerate(("red", "green", "blue")):
-            rows[ch] = cols[:, i]
-        rows["confidence"] = self.confidence.detach().cpu().numpy()
-        rows["source"] = src
-        header = ["ply", "format binary_little_endian 1.0", "comment WorldStereo Studio 3D cache",
-                  f"element vertex {len(self)}"]
-        header += [f"property {_PLY_TYPE_NAMES[np.dtype(rows.dtype[name]).str[1:]]} {name}" for name in rows.dtype.names]
-        header.append("end_header")
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as fh:
-                fh.write(("\n".join(header) + "\n").encode("ascii"))
-                fh.write(rows.tobytes())
-        return path
+        columns = {"x": pts[:, 0], "y": pts[:, 1], "z": pts[:, 2],
+                   "red": cols[:, 0], "green": cols[:, 1], "blue": cols[:, 2],
+                   "confidence": self.confidence.detach().cpu().numpy().astype(np.float32),
+                   "source": src.astype(np.int32)}
+        return write_vertices(path, columns, comments=["WorldStereo Studio 3D cache"])
 
     @classmethod
     def load_ply(cls, path: PathLike, device=None) -> "PointCache":
@@ -460,12 +446,12 @@ class PointCache:
         """
         path = Path(path)
         try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise CacheError(f"Point cloud file {path} does not exist.") from None
-        columns, n = _read_ply_vertices(raw, path.name)
+            columns = read_vertices(path)
+        except PlyError as e:
+            raise CacheError(str(e)) from None
         if not all(axis in columns for axis in "xyz"):
             raise CacheError(f"Point cloud file {path.name} has no x, y, z vertex properties.")
+        n = len(columns["x"])
         points = np.stack([columns[a] for a in "xyz"], axis=1).astype(np.float32)
         if all(ch in columns for ch in ("red", "green", "blue")):
             colors = np.stack([_unit_color(columns[ch]) for ch in ("red", "green", "blue")], axis=1)
@@ -477,57 +463,8 @@ class PointCache:
                    torch.from_numpy(conf).to(device), torch.from_numpy(src).to(device))
 
 
-_PLY_DTYPE = np.dtype([("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1"),
-                       ("confidence", "<f4"), ("source", "<i4")])
-_PLY_TYPES = {
-    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2", "ushort": "u2",
-    "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4", "float": "f4", "float32": "f4",
-    "double": "f8", "float64": "f8",
-}
-_PLY_TYPE_NAMES = {"i1": "char", "u1": "uchar", "i2": "short", "u2": "ushort", "i4": "int", "u4": "uint",
-                   "f4": "float", "f8": "double"}
-
-
 def _unit_color(values: np.ndarray) -> np.ndarray:
     if values.dtype.kind == "f":
         return values.astype(np.float32).clip(0, 1)
     return (values.astype(np.float32) / np.iinfo(values.dtype).max).clip(0, 1)
 
-
-def _read_ply_vertices(raw: bytes, name: str) -> tuple[dict, int]:
-    """Vertex columns of a PLY whose first element is ``vertex`` with scalar properties (ascii or binary)."""
-    end = raw.find(b"end_header")
-    if not raw.startswith(b"ply") or end < 0:
-        raise CacheError(f"Point cloud file {name} is not a PLY file.")
-    body_start = raw.index(b"\n", end) + 1
-    lines = raw[:end].decode("ascii", errors="replace").splitlines()
-    fmt, elements = None, []
-    for line in lines:
-        parts = line.split()
-        if not parts:
-            continue
-        if parts[0] == "format":
-            fmt = parts[1]
-        elif parts[0] == "element":
-            elements.append((parts[1], int(parts[2]), []))
-        elif parts[0] == "property" and elements:
-            if parts[1] == "list" or parts[1] not in _PLY_TYPES:
-                elements[-1][2].append(None)
-            else:
-                elements[-1][2].append((parts[2], _PLY_TYPES[parts[1]]))
-    if not elements or elements[0][0] != "vertex" or None in elements[0][2]:
-        raise CacheError(f"Point cloud file {name} must start with a vertex element of plain numeric properties.")
-    _, n, props = elements[0]
-    if fmt == "ascii":
-        text = raw[body_start:].decode("ascii", errors="replace").splitlines()[:n]
-        table = np.array([[float(v) for v in re.split(r"\s+", row.strip())[: len(props)]] for row in text],
-                         dtype=np.float64).reshape(n, len(props))
-        return {p: table[:, i].astype(t) for i, (p, t) in enumerate(props)}, n
-    order = {"binary_little_endian": "<", "binary_big_endian": ">"}.get(fmt)
-    if order is None:
-        raise CacheError(f"Point cloud file {name} has an unknown PLY format {fmt!r}.")
-    dtype = np.dtype([(p, order + t) for p, t in props])
-    if len(raw) - body_start < n * dtype.itemsize:
-        raise CacheError(f"Point cloud file {name} is truncated: it declares {n} points but holds fewer.")
-    rows = np.frombuffer(raw, dtype=dtype, count=n, offset=body_start)
-    return {p: rows[p].astype(rows.dtype[p].newbyteorder("=")) for p in rows.dtype.names}, n

@@ -18,12 +18,14 @@ from typing import Union
 
 import torch
 
+from engine.atomicio import atomic_folder
+from engine.constants import TEXT_TOKENS
+
 from .loading import build_transformer, save_checkpoint, tiny_transformer_config
 from .transformer import backbone_init_kwargs
 
 VOCAB_FILE = Path(__file__).resolve().parent / "tiny_vocab" / "unigram.json"
 BASE_MODEL_DIR = "base_model"
-TINY_TEXT_LENGTH = 512  # the Wan backbone hard-codes 512 text tokens, so even the tiny tokenizer pads to it
 TINY_CLIP_IMAGE_SIZE = 32
 TINY_CLIP_PATCH = 8  # (32/8)^2 + 1 = 17 image tokens
 
@@ -33,7 +35,7 @@ def tiny_tokenizer():
     from transformers import T5Tokenizer
 
     vocab = [(str(p), float(s)) for p, s in json.loads(VOCAB_FILE.read_text(encoding="utf-8"))["vocab"]]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TINY_TEXT_LENGTH)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TEXT_TOKENS)  # the backbone splits its context at this count
 
 
 def _tiny_text_encoder(text_dim: int, vocab_size: int):
@@ -120,26 +122,16 @@ def cached_tiny_package(variant: str = "worldstereo-memory-dmd", memory_mode: st
     default ``~/.cache/worldstereo-studio``) and reused; the `tiny-random` engine and `python -m export` share it.
 
     The folder name carries `tiny_package_key`, so a package written by an older model is not picked up. Written
-    into a temporary folder and renamed into place, so concurrent first runs never see half a package.
+    through ``atomic_folder``: concurrent first runs never see half a package, and the first one to finish wins (the
+    packages are the same). A folder of that name without its weights (not one this function wrote) is replaced.
     """
     import os
-    import shutil
-    import tempfile
 
     root = Path(os.environ.get("WORLDSTEREO_CACHE", Path.home() / ".cache" / "worldstereo-studio"))
     mode = "" if memory_mode == "stitched" else f"-{memory_mode}"
     folder = root / f"tiny-random-{variant}{mode}-{tiny_package_key(variant, memory_mode)}"
     if (folder / "model.safetensors").is_file():
         return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
-    try:
+    with atomic_folder(folder, replace=folder.exists()) as tmp:
         write_tiny_package(tmp, variant=variant, seed=0, memory_mode=memory_mode)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished first: its package is the same
-            if not (folder / "model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder

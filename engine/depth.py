@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
+from engine.hub import MOGE_REPO, looks_like_repo_id
 from engine.hub import local_files_only as hub_local_only
 
 PathLike = Union[str, Path]
 
-DEFAULT_MOGE_REPO = "Ruicheng/moge-2-vitl-normal"
 MOGE_CHECKPOINT_FILE = "model.pt"
 DEFAULT_FOV_X = 60.0  # degrees; a typical phone / compact-camera photo
 DEFAULT_PLANE_DEPTH = 3.0  # metres; a room-scale distance
@@ -190,11 +190,6 @@ class _Estimator:
 
 # ---- MoGe ----------------------------------------------------------------------------------------
 
-def _looks_like_repo_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
-
-
 def resolve_moge_checkpoint(repo_or_dir: PathLike, local_files_only: Optional[bool] = None) -> Path:
     """The local ``model.pt`` for a file, a folder holding one, or a hub repo id (cache first; a download
     only when the hub is not switched off, with a short timeout). Raises ``DepthUnavailable``."""
@@ -206,7 +201,7 @@ def resolve_moge_checkpoint(repo_or_dir: PathLike, local_files_only: Optional[bo
             return p / MOGE_CHECKPOINT_FILE
         raise DepthUnavailable(f"MoGe folder {p} has no {MOGE_CHECKPOINT_FILE}.")
     spec = str(repo_or_dir)
-    if not _looks_like_repo_id(spec):
+    if not looks_like_repo_id(spec):
         raise DepthUnavailable(f"MoGe weights '{spec}' are neither a local file or folder nor a Hugging Face repo id.")
     try:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
@@ -245,7 +240,7 @@ class DepthEstimator(_Estimator):
     @classmethod
     def from_pretrained(
         cls,
-        repo_or_dir: PathLike = DEFAULT_MOGE_REPO,
+        repo_or_dir: PathLike = MOGE_REPO,
         device: Union[str, torch.device] = "cpu",
         dtype: Optional[torch.dtype] = None,
         local_files_only: Optional[bool] = None,
@@ -499,7 +494,7 @@ def load_depth_estimator(
     if spec is not None and _is_user_depth_file(Path(spec)):
         return UserDepth(spec)
     try:
-        return _loaded_moge(spec or DEFAULT_MOGE_REPO, device, dtype, local_files_only)
+        return _loaded_moge(spec or MOGE_REPO, device, dtype, local_files_only)
     except DepthUnavailable as e:
         fallback = SphereDepth() if panorama else PlaneDepth()
         reason = " ".join(str(e).split())  # one line, whatever the message held

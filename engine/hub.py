@@ -12,6 +12,7 @@ import socket
 from urllib.parse import urlparse
 
 HUB_REPO = "hanshanxue/WorldStereo"  # the released checkpoints, one subfolder per variant
+MOGE_REPO = "Ruicheng/moge-2-vitl-normal"  # the depth model (MoGe-2 ViT-L with normals)
 PROBE_TIMEOUT_S = 2.0
 
 

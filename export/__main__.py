@@ -68,7 +68,7 @@ def _load(args) -> tuple:
         if args.variant or args.memory_mode != "stitched":
             raise ExportUsageError("--variant and --memory-mode apply to tiny-random only; a checkpoint brings its own.")
         if args.weights is None:
-            from engine.models.loading import HUB_REPO
+            from engine.hub import HUB_REPO
 
             folder = HUB_REPO
         else:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from .config import ConfigError, ControlNetConfig, MemoryBranchConfig, WorldStereoConfig
+from engine.hub import HUB_REPO
+
 from .loading import (
-    HUB_REPO,
     VARIANTS,
     CheckpointMismatchError,
     WeightsNotFoundError,

@@ -16,13 +16,12 @@ from typing import Any, Optional, Union
 import torch
 
 from engine.atomicio import atomic_path, atomic_write_text
-from engine.hub import local_files_only
+from engine.hub import HUB_REPO, local_files_only, looks_like_repo_id
 from engine.progress import Progress, ensure
 
 from .config import VARIANTS, ConfigError, ControlNetConfig, WorldStereoConfig
 from .transformer import WorldStereoTransformer
 
-HUB_REPO = "hanshanxue/WorldStereo"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 ETAG_TIMEOUT_S = 5.0
@@ -163,11 +162,6 @@ def _offline() -> bool:
     return local_files_only()
 
 
-def _looks_like_repo_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "\\" not in name
-
-
 def _hub_file(repo: str, filename: str, how_to_get: str) -> Path:
     """A file of a hub repository from the cache, or downloaded with a short timeout unless offline."""
     from huggingface_hub import hf_hub_download
@@ -180,7 +174,7 @@ def _hub_file(repo: str, filename: str, how_to_get: str) -> Path:
             return Path(hf_hub_download(repo, filename, local_files_only=local_only, etag_timeout=ETAG_TIMEOUT_S))
         except HFValidationError as e:
             raise WeightsNotFoundError(f"{repo!r} is neither an existing folder nor a valid Hugging Face repo id; "
-                                       "pass the checkpoint folder or a repo id like hanshanxue/WorldStereo.") from e
+                                       f"pass the checkpoint folder or a repo id like {HUB_REPO}.") from e
         except Exception as e:  # network errors, missing entries, gated repos: all end in the same advice
             last = e
     where = "the Hugging Face cache (the hub is switched off or unreachable)" if _offline() else "the Hugging Face hub or its local cache"
@@ -206,7 +200,7 @@ def resolve_checkpoint(checkpoint_dir_or_repo: PathLike, variant: Optional[str] 
                 return cand / CONFIG_NAME, weights
         raise WeightsNotFoundError(f"{path} holds no {CONFIG_NAME}{f' (nor {variant}/{CONFIG_NAME})' if variant else ''}; "
                                    f"point to a WorldStereo checkpoint folder or {_download_hint(HUB_REPO, variant)}.")
-    if not _looks_like_repo_id(src):
+    if not looks_like_repo_id(src):
         raise WeightsNotFoundError(f"checkpoint folder {src} does not exist; pass an existing folder or a hub repo id "
                                    f"like {HUB_REPO}.")
     prefix = f"{variant}/" if variant else ""
@@ -223,7 +217,7 @@ def resolve_base_transformer_config(base_model: str, checkpoint_folder: Optional
     for cand in candidates:
         if (cand / rel).is_file():
             return json.loads((cand / rel).read_text())
-    if not _looks_like_repo_id(base_model):
+    if not looks_like_repo_id(base_model):
         raise WeightsNotFoundError(f"base model folder {base_model} (named in config.json) has no transformer/config.json; "
                                    "pass base_model= with the Wan2.1 I2V diffusers folder.")
     hint = f"download it with `hf download {base_model}` (when online) or pass base_model= with a local copy"

@@ -12,16 +12,23 @@ Camera branch block (width b, FFN g, target tokens Lt, no cross-attention): 8·L
 plus proj_in (2·Lt·D·b) and one proj_out per block (2·Lt·b·D) into the backbone width D.
 Patch embeddings, norms, modulation and the head are below 0.1% and left out.
 With R stitched references every backbone block attends over L = Lt + R·(tokens per frame).
-Check: Wan2.1-14B at 21 x 480 x 768, no references -> 1.49 PFLOP; 8 references -> 2.46 PFLOP (NOTES.md).
+Check (the backbone alone, from the formulas above): Wan2.1-14B (40 blocks, d = 5120, f = 13824, T + I = 512 + 257)
+at 21 keyframes of 480 x 768 has 21 x (480/16) x (768/16) = 30240 target tokens -> 1.49 PFLOP per forward, of which
+0.75 PFLOP is the 4·L²·d attention term; 8 references add 8 x 1440 tokens (L = 41760) -> 2.46 PFLOP. At 800 TFLOP/s
+that is about 1.9 s and 3.1 s per forward.
 """
 from __future__ import annotations
 
+from engine.constants import IMAGE_TOKENS, PATCH_SIZE, TEXT_TOKENS, VAE_SCALE
 
-def tokens_per_frame(height: int, width: int, vae_scale: int = 8, patch: tuple[int, int] = (2, 2)) -> int:
+
+def tokens_per_frame(height: int, width: int, vae_scale: int = VAE_SCALE,
+                     patch: tuple[int, int] = (PATCH_SIZE, PATCH_SIZE)) -> int:
     return (height // vae_scale // patch[0]) * (width // vae_scale // patch[1])
 
 
-def backbone_flops(layers: int, dim: int, ffn: int, tokens: int, text_tokens: int = 512, image_tokens: int = 257) -> float:
+def backbone_flops(layers: int, dim: int, ffn: int, tokens: int, text_tokens: int = TEXT_TOKENS,
+                   image_tokens: int = IMAGE_TOKENS) -> float:
     ctx = text_tokens + image_tokens
     per_block = (8 * tokens * dim**2 + 4 * tokens**2 * dim + 4 * tokens * dim**2 + 4 * ctx * dim**2
                  + 4 * tokens * ctx * dim + 4 * tokens * dim * ffn)
@@ -36,7 +43,7 @@ def branch_flops(layers: int, dim: int, ffn: int, tokens: int, out_dim: int) -> 
 
 
 def worldstereo_flops(base: dict, controlnet: dict, frames: int, height: int, width: int, refs: int = 0,
-                      text_tokens: int = 512, image_tokens: int = 257) -> dict:
+                      text_tokens: int = TEXT_TOKENS, image_tokens: int = IMAGE_TOKENS) -> dict:
     """FLOPs of one forward (batch 1) split into backbone and camera branch."""
     d = base["num_attention_heads"] * base["attention_head_dim"]
     per_frame = tokens_per_frame(height, width, patch=tuple(base["patch_size"][1:]))

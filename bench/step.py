@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from flops import worldstereo_flops  # noqa: E402
 from transformer import build, inputs, machine  # noqa: E402
 
+from engine.constants import IMAGE_TOKENS, KEYFRAMES, MAX_REFERENCES, TEXT_TOKENS, VAE_SCALE  # noqa: E402
+from engine.models.loading import full_size_transformer_config  # noqa: E402
 from engine.runtime import make_backend  # noqa: E402
 
 DMD_STEPS, CFG_STEPS = 4, 40
@@ -117,7 +119,7 @@ def main() -> None:
         sys.exit("--full needs a CUDA GPU (the 14B model is 35 GB in bf16); on this machine run --tiny.")
     device = torch.device("cuda" if full else "cpu")
     dtype = torch.bfloat16 if full else torch.float32
-    frames, height, width = (21, 480, 768) if full else (21, 64, 96)
+    frames, height, width = (KEYFRAMES, 480, 768) if full else (KEYFRAMES, 64, 96)
     backends = (args.backends or ("eager,compile" if full else "eager,onnxruntime")).split(",")
     refs_list = [int(r) for r in args.refs.split(",")]
 
@@ -129,24 +131,24 @@ def main() -> None:
         from export.graphs import ExportShape
 
         graphs_dir = Path(tempfile.mkdtemp(prefix="ws-graphs-"))
-        export_onnx(model, graphs_dir, ExportShape(frames=frames, height=height // 8, width=width // 8, refs=2,
-                                                   image_tokens=257), engine="tiny-random", log=lambda s: None)
+        export_onnx(model, graphs_dir, ExportShape(frames=frames, height=height // VAE_SCALE, width=width // VAE_SCALE,
+                                                   refs=2, image_tokens=IMAGE_TOKENS), engine="tiny-random", log=lambda s: None)
 
     print(f"machine: {machine(device)}")
     print(f"model: {'14B' if full else 'tiny'} {args.variant}, random weights, {str(dtype).replace('torch.', '')}; "
           f"input {frames} keyframes x {height}x{width}; measured {'bf16' if full else 'fp32'} matmul "
           f"{rate / 1e12:.2f} TFLOP/s")
-    wan14b = {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40,
-              "patch_size": [1, 2, 2]}
-    check, check8 = (worldstereo_flops(wan14b, {}, 21, 480, 768, r) for r in (0, 8))
-    print(f"FLOP check (Wan2.1-14B backbone, 21x480x768): {check['backbone'] / 1e15:.2f} PFLOP at {check['tokens']} "
-          f"tokens, {check8['backbone'] / 1e15:.2f} PFLOP with 8 refs at {check8['tokens']} tokens")
+    _, wan14b = full_size_transformer_config()
+    check, check8 = (worldstereo_flops(wan14b, {}, KEYFRAMES, 480, 768, r) for r in (0, MAX_REFERENCES))
+    print(f"FLOP check (Wan2.1-14B backbone, {KEYFRAMES}x480x768): {check['backbone'] / 1e15:.2f} PFLOP at "
+          f"{check['tokens']} tokens, {check8['backbone'] / 1e15:.2f} PFLOP with {MAX_REFERENCES} refs at "
+          f"{check8['tokens']} tokens")
     header = ("| backend | refs | step b1 (ms) | step b2 (ms) | DMD clip 4x b1 (s) | CFG clip 40x b2 (s) | "
               "peak mem (GiB) | TFLOP/s | MFU | speed-up vs eager |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     eager_b1: dict[int, float] = {}
-    text_tokens = 512
+    text_tokens = TEXT_TOKENS
     for refs in refs_list:
         kw1 = inputs(base, frames, height, width, refs, device, dtype, text_tokens)
         flops = worldstereo_flops(base, cfg.controlnet_cfg.to_dict(), frames, height, width, refs,

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flops import worldstereo_flops  # noqa: E402
 
+from engine.constants import IMAGE_TOKENS, KEYFRAMES, LATENT_CHANNELS, TEXT_TOKENS, VAE_SCALE  # noqa: E402
 from engine.models.loading import full_size_transformer_config, tiny_transformer_config  # noqa: E402
 from engine.models.transformer import WorldStereoTransformer  # noqa: E402
 
@@ -56,7 +57,7 @@ def build(size: str, variant: str, device: torch.device, dtype: torch.dtype):
 
 def inputs(base: dict, frames: int, height: int, width: int, refs: int, device, dtype, text_tokens: int) -> dict:
     g = torch.Generator("cpu").manual_seed(0)
-    h, w = height // 8, width // 8
+    h, w = height // VAE_SCALE, width // VAE_SCALE
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
@@ -65,14 +66,14 @@ def inputs(base: dict, frames: int, height: int, width: int, refs: int, device, 
         hidden_states=rnd(1, base["in_channels"], frames, h, w),
         timestep=torch.tensor([500.0], device=device),
         encoder_hidden_states=rnd(1, text_tokens, base["text_dim"]),
-        encoder_hidden_states_image=rnd(1, 257, base["image_dim"]),
-        render_latent=rnd(1, 16, frames, h, w),
+        encoder_hidden_states_image=rnd(1, IMAGE_TOKENS, base["image_dim"]),
+        render_latent=rnd(1, LATENT_CHANNELS, frames, h, w),
         render_mask=(torch.rand(1, 1, frames, height, width, generator=g) > 0.3).to(device=device, dtype=dtype),
         camera_embedding=rnd(1, 6, frames, height, width),
         camera_qt=rnd(1, frames, 7),
     )
     if refs:
-        kw.update(reference_latent=rnd(1, 16, refs, h, w), ref_index=torch.arange(refs, device=device) % (frames - 1),
+        kw.update(reference_latent=rnd(1, LATENT_CHANNELS, refs, h, w), ref_index=torch.arange(refs, device=device) % (frames - 1),
                   camera_qt_ref=rnd(1, refs, 7))
     return kw
 
@@ -98,16 +99,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     full = args.size == "full"
-    frames = args.frames or (21 if full else 5)
+    frames = args.frames or (KEYFRAMES if full else 5)
     height = args.height or (480 if full else 64)
     width = args.width or (768 if full else 96)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
     model, cfg, base = build(args.size, args.variant, device, dtype)
-    kw = inputs(base, frames, height, width, args.refs, device, dtype, 512 if full else 16)
+    text_tokens = TEXT_TOKENS if full else 16
+    kw = inputs(base, frames, height, width, args.refs, device, dtype, text_tokens)
     flops = worldstereo_flops(base, cfg.controlnet_cfg.to_dict(), frames, height, width, args.refs,
-                              text_tokens=512 if full else 16)
+                              text_tokens=text_tokens)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -120,7 +122,7 @@ def main() -> None:
             out = model(**kw)
             sync()
             times.append(time.perf_counter() - t0)
-    assert out.shape == (1, 16, frames, height // 8, width // 8) and torch.isfinite(out.float()).all()
+    assert out.shape == (1, LATENT_CHANNELS, frames, height // VAE_SCALE, width // VAE_SCALE) and torch.isfinite(out.float()).all()
     best = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     params = sum(p.numel() for p in model.parameters()) / 1e9

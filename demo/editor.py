@@ -25,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 
+from engine.constants import KEYFRAMES
 from engine.geometry.camera_path import MAX_KEYFRAMES, MIN_FOV, Keyframe, keyframes_from_cameras, path_cameras
 from engine.geometry.cameras import Cameras
 
@@ -55,7 +56,7 @@ class PathEditor:
         self.keyframes: list[Keyframe] = []
         self.base: Optional[Cameras] = None
         self.scale = 1.0
-        self.frames = 21
+        self.frames = KEYFRAMES
         self.selected = 0
         self.job: Optional[str] = None
         self._handles: list = []

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from engine.constants import KEYFRAMES
 from engine.engines import ENGINES, engine_status, resolve_engine
 from engine.offload import OFFLOAD_CHOICES, OFFLOAD_HELP
 from engine.runtime import BACKENDS
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", help="local folder with the checkpoints (else the Hugging Face cache)")
     g.add_argument("--prompt", help="text prompt (default: the example's traj_caption.json or prompt.json caption)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--frames", type=int, help="keyframes per clip (default 21)")
+    g.add_argument("--frames", type=int, help=f"keyframes per clip (default {KEYFRAMES})")
     g.add_argument("--depth", help="depth model folder/repo, or a depth map (.npy metres / 16-bit PNG) for the input")
     g.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     g.add_argument("--steps", type=int, help="denoising steps (default: 4 for DMD, 40 otherwise)")
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--trajectory", help="a preset name or a camera.json path (default: the scene's camera.json, else orbit)")
     r.add_argument("--depth", help="depth map of the image (.npy metres or 16-bit PNG)")
-    r.add_argument("--frames", type=int, default=21)
+    r.add_argument("--frames", type=int, default=KEYFRAMES)
     r.add_argument("--max-side", type=int, default=768, help="longest image side of the renders")
     r.set_defaults(func=cmd_render)
 

@@ -10,4 +10,8 @@ VAE_SCALE = 8  # Wan VAE: pixels per latent cell along each side
 PATCH_SIZE = 2  # the transformer's spatial patch (1, 2, 2)
 SIZE_MULTIPLE = VAE_SCALE * PATCH_SIZE  # frame sides must be multiples of this
 TEXT_TOKENS = 512  # UMT5 tokens per prompt; the backbone splits its cross-attention context at this count
+IMAGE_TOKENS = 257  # CLIP ViT-H/14 tokens of the input view: (224 / 14)² patches + 1 class token
 MAX_REFERENCES = 8  # reference frames per clip the released memory models take
+# Rows of the memory checkpoints' ``ref_index_embedding`` table. The release builds it with 21 rows whatever a
+# config's nframe says, so this is a weight shape, not the clip length: it stays 21 if KEYFRAMES ever changes.
+REF_INDEX_EMBEDDINGS = 21

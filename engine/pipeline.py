@@ -26,8 +26,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from engine.conditioning import (SIZE_MULTIPLE, ClipConditions, ClipInputError, References, colour_coded_pointmaps,
-                                 conditions_from_render)
+from engine.conditioning import ClipConditions, ClipInputError, References, colour_coded_pointmaps, conditions_from_render
+from engine.constants import LATENT_CHANNELS, MASK_CHANNELS, MAX_REFERENCES, SIZE_MULTIPLE, VAE_SCALE
 from engine.geometry.cameras import Cameras
 from engine.models.components import Components, load_components, resolve_base_model
 from engine.models.config import WorldStereoConfig
@@ -37,9 +37,6 @@ from engine.sampling import Sampler, make_sampler, sample
 
 __all__ = ["ClipPipeline", "ClipInputError", "ClipOutput", "References", "default_dtype"]
 
-LATENT_CHANNELS = 16
-MASK_CHANNELS = 4
-MAX_REFERENCES = 8
 DEFAULT_SHIFT = 3.0  # flow shift of the DMD schedule when config.json names none (the release requires gen_shift)
 DEFAULT_GUIDANCE = 5.0
 
@@ -219,7 +216,7 @@ class ClipPipeline:
         f = cond.num_frames
         h, w = cond.size
         cond_latent = comps.condition_latents(cond.image_tensor(), f, self.config.latent_cond_mode)
-        mask = torch.zeros(1, MASK_CHANNELS, f, h // 8, w // 8, device=dev, dtype=dt)
+        mask = torch.zeros(1, MASK_CHANNELS, f, h // VAE_SCALE, w // VAE_SCALE, device=dev, dtype=dt)
         mask[:, :, 0] = 1  # only latent frame 0 (the input view) is given
         out = {
             "first_frame": torch.cat([mask, cond_latent.to(dev, dt)], dim=1),
@@ -257,7 +254,8 @@ class ClipPipeline:
     def prepare_latents(self, frames: int, height: int, width: int, seed: int) -> torch.Tensor:
         """Noise ``[1,16,F,H/8,W/8]`` (float32) from a CPU generator: a seed gives the same clip on every device."""
         gen = torch.Generator("cpu").manual_seed(int(seed))
-        noise = torch.randn((1, LATENT_CHANNELS, frames, height // 8, width // 8), generator=gen, dtype=torch.float32)
+        noise = torch.randn((1, LATENT_CHANNELS, frames, height // VAE_SCALE, width // VAE_SCALE), generator=gen,
+                            dtype=torch.float32)
         return noise.to(self.device)
 
     def denoise(self, latents: torch.Tensor, inputs: dict, sampler: Sampler, guidance: Optional[float] = None,

@@ -17,14 +17,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from engine.constants import IMAGE_TOKENS, MAX_REFERENCES
+
 from .api import PRECISIONS
 
 ENGINE_VARIANTS = {"worldstereo-memory-dmd": "worldstereo-memory-dmd", "worldstereo-memory": "worldstereo-memory",
                    "worldstereo-camera": "worldstereo-camera"}
 TINY = "tiny-random"
 TINY_DEFAULT_VARIANT = "worldstereo-memory-dmd"  # the one the tiny-random engine runs
-TINY_IMAGE_TOKENS = 17  # (32/8)² + 1 CLIP tokens of the tiny image encoder
-FULL_IMAGE_TOKENS = 257
 
 
 class ExportUsageError(ValueError):
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="pixel height of the clip (default: 480, tiny: 64)")
     p.add_argument("--width", type=int, help="pixel width of the clip (default: 768, tiny: 64)")
     p.add_argument("--frames", type=int, help="keyframes per clip (default: the config's nframe)")
-    p.add_argument("--refs", type=int, default=2, help="memory references in the sample inputs (1-8; default 2)")
+    p.add_argument("--refs", type=int, default=2, help=f"memory references in the sample inputs (1-{MAX_REFERENCES}; default 2)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="dtype of the graphs and engines (default: the dtype of the checkpoint's weights); "
@@ -85,8 +85,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             from .tensorrt_build import require_tensorrt
 
             require_tensorrt()  # refuse before minutes of ONNX export
-        if not 1 <= args.refs <= 8:
-            raise ExportUsageError(f"--refs must lie in 1..8 (the sample references); got {args.refs}.")
+        if not 1 <= args.refs <= MAX_REFERENCES:
+            raise ExportUsageError(f"--refs must lie in 1..{MAX_REFERENCES} (the sample references); got {args.refs}.")
+        from engine.models.tiny import TINY_IMAGE_TOKENS
+
         from .api import export_onnx
         from .graphs import ExportShape
 
@@ -94,7 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         tiny = args.engine == TINY
         shape = ExportShape.from_pixels(args.height or (64 if tiny else 480), args.width or (64 if tiny else 768),
                                         args.frames or model.ws_config.nframe, args.refs,
-                                        TINY_IMAGE_TOKENS if tiny else FULL_IMAGE_TOKENS, batch=args.batch)
+                                        TINY_IMAGE_TOKENS if tiny else IMAGE_TOKENS, batch=args.batch)
         onnx_dir = args.out if args.format == "onnx" else args.out / "onnx"
         export_onnx(model, onnx_dir, shape, engine=args.engine, source=weights, seed=args.seed)
         if args.format == "tensorrt":

@@ -25,9 +25,8 @@ import torch
 import torch.nn as nn
 from diffusers.models.transformers.transformer_wan import WanAttention
 
+from engine.constants import TEXT_TOKENS  # diffusers' Wan processor splits image/text context at it; so do we
 from engine.models.branches import WorldStereoRope
-
-TEXT_TOKENS = 512  # diffusers' Wan processor splits image/text context at a fixed 512 text tokens; so do we
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from engine.models.transformer import LATENT_CHANNELS, VAE_SCALE, WorldStereoTransformer
+from engine.constants import IMAGE_TOKENS, LATENT_CHANNELS, SIZE_MULTIPLE, TEXT_TOKENS, VAE_SCALE
+from engine.models.transformer import WorldStereoTransformer
 from engine.runtime import spec
-
-TEXT_TOKENS = 512
 
 
 @dataclass
 class ExportShape:
-    """Sizes of the sample inputs a graph is traced and checked with (latent h, w; pixels are 8× that)."""
+    """Sizes of the sample inputs a graph is traced and checked with (latent h, w; pixels are VAE_SCALE× that)."""
 
     batch: int = 1
     frames: int = 3
@@ -28,12 +27,13 @@ class ExportShape:
     width: int = 6
     refs: int = 2
     text_tokens: int = TEXT_TOKENS
-    image_tokens: int = 257
+    image_tokens: int = IMAGE_TOKENS
 
     @classmethod
     def from_pixels(cls, height: int, width: int, frames: int, refs: int, image_tokens: int, batch: int = 1):
-        if height % 16 or width % 16:
-            raise ValueError(f"--height/--width must be multiples of 16 (VAE ×8 times 2×2 patches); got {height}×{width}.")
+        if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
+            raise ValueError(f"--height/--width must be multiples of {SIZE_MULTIPLE} (VAE ×{VAE_SCALE} times 2×2 "
+                             f"patches); got {height}×{width}.")
         return cls(batch, frames, height // VAE_SCALE, width // VAE_SCALE, refs, TEXT_TOKENS, image_tokens)
 
 
@@ -64,15 +64,16 @@ class GraphModule(nn.Module):
     def _randn(self, g: torch.Generator, *shape) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(self.model.dtype)
 
+    def _noisy_inputs(self, s: "ExportShape", g: torch.Generator) -> dict[str, torch.Tensor]:
+        """Sample noisy latents and time steps, the first two inputs of the branches and the backbone."""
+        return {spec.HIDDEN_STATES: self._randn(g, s.batch, self.model.config.in_channels, s.frames, s.height, s.width),
+                spec.TIMESTEP: torch.rand(s.batch, generator=g) * 1000}
+
 
 LATENT_AXES = {0: "batch", 2: "frames", 3: "latent_height", 4: "latent_width"}
 REF_LATENT_AXES = {0: "batch", 2: "refs", 3: "latent_height", 4: "latent_width"}
 TOKEN_AXES = {0: "batch", 1: "tokens"}
 PIXEL_AXES = {0: "batch", 2: "frames", 3: "height", 4: "width"}  # one mask frame per keyframe (the release's form)
-
-
-def _timestep(shape: ExportShape, g: torch.Generator) -> torch.Tensor:
-    return torch.rand(shape.batch, generator=g) * 1000
 
 
 class CameraMaskGraph(GraphModule):
@@ -100,29 +101,41 @@ class CameraMaskGraph(GraphModule):
         return out
 
 
-class CameraBranchGraph(GraphModule):
-    name = spec.CAMERA_BRANCH
+class _BranchGraph(GraphModule):
+    """A control branch: noisy latents, the time step and the branch's own inputs -> one residual per block."""
 
-    def __init__(self, model: WorldStereoTransformer):
+    def __init__(self, model: WorldStereoTransformer, inputs: dict[str, dict[int, str]], num_layers: int):
         super().__init__(model)
         self._add_input(spec.HIDDEN_STATES, LATENT_AXES)
         self._add_input(spec.TIMESTEP, {0: "batch"})
-        self._add_input(spec.RENDER_LATENT, LATENT_AXES)
-        self._add_input(spec.MASK_TOKENS, TOKEN_AXES)
-        self.output_names = [spec.residual_name(i) for i in range(model.ws_config.controlnet_cfg.num_layers)]
+        for name, axes in inputs.items():
+            self._add_input(name, axes)
+        self.output_names = [spec.residual_name(i) for i in range(num_layers)]
         self.dynamic_axes.update({n: TOKEN_AXES for n in self.output_names})
 
-    def forward(self, hidden_states, timestep, render_latent, mask_tokens):
+    def forward(self, hidden_states, timestep, *inputs):
         temb = self.model.timestep_embedding(timestep, hidden_states.dtype)
-        return tuple(self.model.camera_branch(hidden_states, render_latent, temb, mask_tokens))
+        return tuple(self.residuals(hidden_states, temb, *inputs))
+
+    def residuals(self, hidden_states, temb, *inputs) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class CameraBranchGraph(_BranchGraph):
+    name = spec.CAMERA_BRANCH
+
+    def __init__(self, model: WorldStereoTransformer):
+        super().__init__(model, {spec.RENDER_LATENT: LATENT_AXES, spec.MASK_TOKENS: TOKEN_AXES},
+                         model.ws_config.controlnet_cfg.num_layers)
+
+    def residuals(self, hidden_states, temb, render_latent, mask_tokens):
+        return self.model.camera_branch(hidden_states, render_latent, temb, mask_tokens)
 
     def sample_inputs(self, s: ExportShape, g: torch.Generator) -> dict[str, torch.Tensor]:
-        m = self.model
-        mask = CameraMaskGraph(m)
+        mask = CameraMaskGraph(self.model)
         with torch.no_grad():
             tokens = mask(*mask.sample_inputs(s, g).values())
-        return {spec.HIDDEN_STATES: self._randn(g, s.batch, m.config.in_channels, s.frames, s.height, s.width),
-                spec.TIMESTEP: _timestep(s, g),
+        return {**self._noisy_inputs(s, g),
                 spec.RENDER_LATENT: self._randn(g, s.batch, LATENT_CHANNELS, s.frames, s.height, s.width),
                 spec.MASK_TOKENS: tokens + 0.1 * torch.randn(tokens.shape, generator=g).to(tokens.dtype)}
 
@@ -155,34 +168,26 @@ class MemoryFrontendGraph(GraphModule):
         return out
 
 
-class MemoryBranchGraph(GraphModule):
+class MemoryBranchGraph(_BranchGraph):
     """The paper's SSM branch → residuals on the full target grid (zero where no reference serves a frame)."""
 
     name = spec.MEMORY_BRANCH
 
     def __init__(self, model: WorldStereoTransformer):
-        super().__init__(model)
-        self._add_input(spec.HIDDEN_STATES, LATENT_AXES)
-        self._add_input(spec.TIMESTEP, {0: "batch"})
-        self._add_input(spec.REFERENCE_LATENT, REF_LATENT_AXES)
-        self._add_input(spec.REF_INDEX, {0: "batch", 1: "refs"})
-        self._add_input(spec.POINTMAP_LATENT, LATENT_AXES)
-        self._add_input(spec.REF_POINTMAP_LATENT, REF_LATENT_AXES)
-        self.output_names = [spec.residual_name(i) for i in range(model.ws_config.memory_cfg.num_layers)]
-        self.dynamic_axes.update({n: TOKEN_AXES for n in self.output_names})
+        super().__init__(model, {spec.REFERENCE_LATENT: REF_LATENT_AXES, spec.REF_INDEX: {0: "batch", 1: "refs"},
+                                 spec.POINTMAP_LATENT: LATENT_AXES, spec.REF_POINTMAP_LATENT: REF_LATENT_AXES},
+                         model.ws_config.memory_cfg.num_layers)
 
-    def forward(self, hidden_states, timestep, reference_latent, ref_index, pointmap_latent, ref_pointmap_latent):
-        temb = self.model.timestep_embedding(timestep, hidden_states.dtype)
-        return tuple(self.model.memory_branch_residuals(hidden_states, reference_latent, ref_index, temb,
-                                                        pointmap_latent, ref_pointmap_latent))
+    def residuals(self, hidden_states, temb, reference_latent, ref_index, pointmap_latent, ref_pointmap_latent):
+        return self.model.memory_branch_residuals(hidden_states, reference_latent, ref_index, temb, pointmap_latent,
+                                                  ref_pointmap_latent)
 
     def sample_inputs(self, s: ExportShape, g: torch.Generator) -> dict[str, torch.Tensor]:
         lat = (s.batch, LATENT_CHANNELS, s.frames, s.height, s.width)
         ref = (s.batch, LATENT_CHANNELS, s.refs, s.height, s.width)
         # distinct served frames: the branch scatters, and duplicates would add (fine, but a weaker check)
         idx = torch.stack([torch.randperm(max(s.frames - 1, 1), generator=g)[: s.refs] for _ in range(s.batch)])
-        return {spec.HIDDEN_STATES: self._randn(g, s.batch, self.model.config.in_channels, s.frames, s.height, s.width),
-                spec.TIMESTEP: _timestep(s, g),
+        return {**self._noisy_inputs(s, g),
                 spec.REFERENCE_LATENT: self._randn(g, *ref), spec.REF_INDEX: idx,
                 spec.POINTMAP_LATENT: self._randn(g, *lat), spec.REF_POINTMAP_LATENT: self._randn(g, *ref)}
 
@@ -240,8 +245,7 @@ class BackboneGraph(GraphModule):
         m = self.model
         cfg = m.config
         n_tok = s.frames * (s.height // cfg.patch_size[1]) * (s.width // cfg.patch_size[2])
-        out = {spec.HIDDEN_STATES: self._randn(g, s.batch, cfg.in_channels, s.frames, s.height, s.width),
-               spec.TIMESTEP: _timestep(s, g),
+        out = {**self._noisy_inputs(s, g),
                spec.TEXT: self._randn(g, s.batch, s.text_tokens, cfg.text_dim),
                spec.IMAGE: self._randn(g, s.batch, s.image_tokens, cfg.image_dim)}
         if self.uses_codes:

@@ -5,9 +5,9 @@ requirements.txt, so the CPU install stays small). Without either, `build_engine
 
 Per graph: parse the ONNX file (external weights included), one optimization profile covering the dynamic axes
 (batch 1–2 so CFG's doubled batch fits; frames 2–F; latent height/width across the landscape and portrait aspect
-buckets of the target size; 1–8 references, and 0–8 references' tokens for the backbone), the precision flag of
-the graphs' dtype (bf16 / fp16), a timing cache shared by all graphs and kept on disk so rebuilds are fast, then
-``<name>.engine`` and ``manifest.json`` beside it.
+buckets of the target size; 1–8 references (``MAX_REFERENCES``), and 0–8 references' tokens for the backbone), the
+precision flag of the graphs' dtype (bf16 / fp16), a timing cache shared by all graphs and kept on disk so rebuilds
+are fast, then ``<name>.engine`` and ``manifest.json`` beside it.
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from engine.atomicio import atomic_write_bytes, atomic_write_json
+from engine.constants import MAX_REFERENCES, VAE_SCALE
 from engine.runtime import spec
 from engine.runtime.chain import read_manifest
 from engine.runtime.tensorrt_backend import tensorrt_unavailable_reason
 
 TIMING_CACHE = "timing.cache"
 WORKSPACE_BYTES = 16 * 1024 ** 3
-MAX_REFS = 8
 
 
 class TensorRTUnavailable(ValueError):
@@ -47,10 +47,10 @@ def axis_ranges(target: dict[str, int], patch: tuple[int, int, int]) -> dict[str
         "batch": (1, b, max(2, b)),
         "frames": (2, f, f),
         "latent_height": (lo, h, hi), "latent_width": (lo, w, hi),
-        "height": (8 * lo, 8 * h, 8 * hi), "width": (8 * lo, 8 * w, 8 * hi),
-        "refs": (1, r, MAX_REFS),
+        "height": tuple(VAE_SCALE * n for n in (lo, h, hi)), "width": tuple(VAE_SCALE * n for n in (lo, w, hi)),
+        "refs": (1, r, MAX_REFERENCES),
         "tokens": (tok(2, lo, lo), tok(f, h, w), tok(f, hi, hi)),
-        "ref_tokens": (0, tok(r, h, w), tok(MAX_REFS, hi, hi)),  # 0: a clip without references
+        "ref_tokens": (0, tok(r, h, w), tok(MAX_REFERENCES, hi, hi)),  # 0: a clip without references
     }
 
 

@@ -21,14 +21,11 @@ from typing import Optional, Sequence, Union
 import torch
 from PIL import Image
 
+from engine.constants import TEXT_TOKENS
 from engine.offload import IMAGE_ENCODER, TEXT_ENCODER, VAE, Placement
 
 PathLike = Union[str, Path]
 
-# The Wan backbone splits its cross-attention context as [image tokens ; 512 text tokens] (the 512 is
-# hard-coded in diffusers' Wan attention), so prompts are always padded to exactly this length.
-TEXT_LENGTH = 512
-LATENT_CHANNELS = 16
 PROMPT_CACHE_SIZE = 8  # a real encoding is 512 x 4096 floats (8 MB); keep the few prompts a session reuses
 CONDITION_CACHE_SIZE = 2  # input-view condition latents (21 x 60 x 96 x 16 floats at full size)
 
@@ -80,7 +77,7 @@ class Components:
         return self.placement.device
 
     # ---------------------------------------------------------------- text
-    def encode_prompt(self, texts: Union[str, Sequence[str]], max_length: int = TEXT_LENGTH) -> torch.Tensor:
+    def encode_prompt(self, texts: Union[str, Sequence[str]], max_length: int = TEXT_TOKENS) -> torch.Tensor:
         """UMT5 embeddings ``[B, max_length, D]`` on ``device``/``dtype``; rows past each prompt's tokens are 0.
 
         Prompts are cleaned as the release's ``_get_t5_prompt_embeds`` does (``prompt_clean``). Prompts seen before

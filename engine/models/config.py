@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from engine.constants import KEYFRAMES
+
 MEMORY_MODES = ("stitched", "branch")
 VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")
 
@@ -92,7 +94,7 @@ class WorldStereoConfig:
     latent_cond_mode: str = "full_vae"
     negative_prompt: str = ""
     freeze_backbone: Optional[bool] = None
-    nframe: int = 21
+    nframe: int = KEYFRAMES
     scale_map: Optional[dict[str, Any]] = None
     gen_shift: Optional[float] = None
     dmd_steps: Optional[int] = None

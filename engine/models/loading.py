@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 import torch
 
 from engine.atomicio import atomic_path, atomic_write_text
+from engine.constants import KEYFRAMES
 from engine.hub import HUB_REPO, local_files_only, looks_like_repo_id
 from engine.progress import Progress, ensure
 
@@ -104,7 +105,7 @@ def full_size_transformer_config(variant: str = "worldstereo-memory-dmd") -> tup
     cn = dict(_FULL_CONTROLNET)
     cn["ref_embedding"] = cn["main_camera_embedding"] = variant != "worldstereo-camera"
     cfg.controlnet_cfg = ControlNetConfig.from_dict(cn)
-    cfg.nframe = 21
+    cfg.nframe = KEYFRAMES
     return cfg, {"_class_name": "WanTransformer3DModel", **_FULL_BASE}
 
 

@@ -27,7 +27,8 @@ from .transformer import backbone_init_kwargs
 VOCAB_FILE = Path(__file__).resolve().parent / "tiny_vocab" / "unigram.json"
 BASE_MODEL_DIR = "base_model"
 TINY_CLIP_IMAGE_SIZE = 32
-TINY_CLIP_PATCH = 8  # (32/8)^2 + 1 = 17 image tokens
+TINY_CLIP_PATCH = 8
+TINY_IMAGE_TOKENS = (TINY_CLIP_IMAGE_SIZE // TINY_CLIP_PATCH) ** 2 + 1  # 17: patches + the class token
 
 
 def tiny_tokenizer():

@@ -22,14 +22,11 @@ from diffusers.models._modeling_parallel import ContextParallelInput, ContextPar
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_wan import WanTransformer3DModel, WanTransformerBlock
 
+from engine.constants import LATENT_CHANNELS, MASK_CHANNELS, REF_INDEX_EMBEDDINGS
+
 from .branches import CameraControlNet, MemoryBranch, RotaryEmb, TokenShards, WorldStereoRope, token_positions
 from .config import ConfigError, WorldStereoConfig
 
-# Released checkpoints embed reference time indices 0..20 (21 keyframes); the table size is fixed by the weights.
-NUM_REF_INDEX_EMBEDDINGS = 21
-LATENT_CHANNELS = 16
-MASK_CHANNELS = 4  # Wan I2V: 16 noisy latent + 4 first-frame mask + 16 condition latent = 36
-VAE_SCALE = 8
 BACKBONE_PARAMS = tuple(p for p in inspect.signature(WanTransformer3DModel.__init__).parameters if p != "self")
 
 
@@ -166,7 +163,7 @@ class WorldStereoTransformer(WanTransformer3DModel):
         if stitched and cn.ref_embedding:
             # Built zero-initialised like the official one and never read by the forward; it exists so the
             # checkpoint's key loads.
-            self.ref_index_embedding = nn.Embedding(NUM_REF_INDEX_EMBEDDINGS, inner)
+            self.ref_index_embedding = nn.Embedding(REF_INDEX_EMBEDDINGS, inner)
             nn.init.zeros_(self.ref_index_embedding.weight)
         self.camera_embedding = None
         if ws.has_memory and cn.main_camera_embedding:

@@ -41,7 +41,7 @@ class _Bar:
 def _user_errors() -> tuple[type, ...]:
     from engine.geometry.cameras import CameraFormatError
     from engine.images import ImageInputError
-    from engine.scene import SceneError
+    from engine.settings import SceneError
 
     # Every input error of the engine is a ValueError subclass with a one-sentence message.
     return (CameraFormatError, ImageInputError, SceneError, ValueError)
@@ -55,7 +55,8 @@ def cmd_generate(args) -> int:
     from engine import conditioning
     from engine.geometry import trajectories as traj
     from engine.geometry.cameras import Cameras
-    from engine.scene import Scene, SceneError, SceneSettings, TrajectoryRequest, check_frames
+    from engine.scene import Scene, TrajectoryRequest
+    from engine.settings import SceneError, SceneSettings, check_frames
 
     if bool(args.image) == bool(args.panorama):
         raise SceneError("Give exactly one input: --image PATH or --panorama PATH.")
@@ -75,7 +76,7 @@ def cmd_generate(args) -> int:
     engine = resolve_engine(args.engine, Path(args.weights) if args.weights else None, announce=print)
     out = Path(args.out)
     if (out / "manifest.json").exists():
-        from engine.scene import check_same_input
+        from engine.jobfolder import check_same_input
 
         check_same_input(out, args.image or args.panorama, panorama=bool(args.panorama))
         scene = Scene.open(out, settings_override={"backend": args.backend, "graphs": args.graphs})
@@ -107,11 +108,15 @@ def cmd_generate(args) -> int:
         bar.close()
     print(f"Done in {time.perf_counter() - t0:.1f} s with the '{scene.settings.engine}' engine. Written to {out}:")
     for clip in scene.clips:
-        print(f"  {clip['folder']}/  clip.mp4 render.mp4 render_mask.mp4 depth.mp4 cameras.json references.json")
-    for name in ("scene.ply", "scene.glb", "scene_splats.ply", "cameras.json", "transforms.json", "images/",
-                 "manifest.json", "scene.zip"):
-        print(f"  {name}")
+        print(f"  {clip['folder']}/  {_listing(out / clip['folder'])}")
+    print(f"  {_listing(out, skip=('clips',))}")
     return 0
+
+
+def _listing(folder: Path, skip: Sequence[str] = ()) -> str:
+    """What ``folder`` holds, one level deep, folders marked with a slash (hidden entries and ``skip`` left out)."""
+    entries = (p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in skip)
+    return " ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in entries))
 
 
 def cmd_conditions(args) -> int:

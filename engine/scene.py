@@ -28,16 +28,13 @@ from engine.geometry.cache import PointCache, point_spacing, viewer_confidence
 from engine.geometry.cameras import Cameras
 from engine.geometry.memory import MemoryBank
 from engine.images import load_image, save_image
-from engine.jobfolder import (CLIPS, DATASET_IMAGES, FRAMES, MEMORY, ClipRecord, JobFolder, check_same_input,
-                              new_manifest)
+from engine.jobfolder import CLIPS, DATASET_IMAGES, FRAMES, MEMORY, ClipRecord, JobFolder, new_manifest
 from engine.preview import PREVIEW_NOTE
 from engine.progress import Progress, ensure, span
 from engine.sampling import SamplingCancelled
-# Re-exported: engine/cli.py and engine/scene_init.py import these names from here.
-from engine.settings import SceneError, SceneSettings, bucket_size, check_frames, engine_device
+from engine.settings import SceneError, SceneSettings, check_frames, engine_device
 
-__all__ = ["GenerationCancelled", "Scene", "SceneError", "SceneSettings", "TrajectoryRequest", "bucket_size",
-           "check_frames", "check_same_input", "open_for_files", "revert"]
+__all__ = ["GenerationCancelled", "Scene", "TrajectoryRequest", "open_for_files", "revert"]
 
 SPLAT_SIGMA = 1.0  # splat standard deviation in units of the local point spacing (engine.geometry.cache notes)
 MAX_VIEW_SPLATS = 100_000  # splats in the browser's splat view (a fixed subset beyond that)

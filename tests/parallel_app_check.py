@@ -16,7 +16,7 @@ from conftest import tiny_clip_inputs  # tests/ is this script's folder, first o
 from engine import distributed, scene_init
 from engine.models.tiny import cached_tiny_package
 from engine.pipeline import ClipPipeline
-from engine.scene import SceneSettings
+from engine.settings import SceneSettings
 
 
 def main(out_path: str) -> None:

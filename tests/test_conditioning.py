@@ -342,7 +342,7 @@ def test_scene_feeds_a_photos_first_clip_the_input_view_alone(tmp_path):
 # ---- the official examples run as released ----------------------------------------------------------
 
 @pytest.mark.parametrize("engine", ["preview", "tiny-random"])
-def test_generate_from_an_official_render_folder(examples, tmp_path, monkeypatch, engine):
+def test_generate_from_an_official_render_folder(examples, tmp_path, monkeypatch, capsys, engine):
     import imageio.v3 as iio
 
     from engine.pipeline import ClipPipeline
@@ -364,10 +364,16 @@ def test_generate_from_an_official_render_folder(examples, tmp_path, monkeypatch
     manifest = json.loads((out / "manifest.json").read_text())
     assert [c["trajectory"] for c in manifest["clips"]] == ["traj1"]
     clip = out / manifest["clips"][0]["folder"]
-    for name in ("clip.mp4", "render.mp4", "render_mask.mp4", "cameras.json", "references.json"):
+    for name in ("clip.mp4", "render.mp4", "render_mask.mp4", "depth.mp4", "cameras.json", "references.json"):
         assert (clip / name).is_file(), name
+    assert len(list((clip / "frames").glob("*.png"))) == 5
     for name in ("scene.ply", "scene.glb", "cameras.json", "transforms.json", "scene.zip"):
         assert (out / name).is_file(), name
+    # the command's closing listing names every file of the clip folder and of the scene
+    said = capsys.readouterr().out
+    listed = said[said.index("Written to"):].split()
+    for name in ["depth.mp4", "frames/", "references.json", "scene.zip", "transforms.json", "images/", "manifest.json"]:
+        assert name in listed, name
     # the loader's subsampling: 21 cameras and frames to 5 with the same linspace
     idx = C.keyframe_indices(21, 5)
     official = Cameras.from_json(folder / "camera.json")

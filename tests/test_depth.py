@@ -206,7 +206,7 @@ def test_depth_model_loads_once_per_process(tiny_moge, tmp_path, monkeypatch):
     import shutil
 
     import engine.depth as depth_module
-    from engine.scene import SceneSettings
+    from engine.settings import SceneSettings
     from engine.scene_init import depth_source_for
 
     folder = tmp_path / "moge"

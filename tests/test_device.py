@@ -6,7 +6,8 @@ import torch
 
 from conftest import PlaneTestDepth
 from engine.images import save_image
-from engine.scene import Scene, SceneError, SceneSettings
+from engine.scene import Scene
+from engine.settings import SceneError, SceneSettings
 
 
 @pytest.fixture

@@ -105,7 +105,7 @@ def plain(tiny_packages, inputs):
 
 def test_offload_choices_are_one_list():
     from engine.cli import build_parser
-    from engine.scene import SceneError, SceneSettings
+    from engine.settings import SceneError, SceneSettings
 
     action = next(a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
                   if "--offload" in a.option_strings)

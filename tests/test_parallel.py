@@ -150,7 +150,7 @@ def test_one_pipeline_per_device_serves_clips_side_by_side(monkeypatch, one_thre
     device loads its own pipeline once, and each clip is the one a plain pipeline makes."""
     from engine import distributed, scene_init
     from engine.conditioning import conditions_from_render
-    from engine.scene import SceneSettings
+    from engine.settings import SceneSettings
 
     args, refs = tiny_clip_inputs(frames=3, height=48, width=64, seed=1)
     cond = conditions_from_render(args["image"], args["cameras"], args["render"], args["render_mask"], refs,

@@ -12,7 +12,7 @@ from conftest import tiny_clip_inputs
 from engine import scene_init
 from engine.models.tiny import write_tiny_package
 from engine.pipeline import ClipPipeline
-from engine.scene import SceneSettings
+from engine.settings import SceneSettings
 
 F, H, W = 3, 64, 64
 DMD, FULL = "worldstereo-memory-dmd", "worldstereo-memory"

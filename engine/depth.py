@@ -12,8 +12,8 @@ Fallbacks, used when MoGe weights are missing (offline, not in the cache) and al
   honest about knowing nothing of the scene's shape.
 - ``SphereDepth`` for panoramas (applied to the perspective views cut from them): every pixel at the same
   distance ``DEFAULT_SPHERE_RADIUS`` from the centre, so all views of one panorama agree on one sphere.
-- ``UserDepth``: the user's own depth map, a ``.npy`` of float z-depth in METRES or a 16-bit PNG of z-depth
-  in MILLIMETRES (0 = no data in either). Detected by content, like images.
+- ``UserDepth``: the person's own depth map of the input photo (``engine.user_depth``: which files are one,
+  their formats and reading).
 
 The plane and the sphere say nothing about a *generated* frame: giving each new frame its own plane 3 m
 away would fan the cloud out into one flat card per frame. So when a scene's depth is a fallback
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
 from engine.hub import MOGE_REPO, looks_like_repo_id
 from engine.hub import local_files_only as hub_local_only
+from engine.user_depth import DepthInputError, is_user_depth_file, read_user_depth
 
 PathLike = Union[str, Path]
 
@@ -50,16 +51,11 @@ MOGE_CHECKPOINT_FILE = "model.pt"
 DEFAULT_FOV_X = 60.0  # degrees; a typical phone / compact-camera photo
 DEFAULT_PLANE_DEPTH = 3.0  # metres; a room-scale distance
 DEFAULT_SPHERE_RADIUS = 3.0  # metres
-PNG_DEPTH_UNIT = 0.001  # 16-bit PNG depth values are millimetres
 DOWNLOAD_TIMEOUT_S = 10.0
 
 
 class DepthUnavailable(RuntimeError):
     """MoGe weights or code that cannot be had here; the message says why in one sentence."""
-
-
-class DepthInputError(ValueError):
-    """A user depth file that cannot be used; the message is one sentence saying what to do."""
 
 
 # ---- result type ---------------------------------------------------------------------------------
@@ -326,117 +322,86 @@ class DepthEstimator(_Estimator):
 
 # ---- fallbacks -----------------------------------------------------------------------------------
 
-class PlaneDepth(_Estimator):
+def _pixel_intrinsics(image: torch.Tensor, fov_x: float) -> tuple[int, int, torch.Tensor]:
+    """``(h, w, K)`` of one ``[3,H,W]`` image seen with a ``fov_x``-degree horizontal field of view."""
+    _check_image(image, batched=False)
+    h, w = image.shape[-2:]
+    return h, w, intrinsics_from_fov(w, h, fov_x)[0].float()
+
+
+class _Constant(_Estimator):
+    """A stand-in surface at a fixed ``distance`` in metres (subclasses say which surface: ``_depth``)."""
+
+    fallback = True
+
+    def __init__(self, distance: float, fov_x: float, what: str):
+        if not (distance > 0 and math.isfinite(distance)):
+            raise ValueError(f"{what} must be a positive number of metres; got {distance}.")
+        self.fov_x = float(fov_x)
+
+    def _depth(self, K: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def estimate(self, image: torch.Tensor, fov_x: Optional[float] = None) -> DepthEstimate:
+        h, w, K = _pixel_intrinsics(image, fov_x or self.fov_x)
+        return _from_depth(self._depth(K, h, w), torch.ones(h, w, dtype=torch.bool), K, self.source)
+
+
+class PlaneDepth(_Constant):
     """A fronto-parallel plane at ``depth`` metres seen with a ``fov_x``-degree horizontal field of view."""
 
     source = "plane fallback"
-    fallback = True
 
     def __init__(self, depth: float = DEFAULT_PLANE_DEPTH, fov_x: float = DEFAULT_FOV_X):
-        if not (depth > 0 and math.isfinite(depth)):
-            raise ValueError(f"Plane depth must be a positive number of metres; got {depth}.")
-        self.depth, self.fov_x = float(depth), float(fov_x)
+        super().__init__(depth, fov_x, "Plane depth")
+        self.depth = float(depth)
 
-    def estimate(self, image: torch.Tensor, fov_x: Optional[float] = None) -> DepthEstimate:
-        _check_image(image, batched=False)
-        h, w = image.shape[-2:]
-        K = intrinsics_from_fov(w, h, fov_x or self.fov_x)[0].float()
-        depth = torch.full((h, w), self.depth, dtype=torch.float32)
-        return _from_depth(depth, torch.ones(h, w, dtype=torch.bool), K, self.source)
+    def _depth(self, K: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return torch.full((h, w), self.depth, dtype=torch.float32)
 
     def describe(self) -> str:
         return f"constant-depth plane ({self.depth:g} m away, {self.fov_x:g}° field of view)"
 
 
-class SphereDepth(_Estimator):
+class SphereDepth(_Constant):
     """Every pixel at distance ``radius`` from the camera centre (z-depth = radius / |K^-1 (u,v,1)|)."""
 
     source = "sphere fallback"
-    fallback = True
 
     def __init__(self, radius: float = DEFAULT_SPHERE_RADIUS, fov_x: float = DEFAULT_FOV_X):
-        if not (radius > 0 and math.isfinite(radius)):
-            raise ValueError(f"Sphere radius must be a positive number of metres; got {radius}.")
-        self.radius, self.fov_x = float(radius), float(fov_x)
+        super().__init__(radius, fov_x, "Sphere radius")
+        self.radius = float(radius)
 
-    def estimate(self, image: torch.Tensor, fov_x: Optional[float] = None) -> DepthEstimate:
-        _check_image(image, batched=False)
-        h, w = image.shape[-2:]
-        K = intrinsics_from_fov(w, h, fov_x or self.fov_x)[0].float()
-        rays = _camera_rays(K, h, w).float()
-        depth = self.radius / rays.norm(dim=-1)
-        return _from_depth(depth, torch.ones(h, w, dtype=torch.bool), K, self.source)
+    def _depth(self, K: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return self.radius / _camera_rays(K, h, w).float().norm(dim=-1)
 
     def describe(self) -> str:
         return f"constant-distance sphere ({self.radius:g} m radius)"
 
 
-def _read_user_depth(path: Path) -> np.ndarray:
-    name = path.name
-    if not path.is_file():
-        raise DepthInputError(f"Depth file '{name}' does not exist; check the path.")
-    head = path.read_bytes()[:8]
-    if head.startswith(b"\x93NUMPY"):
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise DepthInputError(f"Depth file '{name}' is not a readable .npy array ({e.__class__.__name__}).") from None
-        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-            raise DepthInputError(f"Depth file '{name}' holds {arr.dtype} values; save float depth in metres.")
-        return arr.astype(np.float64)
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                mode = im.mode
-                if not (mode.startswith("I;16") or mode == "I"):
-                    raise DepthInputError(
-                        f"Depth PNG '{name}' is {mode} (8-bit or colour); depth PNGs must be 16-bit greyscale in millimetres."
-                    )
-                arr = np.asarray(im, dtype=np.float64)
-        except DepthInputError:
-            raise
-        except Exception as e:
-            raise DepthInputError(f"Depth PNG '{name}' cannot be decoded ({e.__class__.__name__}); re-export it.") from None
-        return arr * PNG_DEPTH_UNIT
-    raise DepthInputError(f"Depth file '{name}' is neither a .npy array nor a 16-bit PNG.")
-
+# ---- the user's depth map ------------------------------------------------------------------------
 
 class UserDepth(_Estimator):
-    """The user's depth map (``.npy`` float metres or 16-bit PNG millimetres; 0 = no data)."""
+    """The person's depth map of the input photo (``engine.user_depth``); an image of the map's aspect gets it
+    resized (nearest), any other is refused."""
 
     source = "user depth"
 
     def __init__(self, path: PathLike, fov_x: float = DEFAULT_FOV_X):
         self.path = Path(path)
         self.fov_x = float(fov_x)
-        arr = _read_user_depth(self.path)
-        name = self.path.name
-        arr = np.squeeze(arr)
-        if arr.ndim != 2:
-            raise DepthInputError(f"Depth file '{name}' must be one HxW map; got shape {arr.shape}.")
-        if not np.isfinite(arr).all():
-            raise DepthInputError(f"Depth file '{name}' contains NaN or infinite values; use 0 for pixels without depth.")
-        if (arr < 0).any():
-            raise DepthInputError(f"Depth file '{name}' contains negative depths; depth must be metres in front of the camera.")
-        if not (arr > 0).any():
-            raise DepthInputError(f"Depth file '{name}' has no positive depth values.")
-        self.depth = torch.from_numpy(arr.astype(np.float32))
+        self.depth = read_user_depth(self.path)
 
     def estimate(self, image: torch.Tensor, fov_x: Optional[float] = None) -> DepthEstimate:
-        _check_image(image, batched=False)
-        h, w = image.shape[-2:]
-        dh, dw = self.depth.shape
+        h, w, K = _pixel_intrinsics(image, fov_x or self.fov_x)
         depth = self.depth
-        if (dh, dw) != (h, w):
+        if depth.shape != (h, w):
+            dh, dw = depth.shape
             if abs(math.log((dw / dh) / (w / h))) > 0.01:
-                raise DepthInputError(
-                    f"Depth map '{self.path.name}' is {dw}x{dh} but the image is {w}x{h}; give a depth map of the same shape."
-                )
+                raise DepthInputError(f"Depth map '{self.path.name}' is {dw}x{dh} but the image is {w}x{h}; give a "
+                                      "depth map of the same shape.")
             # Nearest neighbour: interpolating across an object edge would invent depths between fore- and background.
             depth = F.interpolate(depth[None, None], size=(h, w), mode="nearest-exact")[0, 0]
-        K = intrinsics_from_fov(w, h, fov_x or self.fov_x)[0].float()
         return _from_depth(depth.clone(), depth > 0, K, self.source)
 
     def describe(self) -> str:
@@ -444,13 +409,6 @@ class UserDepth(_Estimator):
 
 
 AnyEstimator = Union[DepthEstimator, PlaneDepth, SphereDepth, UserDepth]
-
-
-def _is_user_depth_file(p: Path) -> bool:
-    if not p.is_file():
-        return False
-    head = p.read_bytes()[:8]
-    return head.startswith(b"\x93NUMPY") or head.startswith(b"\x89PNG\r\n\x1a\n")
 
 
 _LOADED: dict = {}  # (checkpoint path, mtime, size, device, dtype) -> DepthEstimator
@@ -491,7 +449,7 @@ def load_depth_estimator(
         return spec
     if spec in ("plane", "sphere"):
         return PlaneDepth() if spec == "plane" else SphereDepth()
-    if spec is not None and _is_user_depth_file(Path(spec)):
+    if is_user_depth_file(spec):
         return UserDepth(spec)
     try:
         return _loaded_moge(spec or MOGE_REPO, device, dtype, local_files_only)
@@ -567,46 +525,3 @@ def depth_from_render(depth: torch.Tensor, covered: torch.Tensor, radius: int = 
         known = known.copy()
         known[hy[good], hx[good]] = True
     return torch.from_numpy(out).to(depth.dtype), torch.from_numpy(known)
-
-
-# ---- scale alignment to the 3D cache -------------------------------------------------------------
-
-def align_to(
-    estimate: DepthEstimate,
-    reference_depth: torch.Tensor,
-    valid: torch.Tensor,
-    robust: bool = True,
-    with_shift: bool = True,
-):
-    """Bring ``estimate`` to the cache's scale: ``depth' = scale * depth + shift`` fitted where ``valid``
-    (and the estimate's own mask) on ``reference_depth`` (same shape; a batch is aligned frame by frame).
-
-    Returns ``(aligned_estimate, alignments)`` (one ``Alignment`` per frame, a list for a batch). Points are
-    recomputed from the new depth because a shift does not scale the point map uniformly; pixels whose
-    aligned depth is not positive leave the mask.
-    """
-    from engine.geometry.align import align_depth  # lazily: the cache geometry lives in its own module
-
-    if reference_depth.shape != estimate.depth.shape or valid.shape != estimate.depth.shape:
-        raise ValueError(
-            f"Reference depth {tuple(reference_depth.shape)} and valid mask {tuple(valid.shape)} must match the "
-            f"estimate's depth {tuple(estimate.depth.shape)}."
-        )
-    batched = estimate.depth.dim() == 3
-    items = [estimate[i] for i in range(len(estimate))] if batched else [estimate]
-    refs = reference_depth if batched else reference_depth[None]
-    vals = valid if batched else valid[None]
-    out, alignments = [], []
-    for est, ref, val in zip(items, refs, vals):
-        ref = ref.to(est.depth.device, est.depth.dtype)
-        fit_valid = val.to(est.depth.device).bool() & est.mask
-        al = align_depth(est.depth, ref, fit_valid, robust=robust, with_shift=with_shift)
-        scale = torch.as_tensor(al.scale, dtype=est.depth.dtype, device=est.depth.device)
-        shift = getattr(al, "shift", None)
-        shift = torch.as_tensor(0.0 if shift is None else shift, dtype=est.depth.dtype, device=est.depth.device)
-        aligned = scale * est.depth + shift
-        out.append(_from_depth(aligned, est.mask, est.K, est.source))
-        alignments.append(al)
-    if batched:
-        return DepthEstimate.stack(out), alignments
-    return out[0], alignments[0]

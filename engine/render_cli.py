@@ -46,9 +46,9 @@ def photo_first_clip(image: torch.Tensor, camera_file: Optional[Path], preset: O
     """The photo's seed (bucket image, start camera, first cache) and the first clip's keyframe cameras, as the
     release's single-view path has them: a camera file's trajectory subsampled to ``frames`` keyframes with its
     intrinsics rescaled from the photo to ``size``, or a preset from the start camera."""
-    from engine.depth import PlaneDepth, load_depth_estimator
+    from engine.depth import PlaneDepth, UserDepth, load_depth_estimator
     from engine.settings import check_frames
-    from engine.scene_init import DepthSource, is_depth_file, seed_photo
+    from engine.scene_init import DepthSource, seed_photo
 
     h0, w0 = image.shape[-2:]
     file_cams = Cameras.from_json(camera_file, w0, h0) if camera_file is not None else None
@@ -59,7 +59,7 @@ def photo_first_clip(image: torch.Tensor, camera_file: Optional[Path], preset: O
         # Official files put the world origin at the look-at point: the plane goes through it.
         estimator = PlaneDepth(depth=float(file_cams.centers[0].norm()) or estimator.depth)
     seed = seed_photo(image, DepthSource(estimator, estimator.source), camera_file, size,
-                      user_depth=depth if is_depth_file(depth) else None)
+                      user_depth=estimator if isinstance(estimator, UserDepth) else None)
     if file_cams is not None:
         cams = conditioning.official_cameras(file_cams, (h0, w0), size, frames)
     else:

@@ -93,6 +93,7 @@ class Scene:
         ground truth): a callable ``(image [3,H,W], camera) -> (depth [H,W], valid [H,W])``."""
         settings = settings or SceneSettings()
         settings.validate()
+        user_depth = scene_init.user_depth_for(settings, panorama)  # read and checked before a depth model loads
         folder = JobFolder(job_dir)
         if folder.holds_scene():
             raise SceneError(f"{folder.path} already holds a scene; open it to continue, or choose another folder.")
@@ -106,7 +107,6 @@ class Scene:
             seed = scene_init.seed_panorama(img, settings, depth_source, span(report, 0.2, 0.9))
         else:
             size = scene_init.photo_size(img.shape[-2], img.shape[-1], settings)
-            user_depth = settings.depth if scene_init.is_depth_file(settings.depth) else None
             seed = scene_init.seed_photo(img, depth_source, camera_json, size, user_depth, span(report, 0.2, 0.9))
         # Nothing is written before the input has been fully understood: a refused input leaves no folder.
         manifest = new_manifest(

@@ -20,6 +20,7 @@ from engine.geometry.memory import MemoryBank
 from engine.preview import preview_clip
 from engine.progress import Progress, ensure
 from engine.settings import SceneError, bucket_size, engine_device
+from engine.user_depth import is_user_depth_file
 
 PANORAMA_MAX_WIDTH = 2048
 PANORAMA_START_YAWS = (0.0, 90.0, 180.0, 270.0)  # exploration starts: the four horizontal directions
@@ -60,14 +61,23 @@ def depth_source_for(settings, panorama: bool, announce: Callable[[str], None]) 
     """The depth door of a scene: its depth model, loaded once per process (``engine.depth``), on its device."""
     from engine.depth import load_depth_estimator
 
-    estimator = load_depth_estimator(settings.depth if not is_depth_file(settings.depth) else None,
-                                     device=engine_device(settings), panorama=panorama, announce=announce)
+    # A user's depth map is of the input photo alone (``seed_photo``); generated frames get the depth model.
+    model = None if is_user_depth_file(settings.depth) else settings.depth
+    estimator = load_depth_estimator(model, device=engine_device(settings), panorama=panorama, announce=announce)
     return DepthSource(estimator, getattr(estimator, "source", type(estimator).__name__))
 
 
-def is_depth_file(spec: Optional[str]) -> bool:
-    """Whether ``spec`` names a user's depth map file (.npy / 16-bit PNG) rather than a depth model."""
-    return bool(spec) and Path(spec).suffix.lower() in (".npy", ".png") and Path(spec).is_file()
+def user_depth_for(settings, panorama: bool):
+    """The person's depth map of the input photo when ``settings.depth`` names a depth file (``engine.user_depth``),
+    read and checked; None when depth comes from a depth model. A panorama takes none."""
+    if not is_user_depth_file(settings.depth):
+        return None
+    if panorama:
+        raise SceneError("A depth file is the depth of one photo; a panorama's views get theirs from the depth model, "
+                         "so leave the depth file out.")
+    from engine.depth import UserDepth
+
+    return UserDepth(settings.depth)
 
 
 def checkpoint_config(engine: str, weights: Optional[str] = None):
@@ -91,10 +101,10 @@ def photo_size(height: int, width: int, settings) -> tuple[int, int]:
 
 
 def seed_photo(image: torch.Tensor, depth_source, camera_json, size: tuple[int, int],
-               user_depth: Optional[str] = None, progress: Optional[Progress] = None) -> Seed:
+               user_depth=None, progress: Optional[Progress] = None) -> Seed:
     """Start from one photo: its camera, the photo stretched to the bucket ``size = (h, w)`` (``photo_size``) as the
-    release does, its depth (``depth_source``, or the user's depth file) unprojected into the first cache and the
-    bank's first frame."""
+    release does, its depth (``depth_source``, or ``user_depth``: the person's map, an ``engine.depth.UserDepth``)
+    unprojected into the first cache and the bank's first frame."""
     from engine.conditioning import pil_to_tensor, stretch_to_bucket
 
     report = ensure(progress)
@@ -109,13 +119,11 @@ def seed_photo(image: torch.Tensor, depth_source, camera_json, size: tuple[int, 
     photo, image = image, pil_to_tensor(stretch_to_bucket(image, (h, w)))
     start = start.resized(w, h)
     report(0.3, "depth of the input")
-    if user_depth:
-        from engine.depth import UserDepth
-
+    if user_depth is not None:
         # The user's map is of the photo as given; it is stretched with the photo below (nearest).
-        depth = UserDepth(user_depth).estimate(photo).depth.float()
+        depth = user_depth.estimate(photo).depth.float()
         valid = torch.isfinite(depth) & (depth > 0)
-        note = f"user depth from {Path(user_depth).name}"
+        note = user_depth.describe()
     else:
         depth, valid, _ = depth_source(image, start)
         note = depth_source.note if hasattr(depth_source, "note") else "custom depth"

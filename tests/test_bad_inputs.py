@@ -197,6 +197,19 @@ def test_subprocess_exit_code_and_stderr_for_non_utf8_prompt(good_image, tmp_pat
     SUMMARY["subprocess_exit_code"] = proc.returncode
 
 
+def test_depth_files_that_cannot_serve_are_refused(good_image, tmp_path, private_tmp, capsys):
+    """A depth map that is not there is refused (not tried as a depth model); a panorama takes no depth map."""
+    last = _refused(["--image", str(good_image), "--depth", str(tmp_path / "nowhere.npy")], tmp_path / "out",
+                    tmp_path, private_tmp, capsys, "missing depth file")
+    assert "does not exist" in last
+    pano, depth = tmp_path / "pano.png", tmp_path / "pano_depth.npy"
+    Image.fromarray(np.zeros((32, 64, 3), np.uint8)).save(pano)
+    np.save(depth, np.ones((32, 64)))
+    last = _refused(["--panorama", str(pano), "--depth", str(depth)], tmp_path / "out", tmp_path, private_tmp, capsys,
+                    "panorama with a depth file")
+    assert "panorama" in last
+
+
 # ---- numeric parameters -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flag,value,needle", [

@@ -1,5 +1,5 @@
 """Monocular depth: a tiny random MoGe-2 saved and loaded through the real checkpoint path, the fallbacks,
-user depth files, the one-line announcement, and the glue to scale alignment."""
+user depth files (which are one, reading them), and the one-line announcement."""
 from __future__ import annotations
 
 import math
@@ -19,14 +19,13 @@ from engine.depth import (
     DEFAULT_PLANE_DEPTH,
     DepthEstimate,
     DepthEstimator,
-    DepthInputError,
     DepthUnavailable,
     PlaneDepth,
     SphereDepth,
     UserDepth,
-    align_to,
     load_depth_estimator,
 )
+from engine.user_depth import DepthInputError, is_user_depth_file
 
 TINY_BACKBONE = "dinov2_tiny_test"
 
@@ -302,51 +301,28 @@ def test_bad_user_depth_one_line_errors(tmp_path, make, match):
     assert "\n" not in str(e.value) and str(e.value).endswith(".")
 
 
+def test_what_is_a_user_depth_file(tmp_path, tiny_moge):
+    """The one rule, which the depth loader and the scene both use: the name (.npy / .png, existing or not) or the
+    content (a NumPy or PNG signature under any name); folders, model files, keywords and objects are not."""
+    folder, _ = tiny_moge
+    np.save(tmp_path / "d.npy", np.ones((4, 4)))
+    (tmp_path / "renamed.dat").write_bytes((tmp_path / "d.npy").read_bytes())
+    Image.fromarray(np.ones((4, 4), np.uint16)).save(tmp_path / "depth.bin", format="PNG")
+    for spec in (tmp_path / "d.npy", str(tmp_path / "missing.PNG"), tmp_path / "renamed.dat", tmp_path / "depth.bin"):
+        assert is_user_depth_file(spec), spec
+    for spec in (None, "", "plane", "Ruicheng/moge-2-vitl-normal", folder, folder / "model.pt", tmp_path, PlaneDepth(),
+                 "x" * 5000):
+        assert not is_user_depth_file(spec), spec
+    with pytest.raises(DepthInputError, match="does not exist"):  # a missing map is refused, not tried as a model
+        load_depth_estimator(tmp_path / "missing.npy")
+
+
 def test_user_depth_shape_mismatch(tmp_path):
     np.save(tmp_path / "d.npy", np.ones((10, 10)))
     with pytest.raises(DepthInputError, match="10x10 but the image is 20x10"):
         UserDepth(tmp_path / "d.npy").estimate(torch.rand(3, 10, 20))
     with pytest.raises(DepthInputError, match="does not exist"):
         UserDepth(tmp_path / "missing.npy")
-
-
-# ---- alignment glue ------------------------------------------------------------------------------
-
-def test_align_to_applies_fitted_scale_and_shift(monkeypatch):
-    """The glue (mask handling, points recomputed from the new depth) against a stand-in fitter whose
-    answer is known; the real fitter is tested by its own module."""
-    calls = []
-
-    def fake_align_depth(depth, reference, valid, robust=True, with_shift=True):
-        calls.append((robust, with_shift, valid.clone()))
-        return types.SimpleNamespace(scale=torch.tensor(2.0), shift=torch.tensor(-1.0))
-
-    fake = types.ModuleType("engine.geometry.align")
-    fake.align_depth = fake_align_depth
-    monkeypatch.setitem(sys.modules, "engine.geometry.align", fake)
-
-    est = PlaneDepth(depth=3.0).estimate_batch(torch.rand(2, 3, 12, 16))
-    valid = torch.ones(2, 12, 16, dtype=torch.bool)
-    valid[:, :4] = False
-    aligned, als = align_to(est, torch.ones(2, 12, 16), valid)
-    assert len(als) == 2 and len(calls) == 2 and calls[0][:2] == (True, True)
-    assert torch.equal(calls[0][2], valid[0])
-    torch.testing.assert_close(aligned.depth, torch.full((2, 12, 16), 5.0))
-    for i in range(2):
-        _check_consistent(aligned[i], 12, 16)
-
-
-def test_align_to_real_module_recovers_scale():
-    pytest.importorskip("engine.geometry.align")
-    est = PlaneDepth(depth=2.0).estimate(torch.rand(3, 12, 16))
-    # A tilted reference so the fit is well posed with a shift: reference = 1.5 * depth + 0.25 varied per row.
-    g = torch.Generator().manual_seed(0)
-    depth = est.depth + torch.rand(12, 16, generator=g)
-    est = DepthEstimate(depth, est.points * (depth / est.depth)[..., None], est.mask, est.K, est.source)
-    ref = 1.5 * depth + 0.25
-    aligned, al = align_to(est, ref, torch.ones(12, 16, dtype=torch.bool))
-    torch.testing.assert_close(aligned.depth, ref, atol=1e-3, rtol=1e-3)
-    _check_consistent(aligned, 12, 16)
 
 
 # ---- generated frames without a depth model --------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Model and space
     ``reference ~= scale * depth + shift``, fitted in *depth* space because the result is applied as an
-    affine map of depth (``Alignment.apply``; ``engine.depth.align_to`` uses the same formula), the cache
-    renders camera z-depth, and monocular estimators such as MoGe are affine-ambiguous in depth.
+    affine map of depth (``Alignment.apply``), the cache renders camera z-depth, and monocular estimators such
+    as MoGe are affine-ambiguous in depth.
     Residuals are *relative*, ``e = (scale * d + shift - r) / r``: absolute depth errors grow with distance,
     so an absolute fit would be decided by the far background; relative errors weigh near and far alike.
     The fit stays linear in ``(scale, shift)``: with ``a = d / r`` and ``b = 1 / r``, ``e = scale*a + shift*b - 1``.

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from engine.models.loading import build_transformer, tiny_transformer_config
 from engine.models.parallel import enable_sequence_parallel
 from engine.models.transformer import InputError
+from tiny_model import forward_inputs as inputs, wake_zero_layers
 
 # name, variant, batch, latent frames, latent height, width, reference target frames (ref_index), update_ref
 CASES = [
@@ -29,33 +30,8 @@ CASES = [
 def model_for(variant: str, update_ref: bool):
     cfg, base = tiny_transformer_config(variant)
     cfg.controlnet_cfg.update_ref = update_ref
-    model = build_transformer(cfg, base, seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # the zero-initialised layers (branch outputs, camera codes) get weights, so they act
-        for p in model.parameters():
-            if p.is_floating_point() and not p.any():
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def inputs(batch, frames, h, w, ref_index, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    f_pix = (frames - 1) * 4 + 1
-    kw = dict(
-        hidden_states=torch.randn(batch, 36, frames, h, w, generator=g),
-        timestep=torch.tensor([700.0] * batch),
-        encoder_hidden_states=torch.randn(batch, 8, 32, generator=g),
-        encoder_hidden_states_image=torch.randn(batch, 4, 24, generator=g),
-        render_latent=torch.randn(batch, 16, frames, h, w, generator=g),
-        render_mask=(torch.rand(batch, 1, f_pix, h * 8, w * 8, generator=g) > 0.3).float(),
-        camera_embedding=torch.randn(batch, 6, f_pix, h * 8, w * 8, generator=g),
-        camera_qt=torch.randn(batch, frames, 7, generator=g),
-    )
-    if ref_index is not None:
-        r = len(ref_index)
-        kw.update(reference_latent=torch.randn(batch, 16, r, h, w, generator=g),
-                  ref_index=torch.tensor(ref_index), camera_qt_ref=torch.randn(batch, r, 7, generator=g))
-    return kw
+    # the zero-initialised layers (branch outputs, camera codes) get weights, so they act
+    return wake_zero_layers(build_transformer(cfg, base, seed=0), seed=1, scale=0.2)
 
 
 def main(out_path: str) -> None:

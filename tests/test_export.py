@@ -18,6 +18,7 @@ from export.export_mode import DecomposedRMSNorm, PlainAttnProcessor, export_mod
 from export.graphs import ExportShape, MemoryFrontendGraph, empty_reference_inputs, graphs_for
 from export.onnx_export import DATA_ALIGNMENT, PARITY_RTOL, ParityError, check_parity, export_graph, ort_session
 from export.tensorrt_build import TensorRTUnavailable, axis_ranges, build_engines, input_profile
+from tiny_model import wake_zero_layers
 
 CASES = [("worldstereo-memory-dmd", "stitched"), ("worldstereo-memory", "branch"), ("worldstereo-camera", "stitched")]
 
@@ -29,13 +30,7 @@ def randomized_tiny(variant: str, memory_mode: str, seed: int = 0):
     """A tiny model whose zero-initialised parts (branch projections, adaLN, camera code MLP) are random too,
     so every branch changes the output and a wrong graph cannot hide behind zeros."""
     cfg, base = tiny_transformer_config(variant, memory_mode=memory_mode)
-    model = build_transformer(cfg, base, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return wake_zero_layers(build_transformer(cfg, base, seed=seed), seed=seed + 100)
 
 
 def forward_inputs(model, b=1, f=3, h=4, w=6, r=2, seed=0):

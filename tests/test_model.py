@@ -13,6 +13,7 @@ from engine.models.config import WorldStereoConfig
 from engine.models.loading import build_transformer, tiny_transformer_config
 from engine.models.transformer import WorldStereoTransformer, backbone_init_kwargs
 from engine.runtime import spec
+from tiny_model import forward_inputs, wake_zero_layers
 
 OFFICIAL = "reference/official_state_dict_tiny.json"
 B, F, H, W = 1, 3, 16, 16  # latent size; pixel size is 8x
@@ -25,36 +26,7 @@ def official(examples):
 
 
 def _inputs(seed=0, refs=0):
-    g = torch.Generator().manual_seed(seed)
-    kw = dict(
-        hidden_states=torch.randn(B, 36, F, H, W, generator=g),
-        timestep=torch.tensor([700.0]),
-        encoder_hidden_states=torch.randn(B, 8, 32, generator=g),
-        encoder_hidden_states_image=torch.randn(B, 4, 24, generator=g),
-        render_latent=torch.randn(B, 16, F, H, W, generator=g),
-        render_mask=(torch.rand(B, 1, F_PIX, H * 8, W * 8, generator=g) > 0.3).float(),
-        camera_embedding=torch.randn(B, 6, F_PIX, H * 8, W * 8, generator=g),
-        camera_qt=torch.randn(B, F, 7, generator=g),
-    )
-    if refs:
-        kw.update(reference_latent=torch.randn(B, 16, refs, H, W, generator=g),
-                  ref_index=torch.arange(refs), camera_qt_ref=torch.randn(B, refs, 7, generator=g),
-                  pointmap_latent=torch.randn(B, 16, F, H, W, generator=g),
-                  ref_pointmap_latent=torch.randn(B, 16, refs, H, W, generator=g))
-    return kw
-
-
-def _perturb_zero_params(model, seed=1):
-    """Give every all-zero parameter (the zero-initialised layers) small random values."""
-    g = torch.Generator().manual_seed(seed)
-    n = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and not p.any():
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-                n += 1
-    assert n > 0
-    return model
+    return forward_inputs(B, F, H, W, list(range(refs)) if refs else None, seed=seed, pointmaps=True)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +103,7 @@ def test_zero_init_branches_leave_backbone_output(variant):
 
 def test_branches_act_once_zero_layers_are_perturbed():
     cfg, base = tiny_transformer_config("worldstereo-memory")
-    model = _perturb_zero_params(build_transformer(cfg, base, seed=5))
+    model = wake_zero_layers(build_transformer(cfg, base, seed=5), seed=1, scale=0.2)
     kw = _inputs(seed=6, refs=2)
     with torch.no_grad():
         out = model(**kw)
@@ -147,7 +119,7 @@ def test_stitched_references_bound_by_position_not_order():
     """Reordering the references together with their ref_index is the same set of tokens at the same rotary
     positions, so the output must not change; moving a reference to another frame must change it."""
     cfg, base = tiny_transformer_config("worldstereo-memory")
-    model = _perturb_zero_params(build_transformer(cfg, base, seed=7))
+    model = wake_zero_layers(build_transformer(cfg, base, seed=7), seed=1, scale=0.2)
     kw = _inputs(seed=8, refs=2)
     perm = torch.tensor([1, 0])
     swapped = {**kw, "reference_latent": kw["reference_latent"][:, :, perm], "ref_index": kw["ref_index"][perm],
@@ -161,7 +133,7 @@ def test_stitched_references_bound_by_position_not_order():
 
 def test_branch_mode_attention_stays_inside_each_pair():
     cfg, base = tiny_transformer_config("worldstereo-memory", memory_mode="branch")
-    model = _perturb_zero_params(build_transformer(cfg, base, seed=9))
+    model = wake_zero_layers(build_transformer(cfg, base, seed=9), seed=1, scale=0.2)
     kw = _inputs(seed=10, refs=2)  # reference r serves latent frame r+1
     with torch.no_grad():
         temb = model.condition_embedder(kw["timestep"], kw["encoder_hidden_states"])[0]
@@ -249,7 +221,7 @@ def test_forward_and_constructor_signatures_are_the_declared_ones():
 @pytest.mark.parametrize("variant", ["worldstereo-camera", "worldstereo-memory"])
 def test_save_pretrained_from_pretrained_round_trip(tmp_path, variant):
     cfg, base = tiny_transformer_config(variant)
-    model = _perturb_zero_params(build_transformer(cfg, base, seed=12))
+    model = wake_zero_layers(build_transformer(cfg, base, seed=12), seed=1, scale=0.2)
     model.save_pretrained(tmp_path)
     loaded = WorldStereoTransformer.from_pretrained(tmp_path).eval()
     assert loaded.ws_config.to_dict() == model.ws_config.to_dict()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from engine.models.loading import build_transformer, load_transformer, save_checkpoint, tiny_transformer_config
 from engine.models.transformer import InputError, memory_block
+from tiny_model import wake_zero_layers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -188,13 +189,7 @@ def _randomised(variant="worldstereo-memory", update_ref=False, seed=0):
     """The tiny model with every parameter random, the zero-initialised ones included (so each path matters)."""
     cfg, base = tiny_transformer_config(variant)
     cfg.controlnet_cfg.update_ref = update_ref
-    model = build_transformer(cfg, base, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and not p.any():
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return model
+    return wake_zero_layers(build_transformer(cfg, base, seed=seed), seed=seed + 1, scale=0.3)
 
 
 def _inputs(seed=0):

@@ -11,6 +11,7 @@ from conftest import tiny_clip_inputs
 from engine.models.tiny import write_tiny_package
 from engine.pipeline import ClipInputError, ClipPipeline, References
 from engine.sampling import SamplingCancelled
+from tiny_model import wake_zero_layers
 
 VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")
 F, H, W = 3, 64, 64
@@ -119,20 +120,11 @@ def test_progress_and_cancel(pipes, inputs):
         run(pipe, inputs, cancel=lambda: True)
 
 
-def _wake_zero_layers(transformer, seed: int = 0):
-    """Random values in the layers the official initialisation zeroes (camera-branch outputs, mask projection,
-    camera-code head): with them zero the camera branch cannot change a clip, and a comparison would be vacuous."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if p.is_floating_point() and not p.any() and name.startswith(("controlnet.", "camera_embedding.")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
 @pytest.mark.parametrize("variant", ["worldstereo-memory-dmd", "worldstereo-camera"])
 def test_mask_tokens_are_made_once_per_clip(tiny_packages, inputs, variant, monkeypatch):
     pipe = ClipPipeline.from_pretrained(tiny_packages[variant], device="cpu")
-    _wake_zero_layers(pipe.transformer)
+    # the camera branch's zero-initialised layers made random, so the branch changes a clip
+    wake_zero_layers(pipe.transformer, prefixes=("controlnet.", "camera_embedding."))
     calls = []
     pipe.transformer.controlnet.controlnet_mask_embedding.register_forward_hook(lambda *_: calls.append(1))
     steps = 4 if pipe.is_distilled else UNIPC_TEST_STEPS

@@ -311,23 +311,32 @@ def test_radius_splat_covers_the_clipped_square():
     assert out.index[0, 3, 4] == 0 and out.index[0, 3, 6] == 0 and out.index[0, 5, 4] == 0
 
 
-def test_deterministic_and_independent_of_point_order_and_chunking():
-    g = torch.Generator().manual_seed(5)
-    pts = torch.rand(5000, 3, generator=g) * 2 - 1
+RENDER_FIELDS = ("image", "mask", "depth", "pointmap", "index")
+
+
+def random_cloud(n: int, seed: int):
+    """``n`` points with random colours, uniform in the box [-1,1] x [-1,1] x [3,5] that the test cameras look at;
+    returns the generator too, for draws that must follow."""
+    g = torch.Generator().manual_seed(seed)
+    pts = torch.rand(n, 3, generator=g) * 2 - 1
     pts[:, 2] += 4
-    cols = torch.rand(5000, 3, generator=g)
+    return pts, torch.rand(n, 3, generator=g), g
+
+
+def assert_same_render(a, b, fields=RENDER_FIELDS) -> None:
+    for name in fields:
+        assert torch.equal(getattr(a, name), getattr(b, name).cpu()), name
+
+
+def test_deterministic_and_independent_of_point_order_and_chunking():
+    pts, cols, g = random_cloud(5000, seed=5)
     cams = make_cameras([(0, 0, 0), (0.5, 0, 0.5), (-0.5, 0.3, 0.2)], (0, 0, 4), 32, 24)
     a = render_points(pts, cols, cams, radius=1)
-    b = render_points(pts, cols, cams, radius=1)
-    for name in ("image", "mask", "depth", "pointmap", "index"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    c = render_points(pts, cols, cams, radius=1, chunk=2)
-    for name in ("image", "mask", "depth", "pointmap", "index"):
-        assert torch.equal(getattr(a, name), getattr(c, name)), name
+    assert_same_render(a, render_points(pts, cols, cams, radius=1))
+    assert_same_render(a, render_points(pts, cols, cams, radius=1, chunk=2))
     perm = torch.randperm(5000, generator=g)
     d = render_points(pts[perm], cols[perm], cams, radius=1)
-    for name in ("image", "mask", "depth", "pointmap"):
-        assert torch.equal(getattr(a, name), getattr(d, name)), name
+    assert_same_render(a, d, ("image", "mask", "depth", "pointmap"))
     assert torch.equal(perm[d.index.clamp(min=0)] * d.mask, a.index.clamp(min=0) * a.mask)
 
 
@@ -358,32 +367,24 @@ def test_large_frame_index_fallback_gives_the_same_render(monkeypatch):
     # switch on a small frame and compare with the float32 path.
     import engine.geometry.render as render_module
 
-    g = torch.Generator().manual_seed(6)
-    pts = torch.rand(3000, 3, generator=g) * 2 - 1
-    pts[:, 2] += 4
-    cols = torch.rand(3000, 3, generator=g)
+    pts, cols, _ = random_cloud(3000, seed=6)
     cams = make_cameras([(0, 0, 0), (0.5, 0.2, 0.3)], (0, 0, 4), 40, 30)
     for radius in (0, 1):
         plain = render_points(pts, cols, cams, radius=radius)
         monkeypatch.setattr(render_module, "_EXACT_FLOAT32_INDEX", 16)
         wide = render_points(pts, cols, cams, radius=radius)
         monkeypatch.undo()
-        for name in ("image", "mask", "depth", "pointmap", "index"):
-            assert torch.equal(getattr(plain, name), getattr(wide, name)), name
+        assert_same_render(plain, wide)
 
 
 def test_render_without_pointmaps_gives_the_same_render():
-    g = torch.Generator().manual_seed(8)
-    pts = torch.rand(5000, 3, generator=g) * 2 - 1
-    pts[:, 2] += 4
-    cols = torch.rand(5000, 3, generator=g)
+    pts, cols, _ = random_cloud(5000, seed=8)
     cams = make_cameras([(0, 0, 0), (0.4, 0.1, 0.2)], (0, 0, 4), 40, 30)
     for radius in (0, 2):
         full = render_points(pts, cols, cams, radius=radius)
         bare = render_points(pts, cols, cams, radius=radius, pointmaps=False)
         assert bare.pointmap is None and full.pointmap is not None
-        for name in ("image", "mask", "depth", "index"):
-            assert torch.equal(getattr(full, name), getattr(bare, name)), name
+        assert_same_render(full, bare, ("image", "mask", "depth", "index"))
     assert render_points(pts[:0], cols[:0], cams, pointmaps=False).pointmap is None
 
 
@@ -391,13 +392,9 @@ def test_render_without_pointmaps_gives_the_same_render():
 def test_cuda_render_matches_cpu_bit_for_bit():
     # Projection is separate IEEE multiplies/adds/divides and the z-buffer compares integer keys, so a
     # CUDA render must equal the CPU one exactly (including with all frames in one pass).
-    g = torch.Generator().manual_seed(7)
-    pts = torch.rand(20000, 3, generator=g) * 2 - 1
-    pts[:, 2] += 4
-    cols = torch.rand(20000, 3, generator=g)
+    pts, cols, _ = random_cloud(20000, seed=7)
     cams = make_cameras([(0, 0, 0), (0.5, 0, 0.5), (-0.5, 0.3, 0.2)], (0, 0, 4), 64, 48)
     for radius in (0, 1):
         cpu = render_points(pts, cols, cams, radius=radius)
         gpu = render_points(pts.cuda(), cols.cuda(), cams.to(device="cuda"), radius=radius)
-        for name in ("image", "mask", "depth", "pointmap", "index"):
-            assert torch.equal(getattr(cpu, name), getattr(gpu, name).cpu()), name
+        assert_same_render(cpu, gpu)

@@ -13,6 +13,7 @@ from engine.runtime.chain import GraphChain, GraphInputError
 from engine.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from export.api import export_onnx
 from export.graphs import ExportShape
+from tiny_model import wake_zero_layers
 
 RTOL = 1e-4  # the export's parity tolerance, now over the whole chained forward
 F, H, W = 3, 64, 64
@@ -21,21 +22,11 @@ F, H, W = 3, 64, 64
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def randomize_zero_init(model, seed=0):
-    """Give the zero-initialised parts (branch outputs, adaLN, camera codes) random values so they matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point() and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
 @pytest.fixture(scope="module")
 def pipe(tiny_packages):
     # The package on disk is shared; only this loaded copy gets its zero-initialised parts randomised.
     p = ClipPipeline.from_pretrained(tiny_packages["worldstereo-memory-dmd"], device="cpu", dtype=torch.float32)
-    randomize_zero_init(p.transformer)
+    wake_zero_layers(p.transformer)
     return p
 
 

@@ -18,7 +18,6 @@ from engine.hub import HUB_REPO
 class EngineSpec:
     name: str
     variant: Optional[str]  # checkpoint subfolder of HUB_REPO; None for engines without official weights
-    generative: bool  # runs the WorldStereo network (real or tiny random)
     needs_gpu: bool
     description: str
 
@@ -26,15 +25,15 @@ class EngineSpec:
 ENGINES: dict[str, EngineSpec] = {
     spec.name: spec
     for spec in (
-        EngineSpec("worldstereo-memory-dmd", "worldstereo-memory-dmd", True, True,
+        EngineSpec("worldstereo-memory-dmd", "worldstereo-memory-dmd", True,
                    "full model with memory, 4-step DMD sampler (fast)"),
-        EngineSpec("worldstereo-memory", "worldstereo-memory", True, True,
+        EngineSpec("worldstereo-memory", "worldstereo-memory", True,
                    "full model with memory, 40-step UniPC + guidance (best quality, slow)"),
-        EngineSpec("worldstereo-camera", "worldstereo-camera", True, True,
+        EngineSpec("worldstereo-camera", "worldstereo-camera", True,
                    "camera control only (no memory), 40-step UniPC + guidance"),
-        EngineSpec("tiny-random", None, True, False,
+        EngineSpec("tiny-random", None, False,
                    "the same architecture at a tiny random size: frames are noise; for tests and smoke runs"),
-        EngineSpec("preview", None, False, False,
+        EngineSpec("preview", None, False,
                    "no generative network: renders the 3D cache and fills holes classically (a preview, not generation)"),
     )
 }

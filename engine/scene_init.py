@@ -314,14 +314,6 @@ def resident_for(device: str) -> ResidentPipeline:
         return _RESIDENTS.setdefault(key, ResidentPipeline())
 
 
-def release_residents() -> None:
-    """Drop every resident pipeline (tests; a server that switches to the preview engine)."""
-    with _RESIDENTS_LOCK:
-        slots = list(_RESIDENTS.values())
-    for slot in slots:
-        slot.release()
-
-
 def pipeline_spec(settings) -> PipelineSpec:
     """The resident pipeline a scene's settings ask for."""
     from engine.engines import ENGINES, checkpoint_dir

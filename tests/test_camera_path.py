@@ -28,7 +28,7 @@ def _base(width=96, height=64) -> Cameras:
     c2w = np.eye(4)
     c2w[:3, :3] = Rotation.from_rotvec([0.2, -0.5, 0.1]).as_matrix()
     c2w[:3, 3] = [0.3, -0.2, 1.1]
-    return Cameras.from_c2w(torch.as_tensor(c2w), intrinsics_matrix(70.0, 66.0, 47.0, 33.5), width, height)
+    return Cameras(torch.as_tensor(np.linalg.inv(c2w)), intrinsics_matrix(70.0, 66.0, 47.0, 33.5), width, height)
 
 
 def _natural_spline(y: np.ndarray, s: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ def camera(yaw_deg=0.0, pitch_deg=0.0, center=(0.0, 0.0, 0.0), fov=60.0, width=W
     c2w = np.eye(4)
     c2w[:3, :3] = r_c2w
     c2w[:3, 3] = center
-    return Cameras.from_c2w(torch.tensor(c2w)[None], intrinsics_from_fov(width, height, fov), width, height)
+    return Cameras(torch.tensor(np.linalg.inv(c2w))[None], intrinsics_from_fov(width, height, fov), width, height)
 
 
 # ---- the independent reference -------------------------------------------------------------------

@@ -34,9 +34,10 @@ def weights(tmp_path_factory):
 
 @pytest.fixture
 def resident():
-    scene_init.release_residents()
-    yield scene_init.resident_for("cpu")
-    scene_init.release_residents()
+    slot = scene_init.resident_for("cpu")
+    slot.release()
+    yield slot
+    slot.release()
 
 
 def _count_calls(monkeypatch, owner, name, counts):

@@ -29,7 +29,7 @@ def _start(seed: int = 0) -> Cameras:
     c2w = np.eye(4)
     c2w[:3, :3] = Rotation.from_rotvec(g.normal(size=3) * 0.4).as_matrix()
     c2w[:3, 3] = g.normal(size=3)
-    return Cameras.from_c2w(torch.as_tensor(c2w), intrinsics_from_fov(64, 48, 60.0), 64, 48)
+    return Cameras(torch.as_tensor(np.linalg.inv(c2w)), intrinsics_from_fov(64, 48, 60.0), 64, 48)
 
 
 def _look_at(cams: Cameras, d: float) -> torch.Tensor:

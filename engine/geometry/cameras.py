@@ -162,10 +162,6 @@ class Cameras:
         """Optical axes (camera +z) in world coordinates ``[N,3]``."""
         return self.R[:, 2, :]
 
-    @classmethod
-    def from_c2w(cls, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int, **kw) -> "Cameras":
-        return cls(rigid_inverse(_as_tensor(c2w)), K, width, height, **kw)
-
     # ---- intrinsics -----------------------------------------------------------------------------
     def resized(self, width: int, height: int) -> "Cameras":
         """The same cameras for the image resized to ``width`` x ``height`` (intrinsics scaled per axis)."""
@@ -174,13 +170,6 @@ class Cameras:
         k[:, 0, :] *= sx
         k[:, 1, :] *= sy
         k[:, 2, :] = self.K[:, 2, :]
-        return self._with_size(k, width, height)
-
-    def cropped(self, left: int, top: int, width: int, height: int) -> "Cameras":
-        """The same cameras for the crop ``[top:top+height, left:left+width]`` of the image."""
-        k = self.K.clone()
-        k[:, 0, 2] -= left
-        k[:, 1, 2] -= top
         return self._with_size(k, width, height)
 
     def _with_size(self, k: torch.Tensor, width: int, height: int) -> "Cameras":

@@ -26,7 +26,6 @@ CAMERA_BRANCH = "camera_branch"
 MEMORY_FRONTEND = "memory_frontend"
 MEMORY_BRANCH = "memory_branch"
 BACKBONE = "backbone"
-GRAPH_ORDER = (CAMERA_MASK, CAMERA_BRANCH, MEMORY_FRONTEND, MEMORY_BRANCH, BACKBONE)
 
 # The transformer forward's keyword arguments, in signature order; graph inputs use the same names.
 HIDDEN_STATES = "hidden_states"

@@ -132,7 +132,8 @@ def main() -> None:
 
         graphs_dir = Path(tempfile.mkdtemp(prefix="ws-graphs-"))
         export_onnx(model, graphs_dir, ExportShape(frames=frames, height=height // VAE_SCALE, width=width // VAE_SCALE,
-                                                   refs=2, image_tokens=IMAGE_TOKENS), engine="tiny-random", log=lambda s: None)
+                                                   refs=2, image_tokens=IMAGE_TOKENS),
+                    engine="tiny-random", log=lambda s: None)
 
     print(f"machine: {machine(device)}")
     print(f"model: {'14B' if full else 'tiny'} {args.variant}, random weights, {str(dtype).replace('torch.', '')}; "

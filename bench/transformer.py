@@ -73,7 +73,8 @@ def inputs(base: dict, frames: int, height: int, width: int, refs: int, device, 
         camera_qt=rnd(1, frames, 7),
     )
     if refs:
-        kw.update(reference_latent=rnd(1, LATENT_CHANNELS, refs, h, w), ref_index=torch.arange(refs, device=device) % (frames - 1),
+        kw.update(reference_latent=rnd(1, LATENT_CHANNELS, refs, h, w),
+                  ref_index=torch.arange(refs, device=device) % (frames - 1),
                   camera_qt_ref=rnd(1, refs, 7))
     return kw
 
@@ -122,7 +123,8 @@ def main() -> None:
             out = model(**kw)
             sync()
             times.append(time.perf_counter() - t0)
-    assert out.shape == (1, LATENT_CHANNELS, frames, height // VAE_SCALE, width // VAE_SCALE) and torch.isfinite(out.float()).all()
+    assert out.shape == (1, LATENT_CHANNELS, frames, height // VAE_SCALE, width // VAE_SCALE)
+    assert torch.isfinite(out.float()).all()
     best = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     params = sum(p.numel() for p in model.parameters()) / 1e9

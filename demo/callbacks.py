@@ -28,6 +28,7 @@ from engine.atomicio import file_sha256
 from engine.constants import KEYFRAMES
 from engine.engines import ENGINES, engine_status, resolve_engine, unknown_engine
 from engine.geometry import trajectories as traj
+from engine.offload import OFFLOAD_CHOICES, check_offload
 
 log = logging.getLogger("worldstereo.demo")
 
@@ -96,6 +97,7 @@ class GenerationInputs:
     seed: int = 0
     engine: Optional[str] = None
     quality: str = FAST
+    offload: str = OFFLOAD_CHOICES[0]  # GPU memory (engine.offload) of a new scene
 
 
 # ---- engines and the banner ---------------------------------------------------------------------------
@@ -232,18 +234,20 @@ def _job_paths(ctx: AppContext, job_id: str) -> tuple[Path, Path]:
 def _open_or_create(ctx: AppContext, state: dict, inp: GenerationInputs, engine: str,
                     report: Callable[[float, str], None], announce, fresh: bool):
     """The session's scene for these inputs: reused when it matches and (for a fresh run) has no clips yet,
-    else a new job folder with a random id. Returns ``(state, scene)``."""
+    else a new job folder with a random id. Returns ``(state, scene)``. A fresh run on a reused scene (one only
+    planned) runs with the GPU memory option chosen now."""
     from engine.scene import Scene
     from engine.settings import SceneSettings
 
     if not inp.image:
         raise gr.Error("Upload a photo or a 360° panorama first (or pick an example).")
+    offload = check_offload(inp.offload or OFFLOAD_CHOICES[0])
     key = scene_key(inp, engine)
     job_id = (state or {}).get("job")
     if job_id and (state or {}).get("key") == key:
         scene_dir, _ = _job_paths(ctx, job_id)
         if (scene_dir / "manifest.json").is_file():
-            scene = Scene.open(scene_dir, announce=announce)
+            scene = Scene.open(scene_dir, announce=announce, settings_override={"offload": offload} if fresh else None)
             if not fresh or not scene.clips:
                 return dict(state), scene
     job_id = jobs.new_job_id()
@@ -253,7 +257,8 @@ def _open_or_create(ctx: AppContext, state: dict, inp: GenerationInputs, engine:
     jobs.cleanup_old_jobs(ctx.output_dir, ctx.max_age_s, keep=keep)
     scene_dir, _ = _job_paths(ctx, job_id)
     settings = SceneSettings(engine=engine, seed=int(inp.seed or 0), prompt=(inp.prompt or "").strip() or None,
-                             frames=int(inp.frames or KEYFRAMES), device=ctx.device, weights=ctx.weights)
+                             frames=int(inp.frames or KEYFRAMES), device=ctx.device, weights=ctx.weights,
+                             offload=offload)
     scene = Scene.create(scene_dir, inp.image, panorama=bool(inp.panorama), settings=settings,
                          camera_json=inp.camera_json or None, progress=report, announce=announce)
     return {"job": job_id, "key": key}, scene

@@ -8,6 +8,7 @@ import gradio as gr
 from demo import callbacks as cb
 from engine.constants import KEYFRAMES
 from engine.geometry import trajectories as traj
+from engine.offload import OFFLOAD_CHOICES, offload_help_text
 
 CSS = """
 #banner {border-left: 4px solid #f59e0b; padding: 4px 12px; background: rgba(245, 158, 11, 0.08);}
@@ -64,6 +65,9 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                                          elem_id="engine")
                 quality = gr.Radio([("Fast: DMD, 4 steps", cb.FAST), ("Quality: UniPC + guidance, 40 steps", cb.QUALITY)],
                                    value=cb.FAST, label="Quality / speed (full model only)", elem_id="quality")
+                offload = gr.Dropdown(list(OFFLOAD_CHOICES), value=OFFLOAD_CHOICES[0],
+                                      label="GPU memory (generative engines, new scenes)", info=offload_help_text(),
+                                      elem_id="offload")
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     continue_btn = gr.Button("Continue this scene", elem_id="continue")
@@ -118,17 +122,17 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
 
         inputs = [state, image, panorama, presets, views, angle, distance, frames, camera_json, prompt, seed, engine,
-                  quality]
+                  quality, offload]
         by_key = {"state": state, "status": status, "banner": banner, "model3d": model3d, "splats": splats,
                   "clip_video": clip_video, "render_video": render_video, "mask_video": mask_video,
                   "depth_video": depth_video, "clip_choice": clip_choice, "downloads": downloads}
         outputs = [by_key[k] for k in cb.OUTPUT_KEYS]
 
-        def gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q) -> tuple[dict, cb.GenerationInputs]:
+        def gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off) -> tuple[dict, cb.GenerationInputs]:
             return st or {}, cb.GenerationInputs(image=img, panorama=bool(pano), trajectories=pre or [], views=vw or [],
                                                  angle=ang or 0, distance=dist or 0, frames=int(fr or KEYFRAMES),
                                                  camera_json=cj, prompt=pr or "", seed=int(sd or 0), engine=eng,
-                                                 quality=q or cb.FAST)
+                                                 quality=q or cb.FAST, offload=off or OFFLOAD_CHOICES[0])
 
         def as_tuple(update: dict) -> tuple:
             return tuple(update.get(k, gr.skip()) for k in cb.OUTPUT_KEYS)
@@ -138,9 +142,9 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
 
         def run(continue_scene: bool):
             # Explicit parameters: gradio injects Request / Progress by signature, which *args would hide.
-            def handler(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, request: gr.Request,
+            def handler(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, request: gr.Request,
                         progress=gr.Progress()):
-                st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q)
+                st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off)
                 for update in cb.generate(ctx, st, inp, session=session_of(request), continue_scene=continue_scene,
                                           progress=progress):
                     yield as_tuple(update)
@@ -153,8 +157,8 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
         def on_panorama(pano):
             return gr.update(visible=bool(pano))
 
-        def on_plan(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, progress=gr.Progress()):
-            st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q)
+        def on_plan(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, progress=gr.Progress()):
+            st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off)
             st, glb, legend = cb.plan_paths(ctx, st, inp, progress=progress)
             return st, glb, legend
 
@@ -168,9 +172,9 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
         def on_clip(st, name):
             return cb.show_clip(ctx, st, name)
 
-        def on_editor(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, request: gr.Request,
+        def on_editor(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, request: gr.Request,
                       progress=gr.Progress()):
-            st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q)
+            st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off)
             return cb.open_editor(ctx, st, inp, session=session_of(request), progress=progress)
 
         def on_path_preview(st, fr, request: gr.Request):

@@ -14,7 +14,7 @@ import torch
 
 from engine.constants import KEYFRAMES
 from engine.engines import ENGINES, engine_status, resolve_engine
-from engine.offload import OFFLOAD_CHOICES, OFFLOAD_HELP
+from engine.offload import OFFLOAD_CHOICES, offload_help_text
 from engine.runtime import BACKENDS
 
 
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the transformer runs (onnxruntime/tensorrt need --graphs from `python -m export`)")
     g.add_argument("--graphs", help="folder of exported ONNX graphs or TensorRT engines")
     g.add_argument("--offload", choices=list(OFFLOAD_CHOICES), default="none",
-                   help="GPU memory: " + "; ".join(f"{k}: {v}" for k, v in OFFLOAD_HELP.items()))
+                   help="GPU memory: " + offload_help_text())
     g.add_argument("--out", default="outputs/scene", help="job folder (an existing one is resumed)")
     g.set_defaults(func=cmd_generate)
 

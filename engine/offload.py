@@ -1,8 +1,8 @@
 """GPU memory options of a clip pipeline: where each network lives, and how it reaches the GPU when it runs.
 
 ``OFFLOAD_CHOICES`` is the one list of options (the CLI's ``--offload``, ``SceneSettings.offload``, the demo's
-control); ``OFFLOAD_HELP`` says each in one line. Measured peak memory and clip time per option: README, "GPU
-memory" (``bash bench/gpu_check.sh`` measures them).
+"GPU memory" control); ``OFFLOAD_HELP`` says each in one line, ``offload_help_text`` all of them in one paragraph.
+Peak memory and clip time per option: README, "GPU memory" (``bash bench/gpu_check.sh`` measures them).
 
 - ``none``: every network stays on the GPU. Fastest; the 14B model in bf16 needs an 80 GB-class GPU.
 - ``text-encoder``: UMT5-XXL (11 GB in bf16) lives in CPU memory and visits the GPU only to encode a prompt it has
@@ -47,9 +47,16 @@ class OffloadError(ValueError):
 
 
 def check_offload(mode: str) -> str:
+    """``mode`` when it is one of ``OFFLOAD_CHOICES``; else ``OffloadError``, one sentence naming the choices."""
     if mode not in OFFLOAD_CHOICES:
-        raise OffloadError(f"Unknown offload option {str(mode)[:40]!r}; choose one of: {', '.join(OFFLOAD_CHOICES)}.")
+        raise OffloadError(f"GPU memory option {str(mode)[:40]!r} does not exist; choose one of: "
+                           f"{', '.join(OFFLOAD_CHOICES)}.")
     return mode
+
+
+def offload_help_text() -> str:
+    """Every option with its one line, as the CLI's help and the demo's control show them."""
+    return "; ".join(f"{name}: {OFFLOAD_HELP[name]}" for name in OFFLOAD_CHOICES)
 
 
 class Placement:

@@ -14,7 +14,7 @@ import torch
 from engine import conditioning
 from engine.constants import KEYFRAMES, MAX_REFERENCES
 from engine.engines import ENGINES, unknown_engine
-from engine.offload import OFFLOAD_CHOICES
+from engine.offload import OffloadError, check_offload
 
 # Engines without the real network use the official aspect buckets at a fraction of the size, so a CPU run
 # stays quick while showing the same framing (the bucket is chosen at full size, then scaled).
@@ -73,9 +73,10 @@ class SceneSettings:
                                        or not 1 <= self.steps <= 1000):
             raise SceneError(f"Denoising steps must be a whole number from 1 to 1000; got {self.steps!r:.40}.")
         check_prompt(self.prompt)
-        if self.offload not in OFFLOAD_CHOICES:
-            raise SceneError(f"GPU memory option {str(self.offload)[:40]!r} does not exist; choose one of: "
-                             f"{', '.join(OFFLOAD_CHOICES)}.")
+        try:
+            check_offload(self.offload)
+        except OffloadError as e:
+            raise SceneError(str(e)) from None
         engine_device(self)  # a device this machine has
 
 

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="pixel height of the clip (default: 480, tiny: 64)")
     p.add_argument("--width", type=int, help="pixel width of the clip (default: 768, tiny: 64)")
     p.add_argument("--frames", type=int, help="keyframes per clip (default: the config's nframe)")
-    p.add_argument("--refs", type=int, default=2, help=f"memory references in the sample inputs (1-{MAX_REFERENCES}; default 2)")
+    p.add_argument("--refs", type=int, default=2,
+                   help=f"memory references in the sample inputs (1-{MAX_REFERENCES}; default 2)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="dtype of the graphs and engines (default: the dtype of the checkpoint's weights); "

@@ -222,6 +222,39 @@ def test_amounts_go_to_the_right_presets_and_are_capped(examples):
     assert default[0].amount is None  # 0 keeps the preset's own amount
 
 
+def test_gpu_memory_option_reaches_the_scene_and_unknown_ones_are_refused(ctx, examples, monkeypatch):
+    from dataclasses import replace
+
+    from engine.scene import GenerationCancelled, Scene
+
+    inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=["up"], frames=FRAMES, offload="group")
+    state, _, _ = cb.plan_paths(ctx, {}, inp)  # a new scene, only planned
+    manifest = json.loads((jobs.job_dir(ctx.output_dir, state["job"]) / "scene" / "manifest.json").read_text())
+    assert manifest["settings"]["offload"] == "group"
+    # Generating the planned scene runs with the option chosen when Generate is pressed.
+    ran_with = []
+
+    def stop(self, request, **_):
+        ran_with.append(self.settings.offload)
+        raise GenerationCancelled("stopped by the test")
+
+    monkeypatch.setattr(Scene, "generate", stop)
+    updates = list(cb.generate(ctx, state, replace(inp, offload="model"), session="off"))
+    assert ran_with == ["model"] and updates[0]["state"]["job"] == state["job"]
+    with pytest.raises(gr.Error, match="choose one of: none, text-encoder, model, group"):
+        cb.plan_paths(ctx, {}, replace(inp, offload="cpu"))
+
+
+def test_the_page_offers_every_gpu_memory_option_with_its_help(ctx):
+    from demo.ui import build_demo
+    from engine.offload import OFFLOAD_CHOICES, OFFLOAD_HELP
+
+    page = build_demo(ctx)
+    [control] = [b for b in page.blocks.values() if getattr(b, "elem_id", None) == "offload"]
+    assert [value for _, value in control.choices] == list(OFFLOAD_CHOICES) and control.value == "none"
+    assert all(f"{name}: {text}" in control.info for name, text in OFFLOAD_HELP.items())
+
+
 def test_upload_detects_panoramas_by_aspect(tmp_path):
     for (w, h), pano in (((256, 128), True), ((240, 160), False), ((128, 256), False)):
         path = tmp_path / f"img-{w}x{h}.png"

@@ -36,7 +36,8 @@ def tiny_tokenizer():
     from transformers import T5Tokenizer
 
     vocab = [(str(p), float(s)) for p, s in json.loads(VOCAB_FILE.read_text(encoding="utf-8"))["vocab"]]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TEXT_TOKENS)  # the backbone splits its context at this count
+    # padded to the count the backbone splits its context at, like the real tokenizer
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TEXT_TOKENS)
 
 
 def _tiny_text_encoder(text_dim: int, vocab_size: int):

@@ -23,7 +23,8 @@ ALLOWED: tuple[frozenset, ...] = ()
 # Rooms and what they never import (module-name prefixes).
 FORBIDDEN = {
     "engine": ("demo", "export", "bench", "app"),
-    "engine.geometry": ("engine.models", "engine.runtime", "engine.pipeline", "engine.sampling", "engine.depth"),
+    "engine.geometry": ("engine.models", "engine.runtime", "engine.pipeline", "engine.sampling", "engine.depth",
+                        "engine.offload", "engine.distributed"),
 }
 
 

@@ -25,6 +25,7 @@ take turns on its pipeline while the other scenes' depth, rendering and fusion g
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import os
 import signal
@@ -91,6 +92,7 @@ class Group:
         self.closing = closing or threading.Event()  # set once the group is being closed on purpose
         self.processes = list(processes)
         self._ids = itertools.count()
+        self._on_close: list[Callable[[], None]] = []  # drop what holds the group's process groups (stop_group)
 
     # ---- rank 0 → others
     def send(self, kind: str, body=None) -> None:
@@ -149,8 +151,15 @@ class Group:
             raise GroupError("The GPU group stopped after an error in an earlier clip; restart to use it again.")
 
     # ---- end
+    def on_close(self, release: Callable[[], None]) -> None:
+        """Call ``release`` when the group closes: it drops something that holds the group's process groups (a
+        pipeline whose transformer leads the group), which cannot run without them anyway."""
+        if release not in self._on_close:
+            self._on_close.append(release)
+
     def close(self) -> None:
-        """Stop the other ranks (unless a failure left them inside a forward: then their launcher ends them)."""
+        """Stop the other ranks (unless a failure left them inside a forward: then their launcher ends them), end the
+        process groups and let go of everything that holds them."""
         if self.closing.is_set():
             return
         self.closing.set()
@@ -164,6 +173,10 @@ class Group:
                 p.kill()
         if not self.broken:
             dist.destroy_process_group()
+        for release in self._on_close:
+            release()
+        self._on_close.clear()
+        self.control = None
 
 
 _GROUP: Optional[Group] = None
@@ -246,10 +259,10 @@ class SequenceParallelBackend(Backend):
                 raise
 
 
-def lead(pipe, source) -> None:
+def lead(pipe, source, release: Optional[Callable[[], None]] = None) -> None:
     """Make ``pipe``'s transformer run on the whole group (rank 0; no-op outside a group): the other ranks load the
     same checkpoint package ``source`` (weights once per rank), all ranks enable sequence parallelism, and the
-    pipeline's forwards go through `SequenceParallelBackend`."""
+    pipeline's forwards go through `SequenceParallelBackend`. ``release`` drops the pipeline when the group closes."""
     from engine.models.parallel import check_degree, enable_sequence_parallel
 
     group = current()
@@ -267,6 +280,8 @@ def lead(pipe, source) -> None:
             raise GroupError(f"Rank {rank} could not load the transformer ({error}); every rank reads the weights "
                              f"from {source}, so every machine needs them at that path.")
         enable_sequence_parallel(pipe.transformer)
+        if release is not None:
+            group.on_close(release)
     pipe.backend = SequenceParallelBackend(pipe.transformer, group, model_id)
 
 
@@ -314,13 +329,12 @@ def _follower_main(group: Group) -> int:
         group.post_failure(sentence)
         print(f"error: {sentence}", file=sys.stderr, flush=True)
         os._exit(1)  # peers may sit inside a collective: no orderly shutdown
-    group.close()
+    stop_group()
     return 0
 
 
 def run_launched(command: Callable[[], int]) -> int:
     """A torchrun rank: rank 0 runs ``command`` (the CLI) and then stops the others; the others follow it."""
-    global _GROUP
     from engine.models.parallel import ParallelError
 
     try:
@@ -339,8 +353,7 @@ def run_launched(command: Callable[[], int]) -> int:
     except PeerFailed:
         code = 1
     finally:
-        group.close()
-        _GROUP = None
+        stop_group()
     return code
 
 
@@ -414,11 +427,17 @@ def start_group(devices: Sequence[str]) -> Group:
 
 
 def stop_group() -> None:
-    """Stop the worker processes of the group this process leads (no-op without one)."""
+    """End the group this process leads or follows (no-op without one): rank 0 stops the other ranks first.
+
+    Then everything that held the group's process groups is collected (models' device meshes and hooks keep them
+    alive after ``destroy_process_group``), so gloo's threads stop now, while the interpreter is whole. Left to
+    interpreter shutdown, a gloo thread still releasing its last collective's tensors takes the GIL of an interpreter
+    being torn down and aborts the process (SIGABRT at exit, seen on a loaded machine)."""
     global _GROUP
     if _GROUP is not None:
         _GROUP.close()
         _GROUP = None
+        gc.collect()
 
 
 # ----------------------------------------------------------------------------------------------- one pipeline per GPU

@@ -286,11 +286,16 @@ class ResidentPipeline:
             from engine import distributed
 
             if distributed.current() is not None:  # the other ranks of a sequence-parallel group load it too
-                distributed.lead(pipe, spec.source)
+                distributed.lead(pipe, spec.source, release=self.forget)
             elif spec.backend != "eager" or pipe.backend is not None:
                 pipe.use_backend(spec.backend, graphs_dir=spec.graphs, announce=announce)
             self.pipeline, self.spec = pipe, spec
             return pipe
+
+    def forget(self) -> None:
+        """Drop the resident pipeline without waiting for a clip in progress: called when the sequence-parallel group
+        it leads has ended, so no clip of it can finish (a clip in progress lets go of it when it fails)."""
+        self.pipeline = self.spec = None
 
     def release(self) -> None:
         """Drop the resident pipeline (its memory goes back at once)."""

@@ -2,12 +2,14 @@
 output under 2-way Ulysses sequence parallelism against the same model's one-process output, for the camera variant
 and the memory variants (references serving different target frames, carried or fed-again references, a CFG batch of
 two); then a clip whose token count 2 does not divide, which every rank must refuse alike before any collective
-(a later forward still matches). Rank 0 writes ``{case: max abs difference, "refused": message}`` as JSON to
-argv[1].
+(a later forward still matches). Rank 0 writes ``{case: max abs difference, "refused": message, "threads_left":
+threads beyond those before the group, after it ended}`` as JSON to argv[1].
 """
 from __future__ import annotations
 
+import gc
 import json
+import os
 import sys
 
 import torch
@@ -36,7 +38,9 @@ def model_for(variant: str, update_ref: bool):
 
 def main(out_path: str) -> None:
     torch.set_num_threads(1)
+    threads = len(os.listdir("/proc/self/task"))
     dist.init_process_group("cpu:gloo")
+    rank = dist.get_rank()
     models, args, single = {}, {}, {}
     with torch.no_grad():
         for name, variant, batch, frames, h, w, ref_index, update_ref in CASES:
@@ -52,10 +56,15 @@ def main(out_path: str) -> None:
         except InputError as e:
             diffs["refused"] = str(e)
         diffs["after-refusal"] = float((models["memory"](**args["memory"]) - single["memory"]).abs().max())
-    if dist.get_rank() == 0:
+    dist.destroy_process_group()
+    # The models' device meshes keep the process groups, and with them gloo's threads, alive: let go of them now,
+    # while the interpreter is whole (as engine.distributed.stop_group does), not at interpreter shutdown.
+    models.clear()
+    gc.collect()
+    diffs["threads_left"] = len(os.listdir("/proc/self/task")) - threads
+    if rank == 0:
         with open(out_path, "w") as fh:
             json.dump(diffs, fh)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,9 @@ def safe_path(root: PathLike, relative: PathLike) -> Path:
 def link_or_copy(src: Path, dest: Path) -> Path:
     """Put ``src`` at ``dest`` (a hard link where the file system allows, else a copy), replacing ``dest``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and os.path.samefile(src, dest):
+        # Already that file: renaming a second link of the same file onto it does nothing and leaves the link behind.
+        return dest
     tmp = dest.with_name(f".{dest.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:

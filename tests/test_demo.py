@@ -356,3 +356,17 @@ def test_app_defaults_are_local_and_one_job_at_a_time():
 
     args = app.build_parser().parse_args([])
     assert (args.host, args.share, args.max_concurrent, args.output_dir) == ("127.0.0.1", False, 1, "outputs")
+
+
+def test_download_links_leave_nothing_else_in_the_folder(tmp_path):
+    src = tmp_path / "scene" / "clip.mp4"
+    src.parent.mkdir()
+    src.write_bytes(b"first")
+    downloads = tmp_path / "downloads"
+    for _ in range(2):  # the second call finds the link already there
+        assert jobs.link_or_copy(src, downloads / "00_up.mp4").read_bytes() == b"first"
+    assert sorted(p.name for p in downloads.iterdir()) == ["00_up.mp4"]
+    src.unlink()
+    src.write_bytes(b"second")  # a new file under the same name replaces the old link
+    assert jobs.link_or_copy(src, downloads / "00_up.mp4").read_bytes() == b"second"
+    assert sorted(p.name for p in downloads.iterdir()) == ["00_up.mp4"]

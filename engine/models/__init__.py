@@ -1,25 +1,6 @@
-"""WorldStereo networks: config, transformer (backbone + branches), official-checkpoint loading.
+"""WorldStereo networks: ``config`` (checkpoint config, no torch model code), ``transformer`` (backbone + branches),
+``branches`` (camera and memory branches), ``loading`` (official checkpoint packages), ``components`` (text / image
+encoders, VAE), ``tiny`` (random tiny packages), ``parallel`` (sequence parallelism).
+
+Nothing is imported here: reading a checkpoint's config (``engine.models.config``) must not pull in diffusers.
 """
-from __future__ import annotations
-
-from .config import ConfigError, ControlNetConfig, MemoryBranchConfig, WorldStereoConfig
-from engine.hub import HUB_REPO
-
-from .loading import (
-    VARIANTS,
-    CheckpointMismatchError,
-    WeightsNotFoundError,
-    build_transformer,
-    load_transformer,
-    place_model,
-    resolve_checkpoint,
-    save_checkpoint,
-    tiny_transformer_config,
-)
-from .transformer import InputError, WorldStereoTransformer
-
-__all__ = [
-    "ConfigError", "ControlNetConfig", "MemoryBranchConfig", "WorldStereoConfig", "HUB_REPO", "VARIANTS",
-    "CheckpointMismatchError", "WeightsNotFoundError", "build_transformer", "load_transformer", "place_model",
-    "resolve_checkpoint", "save_checkpoint", "tiny_transformer_config", "InputError", "WorldStereoTransformer",
-]

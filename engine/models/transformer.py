@@ -8,7 +8,7 @@ are; only the block loop is ours, because branch residuals enter between blocks 
 The forward is a chain of named steps — `embed`, `encode_mask_and_rays`, `camera_branch`, `reference_tokens`,
 `run_blocks`, `head` — which the exported graphs (`export/graphs.py`) call too, so eager and exported runs share one
 implementation. The constructor is a diffusers config constructor: `save_pretrained` / `from_pretrained` round-trip;
-official checkpoint packages load through `engine.models.load_transformer`.
+official checkpoint packages load through `engine.models.loading.load_transformer`.
 """
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ class WorldStereoTransformer(WanTransformer3DModel):
         super().__init__(**{k: args[k] for k in BACKBONE_PARAMS})
         if not isinstance(worldstereo, dict):
             raise ConfigError("WorldStereoTransformer needs its checkpoint config as a dict (worldstereo=...); build it "
-                              "with WorldStereoTransformer.from_checkpoint_config or engine.models.load_transformer.")
+                              "with WorldStereoTransformer.from_checkpoint_config or engine.models.loading.load_transformer.")
         self.ws_config = ws = WorldStereoConfig.from_dict(dict(worldstereo))
         cfg = self.config
         inner = cfg.num_attention_heads * cfg.attention_head_dim

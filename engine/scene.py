@@ -24,7 +24,7 @@ from engine import conditioning, outputs, scene_init
 from engine.atomicio import atomic_write_json
 from engine.engines import ENGINES
 from engine.geometry import trajectories as traj
-from engine.geometry.cache import PointCache, point_spacing, viewer_confidence
+from engine.geometry.cache import PointCache, viewer_confidence
 from engine.geometry.cameras import Cameras
 from engine.geometry.memory import MemoryBank
 from engine.images import load_image, save_image
@@ -433,7 +433,7 @@ class Scene:
                              view_frame: bool = False) -> None:
         points, colors = self.cache.points.cpu(), self.cache.colors.cpu()  # the cache may live on the GPU
         # Splat sizes come from the whole cloud's spacing, so hiding points does not swell the rest.
-        scale = SPLAT_SIGMA * point_spacing(points)
+        scale = SPLAT_SIGMA * self.cache.spacing()
         if keep is not None:
             keep = keep.cpu()
             points, colors, scale = points[keep], colors[keep], scale[keep.numpy()]

@@ -397,3 +397,19 @@ def test_viewer_confidence_is_stored_confidence_fading_beyond_the_far_radius():
     assert spacing[12] == pytest.approx(0.1)
     duplicate = torch.cat([grid, grid[:1].expand(6, 3)])
     assert (point_spacing(duplicate) > 0).all()
+
+
+def test_cache_spacing_follows_the_cloud_as_it_grows():
+    """The memoised spacing equals a fresh neighbour search before and after the cloud grows."""
+    from engine.geometry.cache import PointCache, point_spacing
+
+    g = torch.stack(torch.meshgrid(torch.arange(6.0), torch.arange(6.0), indexing="ij"), -1).reshape(-1, 2) * 0.1
+    cache = PointCache.empty()
+    cache.add_points(torch.cat([g, torch.zeros(36, 1)], 1), torch.rand(36, 3))
+    first = cache.spacing()
+    assert first[14] == pytest.approx(0.1) and np.array_equal(first, point_spacing(cache.points))
+    assert cache.spacing() is first  # asked again for the same cloud: not searched again
+    cache.add_points(torch.cat([g + 0.05, torch.zeros(36, 1)], 1), torch.rand(36, 3))  # a grid between the grid
+    grown = cache.spacing()
+    assert len(grown) == 72 and np.array_equal(grown, point_spacing(cache.points))
+    assert grown[14] == pytest.approx(0.05 * 2 ** 0.5)

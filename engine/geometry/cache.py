@@ -42,7 +42,7 @@ Splat scale (``point_spacing``)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -264,7 +264,7 @@ def point_spacing(points: torch.Tensor, k: int = SPACING_NEIGHBOURS) -> np.ndarr
     if len(p) < 2:
         return np.ones(len(p))
     k = min(int(k), len(p) - 1)
-    dist, _ = cKDTree(p).query(p, k=k + 1)  # the first neighbour is the point itself
+    dist, _ = cKDTree(p).query(p, k=k + 1, workers=-1)  # the first neighbour is the point itself
     spacing = dist[:, 1:].mean(axis=1)
     positive = spacing[spacing > 0]
     floor = positive.min() if positive.size else 1.0
@@ -303,6 +303,7 @@ class PointCache:
     colors: torch.Tensor
     confidence: torch.Tensor
     source: torch.Tensor
+    _spacing: Optional[tuple] = field(default=None, init=False, repr=False)  # (points it was computed for, spacing)
 
     def __post_init__(self) -> None:
         p = self.points.shape[0] if self.points.dim() == 2 else -1
@@ -334,6 +335,14 @@ class PointCache:
     @property
     def device(self) -> torch.device:
         return self.points.device
+
+    def spacing(self) -> np.ndarray:
+        """``point_spacing`` of the current points, computed once per state of the cloud: the viewers' files are
+        written more than once after each clip, and the neighbour search is the costliest part of writing them.
+        Growing the cloud replaces ``points`` by a new tensor (never in place), which ends the memo."""
+        if self._spacing is None or self._spacing[0] is not self.points:
+            self._spacing = (self.points, point_spacing(self.points))
+        return self._spacing[1]
 
     def to(self, device) -> "PointCache":
         return PointCache(self.points.to(device), self.colors.to(device), self.confidence.to(device),

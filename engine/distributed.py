@@ -286,15 +286,39 @@ def lead(pipe, source, release: Optional[Callable[[], None]] = None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- other ranks
+def _receive_while_loading_code(group: Group):
+    """Rank 0's first message, received on a helper thread while this thread imports the model code (diffusers:
+    seconds). Rank 0's sends return only once every rank has the message, so a command that stops before any forward
+    (an input error) would otherwise wait for those imports before it could end."""
+    got: dict = {}
+
+    def listen():
+        try:
+            got["message"] = group.receive()
+        except BaseException as e:  # raised here, on the thread that follows
+            got["error"] = e
+
+    listener = threading.Thread(target=listen, daemon=True, name="gpu-group-first-message")
+    listener.start()
+    import engine.models.loading  # noqa: F401  (the imports `follow` needs for its first model)
+
+    listener.join()
+    if "error" in got:
+        raise got["error"]
+    return got["message"]
+
+
 def follow(group: Group) -> None:
     """Serve rank 0's transformer forwards until it says stop."""
+    message = _receive_while_loading_code(group)
     from engine.models.loading import load_transformer
     from engine.models.parallel import enable_sequence_parallel
     from engine.models.transformer import InputError
 
     models: dict = {}
     while True:
-        kind, body = group.receive()
+        kind, body = message or group.receive()
+        message = None
         if kind == "stop":
             return
         if kind == "load":
@@ -563,4 +587,5 @@ def start_serving(gpus_text: Optional[str], workers_per_gpu: Optional[int], max_
 
 
 if __name__ == "__main__":
+    atexit.register(gc.freeze)  # a quicker exit, as `python -m engine` (engine/__main__.py)
     sys.exit(main())

@@ -7,6 +7,8 @@ exit code after `stop_group`, and how many more threads this process runs after 
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import os
 import sys
@@ -39,11 +41,14 @@ def main(out_path: str) -> None:
     del pipe, generator  # as the app holds none: the group's end then lets go of every model that holds it
     distributed.stop_group()
     result["worker_exit"] = worker.wait(timeout=30)
-    time.sleep(1)  # the group's watch thread notices the end within half a second
+    deadline = time.monotonic() + 5  # the group's watch thread notices the end within half a second
+    while len(os.listdir("/proc/self/task")) > threads and time.monotonic() < deadline:
+        time.sleep(0.05)
     result["threads_left"] = len(os.listdir("/proc/self/task")) - threads
     with open(out_path, "w") as fh:
         json.dump(result, fh)
 
 
 if __name__ == "__main__":
+    atexit.register(gc.freeze)  # a quicker exit, as `python -m engine` (engine/__main__.py)
     main(sys.argv[1])

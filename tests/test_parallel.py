@@ -70,11 +70,19 @@ def test_two_way_ulysses_gives_the_one_process_transformer_output(tmp_path):
     assert diffs["threads_left"] <= 0  # the groups' threads ended before interpreter shutdown (stop_group's notes)
 
 
-def test_torchrun_generate_writes_the_single_process_clip_from_rank_0_only(tmp_path, examples):
+def test_torchrun_generate_writes_the_single_process_clip_from_rank_0_only(tmp_path, examples, monkeypatch,
+                                                                          one_thread):
+    from engine import cli, scene_init
+
     cache = {"WORLDSTEREO_CACHE": os.environ.get("WORLDSTEREO_CACHE", str(tmp_path / "cache"))}
-    single = subprocess.run([PYTHON, *_generate_args(examples, "single")], cwd=tmp_path, env=_env(**cache),
-                            capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
-    assert single.returncode == 0, single.stderr[-3000:]
+    monkeypatch.setenv("WORLDSTEREO_CACHE", cache["WORLDSTEREO_CACHE"])
+    # The one-process clip: `python -m engine generate` run in this process (one thread, as each rank), with a
+    # pipeline of its own: one an earlier test left resident is let go before and after.
+    scene_init.resident_for("cpu").release()
+    try:
+        assert cli.main(_generate_args(examples, str(tmp_path / "single"))[2:]) == 0
+    finally:
+        scene_init.resident_for("cpu").release()
     before, cached = set(os.listdir(tmp_path)), _files(Path(cache["WORLDSTEREO_CACHE"]))
     run = _torchrun(_generate_args(examples, "sp"), tmp_path, tmp_path / "logs", **cache)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -141,12 +149,18 @@ def test_the_app_starts_and_stops_a_group_whose_clip_equals_the_one_process_clip
 def test_app_gpus_without_cuda_is_refused_in_one_sentence(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    for flags in (["--gpus", "0,1"], ["--workers-per-gpu", "2"]):
-        run = subprocess.run([PYTHON, str(REPO / "app.py"), *flags, "--output-dir", str(tmp_path / "out")],
-                             cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
-        assert run.returncode == 2
-        assert run.stderr.strip() == "error: --gpus and --workers-per-gpu need CUDA GPUs and this machine has none."
-        assert run.stdout == ""
+    runs = [subprocess.Popen([PYTHON, str(REPO / "app.py"), *flags, "--output-dir", str(tmp_path / "out")],
+                             cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for flags in (["--gpus", "0,1"], ["--workers-per-gpu", "2"])]  # side by side: each is a torch start-up
+    try:
+        for run in runs:
+            stdout, stderr = run.communicate(timeout=120)
+            assert run.returncode == 2
+            assert stderr.strip() == "error: --gpus and --workers-per-gpu need CUDA GPUs and this machine has none."
+            assert stdout == ""
+    finally:
+        for run in runs:
+            run.kill()  # only one still running after a failure above
 
 
 def test_one_pipeline_per_device_serves_clips_side_by_side(monkeypatch, one_thread):

@@ -18,11 +18,12 @@ all-gather that the CPU backend used by the tests lacks, so it is not used.)
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from .transformer import InputError, WorldStereoTransformer
+if TYPE_CHECKING:  # the model module pulls in diffusers: a rank that refuses the machine or its input never needs it
+    from .transformer import WorldStereoTransformer
 
 ATTENTION_BACKEND = "native"  # torch SDPA (flash / memory-efficient kernels on CUDA); supports context parallelism
 _TOKEN_HOOK = "worldstereo-token-check"
@@ -76,6 +77,8 @@ def tokens_per_forward(model: WorldStereoTransformer, hidden_states: torch.Tenso
 def check_tokens(model: WorldStereoTransformer, degree: int, targets: int, refs: int) -> None:
     """Refuse, in one sentence, a forward whose token counts ``degree`` ranks cannot share equally."""
     if targets % degree or refs % degree:
+        from .transformer import InputError
+
         fit = [d for d in supported_degrees(model) if targets % d == 0 and refs % d == 0]
         counts = f"{targets} target tokens" + (f" and {refs} reference tokens" if refs else "")
         advice = f"launch {' or '.join(map(str, fit[:4]))} ranks for this size" if fit else "use one GPU for this size"

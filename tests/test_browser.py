@@ -43,7 +43,7 @@ def server(tmp_path_factory):
         pytest.fail("chromium is not installed; run `bash .ci/setup` (it installs Debian's chromium)")
     out = tmp_path_factory.mktemp("demo-out")
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     log = open(out / "server.log", "w")
     proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--engine", "preview", "--port", str(port),
                              "--output-dir", str(out)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

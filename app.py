@@ -2,8 +2,9 @@
 
 Without a CUDA GPU or the official weights it falls back to the CPU ``preview`` engine and says so in a
 banner. Flags: ``--host``, ``--port``, ``--engine``, ``--weights DIR``, ``--max-concurrent``, ``--output-dir``,
-``--keep-hours``, ``--max-upload-mb``, ``--max-editors``, ``--editor-idle-minutes``, ``--share`` (off by
-default; see "Serving publicly" in README.md), ``--gpus`` and ``--workers-per-gpu`` (see "More than one GPU").
+``--keep-hours``, ``--max-upload-mb``, ``--max-editors``, ``--editor-idle-minutes``, ``--view-splats``,
+``--share`` (off by default; see "Serving publicly" in README.md), ``--gpus`` and ``--workers-per-gpu`` (see "More
+than one GPU").
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reached through this app (default 4, 0 switches the editor off)")
     p.add_argument("--editor-idle-minutes", type=float, default=15.0,
                    help="an editor nobody used for this long is closed (default 15)")
+    p.add_argument("--view-splats", type=int,
+                   help="splats sent to the browser's splat view (default 100000; a fixed subset beyond that, each "
+                        "grown to cover the same area); browsers without GPU acceleration draw fewer faster")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--gpus", help="comma-separated CUDA GPUs, e.g. 0,1,2,3: one sequence-parallel group over them "
                    "(worker processes started and stopped by the app)")
@@ -70,6 +74,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.max_editors < 0 or not args.editor_idle_minutes > 0:
         print("error: --max-editors must be 0 or more and --editor-idle-minutes more than 0.", file=sys.stderr)
         return 2
+    if args.view_splats is not None and args.view_splats < 1:
+        print("error: --view-splats must be at least 1.", file=sys.stderr)
+        return 2
     serving = None
     if args.gpus is not None or args.workers_per_gpu is not None:
         from engine.distributed import GroupError, start_serving
@@ -89,6 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from demo.ui import CSS, build_demo
 
     ctx, examples_dir = make_context(args)
+    ctx.view_splats = args.view_splats
     routes = []
     if args.max_editors > 0:
         from demo.editor import EditorPool, routes as editor_routes

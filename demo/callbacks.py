@@ -55,6 +55,7 @@ class AppContext:
     active_jobs: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     editors: Optional[object] = None  # demo.editor.EditorPool of the 3D path editors; None: no editor here
+    view_splats: Optional[int] = None  # splats sent to the splat view; None: the engine's MAX_VIEW_SPLATS
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir).resolve()
@@ -414,7 +415,7 @@ def _generate(ctx: AppContext, state: dict, inp: GenerationInputs, flag: threadi
             lines.append(f"Clip {i + 1}/{n} `{record.name}` done in {record.seconds.get('total', 0):.1f} s "
                          f"({record.frames} frames, {record.references} reference views; {secs}).")
             clips = scene.clips
-            views = _views(scene, job_root, state)
+            views = _views(ctx, scene, job_root, state)
             yield {"status": "\n\n".join(lines), **views,
                    "downloads": downloads_for(scene_dir, downloads_dir, clips, exported=False),
                    **_clip_update(scene_dir, clips, clips[-1])}
@@ -426,7 +427,7 @@ def _generate(ctx: AppContext, state: dict, inp: GenerationInputs, flag: threadi
                "downloads": downloads_for(scene_dir, downloads_dir, scene.clips, exported=True)}
     except GenerationCancelled:
         lines.append(f"Cancelled. The {len(scene.clips)} finished clip(s) are kept and downloadable.")
-        yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir, job_root, state)}
+        yield {"status": "\n\n".join(lines), **_finish_partial(ctx, scene, scene_dir, downloads_dir, job_root, state)}
     except Exception as e:  # noqa: BLE001 — every failure must reach the person as one sentence
         user = isinstance(e, _user_errors())
         if not user:
@@ -434,7 +435,7 @@ def _generate(ctx: AppContext, state: dict, inp: GenerationInputs, flag: threadi
         message = _sentence(str(e)) if user else (
             f"The engine stopped with an internal error ({type(e).__name__}: {_first_line(e)}).")
         lines.append(f"**Stopped:** {message} Finished clips are kept.")
-        yield {"status": "\n\n".join(lines), **_finish_partial(scene, scene_dir, downloads_dir, job_root, state)}
+        yield {"status": "\n\n".join(lines), **_finish_partial(ctx, scene, scene_dir, downloads_dir, job_root, state)}
         raise gr.Error(f"{message} The {len(scene.clips)} finished clip(s) stay downloadable.") from None
     finally:
         with ctx.lock:
@@ -496,7 +497,7 @@ def _sentence(text: str) -> str:
     return text if text.endswith((".", "!", "?")) else text + "."
 
 
-def _finish_partial(scene, scene_dir: Path, downloads_dir: Path, job_root: Path, state: dict) -> dict:
+def _finish_partial(ctx: AppContext, scene, scene_dir: Path, downloads_dir: Path, job_root: Path, state: dict) -> dict:
     """Export what exists after a cancel or an error (best effort: the clips are downloadable either way), and
     give the viewers the scene's cloud again."""
     exported, update = False, {}
@@ -504,7 +505,7 @@ def _finish_partial(scene, scene_dir: Path, downloads_dir: Path, job_root: Path,
         try:
             scene.export()
             exported = True
-            update.update(_views(scene, job_root, state))
+            update.update(_views(ctx, scene, job_root, state))
         except Exception:  # noqa: BLE001 — a failed export must not hide the clips that are done
             log.warning("export after a stopped run failed:\n%s", traceback.format_exc())
     update["downloads"] = downloads_for(scene_dir, downloads_dir, scene.clips, exported=exported)
@@ -539,7 +540,7 @@ def show_clip(ctx: AppContext, state: dict, name: Optional[str]) -> tuple[Option
 
 # ---- viewers: confidence filter ------------------------------------------------------------------------
 
-def _views(scene, job_root: Path, state: dict) -> dict:
+def _views(ctx: AppContext, scene, job_root: Path, state: dict) -> dict:
     """``model3d`` and ``splats`` for the scene's current cloud, without the points under the session's
     confidence threshold; the splats in the viewer's frame (``Scene.write_viewer_files``). The full files stay
     the downloads; earlier views of the job are removed.
@@ -549,7 +550,7 @@ def _views(scene, job_root: Path, state: dict) -> dict:
     import shutil
 
     threshold = float((state or {}).get("min_confidence") or 0.0)
-    name = f"{Path(scene.manifest['state']['cache']).stem}-{threshold:.2f}"
+    name = f"{Path(scene.manifest['state']['cache']).stem}-{threshold:.2f}-{ctx.view_splats or 'default'}"
     views = job_root / "view"
     for old in views.glob("*") if views.is_dir() else []:
         if old.name != name:
@@ -558,7 +559,7 @@ def _views(scene, job_root: Path, state: dict) -> dict:
     if (folder / "scene_splats.ply").is_file() and (threshold <= 0 or (folder / "scene.glb").is_file()):
         paths = {"glb": folder / "scene.glb" if threshold > 0 else None, "splats": folder / "scene_splats.ply"}
     else:
-        paths = scene.write_viewer_files(folder, threshold, with_glb=threshold > 0)
+        paths = scene.write_viewer_files(folder, threshold, with_glb=threshold > 0, max_splats=ctx.view_splats)
     alias = folder / f"scene_splats-{len(list(folder.glob('scene_splats-*.ply')))}.ply"
     jobs.link_or_copy(paths["splats"], alias)
     return {"model3d": str(paths["glb"] or scene.job_dir / "scene.glb"), "splats": str(alias)}
@@ -589,7 +590,7 @@ def set_confidence(ctx: AppContext, state: dict, threshold: float) -> tuple[dict
     if not scene.clips:
         return state, None, None
     try:
-        views = _views(scene, jobs.job_dir(ctx.output_dir, state["job"]), state)
+        views = _views(ctx, scene, jobs.job_dir(ctx.output_dir, state["job"]), state)
     except _user_errors() as e:
         raise gr.Error(str(e)) from None
     return state, views["model3d"], views["splats"]
@@ -749,7 +750,7 @@ def remove_last_clip(ctx: AppContext, state: dict, session: str = "-") -> dict:
         update = {"state": state, **_clip_update(scene_dir, clips, clips[-1] if clips else None),
                   "downloads": downloads_for(scene_dir, downloads_dir, clips, exported=bool(clips))}
         if clips:
-            update.update(_views(scene, job_root, state))
+            update.update(_views(ctx, scene, job_root, state))
         else:
             update.update(model3d=None, splats=None)
         update["status"] = (f"Removed clip `{removed['name']}`: the scene is back as it was before it "

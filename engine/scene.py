@@ -37,7 +37,7 @@ from engine.settings import SceneError, SceneSettings, check_frames, engine_devi
 __all__ = ["GenerationCancelled", "Scene", "TrajectoryRequest", "open_for_files", "revert"]
 
 SPLAT_SIGMA = 1.0  # splat standard deviation in units of the local point spacing (engine.geometry.cache notes)
-MAX_VIEW_SPLATS = 100_000  # splats in the browser's splat view (a fixed subset beyond that)
+MAX_VIEW_SPLATS = 100_000  # splats in the browser's splat view by default (a fixed subset beyond that)
 VIEW_RADIUS = 1.0  # size of the cloud in the splat viewer's frame (gradio's viewer orbits the origin close by)
 
 DEFAULT_PHOTO_TRAJECTORIES = ("up", "left", "right", "orbit")  # the paper's benchmark set
@@ -415,22 +415,26 @@ class Scene:
         return viewer_confidence(self.cache.points, self.cache.confidence, self.start_camera.centers[0],
                                  float(self.manifest.get("median_depth") or 1.0))
 
-    def write_viewer_files(self, folder, min_confidence: float = 0.0, with_glb: bool = True) -> dict:
+    def write_viewer_files(self, folder, min_confidence: float = 0.0, with_glb: bool = True,
+                           max_splats: Optional[int] = None) -> dict:
         """What the browser's viewers show, into ``folder``: ``scene.glb`` and ``scene_splats.ply`` of the points
         whose viewer confidence is at least ``min_confidence``. The splats are put in the splat viewer's frame
         (y down, centred on the cloud's median point, scaled so 90% of the points lie within
-        ``VIEW_RADIUS``: splat viewers orbit the origin from a fixed distance), at most ``MAX_VIEW_SPLATS`` of
-        them. ``with_glb=False`` writes the splats only. Refuses to hide everything."""
+        ``VIEW_RADIUS``: splat viewers orbit the origin from a fixed distance), at most ``max_splats`` of them
+        (default ``MAX_VIEW_SPLATS``). ``with_glb=False`` writes the splats only. Refuses to hide everything."""
+        max_splats = MAX_VIEW_SPLATS if max_splats is None else int(max_splats)
+        if max_splats < 1:
+            raise SceneError(f"The splat view needs at least one splat; got {max_splats}.")
         keep = self.viewer_confidence() >= float(min_confidence)
         if not bool(keep.any()):
             raise SceneError(f"No point has a confidence of {min_confidence:g} or more; lower the threshold.")
         folder = Path(folder)
         paths = {"glb": folder / "scene.glb" if with_glb else None, "splats": folder / "scene_splats.ply"}
-        self._write_viewer_clouds(paths["glb"], paths["splats"], keep=keep, view_frame=True)
+        self._write_viewer_clouds(paths["glb"], paths["splats"], keep=keep, view_frame=True, max_splats=max_splats)
         return paths
 
     def _write_viewer_clouds(self, glb: Optional[Path], splats: Path, keep: Optional[torch.Tensor],
-                             view_frame: bool = False) -> None:
+                             view_frame: bool = False, max_splats: int = MAX_VIEW_SPLATS) -> None:
         points, colors = self.cache.points.cpu(), self.cache.colors.cpu()  # the cache may live on the GPU
         # Splat sizes come from the whole cloud's spacing, so hiding points does not swell the rest.
         scale = SPLAT_SIGMA * self.cache.spacing()
@@ -444,11 +448,11 @@ class Scene:
             centre = np.median(p, axis=0)
             radius = float(np.quantile(np.linalg.norm(p - centre, axis=1), 0.9)) or 1.0
             points, scale = torch.from_numpy((p - centre) * (VIEW_RADIUS / radius)), scale * (VIEW_RADIUS / radius)
-            if len(points) > MAX_VIEW_SPLATS:
-                # Browsers sort every splat each frame; a fixed random subset with splats grown to cover the
-                # same area keeps the view fluid on software WebGL too (the download keeps every point).
-                pick = np.sort(np.random.default_rng(0).choice(len(points), MAX_VIEW_SPLATS, replace=False))
-                grow = np.sqrt(len(points) / MAX_VIEW_SPLATS)
+            if len(points) > max_splats:
+                # Browsers sort and draw every splat each frame; a fixed random subset with splats grown to cover
+                # the same area keeps the view fluid (the download keeps every point).
+                pick = np.sort(np.random.default_rng(0).choice(len(points), max_splats, replace=False))
+                grow = np.sqrt(len(points) / max_splats)
                 points, colors, scale = points[pick], colors[torch.from_numpy(pick)], scale[pick] * grow
         outputs.write_splat_ply(splats, points, colors, scale)
 

@@ -29,6 +29,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
 PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"
+VIEW_SPLATS = 40_000
 
 
 def _free_port() -> int:
@@ -45,8 +46,11 @@ def server(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     log = open(out / "server.log", "w")
+    # Headless chromium draws WebGL in software: the splat view keeps the page busy for as long as it draws (the
+    # editor test spent about 40 s there with the default 100,000 splats, half that with 40,000).
     proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--engine", "preview", "--port", str(port),
-                             "--output-dir", str(out)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                             "--output-dir", str(out), "--view-splats", str(VIEW_SPLATS)], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 90
     try:
@@ -274,7 +278,7 @@ def _editor_path_undo_splats(page, examples, artifacts):
     deadline = time.time() + 120
     while True:
         page.wait_for_timeout(3000)
-        # Headless chromium draws WebGL in software: a frame of 100k splats takes seconds, so the picture is
+        # Headless chromium draws WebGL in software: a frame of the splats takes seconds, so the picture is
         # taken of the page region (no wait for the canvas to settle) with a generous timeout.
         png = page.screenshot(clip=box, timeout=90_000)
         if _bright_fraction(png) > 0.05 or time.time() > deadline:

@@ -370,3 +370,11 @@ def test_download_links_leave_nothing_else_in_the_folder(tmp_path):
     src.write_bytes(b"second")  # a new file under the same name replaces the old link
     assert jobs.link_or_copy(src, downloads / "00_up.mp4").read_bytes() == b"second"
     assert sorted(p.name for p in downloads.iterdir()) == ["00_up.mp4"]
+
+
+def test_app_refuses_a_splat_view_without_splats(capsys, tmp_path):
+    import app
+
+    assert app.main(["--view-splats", "0", "--output-dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --view-splats must be at least 1."
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -197,3 +197,16 @@ def test_confidence_slider_keeps_exactly_the_points_at_or_above_it(ctx, examples
     assert state["min_confidence"] == 0.75 and Path(splats).is_file()
     state, glb, _ = cb.set_confidence(ctx, state, 0.0)
     assert Path(glb) == scene_dir / "scene.glb"
+    # The splat view holds every shown point up to the server's --view-splats, a fixed subset beyond that.
+    from conftest import read_vertex_ply
+    from engine.scene import MAX_VIEW_SPLATS
+
+    kept = int((conf >= 0.75).sum())
+    state, _, splats = cb.set_confidence(ctx, state, 0.75)
+    assert len(read_vertex_ply(splats)[1]) == min(kept, MAX_VIEW_SPLATS)
+    ctx.view_splats = 500
+    try:
+        state, _, splats = cb.set_confidence(ctx, state, 0.75)
+    finally:
+        ctx.view_splats = None
+    assert kept > 500 and len(read_vertex_ply(splats)[1]) == 500

@@ -14,10 +14,32 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("WORLDSTEREO_SHARED", REPO.parent / "shared")).resolve()
 EXAMPLES = SHARED / "examples"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One of several test processes on the same cores (pytest -n): one thread each, and one OpenMP thread for the
+    # processes the tests start. OpenMP threads spin while they wait for each other, so two teams sharing cores
+    # slow every op many times over.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# Files whose tests start processes of their own (the demo server and chromium, torchrun ranks). With pytest-xdist
+# (`pytest -n 2 --dist loadgroup --no-loadscope-reorder`, the README's command) the two server files are one unit of
+# work, so a server test never runs beside the browser test (both would starve), and every other file is a unit of
+# its own; these longest units start first and the in-process files fill the other core meanwhile. Without xdist the
+# marks change nothing.
+SERVER_FILES = ("test_browser.py", "test_server.py")
+FIRST_FILES = SERVER_FILES + ("test_parallel.py",)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):  # an xdist worker
+        for item in items:
+            name = item.path.name
+            item.add_marker(pytest.mark.xdist_group("servers" if name in SERVER_FILES else name))
+        items.sort(key=lambda item: item.path.name not in FIRST_FILES)  # stable: files stay in order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -193,6 +193,17 @@ def _backend(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "cpu:gloo"
 
 
+def _init_process_group(backend: str, **kwargs) -> None:
+    """`dist.init_process_group`, with `torch.distributed.nn.functional` imported first: that module gives ten
+    collectives the default process group as a default argument, evaluated when it is first imported (diffusers'
+    import of torch._dynamo pulls it in, so on the first pipeline load). Imported while a group runs, those defaults
+    keep the group alive after `destroy_process_group` — its gloo threads and the TCP store's server thread with it,
+    left to interpreter shutdown (see `stop_group`); imported before, they hold None."""
+    import torch.distributed.nn.functional  # noqa: F401
+
+    dist.init_process_group(backend, **kwargs)
+
+
 def init_from_env() -> Group:
     """Join the group torchrun (or `start_group`) described in the environment: RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT. Each rank takes the GPU of its local rank."""
@@ -205,7 +216,7 @@ def init_from_env() -> Group:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    dist.init_process_group(_backend(device))
+    _init_process_group(_backend(device))
     _GROUP = Group(dist.get_rank(), dist.get_world_size(), device)
     return _GROUP
 
@@ -441,7 +452,7 @@ def start_group(devices: Sequence[str]) -> Group:
     device = torch.device(devices[0])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=len(devices))
+    _init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=len(devices))
     _GROUP = Group(0, len(devices), device, processes, closing)
     atexit.register(stop_group)
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:

@@ -139,7 +139,8 @@ class WorldStereoTransformer(WanTransformer3DModel):
         super().__init__(**{k: args[k] for k in BACKBONE_PARAMS})
         if not isinstance(worldstereo, dict):
             raise ConfigError("WorldStereoTransformer needs its checkpoint config as a dict (worldstereo=...); build it "
-                              "with WorldStereoTransformer.from_checkpoint_config or engine.models.loading.load_transformer.")
+                              "with WorldStereoTransformer.from_checkpoint_config or "
+                              "engine.models.loading.load_transformer.")
         self.ws_config = ws = WorldStereoConfig.from_dict(dict(worldstereo))
         cfg = self.config
         inner = cfg.num_attention_heads * cfg.attention_head_dim

@@ -24,22 +24,31 @@ else:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-# Files whose tests start processes of their own (the demo server and chromium, torchrun ranks). With pytest-xdist
-# (`pytest -n 2 --dist loadgroup --no-loadscope-reorder`, the README's command) the two server files are one unit of
-# work, so a server test never runs beside the browser test (both would starve), and every other file is a unit of
-# its own; these longest units start first and the in-process files fill the other core meanwhile. Without xdist the
-# marks change nothing.
-SERVER_FILES = ("test_browser.py", "test_server.py")
-FIRST_FILES = SERVER_FILES + ("test_parallel.py",)
+# The longest files, longest first (measured on two cores): those that start processes of their own (the demo
+# server and chromium, torchrun ranks), then the longest in-process ones. With pytest-xdist (`pytest -n 2`, the
+# README's command) they start first and the short files fill the other core meanwhile and at the end. Without
+# xdist only the order changes.
+LONGEST_FIRST = ("test_browser.py", "test_parallel.py", "test_server.py", "test_scene.py", "test_bench.py",
+                 "test_faults.py", "test_conditioning.py", "test_export.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+@pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own choice; optional: -p no:xdist
+def pytest_xdist_make_scheduler(config, log):
+    """With `-n N`: a test file is one unit of work, handed to a worker whole, so its module fixtures (a demo
+    server with chromium, a generated scene) are built once instead of once per worker; units go out in the
+    collection order below rather than by their number of tests."""
+    if config.getvalue("dist") != "load":  # another --dist was asked for explicitly
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False
+    return LoadFileScheduling(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    if hasattr(config, "workerinput"):  # an xdist worker
-        for item in items:
-            name = item.path.name
-            item.add_marker(pytest.mark.xdist_group("servers" if name in SERVER_FILES else name))
-        items.sort(key=lambda item: item.path.name not in FIRST_FILES)  # stable: files stay in order
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests stay in their files' order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -130,7 +130,8 @@ def main() -> None:
         from export.api import export_onnx
         from export.graphs import ExportShape
 
-        graphs_dir = Path(tempfile.mkdtemp(prefix="ws-graphs-"))
+        scratch = tempfile.TemporaryDirectory(prefix="ws-graphs-")  # removed when main() returns
+        graphs_dir = Path(scratch.name)
         export_onnx(model, graphs_dir, ExportShape(frames=frames, height=height // VAE_SCALE, width=width // VAE_SCALE,
                                                    refs=2, image_tokens=IMAGE_TOKENS),
                     engine="tiny-random", log=lambda s: None)

@@ -86,7 +86,7 @@ def si(x: float, unit: str) -> str:
     return f"{x:.3g} {unit}"
 
 
-def main() -> None:
+def main(argv=None) -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["tiny", "full"], default="full" if cuda else "tiny")
@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--refs", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     full = args.size == "full"
     frames = args.frames or (KEYFRAMES if full else 5)
     height = args.height or (480 if full else 64)

@@ -19,14 +19,26 @@ def _run(*args: str) -> str:
     return done.stdout
 
 
-def test_render_bench_prints_its_table():
-    out = _run("bench/render.py", "--points", "20000", "--frames", "3", "--height", "48", "--width", "64",
-               "--repeats", "1")
+def _bench(name: str, monkeypatch):
+    """A benchmark script's module, imported as the script imports its neighbours (bench/ first on the path)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    return importlib.import_module(name)
+
+
+# The render and transformer benchmarks run in this process (their own main(), one torch thread): a subprocess
+# would spend most of its time importing torch and diffusers again.
+def test_render_bench_prints_its_table(monkeypatch, capsys, one_thread):
+    _bench("render", monkeypatch).main(["--points", "20000", "--frames", "3", "--height", "48", "--width", "64",
+                                        "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
     assert "render_points" in out and "numpy" in out.lower() and "|" in out
 
 
-def test_transformer_bench_tiny_case():
-    out = _run("bench/transformer.py", "--size", "tiny", "--repeats", "1")
+def test_transformer_bench_tiny_case(monkeypatch, capsys, one_thread):
+    _bench("transformer", monkeypatch).main(["--size", "tiny", "--repeats", "1"])
+    out = capsys.readouterr().out
     assert "FLOPs / forward" in out and "FLOP/s" in out
 
 
@@ -60,9 +72,7 @@ def gpu_check_on_cpu(monkeypatch, tiny_packages):
     """bench/gpu_check.py's sections at a tiny size on the CPU (the same code the GPU run executes)."""
     import torch
 
-    sys.path[:0] = [str(REPO / "bench")]
-    import gpu_check
-
+    gpu_check = _bench("gpu_check", monkeypatch)
     from engine.models.components import load_components
     from engine.models.loading import build_transformer, tiny_transformer_config
     from engine.offload import Placement
@@ -84,8 +94,7 @@ def gpu_check_on_cpu(monkeypatch, tiny_packages):
     monkeypatch.setattr(gpu_check, "full_transformer", tiny_transformer)
     monkeypatch.setattr(gpu_check, "full_components",
                         lambda offload: load_components(package / "base_model", Placement(offload, "cpu")))
-    yield gpu_check
-    sys.path.remove(str(REPO / "bench"))
+    return gpu_check
 
 
 def test_gpu_check_sections_run_end_to_end_at_a_tiny_size(gpu_check_on_cpu, tmp_path, monkeypatch):

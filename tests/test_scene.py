@@ -193,7 +193,8 @@ def test_dataset_images_are_the_generated_frames_exactly(room, tmp_path, monkeyp
 
 def test_cli_preview_writes_every_output(examples, tmp_path, capsys):
     out = tmp_path / "scene"
-    rc = cli_main(["generate", "--image", str(examples / PHOTO), "--engine", "preview", "--frames", "9",
+    frames = 5
+    rc = cli_main(["generate", "--image", str(examples / PHOTO), "--engine", "preview", "--frames", str(frames),
                    "--trajectories", "up,left,right,orbit", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
@@ -203,10 +204,10 @@ def test_cli_preview_writes_every_output(examples, tmp_path, capsys):
         folder = out / clip["folder"]
         for name in ("clip.mp4", "render.mp4", "render_mask.mp4", "cameras.json", "references.json"):
             assert (folder / name).is_file(), name
-        assert _frames(folder / "clip.mp4") == _frames(folder / "render.mp4") == _frames(folder / "render_mask.mp4") == 9
+        assert [_frames(folder / n) for n in ("clip.mp4", "render.mp4", "render_mask.mp4")] == [frames] * 3
         written = Cameras.from_json(folder / "cameras.json")
         # The trajectory recomputed independently from the start camera and the recorded median depth.
-        expected = traj.make_trajectory(clip["trajectory"], start, manifest["median_depth"], frames=9)
+        expected = traj.make_trajectory(clip["trajectory"], start, manifest["median_depth"], frames=frames)
         assert torch.allclose(written.w2c, expected.w2c, atol=1e-6, rtol=0)
         assert torch.allclose(written.K, expected.K, atol=1e-6, rtol=0)
         refs = json.loads((folder / "references.json").read_text())
@@ -216,10 +217,10 @@ def test_cli_preview_writes_every_output(examples, tmp_path, capsys):
     pcd = o3d.io.read_point_cloud(str(out / "scene.ply"))
     assert len(pcd.points) > 1000 and pcd.has_colors()
     transforms = json.loads((out / "transforms.json").read_text())
-    assert len(transforms["frames"]) == 1 + 4 * 8
+    assert len(transforms["frames"]) == 1 + 4 * (frames - 1)
     assert all((out / f["file_path"]).is_file() for f in transforms["frames"])
     all_cams = Cameras.from_json(out / "cameras.json")
-    assert len(all_cams) == 1 + 4 * 8
+    assert len(all_cams) == 1 + 4 * (frames - 1)
     with zipfile.ZipFile(out / "scene.zip") as z:
         names = set(z.namelist())
     assert {"scene.ply", "scene.glb", "cameras.json", "transforms.json", "manifest.json"} <= names

@@ -47,7 +47,8 @@ def server(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     log = open(out / "server.log", "w")
     # Headless chromium draws WebGL in software, and once shown the splat view keeps drawing (about 1.6 cores here,
-    # whichever tab is in front): the editor test alone took 72 s with 40,000 splats, 58 s with 10,000.
+    # whichever tab is in front): the editor test, when it still looked at the splats, took 72 s alone with 40,000
+    # splats and 58 s with 10,000.
     proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--engine", "preview", "--port", str(port),
                              "--output-dir", str(out), "--view-splats", str(VIEW_SPLATS)], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -289,7 +290,7 @@ def _editor_path_and_undo(page, examples, artifacts):
 
     # Undo: the clip goes, and with it its video and downloads.
     page.locator("#undo").click(timeout=120_000)
-    # The page may stay busy for a while as the viewers let go of the splats and the cloud (software WebGL).
+    # The page may stay busy for a while as the viewers let go of the cloud (software WebGL).
     page.locator("#status").get_by_text(re.compile(r"^Removed clip 00_camera_path")).wait_for(timeout=180_000)
     assert downloads.locator('a[download="00_camera_path.mp4"]').count() == 0
     assert page.locator("#clip-video video[src]").count() == 0

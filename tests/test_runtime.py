@@ -13,7 +13,6 @@ from engine.runtime.chain import GraphChain, GraphInputError
 from engine.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from export.api import export_onnx
 from export.graphs import ExportShape
-from tiny_model import wake_zero_layers
 
 RTOL = 1e-4  # the export's parity tolerance, now over the whole chained forward
 F, H, W = 3, 64, 64
@@ -24,10 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def pipe(tiny_packages):
-    # The package on disk is shared; only this loaded copy gets its zero-initialised parts randomised.
-    p = ClipPipeline.from_pretrained(tiny_packages["worldstereo-memory-dmd"], device="cpu", dtype=torch.float32)
-    wake_zero_layers(p.transformer)
-    return p
+    # The package's zero-initialised layers hold random values (engine.models.tiny.wake_zero_init): every path counts.
+    return ClipPipeline.from_pretrained(tiny_packages["worldstereo-memory-dmd"], device="cpu", dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

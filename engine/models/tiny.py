@@ -8,7 +8,8 @@
                                   vae/, text_encoder/, tokenizer/, image_encoder/, image_processor/, scheduler/
 
 so the tiny-random engine goes through exactly the loading code a real checkpoint does. The tokenizer is a
-T5 (Unigram) tokenizer over the package-local vocabulary in ``tiny_vocab/unigram.json``.
+T5 (Unigram) tokenizer over the package-local vocabulary in ``tiny_vocab/unigram.json``. The layers the release
+initialises to zero (`wake_zero_init`) hold random values, so both control branches move every tiny clip.
 """
 from __future__ import annotations
 
@@ -68,6 +69,22 @@ def _tiny_vae():
                             temperal_downsample=[False, True, True]).eval()
 
 
+def wake_zero_init(model: torch.nn.Module, generator: torch.Generator, scale: float = 0.05) -> int:
+    """Give every all-zero floating parameter of ``model`` values ``scale`` x N(0, 1) drawn from ``generator``.
+
+    The release zero-initialises the outputs of its control paths (the camera branch's ``proj_out`` and the mask
+    embedding's last conv, the camera-code network's last Linear, ...), so a trained checkpoint is needed before
+    they add anything. Woken, they move every tiny-random clip, and a test that compares clips sees both branches
+    (a wrong or stale camera branch changes the clip). Returns how many parameters were woken."""
+    woken = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+                woken += 1
+    return woken
+
+
 def write_tiny_package(folder: Union[str, Path], variant: str = "worldstereo-memory-dmd", seed: int = 0,
                        memory_mode: str = "stitched") -> Path:
     """Write a tiny random checkpoint package for ``variant`` into ``folder`` (created); returns the folder."""
@@ -77,6 +94,7 @@ def write_tiny_package(folder: Union[str, Path], variant: str = "worldstereo-mem
     folder.mkdir(parents=True, exist_ok=True)
     config, base_cfg = tiny_transformer_config(variant, base_model=BASE_MODEL_DIR, memory_mode=memory_mode)
     model = build_transformer(config, base_cfg, seed=seed)
+    wake_zero_init(model, torch.Generator().manual_seed(seed))
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
@@ -98,7 +116,7 @@ def write_tiny_package(folder: Union[str, Path], variant: str = "worldstereo-mem
 
 # Bump when write_tiny_package or the models' initialisation change what is written in a way the config and the
 # state-dict layout do not show.
-TINY_PACKAGE_FORMAT = 2
+TINY_PACKAGE_FORMAT = 3
 
 
 def tiny_package_key(variant: str, memory_mode: str = "stitched") -> str:

@@ -26,7 +26,7 @@ from engine.engines import ENGINES
 from engine.geometry import trajectories as traj
 from engine.geometry.cache import PointCache, viewer_confidence
 from engine.geometry.cameras import Cameras
-from engine.geometry.memory import MemoryBank
+from engine.geometry.memory import MemoryBank, kept_frame_indices
 from engine.images import load_image, save_image
 from engine.jobfolder import CLIPS, DATASET_IMAGES, FRAMES, MEMORY, ClipRecord, JobFolder, new_manifest
 from engine.preview import PREVIEW_NOTE
@@ -41,6 +41,12 @@ MAX_VIEW_SPLATS = 100_000  # splats in the browser's splat view by default (a fi
 VIEW_RADIUS = 1.0  # size of the cloud in the splat viewer's frame (gradio's viewer orbits the origin close by)
 
 DEFAULT_PHOTO_TRAJECTORIES = ("up", "left", "right", "orbit")  # the paper's benchmark set
+
+
+def clip_seed(scene_seed: int, index: int) -> int:
+    """The seed of the scene's clip ``index`` (0-based): seed + k, so every clip draws noise of its own and a seed
+    reproduces the whole scene."""
+    return scene_seed + index
 
 
 class GenerationCancelled(RuntimeError):
@@ -246,7 +252,7 @@ class Scene:
         conditions = self._conditions(req, cams, render, retrieval, start_image, single_view, generator)
         try:
             frames = generator.generate(conditions=conditions, prompt=self.settings.prompt,
-                                        seed=self.settings.seed + index, progress=span(report, 0.1, 0.8),
+                                        seed=clip_seed(self.settings.seed, index), progress=span(report, 0.1, 0.8),
                                         cancel=cancel)
         except SamplingCancelled:
             # One cancellation type for callers, whichever stage noticed the flag.
@@ -344,10 +350,8 @@ class Scene:
         return 0.5 if self.settings.engine == "preview" or self._depth_is_fallback else 1.0
 
     def _kept_indices(self, n: int) -> list[int]:
-        k = min(self.settings.keep_frames, n - 1)
-        if k <= 0:
-            return []
-        return sorted({int(round(1 + i * (n - 2) / max(k - 1, 1))) for i in range(k)})
+        """The frames of an ``n``-frame clip that grow the cache and the memory bank (``kept_frame_indices``)."""
+        return kept_frame_indices(n, self.settings.keep_frames)
 
     @property
     def _depth_is_fallback(self) -> bool:

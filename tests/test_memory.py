@@ -288,3 +288,22 @@ def test_constant_depth_frame_is_still_retrieved_for_a_small_orbit():
     found = bank.retrieve(targets)
     assert found.per_target.tolist() == [0, 0, 0, 0]
     assert (found.overlaps > 0.5).all()
+
+
+def test_kept_frames_are_the_releases(examples):
+    """A clip's frames that join the bank: the release's `sample_align_nframe` as its memory bank recorded it on
+    the shared corridor (``golden/corridor_retrieval.json``), and its rule elsewhere: ``keep`` frames ending at the
+    last one, gaps of two sizes, the wider ones first."""
+    from engine.geometry.memory import kept_frame_indices
+
+    golden = json.loads((examples.parent / "reference/golden/corridor_retrieval.json").read_text())
+    for traj in golden["trajectories"]:
+        assert kept_frame_indices(21, 8) == traj["kept_frames"]
+    for frames in range(2, 30):
+        for keep in range(0, 12):
+            kept = kept_frame_indices(frames, keep)
+            assert len(kept) == min(keep, frames - 1)
+            if kept:
+                gaps = np.diff([0] + kept)
+                assert kept[-1] == frames - 1 and set(gaps) <= {gaps.min(), gaps.min() + 1}
+                assert list(gaps) == sorted(gaps, reverse=True)

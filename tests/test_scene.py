@@ -12,12 +12,15 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
+import engine.settings as settings_mod
+from conftest import PlaneTestDepth
 from engine.cli import main as cli_main
 from engine.geometry import trajectories as traj
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
 from engine.images import save_image
 from engine.scene import GenerationCancelled, Scene
 from engine.settings import SceneSettings
+from scenefolder import assert_same_scene
 
 PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"
 
@@ -228,35 +231,49 @@ def test_cli_preview_writes_every_output(examples, tmp_path, capsys):
     assert "preview" in manifest["engine_note"]
 
 
-def test_resume_after_kill_finishes_without_redoing(examples, tmp_path):
-    out = tmp_path / "job"
+def test_resume_after_an_interruption_finishes_as_an_uninterrupted_run(examples, tmp_path, monkeypatch):
+    """Stopped after two of three clips, reopened and run again: clips done are not redone, and the finished folder
+    equals an uninterrupted run of the same trajectories, every file but timings (a resume that reopened an older
+    cache or bank would render the third clip from the wrong cloud)."""
+    monkeypatch.setitem(settings_mod.ENGINE_SCALE, "preview", 0.25)  # small frames: the loop, not the pixels
+    planned = ["up", "left", "right"]
     settings = SceneSettings(engine="preview", frames=5, keep_frames=2)
-    scene = Scene.create(out, examples / PHOTO, settings=settings, announce=lambda m: None)
+    whole = Scene.create(tmp_path / "whole", examples / PHOTO, settings=settings, depth_source=PlaneTestDepth(),
+                         announce=lambda m: None)
+    whole.run(planned)
+    out = tmp_path / "job"
+    scene = Scene.create(out, examples / PHOTO, settings=settings, depth_source=PlaneTestDepth(),
+                         announce=lambda m: None)
 
     def cancel():
-        return len(json.loads((out / "manifest.json").read_text())["clips"]) >= 1
+        return len(json.loads((out / "manifest.json").read_text())["clips"]) >= 2
 
     with pytest.raises(GenerationCancelled):
-        scene.run(["up", "left", "right"], cancel=cancel)
+        scene.run(planned, cancel=cancel)
     first = json.loads((out / "manifest.json").read_text())
-    assert [c["trajectory"] for c in first["clips"]] == ["up"]
-    first_video = out / first["clips"][0]["folder"] / "clip.mp4"
-    stamp = first_video.stat().st_mtime_ns
+    assert [c["trajectory"] for c in first["clips"]] == ["up", "left"]
+    stamps = {c["folder"]: (out / c["folder"] / "clip.mp4").stat().st_mtime_ns for c in first["clips"]}
     # A leftover half-written clip from the "killed" process must not survive the restart.
-    (out / "clips" / ".01_left.tmp-ab12cd34").mkdir()
+    (out / "clips" / ".02_right.tmp-ab12cd34").mkdir()
 
-    again = Scene.open(out, announce=lambda m: None)
-    again.run(["up", "left", "right"])
-    final = json.loads((out / "manifest.json").read_text())
-    assert [c["trajectory"] for c in final["clips"]] == ["up", "left", "right"]
-    assert first_video.stat().st_mtime_ns == stamp
-    assert not (out / "clips" / ".01_left.tmp-ab12cd34").exists()
+    again = Scene.open(out, depth_source=PlaneTestDepth(), announce=lambda m: None)
+    again.run(planned)
+    assert {f: (out / f / "clip.mp4").stat().st_mtime_ns for f in stamps} == stamps  # not redone
+    assert_same_scene(out, tmp_path / "whole")
+    # Each clip gave the bank the frames the release's sample_align_nframe(5, 2) keeps: 2 and 4.
+    for k, clip in enumerate(json.loads((out / "manifest.json").read_text())["clips"]):
+        index = json.loads((out / clip["folder"] / "memory" / "index.json").read_text())
+        assert [f["frame_id"] for f in index["frames"]] == [1000 * (k + 1) + 2, 1000 * (k + 1) + 4]
     # Every committed cache version is kept (``revert`` goes back to them), and only those.
     assert sorted(p.name for p in (out / "state").glob("cache-*.ply")) == [f"cache-{i:04d}.ply" for i in range(4)]
 
 
 def test_panorama_from_shared_bank(examples, tmp_path):
+    """A panorama scene starts from the official 27-view bank, and each trajectory from its own start view: view0
+    is the bank's first view (the release's start view), view1 looks to its right, view2 behind it, view3 to its
+    left, all level."""
     from engine.geometry.cameras import load_camera_bank
+    from engine.geometry.memory import MemoryBank
     from engine.geometry.panorama import perspective_to_equirect
     from engine.images import load_image
 
@@ -267,12 +284,31 @@ def test_panorama_from_shared_bank(examples, tmp_path):
     save_image(tmp_path / "pano.png", pano)
     out = tmp_path / "pano_scene"
     rc = cli_main(["generate", "--panorama", str(tmp_path / "pano.png"), "--engine", "preview", "--frames", "5",
-                   "--trajectories", "view0:forward,view2:left", "--out", str(out)])
+                   "--trajectories", "view1:forward,view2:left", "--out", str(out)])
     assert rc == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "panorama" and len(manifest["clips"]) == 2
-    for clip in manifest["clips"]:
-        assert _frames(out / clip["folder"] / "clip.mp4") == 5
+    # the memory bank starts as the official bank: its 27 views, their cameras
+    start_bank = MemoryBank.load(out / "state" / "bank-start")
+    assert len(start_bank) == len(names) == 27
+    torch.testing.assert_close(start_bank.cameras.w2c, cams.w2c, rtol=0, atol=1e-5)
+    # the four start views, from the official start view's own axes (columns of its c2w: right, down, forward)
+    right, down, forward = (cams.c2w[0, :3, i] for i in range(3))
+    looks = {0: forward, 1: right, 2: -forward, 3: -right}
+    for clip, view in zip(manifest["clips"], (1, 2)):
+        for frames in (_frames(out / clip["folder"] / "clip.mp4"), len(Cameras.from_json(out / clip["folder"] /
+                                                                                        "cameras.json"))):
+            assert frames == 5
+        first = Cameras.from_json(out / clip["folder"] / "cameras.json")[0]
+        assert torch.allclose(first.c2w[0, :3, 2], looks[view], atol=1e-6), (clip["name"], view)
+        assert torch.allclose(first.c2w[0, :3, 1], down, atol=1e-6)  # level: the same image-down as view0
+        assert torch.allclose(first.centers[0], cams.centers[0], atol=1e-6)  # from the panorama's centre
+        refs = json.loads((out / clip["folder"] / "references.json").read_text())
+        assert refs["bank_frames"] and all(f.split("#")[0] in ("panorama", "00_view1_forward")
+                                           for f in refs["bank_frames"])
+    for view, look in looks.items():
+        w2c = torch.tensor(manifest["start_views"][view], dtype=torch.float64)
+        assert torch.allclose(w2c[:3, :3].T[:, 2], look, atol=1e-6)
     import open3d as o3d
 
     assert len(o3d.io.read_point_cloud(str(out / "scene.ply")).points) > 1000
@@ -333,16 +369,21 @@ def test_render_cli_on_a_job_folder_renders_its_cache_without_a_depth_model(room
 
 
 def test_cli_tiny_random_runs_the_network_loop(examples, tmp_path, capsys, monkeypatch):
+    """The network loop through the CLI; clip k starts from the noise of seed + k (drawn here independently)."""
     import engine.geometry.cache as cache_module
+    from engine.pipeline import ClipPipeline
 
     monkeypatch.setenv("WORLDSTEREO_CACHE", str(tmp_path / "cache"))
-    renders = []
+    renders, noise = [], []
     real_render = cache_module.render_points
     monkeypatch.setattr(cache_module, "render_points",
                         lambda *a, **kw: renders.append(kw.get("pointmaps", True)) or real_render(*a, **kw))
+    real_denoise = ClipPipeline.denoise
+    monkeypatch.setattr(ClipPipeline, "denoise",
+                        lambda self, latents, *a, **kw: noise.append(latents.clone()) or real_denoise(self, latents, *a, **kw))
     out = tmp_path / "tiny"
     rc = cli_main(["generate", "--image", str(examples / PHOTO), "--engine", "tiny-random", "--frames", "5",
-                   "--trajectories", "up,left", "--backend", "onnxruntime", "--out", str(out)])
+                   "--seed", "11", "--trajectories", "up,left", "--backend", "onnxruntime", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     # No exported graphs were given: the run says so in one line and falls back to eager.
@@ -354,6 +395,11 @@ def test_cli_tiny_random_runs_the_network_loop(examples, tmp_path, capsys, monke
         refs = json.loads((out / clip["folder"] / "references.json").read_text())
         assert 1 <= len(refs["refs"]) <= 8  # the memory variant was given references from the bank
     assert renders and not any(renders)  # the released (stitched) memory reads no pointmaps: none were made
+    h, w = manifest["size"]
+    assert len(noise) == 2
+    for k, start in enumerate(noise):
+        drawn = torch.randn((1, 16, 5, h // 8, w // 8), generator=torch.Generator().manual_seed(11 + k))
+        assert torch.equal(start, drawn), f"clip {k} did not start from the noise of seed + {k}"
 
 
 def test_render_cli_errors_are_one_sentence(examples, tmp_path, capsys):

@@ -38,6 +38,19 @@ CAMERA_FILE = "camera.json"
 INDEX_VERSION = 1
 
 
+def kept_frame_indices(frames: int, keep: int) -> list[int]:
+    """The frames of a clip of ``frames`` keyframes that join the memory bank and the 3D cache: the release's
+    ``sample_align_nframe`` (release: src/general_utils.py), ``keep`` frames out of 1..frames-1 that always include
+    the last one, gaps wider at the front (21 frames, 8 kept: 3, 6, 9, 12, 14, 16, 18, 20). ``keep`` is capped at
+    the frames after the start view; none when ``keep`` is 0."""
+    keep = min(int(keep), frames - 1)
+    if keep <= 0:
+        return []
+    base, extra = divmod(frames - 1 - keep, keep)
+    steps = [base + 1 + 1] * extra + [base + 1] * (keep - extra)  # one step per kept frame, the wider ones first
+    return [int(i) for i in np.cumsum(steps)]
+
+
 class MemoryBankError(ValueError):
     """Memory bank input or a saved bank that cannot be used; the message is one readable sentence."""
 

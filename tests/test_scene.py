@@ -14,6 +14,7 @@ from scipy.spatial import cKDTree
 
 import engine.settings as settings_mod
 from conftest import PlaneTestDepth
+from engine import scene_init
 from engine.cli import main as cli_main
 from engine.geometry import trajectories as traj
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
@@ -234,13 +235,23 @@ def test_cli_preview_writes_every_output(examples, tmp_path, capsys):
 def test_resume_after_an_interruption_finishes_as_an_uninterrupted_run(examples, tmp_path, monkeypatch):
     """Stopped after two of three clips, reopened and run again: clips done are not redone, and the finished folder
     equals an uninterrupted run of the same trajectories, every file but timings (a resume that reopened an older
-    cache or bank would render the third clip from the wrong cloud)."""
+    cache or a bank without the clips' frames would render the third clip from the wrong cloud, or give it other
+    references)."""
     monkeypatch.setitem(settings_mod.ENGINE_SCALE, "preview", 0.25)  # small frames: the loop, not the pixels
-    planned = ["up", "left", "right"]
-    settings = SceneSettings(engine="preview", frames=5, keep_frames=2)
+    seeds = []
+    real_generate = scene_init.PreviewGenerator.generate
+    monkeypatch.setattr(scene_init.PreviewGenerator, "generate",
+                        lambda self, **kw: seeds.append(kw["seed"]) or real_generate(self, **kw))
+    planned = ["up", "left", "orbit"]  # the orbit takes references from both clips before it
+    settings = SceneSettings(engine="preview", frames=5, keep_frames=2, seed=7)
     whole = Scene.create(tmp_path / "whole", examples / PHOTO, settings=settings, depth_source=PlaneTestDepth(),
                          announce=lambda m: None)
     whole.run(planned)
+    assert seeds == [7, 8, 9]  # clip k is generated with seed + k
+    # Each clip gave the bank the frames the release's sample_align_nframe(5, 2) keeps: 2 and 4.
+    for k, clip in enumerate(whole.clips):
+        index = json.loads((tmp_path / "whole" / clip["folder"] / "memory" / "index.json").read_text())
+        assert [f["frame_id"] for f in index["frames"]] == [1000 * (k + 1) + 2, 1000 * (k + 1) + 4]
     out = tmp_path / "job"
     scene = Scene.create(out, examples / PHOTO, settings=settings, depth_source=PlaneTestDepth(),
                          announce=lambda m: None)
@@ -254,16 +265,13 @@ def test_resume_after_an_interruption_finishes_as_an_uninterrupted_run(examples,
     assert [c["trajectory"] for c in first["clips"]] == ["up", "left"]
     stamps = {c["folder"]: (out / c["folder"] / "clip.mp4").stat().st_mtime_ns for c in first["clips"]}
     # A leftover half-written clip from the "killed" process must not survive the restart.
-    (out / "clips" / ".02_right.tmp-ab12cd34").mkdir()
+    (out / "clips" / ".02_orbit.tmp-ab12cd34").mkdir()
 
     again = Scene.open(out, depth_source=PlaneTestDepth(), announce=lambda m: None)
     again.run(planned)
+    assert seeds == [7, 8, 9, 7, 8, 9]  # the resumed third clip too
     assert {f: (out / f / "clip.mp4").stat().st_mtime_ns for f in stamps} == stamps  # not redone
     assert_same_scene(out, tmp_path / "whole")
-    # Each clip gave the bank the frames the release's sample_align_nframe(5, 2) keeps: 2 and 4.
-    for k, clip in enumerate(json.loads((out / "manifest.json").read_text())["clips"]):
-        index = json.loads((out / clip["folder"] / "memory" / "index.json").read_text())
-        assert [f["frame_id"] for f in index["frames"]] == [1000 * (k + 1) + 2, 1000 * (k + 1) + 4]
     # Every committed cache version is kept (``revert`` goes back to them), and only those.
     assert sorted(p.name for p in (out / "state").glob("cache-*.ply")) == [f"cache-{i:04d}.ply" for i in range(4)]
 
@@ -312,6 +320,26 @@ def test_panorama_from_shared_bank(examples, tmp_path):
     import open3d as o3d
 
     assert len(o3d.io.read_point_cloud(str(out / "scene.ply")).points) > 1000
+
+
+def test_every_start_view_plans_from_its_own_direction(examples, tmp_path, monkeypatch):
+    """`view<k>:<preset>` starts at start view k: view0 is the official start view (the shared bank's first camera),
+    view1 looks to its right, view2 behind it, view3 to its left, level and from the panorama's centre."""
+    from engine.geometry.cameras import load_camera_bank
+
+    monkeypatch.setitem(settings_mod.ENGINE_SCALE, "preview", 0.1)  # 27 small views: the plan is what is read
+    pano = tmp_path / "pano.png"
+    save_image(pano, torch.rand(3, 64, 128, generator=torch.Generator().manual_seed(0)))
+    scene = Scene.create(tmp_path / "job", pano, panorama=True, settings=SceneSettings(engine="preview", frames=3),
+                         depth_source=PlaneTestDepth(), announce=lambda m: None)
+    assert len(scene.bank) == 27
+    _, official = load_camera_bank(examples / "panorama/indoor-corridor/pano_bank/cameras.json")
+    right, down, forward = (official.c2w[0, :3, i] for i in range(3))
+    for k, look in enumerate((forward, right, -forward, -right)):
+        for preset in ("forward", "left"):
+            first = scene.plan(f"view{k}:{preset}")[0]
+            assert torch.allclose(first.c2w[0, :3, 2], look, atol=1e-6), (k, preset)
+            assert torch.allclose(first.c2w[0, :3, 1], down, atol=1e-6) and first.centers[0].abs().max() < 1e-9
 
 
 def test_cli_errors_are_one_sentence(examples, tmp_path, capsys):

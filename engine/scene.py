@@ -28,7 +28,8 @@ from engine.geometry.cache import PointCache, viewer_confidence
 from engine.geometry.cameras import Cameras
 from engine.geometry.memory import MemoryBank, kept_frame_indices
 from engine.images import load_image, save_image
-from engine.jobfolder import CLIPS, DATASET_IMAGES, FRAMES, MEMORY, ClipRecord, JobFolder, new_manifest
+from engine.jobfolder import (CLIPS, DATASET_IMAGES, FRAMES, MEMORY, ClipRecord, JobFolder, new_manifest,
+                              snapshot_file)
 from engine.preview import PREVIEW_NOTE
 from engine.progress import Progress, ensure, span
 from engine.sampling import SamplingCancelled
@@ -135,7 +136,17 @@ class Scene:
         folder.clean_debris(manifest)
         image, start, cache, bank = folder.load_state(manifest)
         depth_source = depth_source or scene_init.depth_source_for(settings, manifest["kind"] == "panorama", announce)
-        return cls(folder.path, settings, manifest, image, start, cache, bank, depth_source, announce)
+        scene = cls(folder.path, settings, manifest, image, start, cache, bank, depth_source, announce)
+        scene._finish_last_commit()
+        return scene
+
+    def _finish_last_commit(self) -> None:
+        """A run stopped after a clip's commit but before its last writes (killed, disk full) left the scene clouds
+        or the manifest kept for ``revert`` unwritten: write them as that run would have."""
+        clips = len(self.manifest["clips"])
+        if clips and not (self.job_dir / snapshot_file(clips)).is_file():
+            self.write_scene_cloud(only_if_stale=True)
+            self.folder.snapshot(self.manifest)
 
     # ---- trajectories ---------------------------------------------------------------------------------
     @property

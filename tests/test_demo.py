@@ -378,3 +378,25 @@ def test_app_refuses_a_splat_view_without_splats(capsys, tmp_path):
     assert app.main(["--view-splats", "0", "--output-dir", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == "error: --view-splats must be at least 1."
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_plan_view_drawing_is_sized_by_point_count_not_by_scene_scale():
+    """A path 20,000 scene units long in a scene of median depth 1e-6 (points every 1/150 of it would be 3e12 points)
+    is drawn with at most MAX_PATH_POINTS points, still through every camera centre; a short path keeps its density."""
+    from demo.planview import MAX_PATH_POINTS, path_points
+    from engine.geometry.cameras import Cameras, intrinsics_from_fov
+
+    def line(length: float, n: int = 9) -> Cameras:
+        w2c = torch.eye(4, dtype=torch.float64).repeat(n, 1, 1)
+        w2c[:, 0, 3] = -torch.linspace(-length / 2, length / 2, n, dtype=torch.float64)  # centres along x
+        return Cameras(w2c, intrinsics_from_fov(192, 128, 60.0, n=n), 192, 128)
+
+    far = line(2.0e4)
+    pts = path_points(far, scale=1e-6)
+    assert len(pts) <= MAX_PATH_POINTS and np.isfinite(pts).all()
+    dist = np.linalg.norm(pts[None] - far.centers.numpy()[:, None], axis=-1).min(axis=1)
+    assert dist.max() == 0.0  # every centre is a drawn point
+    near = path_points(line(1.0), scale=1.0)
+    polyline = near[np.abs(near[:, 1]) + np.abs(near[:, 2]) == 0]  # the points on the x axis
+    gaps = np.diff(np.sort(polyline[:, 0]))
+    assert gaps.max() <= 1.0 / 150 + 1e-12  # the usual density: a point every 1/150 of the median depth

@@ -58,12 +58,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid 1-bit greyscale PNG of ``width x height`` black pixels: its IDAT is a few hundred KB at most
-    while decoding it would need ``width*height`` bytes. Rows are fed to zlib one at a time, so writing the
-    bomb never holds the decoded image either."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
-    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte 0 + packed pixels
+def png_bomb(width: int, height: int, bit_depth: int = 1) -> bytes:
+    """A valid greyscale PNG of ``width x height`` black pixels (``bit_depth`` 1, 8 or 16): its IDAT is a few hundred
+    KB at most while decoding it needs ``width*height*bit_depth/8`` bytes or more. Rows are fed to zlib one at a
+    time, so writing the bomb never holds the decoded image either."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)  # greyscale
+    row = b"\x00" * (1 + (width * bit_depth + 7) // 8)  # filter byte 0 + packed pixels
     comp = zlib.compressobj(9)
     parts = [comp.compress(row) for _ in range(height)]
     parts.append(comp.flush())

@@ -140,6 +140,15 @@ def test_cancel_stops_after_the_current_stage_and_keeps_finished_clips(ctx, exam
     cb.cancel(ctx, "idle")  # a cancel with no run in progress leaves nothing behind either
     assert not ctx.cancel_flags
 
+    # Removing the finished clip keeps the cancelled run's unfinished trajectory resumable (it used to be dropped).
+    job_root = jobs.job_dir(ctx.output_dir, job)
+    assert [r["name"] for r in jobs.pending_requests(job_root)] == ["right"]
+    cb.remove_last_clip(ctx, updates[0]["state"], session="s2")
+    assert [r["name"] for r in jobs.pending_requests(job_root)] == ["right"]
+    assert "Done in" in list(cb.resume(ctx, {}, job, session="s2"))[-1]["status"]
+    manifest = json.loads((job_root / "scene" / "manifest.json").read_text())
+    assert [c["trajectory"] for c in manifest["clips"]] == ["right"] and not jobs.pending_requests(job_root)
+
 
 def test_engine_error_mid_run_is_one_sentence_and_keeps_earlier_clips(ctx, examples, monkeypatch):
     from engine.scene import Scene

@@ -92,6 +92,7 @@ class PathEditor:
         self.job: Optional[str] = None
         self._handles: list = []
         self._path_handles: list = []
+        self._refused = ""  # why the last keyframe change was not applied, shown once by the next redraw
         self._build_panel()
 
     # ---- who may connect ---------------------------------------------------------------------------------
@@ -150,7 +151,8 @@ class PathEditor:
         def _(event) -> None:
             camera = event.client.camera if event.client is not None else None
             if camera is not None:
-                self.add_keyframe(Keyframe.make(camera.position, camera.wxyz, self.fov.value))
+                with self._refusals():
+                    self.add_keyframe(Keyframe.make(camera.position, camera.wxyz, self.fov.value))
 
         @self.choice.on_update
         def _(_) -> None:
@@ -165,12 +167,24 @@ class PathEditor:
             with self.lock:
                 i = self.selected
                 if 0 < i < len(self.keyframes) and abs(self.keyframes[i].fov - self.fov.value) > 1e-9:
-                    self.keyframes[i] = self.keyframes[i].moved(fov=float(self.fov.value))
+                    with self._refusals():
+                        self.keyframes[i] = self.keyframes[i].moved(fov=float(self.fov.value))
                     self._redraw()
 
         @delete.on_click
         def _(_) -> None:
             self.delete_keyframe(self.selected)
+
+    @contextlib.contextmanager
+    def _refusals(self):
+        """A keyframe the engine refuses (a pose beyond ``MAX_CENTRE``, a field of view out of range — what a page
+        can send, whatever its sliders allow) leaves the keyframes as they were; the panel and the log say why."""
+        try:
+            yield
+        except ValueError as e:
+            log.info("3D editor on port %d: refused a keyframe: %s", self.port, e)
+            self._refused = str(e)
+            self.info.content = f"**Not applied:** {e}"
 
     # ---- scene ------------------------------------------------------------------------------------------
     def show_scene(self, job: str, points, colors, start: Cameras, scale: float, up: str, frames: int) -> None:
@@ -283,8 +297,9 @@ class PathEditor:
         self.choice.value = str(self.selected)
         self.fov.value = float(self.keyframes[self.selected].fov)
         self.fov.disabled = self.selected == 0
-        self.info.content = (f"{len(self.keyframes)} keyframe(s); the path is sampled at {self.frames} frames "
-                             "(*Frames per clip* on the page).")
+        note, self._refused = (f"**Not applied:** {self._refused}  \n" if self._refused else ""), ""
+        self.info.content = note + (f"{len(self.keyframes)} keyframe(s); the path is sampled at {self.frames} frames "
+                                    "(*Frames per clip* on the page).")
 
     def _draw_path(self) -> None:
         """The splined path and a few of the cameras a clip along it will use (drawn from the engine's maths)."""
@@ -313,8 +328,9 @@ class PathEditor:
             with self.lock:
                 self.touch()
                 if index < len(self.keyframes):
-                    self.keyframes[index] = self.keyframes[index].moved(position=np.asarray(gizmo.position),
-                                                                        wxyz=np.asarray(gizmo.wxyz))
+                    with self._refusals():
+                        self.keyframes[index] = self.keyframes[index].moved(position=np.asarray(gizmo.position),
+                                                                            wxyz=np.asarray(gizmo.wxyz))
                     # Only the path follows: rebuilding the gizmo being dragged would drop the drag.
                     self._draw_path()
         return moved

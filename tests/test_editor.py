@@ -171,6 +171,24 @@ def test_a_bare_websocket_to_an_editor_port_can_read_and_change_nothing(relay):
     assert not editor.server._websock_server._live_connections  # nothing of the refused connections is kept
 
 
+def test_a_page_cannot_push_a_keyframe_out_of_bounds(relay):
+    """Whatever a page's sliders allow, a keyframe the engine refuses (a field of view of 500 degrees, a pose 1e300
+    away) leaves the keyframes as they were and the panel says why."""
+    from websockets.sync.client import connect
+
+    pool, editor, host = relay
+    before = editor.snapshot()
+    with connect(f"ws://{host}/viser/{editor.token}", subprotocols=_protocol(), open_timeout=10) as ws:
+        ws.recv(timeout=10)
+        for message in _set_fov(editor, 500.0):
+            ws.send(message)
+        assert _wait(lambda: "Not applied" in editor.info.content)
+    assert [k.fov for k in editor.snapshot()] == [k.fov for k in before]
+    assert _wait(lambda: editor.fov.value == before[editor.selected].fov)  # the slider is put back
+    with pytest.raises(ValueError, match="within 10000 scene units"):
+        Keyframe.make([1e300, 0, 0], [1, 0, 0, 0], 60.0)
+
+
 def test_the_relay_refuses_other_origins_malformed_tokens_and_connections_over_the_cap(relay):
     import urllib.error
     import urllib.request

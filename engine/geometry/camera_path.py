@@ -60,7 +60,9 @@ class Keyframe:
         c2w = np.asarray(self.c2w, dtype=np.float64)
         if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
             raise ValueError("A keyframe pose must be a finite 4x4 matrix.")
-        if np.linalg.norm(c2w[:3, 3]) > MAX_CENTRE:
+        with np.errstate(over="ignore"):  # a norm that overflows is inf, and refused like any other too far
+            far = np.linalg.norm(c2w[:3, 3]) > MAX_CENTRE
+        if far:
             raise ValueError(f"A keyframe must lie within {MAX_CENTRE:g} scene units of the world origin.")
         if not (isinstance(self.fov, (int, float)) and math.isfinite(self.fov) and MIN_FOV <= self.fov <= MAX_FOV):
             raise ValueError(f"A keyframe's field of view must be {MIN_FOV:g} to {MAX_FOV:g} degrees; got {self.fov!r}.")

@@ -21,10 +21,11 @@ float32 ``[3,H,W]`` allocation from the decoded image, about 20 bytes per pixel 
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -160,6 +161,30 @@ def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
     return out.div_(255.0) if rgb.dtype == np.uint8 else out
 
 
+@contextlib.contextmanager
+def _decoding(source: ImageSource, what: str, max_pixels: int, min_side: int) -> Iterator[Image.Image]:
+    """The opened image (header read, size checked, first frame of an animation) for the body to decode; every way
+    the decoding can fail in the body becomes one ``ImageInputError`` sentence, and the file is closed after."""
+    with warnings.catch_warnings():
+        # PIL warns (rather than refuses) between MAX_IMAGE_PIXELS and twice that; make it a refusal too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = _open(source, what)
+        try:
+            _check_size(im.width, im.height, what, max_pixels, min_side)
+            if getattr(im, "is_animated", False):
+                im.seek(0)
+            yield im
+        except ImageInputError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageInputError(f"{what} is too large to decode safely; use an image under {max_pixels // 1_000_000} megapixels.") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageInputError(f"{what} is damaged or truncated and cannot be decoded ({e.__class__.__name__}); re-export it.") from None
+        finally:
+            if not isinstance(source, Image.Image):
+                im.close()
+
+
 def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> torch.Tensor:
     """Read an image (path, encoded bytes, PIL image or numpy array) as float32 ``[3,H,W]`` sRGB in [0,1].
 
@@ -170,26 +195,9 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, min_side: int 
         rgb = _array_to_rgb(source, what)
         _check_size(rgb.shape[1], rgb.shape[0], what, max_pixels, min_side)
         return _to_tensor(rgb)
-    with warnings.catch_warnings():
-        # PIL warns (rather than refuses) between MAX_IMAGE_PIXELS and twice that; make it a refusal too.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = _open(source, what)
-        try:
-            _check_size(im.width, im.height, what, max_pixels, min_side)
-            if getattr(im, "is_animated", False):
-                im.seek(0)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            rgb = _to_srgb_float(im)
-        except ImageInputError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageInputError(f"{what} is too large to decode safely; use an image under {max_pixels // 1_000_000} megapixels.") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ImageInputError(f"{what} is damaged or truncated and cannot be decoded ({e.__class__.__name__}); re-export it.") from None
-        finally:
-            if not isinstance(source, Image.Image):
-                im.close()
+    with _decoding(source, what, max_pixels, min_side) as im:
+        im.load()
+        rgb = _to_srgb_float(ImageOps.exif_transpose(im))
     return _to_tensor(rgb)
 
 
@@ -198,34 +206,17 @@ def check_image(source: ImageSource, max_pixels: int = MAX_PIXELS, min_side: int
     within ``CHECK_BYTES`` (module notes); raises ``ImageInputError`` for everything ``load_image`` refuses."""
     what = _describe(source)
     if isinstance(source, np.ndarray):
-        rgb = _array_to_rgb(source, what)
-        _check_size(rgb.shape[1], rgb.shape[0], what, max_pixels, min_side)
-        return rgb.shape[1], rgb.shape[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = _open(source, what)
-        try:
-            _check_size(im.width, im.height, what, max_pixels, min_side)
-            width, height = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # stored turned by 90 degrees
-                width, height = height, width
-            if getattr(im, "is_animated", False):
-                im.seek(0)
-            if im.format == "JPEG":
-                im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))  # DCT scaling: 1/64 the pixels
-            if im.width * im.height * 4 > CHECK_BYTES:
-                raise ImageInputError(f"{what} is too large to check; use an image under "
-                                      f"{max_pixels // 1_000_000} megapixels.")
-            im.load()  # every byte is decoded (a truncated file fails here), in the decoder's own mode
-        except ImageInputError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageInputError(f"{what} is too large to decode safely; use an image under {max_pixels // 1_000_000} megapixels.") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ImageInputError(f"{what} is damaged or truncated and cannot be decoded ({e.__class__.__name__}); re-export it.") from None
-        finally:
-            if not isinstance(source, Image.Image):
-                im.close()
+        return tuple(load_image(source, max_pixels, min_side).shape[-1:-3:-1])
+    with _decoding(source, what, max_pixels, min_side) as im:
+        width, height = im.size
+        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # stored turned by 90 degrees
+            width, height = height, width
+        if im.format == "JPEG":
+            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))  # DCT scaling: 1/64 the pixels
+        if im.width * im.height * 4 > CHECK_BYTES:
+            raise ImageInputError(f"{what} is too large to check; use an image under {max_pixels // 1_000_000} "
+                                  "megapixels.")
+        im.load()  # every byte is decoded (a truncated file fails here), in the decoder's own mode
     return width, height
 
 

@@ -439,8 +439,12 @@ def same_origin(headers) -> bool:
     origin = headers.get("origin")
     if origin is None:
         return True
+    try:
+        netloc = urlsplit(origin).netloc.lower()
+    except ValueError:  # not a URL at all ("http://[" ...)
+        return False
     hosts = {headers.get("host", "")} | {h.strip() for h in headers.get("x-forwarded-host", "").split(",")}
-    return bool(urlsplit(origin).netloc) and urlsplit(origin).netloc.lower() in {h.lower() for h in hosts if h}
+    return bool(netloc) and netloc in {h.lower() for h in hosts if h}
 
 
 def routes(pool: EditorPool) -> list:

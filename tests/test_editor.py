@@ -121,8 +121,9 @@ def _set_fov(editor, value: float) -> list[bytes]:
     runs a panel's callbacks only for a client that has reported one), then the slider's new value."""
     import msgspec
 
-    camera = {"type": "ViewerCameraMessage", "wxyz": [1.0, 0, 0, 0], "position": [0.0, 0, 0], "fov": 1.0, "near": 0.01,
-              "far": 100.0, "image_height": 480, "image_width": 640, "look_at": [0.0, 0, 1], "up_direction": [0.0, -1, 0]}
+    camera = {"type": "ViewerCameraMessage", "wxyz": [1.0, 0, 0, 0], "position": [0.0, 0, 0], "fov": 1.0,
+              "near": 0.01, "far": 100.0, "image_height": 480, "image_width": 640, "look_at": [0.0, 0, 1],
+              "up_direction": [0.0, -1, 0]}
     slider = {"type": "GuiUpdateMessage", "uuid": editor.fov._impl.uuid, "updates": {"value": value}}
     return [msgspec.msgpack.encode(camera), msgspec.msgpack.encode(slider)]
 
@@ -201,7 +202,7 @@ def test_the_relay_refuses_other_origins_malformed_tokens_and_connections_over_t
     pool, editor, host = relay
     url = f"ws://{host}/viser/{editor.token}"
     for origin, headers in [("http://evil.example", {}), ("null", {}), (f"http://{host}.evil.example", {}),
-                            ("https://evil.example", {"X-Forwarded-Host": "studio.example"})]:
+                            ("http://[", {}), ("https://evil.example", {"X-Forwarded-Host": "studio.example"})]:
         with pytest.raises(InvalidStatus) as refused:
             connect(url, subprotocols=_protocol(), origin=origin, additional_headers=headers, open_timeout=10)
         assert refused.value.response.status_code == 403, origin

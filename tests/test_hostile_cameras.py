@@ -82,7 +82,8 @@ def test_every_hostile_camera_file_is_refused_in_one_sentence_by_every_cli_surfa
     cases, expected = [], {}
     for h in [h for h in corpus if "cli" in h.surfaces]:
         out = tmp_path / "out" / h.name
-        for surface, argv in _surfaces(h.path, photo, job, out, _render_dir(tmp_path / "dirs" / h.name, h.path)).items():
+        render_dir = _render_dir(tmp_path / "dirs" / h.name, h.path)
+        for surface, argv in _surfaces(h.path, photo, job, out, render_dir).items():
             name = f"{h.name} · {surface}"
             cases.append({"name": name, "argv": argv})
             expected[name] = (h, out)

@@ -100,7 +100,8 @@ def _check_camera_values(w2c: np.ndarray, k: np.ndarray, width: int, height: int
     ortho = np.abs(r @ r.transpose(0, 2, 1) - np.eye(3)).max()
     det = np.linalg.det(r)
     if ortho > 1e-3 or (det < 0).any() or np.abs(w2c[:, 3] - [0, 0, 0, 1]).max() > 1e-6:
-        raise CameraFormatError(f"{source}: extrinsics must be rigid world-to-camera transforms (rotation + translation).")
+        raise CameraFormatError(f"{source}: extrinsics must be rigid world-to-camera transforms "
+                                "(rotation + translation).")
     centres = np.linalg.norm(np.einsum("nji,nj->ni", r, w2c[:, :3, 3]), axis=1)
     if centres.max() > MAX_CENTRE:
         i = int(centres.argmax())
@@ -352,7 +353,8 @@ class Cameras:
             raise CameraFormatError(f"{source} is not an official camera file: it needs 'extrinsic' and 'intrinsic' lists.")
         counts = [len(v) if isinstance(v, list) else 0 for v in (data["extrinsic"], data["intrinsic"])]
         if max(counts) > MAX_CAMERAS:
-            raise CameraFormatError(f"{source} holds {max(counts)} cameras; a camera file may hold at most {MAX_CAMERAS}.")
+            raise CameraFormatError(f"{source} holds {max(counts)} cameras; a camera file may hold at most "
+                                    f"{MAX_CAMERAS}.")
         try:
             w2c = np.asarray(data["extrinsic"], dtype=np.float64)
             k = np.asarray(data["intrinsic"], dtype=np.float64)

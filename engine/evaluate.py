@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from engine.geometry.cameras import Cameras
-from engine.progress import Progress, ensure, span
+from engine.progress import Progress, ensure
 
 PathLike = Union[str, Path]
 
@@ -453,7 +453,8 @@ def evaluate_scene(job_dir: PathLike, clips: Optional[Sequence[str]] = None, ref
                                   f"{', '.join(known)}.")
         records = [known[name] for name in dict.fromkeys(clips)]
     if (threshold is not None or align) and reference_cloud is None:
-        raise EvaluationError("A threshold and --align judge the reconstruction: give --reference-cloud FILE.ply too.")
+        raise EvaluationError("A threshold or an alignment judges the reconstruction against a reference: give a "
+                              "reference cloud too (--reference-cloud FILE.ply).")
     if threshold is not None and not (threshold > 0 and math.isfinite(threshold)):
         raise EvaluationError(f"The threshold must be a positive distance; got {threshold}.")
     reference = None
@@ -463,8 +464,9 @@ def evaluate_scene(job_dir: PathLike, clips: Optional[Sequence[str]] = None, ref
             raise EvaluationError(f"{folder.path} has no {folder.scene_cloud().name} to compare with the reference.")
     report = ensure(progress)
     results, asked = [], []
+    share = (0.9 if reference is not None else 1.0) / len(records)  # of the progress bar, per clip
     for i, record in enumerate(records):
-        span(report, i / len(records), (i + 1) / len(records))(0.0, f"recovering the cameras of {record['name']}")
+        report(i * share, f"recovering the cameras of {record['name']}")
         t0 = time.perf_counter()
         asked.append(folder.clip_cameras(record))
         result = evaluate_clip(folder.clip_frames(record), asked[-1], threads=threads, seed=seed)
@@ -473,7 +475,7 @@ def evaluate_scene(job_dir: PathLike, clips: Optional[Sequence[str]] = None, ref
                         **result.to_json()})
     reconstruction = None
     if reference is not None:
-        report(0.95, "comparing the reconstruction with the reference")
+        report(0.9, "comparing the reconstruction with the reference")
         cloud = PointCache.load_ply(folder.scene_cloud()).points.numpy()
         reconstruction = evaluate_reconstruction(cloud, reference, threshold, align, threads=threads).to_json()
         reconstruction["reference"] = Path(reference_cloud).name
@@ -527,17 +529,17 @@ def up_direction(cameras: Sequence[Cameras]) -> dict:
 def plot(report: dict, path: PathLike) -> Path:
     """Asked (solid) and recovered (dashed, aligned) camera paths of every clip, seen from above and from the side,
     one colour per clip, stood up by the report's ``up`` (``up_direction``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot): no global backend or figure registry, so a server can draw from several threads.
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     from engine.atomicio import atomic_path
 
     up_axis, up_sign = report["up"]["axis"], report["up"]["sign"]
     horizontal = [a for a in range(3) if a != up_axis]
-    colours = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), dpi=100)
+    colours = colormaps["tab10"]
+    fig = Figure(figsize=(10, 4.6), dpi=100)
+    axes = fig.subplots(1, 2)
     views = (("top view", horizontal[0], horizontal[1], 1.0), ("side view", horizontal[0], up_axis, up_sign))
     for ax, (title, u, v, sign) in zip(axes, views):
         for k, clip in enumerate(report["clips"]):
@@ -565,7 +567,6 @@ def plot(report: dict, path: PathLike) -> Path:
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-    plt.close(fig)
     return path
 
 

@@ -44,7 +44,6 @@ Reconstruction against a reference cloud (``evaluate_reconstruction``)
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import tempfile
 import time

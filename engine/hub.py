@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 HUB_REPO = "hanshanxue/WorldStereo"  # the released checkpoints, one subfolder per variant
 MOGE_REPO = "Ruicheng/moge-2-vitl-normal"  # the depth model (MoGe-2 ViT-L with normals)
+DINOV2_REPO = "facebook/dinov2-base"  # the reference selector's image features (release: src/retrieval_wm.py)
 PROBE_TIMEOUT_S = 2.0
 
 

@@ -26,7 +26,7 @@ from engine.engines import ENGINES
 from engine.geometry import trajectories as traj
 from engine.geometry.cache import PointCache, viewer_confidence
 from engine.geometry.cameras import Cameras
-from engine.geometry.memory import MemoryBank, kept_frame_indices
+from engine.geometry.memory import MemoryBank, sample_align_nframe
 from engine.images import load_image, save_image
 from engine.jobfolder import (CLIPS, DATASET_IMAGES, FRAMES, MEMORY, ClipRecord, JobFolder, new_manifest,
                               snapshot_file)
@@ -361,8 +361,10 @@ class Scene:
         return 0.5 if self.settings.engine == "preview" or self._depth_is_fallback else 1.0
 
     def _kept_indices(self, n: int) -> list[int]:
-        """The frames of an ``n``-frame clip that grow the cache and the memory bank (``kept_frame_indices``)."""
-        return kept_frame_indices(n, self.settings.keep_frames)
+        """The frames of an ``n``-frame clip that grow the cache and the memory bank: the release's
+        ``sample_align_nframe``, at most the frames after the start view, none when ``keep_frames`` is 0."""
+        k = min(self.settings.keep_frames, n - 1)
+        return sample_align_nframe(n, k) if k > 0 else []
 
     @property
     def _depth_is_fallback(self) -> bool:

@@ -7,9 +7,10 @@ it. The check fails when a mutant survives (its tests all pass) and prints which
 A mutant is a function that plants its bug with a pytest ``MonkeyPatch`` on a small, named behaviour of the engine
 (a function or method with a stable meaning: the seed of clip k, the start camera of a trajectory, the cache a
 resumed scene opens ...), its one-line docstring says which bug it mimics, and ``KILLERS`` names the tests that
-must catch it (in-process tests: a subprocess they start does not see the patch). Each mutant runs in a pytest
-process of its own, which plants it at start-up when WORLDSTEREO_MUTANT names it (``tests/conftest.py``). When the
-engine is restructured, re-point a mutant at the function that now holds its behaviour.
+must catch it (in-process tests: a subprocess they start does not see the patch). One worker process plants the
+mutants in turn, runs each one's tests with ``pytest.main`` and takes it out again (a single start-up for all);
+``WORLDSTEREO_MUTANT=NAME pytest ...`` plants one for any pytest run (``tests/conftest.py``). When the engine is
+restructured, re-point a mutant at the function that now holds its behaviour.
 """
 from __future__ import annotations
 
@@ -171,37 +172,87 @@ def plant(name: str, mp) -> None:
     MUTANTS[name](mp)
 
 
-def run(name: str) -> tuple[list[str], float, str]:
-    """Run mutant ``name``'s tests with it planted: ``(tests that failed, seconds, pytest's last lines)``."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", "-p", "no:xdist",
-           *KILLERS[name]]
-    env = {**os.environ, ENV: name, "PYTHONPATH": str(REPO)}
+RESULT = "mutant-result: "  # how the worker process marks its result lines among pytest's output
+CONTROL = "(no mutant)"  # the worker's first run: every mutant's tests, nothing planted; all must pass
+
+
+def _worker(names: list[str]) -> None:
+    """Run every mutant's tests once with nothing planted (the control), then plant each mutant in turn in this
+    process, run its tests with ``pytest.main`` and take it out again: one start-up (torch, diffusers, the test
+    modules) for all of them. Prints one ``RESULT`` line per run."""
+    import json
+
+    import pytest
+
+    os.chdir(REPO)
+    for name in [CONTROL, *names]:
+        failed: list[str] = []
+
+        class Collect:
+            def pytest_runtest_logreport(self, report):
+                if report.failed:
+                    failed.append(report.nodeid)
+
+        mp = pytest.MonkeyPatch()
+        t0 = time.perf_counter()
+        tests = sorted({t for n in names for t in KILLERS[n]}) if name == CONTROL else KILLERS[name]
+        try:
+            if name != CONTROL:
+                plant(name, mp)
+            rc = pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                              *(["-x"] if name != CONTROL else []), *tests], plugins=[Collect()])
+        finally:
+            mp.undo()
+        # a run that ended otherwise than by failing tests (a usage or collection error) kills nothing
+        killed = failed if int(rc) == int(pytest.ExitCode.TESTS_FAILED) else []
+        print(RESULT + json.dumps({"name": name, "killed_by": killed, "exit": int(rc),
+                                   "seconds": time.perf_counter() - t0}), flush=True)
+
+
+def run(names: list[str]) -> dict[str, dict]:
+    """Run the mutants ``names`` in one worker process: ``{name: {"killed_by": [...], "seconds": s, ...}}``."""
+    import json
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(ENV, None)
     env.pop("PYTEST_ADDOPTS", None)  # an xdist worker's PYTEST_XDIST_WORKER stays: one torch thread, as there
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    seconds = time.perf_counter() - t0
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", done.stdout, flags=re.M)
-    tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-6:])
-    if done.returncode not in (0, 1):  # not a test failure: an interrupted or unusable run kills nothing
-        failed = []
-    return failed, seconds, tail
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", *names], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    results = {}
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT):
+            result = json.loads(line[len(RESULT):])
+            results[result.pop("name")] = result
+    for name in names:  # a worker that died on the way leaves the rest unrun: they count as survivors
+        results.setdefault(name, {"killed_by": [], "exit": done.returncode, "seconds": 0.0,
+                                  "output": (done.stdout + done.stderr)[-2000:]})
+    return results
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--worker"]:
+        _worker(argv[1:])
+        return 0
     names = argv or list(MUTANTS)
     unknown = [n for n in names if n not in MUTANTS]
     if unknown:
         print(f"error: no mutant named {', '.join(unknown)}; choose from {', '.join(MUTANTS)}.", file=sys.stderr)
         return 2
+    results = run(names)
+    control = results.pop(CONTROL, {"killed_by": ["the worker did not run"], "exit": -1})
+    if control["killed_by"] or control["exit"] != 0:
+        print(f"error: the mutants' tests fail with no mutant planted ({', '.join(control['killed_by'])}); "
+              "a kill would mean nothing.")
+        return 1
     survivors = []
     for name in names:
-        failed, seconds, tail = run(name)
-        doc = (MUTANTS[name].__doc__ or "").strip()
-        if failed:
-            print(f"killed    {name} ({seconds:.0f} s) by {', '.join(failed)}\n          {doc}")
+        result, doc = results[name], (MUTANTS[name].__doc__ or "").strip()
+        if result["killed_by"]:
+            print(f"killed    {name} ({result['seconds']:.0f} s) by {', '.join(result['killed_by'])}\n"
+                  f"          {doc}")
         else:
             survivors.append(name)
-            print(f"SURVIVED  {name} ({seconds:.0f} s): {doc}\n{tail}")
+            print(f"SURVIVED  {name} (pytest exit {result['exit']}): {doc}{result.get('output', '')}")
     print(f"{len(names) - len(survivors)} of {len(names)} mutants killed"
           + (f"; survived: {', '.join(survivors)}" if survivors else ""))
     return 1 if survivors else 0

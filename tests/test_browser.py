@@ -323,10 +323,16 @@ def _load_camera_file_into_the_editor(page, examples, server_out):
     page.locator("#path-upload input[type=file]").set_input_files(str(official))
     page.locator("#status").get_by_text("Loaded 8 keyframes from camera.json; keyframe 0 stays the start view.").wait_for()
     page.frame_locator("#editor-frame").get_by_text("8 keyframe(s)").wait_for()
-    page.locator("#path-save").click()
-    page.locator('#path-file a[download="camera_path.json"]').wait_for()
-    saved = max(server_out.glob("jobs/*/downloads/camera_path.json"), key=lambda p: p.stat().st_mtime)
-    keys = np.array(json.loads(saved.read_text())["keyframes"]["extrinsic"])
+    clicked = time.time()
+    page.locator("#path-save").click()  # the earlier save's link is still shown: wait for the new file itself
+    deadline = clicked + 60
+    while True:
+        saved = [p for p in server_out.glob("jobs/*/downloads/camera_path.json") if p.stat().st_mtime >= clicked - 1]
+        if saved or time.time() > deadline:
+            break
+        page.wait_for_timeout(300)
+    assert saved, "Save camera.json wrote no file"
+    keys = np.array(json.loads(saved[0].read_text())["keyframes"]["extrinsic"])
     cams = np.array(json.loads(official.read_text())["extrinsic"])
     picks = np.unique(np.linspace(0, len(cams) - 1, 8).round().astype(int))
     assert keys.shape == (8, 4, 4)

@@ -153,20 +153,51 @@ def _user_errors() -> tuple[type, ...]:
     return (ImageInputError, CameraFormatError, SceneError, jobs.JobPathError, ValueError)
 
 
+def logged(handler: Callable) -> Callable:
+    """A UI handler whose ``gr.Error`` goes to the log in one line and to the page without gradio printing its
+    traceback: such an error is a person's mistake, or a fault already logged with its traceback where it happened
+    (``_generate``). Any other exception is a fault and keeps gradio's traceback in the log."""
+    import functools
+    import inspect
+
+    def quiet(e: gr.Error) -> None:
+        e.print_exception = False
+        log.info("refused (%s): %s", handler.__name__, " ".join(str(e.message).split())[:300])
+
+    if inspect.isgeneratorfunction(handler):  # gradio streams a generator's updates: the wrapper must be one too
+        @functools.wraps(handler)
+        def wrapped_generator(*args, **kwargs):
+            try:
+                yield from handler(*args, **kwargs)
+            except gr.Error as e:
+                quiet(e)
+                raise
+        return wrapped_generator
+
+    @functools.wraps(handler)
+    def wrapped(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except gr.Error as e:
+            quiet(e)
+            raise
+    return wrapped
+
+
 def inspect_upload(path: Optional[str]) -> tuple[Optional[str], bool, str]:
-    """Check an uploaded image with the engine's loader: ``(preview path, looks like a panorama, info)``.
+    """Check an uploaded image as the engine's loader would, within the check's memory budget
+    (``engine.images.check_image``): ``(preview path, looks like a panorama, info)``.
 
     A file the engine cannot use raises ``gr.Error`` with its one sentence; nothing else changes."""
     from engine.geometry.panorama import is_equirect
-    from engine.images import ImageInputError, load_image
+    from engine.images import ImageInputError, check_image
 
     if not path:
         return None, False, ""
     try:
-        image = load_image(path)
+        w, h = check_image(path)
     except ImageInputError as e:
         raise gr.Error(str(e), title="This file cannot be used") from None
-    h, w = image.shape[-2:]
     pano = is_equirect(w, h)
     kind = "a 360° panorama (2:1 equirectangular)" if pano else "a photo"
     return path, pano, f"{w}×{h} pixels, read as {kind}. Change the panorama switch if that is wrong."
@@ -630,6 +661,10 @@ def open_editor(ctx: AppContext, state: dict, inp: GenerationInputs, session: st
 
     progress = progress or (lambda *a, **k: None)
     state = dict(state or {})
+    try:  # first: a request the pool refuses prepares no scene
+        editor = _editor(ctx, session, create=True)
+    except EditorBusy as e:
+        raise gr.Error(str(e)) from None
     if not state.get("job"):
         announce = _Announcements()
         engine = choose_engine(inp.engine, inp.quality, ctx, warn=announce)
@@ -640,10 +675,6 @@ def open_editor(ctx: AppContext, state: dict, inp: GenerationInputs, session: st
             raise gr.Error(str(e)) from None
         state.update(new_state)
     scene = _open_files(ctx, state)
-    try:
-        editor = _editor(ctx, session, create=True)
-    except EditorBusy as e:
-        raise gr.Error(str(e)) from None
     _show_in_editor(ctx, editor, scene, state, int(inp.frames or KEYFRAMES))
     return state, editor_html(editor), (f"3D editor of scene `{state['job']}`: add keyframes in the view, then "
                                         "**Preview path** or **Generate this path**.")
@@ -735,17 +766,18 @@ def remove_last_clip(ctx: AppContext, state: dict, session: str = "-") -> dict:
         ctx.active_jobs.add(state["job"])
     try:
         scene = _open_files(ctx, state)
+        job_root = jobs.job_dir(ctx.output_dir, state["job"])
+        unfinished = jobs.pending_requests(job_root)  # what a stopped run left undone stays resumable
         try:
             removed = scene.revert()
         except _user_errors() as e:
             raise gr.Error(str(e)) from None
-        job_root = jobs.job_dir(ctx.output_dir, state["job"])
         scene_dir, downloads_dir = _job_paths(ctx, state["job"])
         # Readable download names are links to the scene's files: rebuild them so none of the removed clip stays.
         import shutil
 
         shutil.rmtree(downloads_dir, ignore_errors=True)
-        jobs.write_pending(job_root, len(scene.clips), [])
+        jobs.write_pending(job_root, len(scene.clips), unfinished)
         clips = scene.clips
         update = {"state": state, **_clip_update(scene_dir, clips, clips[-1] if clips else None),
                   "downloads": downloads_for(scene_dir, downloads_dir, clips, exported=bool(clips))}

@@ -7,6 +7,15 @@ relayed by the app to that server (``routes``). Only the app's port is exposed, 
 session, never listed) is the only key to an editor. The pool holds at most ``max_editors``; an editor whose
 page was closed, or that nobody used for ``idle_s``, is stopped.
 
+Who may drive an editor:
+- Its viser server admits only the app's relay, which presents the editor's own secret (``SECRET_HEADER``, never
+  sent to a browser) in its WebSocket handshake; any other connection to the port is closed before a message is
+  read or sent (``PathEditor._guard``), so another local process or a web page that finds the port gets nothing.
+- The relay answers only well-formed live tokens (anything else, non-ASCII included, is a 404 or a refused
+  WebSocket), only a browser page of the app's own origin (``Origin`` must name the host the request was sent to,
+  or the proxy's ``X-Forwarded-Host``; clients that are not browsers send none), and at most
+  ``MAX_CONNECTIONS_PER_EDITOR`` WebSockets per token at once.
+
 The path maths lives in ``engine.geometry.camera_path``; here are only the widgets: the cloud, a frustum per
 keyframe (keyframe 0, the start view, fixed), a gizmo on the selected keyframe, the splined path with a few of
 its cameras, and a small panel (add at the current view, select, field of view, delete).
@@ -17,11 +26,13 @@ import asyncio
 import contextlib
 import io
 import logging
+import re
 import secrets
 import threading
 import time
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -34,10 +45,27 @@ log = logging.getLogger("worldstereo.demo")
 MAX_VIEW_POINTS = 300_000  # points sent to the browser (a random subset beyond that)
 START_COLOR, KEY_COLOR, SELECTED_COLOR, PATH_COLOR = (255, 200, 0), (40, 200, 255), (255, 60, 60), (255, 120, 200)
 PATH_FRUSTA = 6
+TOKEN = re.compile(r"[A-Za-z0-9_-]{22}")  # what secrets.token_urlsafe(16) makes; nothing else is looked up
+SECRET_HEADER = "X-Editor-Secret"  # the relay's key to an editor's viser server
+MAX_CONNECTIONS_PER_EDITOR = 4  # WebSockets one token may hold open at once (a page needs one; reloads overlap)
 
 
 class EditorBusy(RuntimeError):
     """Every editor of the pool is in use; the message is one sentence."""
+
+
+class _Refused(Exception):
+    """A connection to an editor's viser port without the editor's secret."""
+
+
+class _QuietRefusals(logging.Filter):
+    """The websockets library logs a refused connection as a failed handler with its traceback; it is expected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _Refused))
+
+
+logging.getLogger("websockets.server").addFilter(_QuietRefusals())
 
 
 class PathEditor:
@@ -47,10 +75,13 @@ class PathEditor:
         import viser
 
         self.token = token
+        self.secret = secrets.token_urlsafe(32)
         # viser prints a banner with its address for every server; the pool's log line replaces it.
         with contextlib.redirect_stdout(io.StringIO()):
             self.server = viser.ViserServer(host="127.0.0.1", port=0, verbose=False)
         self.port = self.server.get_port()
+        self._guard()
+        self.connections = 0  # the relay's WebSockets open to this editor
         self.lock = threading.RLock()
         self.last_used = time.monotonic()
         self.keyframes: list[Keyframe] = []
@@ -61,7 +92,49 @@ class PathEditor:
         self.job: Optional[str] = None
         self._handles: list = []
         self._path_handles: list = []
+        self._refused = ""  # why the last keyframe change was not applied, shown once by the next redraw
         self._build_panel()
+
+    # ---- who may connect ---------------------------------------------------------------------------------
+    def _guard(self) -> None:
+        """Admit to the viser server only connections whose handshake carries ``self.secret`` (module notes).
+
+        viser 1.1.1 has no authentication of its own, but its WebSocket server runs every connect callback before it
+        starts the tasks that read and send messages: a callback that raises ends the connection with nothing read
+        or sent either way. (Closing from the callback would not do: frames already received would still be read.)
+        The port opened inside ``ViserServer()``, a moment before this callback exists, so any connection made in
+        that moment is closed here, before the panel (and any id a message could name) exists."""
+        ws = self.server._websock_server  # viser's WebSocket server: its connect callbacks and live connections
+        secret = self.secret.encode()
+
+        async def admit(client) -> None:
+            connection = ws._live_connections.get(client.client_id)
+            supplied = connection.request.headers.get(SECRET_HEADER, "") if connection and connection.request else ""
+            if secrets.compare_digest(supplied.encode("utf-8", "replace"), secret):
+                return
+            ws._live_connections.pop(client.client_id, None)  # viser keeps both until its handler's end, never reached
+            ws._client_state_from_id.pop(client.client_id, None)
+            log.warning("3D editor on port %d: refused a connection without the app's secret", self.port)
+            if connection is not None:
+                await connection.close(1008, "use the app's /viser/<token> address")
+            raise _Refused()
+
+        ws.on_client_connect(admit)
+        loop = ws._background_event_loop
+        for connection in list(ws._live_connections.values()):
+            asyncio.run_coroutine_threadsafe(connection.close(1008), loop).result(timeout=10)
+
+    def enter(self) -> bool:
+        """Count one more relay connection, unless the token already holds ``MAX_CONNECTIONS_PER_EDITOR``."""
+        with self.lock:
+            if self.connections >= MAX_CONNECTIONS_PER_EDITOR:
+                return False
+            self.connections += 1
+            return True
+
+    def leave(self) -> None:
+        with self.lock:
+            self.connections -= 1
 
     # ---- panel ------------------------------------------------------------------------------------------
     def _build_panel(self) -> None:
@@ -78,7 +151,8 @@ class PathEditor:
         def _(event) -> None:
             camera = event.client.camera if event.client is not None else None
             if camera is not None:
-                self.add_keyframe(Keyframe.make(camera.position, camera.wxyz, self.fov.value))
+                with self._refusals():
+                    self.add_keyframe(Keyframe.make(camera.position, camera.wxyz, self.fov.value))
 
         @self.choice.on_update
         def _(_) -> None:
@@ -93,12 +167,24 @@ class PathEditor:
             with self.lock:
                 i = self.selected
                 if 0 < i < len(self.keyframes) and abs(self.keyframes[i].fov - self.fov.value) > 1e-9:
-                    self.keyframes[i] = self.keyframes[i].moved(fov=float(self.fov.value))
+                    with self._refusals():
+                        self.keyframes[i] = self.keyframes[i].moved(fov=float(self.fov.value))
                     self._redraw()
 
         @delete.on_click
         def _(_) -> None:
             self.delete_keyframe(self.selected)
+
+    @contextlib.contextmanager
+    def _refusals(self):
+        """A keyframe the engine refuses (a pose beyond ``MAX_CENTRE``, a field of view out of range — what a page
+        can send, whatever its sliders allow) leaves the keyframes as they were; the panel and the log say why."""
+        try:
+            yield
+        except ValueError as e:
+            log.info("3D editor on port %d: refused a keyframe: %s", self.port, e)
+            self._refused = str(e)
+            self.info.content = f"**Not applied:** {e}"
 
     # ---- scene ------------------------------------------------------------------------------------------
     def show_scene(self, job: str, points, colors, start: Cameras, scale: float, up: str, frames: int) -> None:
@@ -211,8 +297,9 @@ class PathEditor:
         self.choice.value = str(self.selected)
         self.fov.value = float(self.keyframes[self.selected].fov)
         self.fov.disabled = self.selected == 0
-        self.info.content = (f"{len(self.keyframes)} keyframe(s); the path is sampled at {self.frames} frames "
-                             "(*Frames per clip* on the page).")
+        note, self._refused = (f"**Not applied:** {self._refused}  \n" if self._refused else ""), ""
+        self.info.content = note + (f"{len(self.keyframes)} keyframe(s); the path is sampled at {self.frames} frames "
+                                    "(*Frames per clip* on the page).")
 
     def _draw_path(self) -> None:
         """The splined path and a few of the cameras a clip along it will use (drawn from the engine's maths)."""
@@ -241,8 +328,9 @@ class PathEditor:
             with self.lock:
                 self.touch()
                 if index < len(self.keyframes):
-                    self.keyframes[index] = self.keyframes[index].moved(position=np.asarray(gizmo.position),
-                                                                        wxyz=np.asarray(gizmo.wxyz))
+                    with self._refusals():
+                        self.keyframes[index] = self.keyframes[index].moved(position=np.asarray(gizmo.position),
+                                                                            wxyz=np.asarray(gizmo.wxyz))
                     # Only the path follows: rebuilding the gizmo being dragged would drop the drag.
                     self._draw_path()
         return moved
@@ -296,9 +384,12 @@ class EditorPool:
             return self.by_session.get(session)
 
     def by_token(self, token: str) -> Optional[PathEditor]:
+        """The live editor of ``token``; None for any other string (malformed and non-ASCII ones included)."""
+        if not isinstance(token, str) or not TOKEN.fullmatch(token):
+            return None
         with self.lock:
             for editor in self.by_session.values():
-                if secrets.compare_digest(editor.token, token):
+                if secrets.compare_digest(editor.token.encode(), token.encode()):
                     return editor
         return None
 
@@ -341,6 +432,21 @@ def _client_html() -> bytes:
     return (Path(viser.__file__).resolve().parent / "client" / "build" / "index.html").read_bytes()
 
 
+def same_origin(headers) -> bool:
+    """A WebSocket handshake from a page of the app's own origin, or from a client that is not a browser (browsers
+    always send ``Origin``; others need the token all the same): ``Origin``'s host must be the ``Host`` the request
+    was sent to, or one a reverse proxy names in ``X-Forwarded-Host``."""
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    try:
+        netloc = urlsplit(origin).netloc.lower()
+    except ValueError:  # not a URL at all ("http://[" ...)
+        return False
+    hosts = {headers.get("host", "")} | {h.strip() for h in headers.get("x-forwarded-host", "").split(",")}
+    return bool(netloc) and netloc in {h.lower() for h in hosts if h}
+
+
 def routes(pool: EditorPool) -> list:
     """Starlette routes that serve the viser client at ``/viser/<token>/`` and relay its WebSocket."""
     from starlette.responses import PlainTextResponse, RedirectResponse, Response
@@ -354,18 +460,32 @@ def routes(pool: EditorPool) -> list:
             return PlainTextResponse("This 3D editor is closed; open it again from the page.", status_code=404)
         if not request.url.path.endswith("/"):
             return RedirectResponse(request.url.path + "/")
-        return Response(html, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-store"})
+        # Framed by the app's own page only: a leaked address cannot be put inside another site.
+        return Response(html, media_type="text/html; charset=utf-8",
+                        headers={"Cache-Control": "no-store", "Content-Security-Policy": "frame-ancestors 'self'"})
 
     async def relay(websocket: WebSocket):
-        import websockets
-
         editor = pool.by_token(websocket.path_params["token"])
-        if editor is None:
+        if editor is None or not same_origin(websocket.headers):
+            await websocket.close(code=1008)  # before accepting: the browser sees HTTP 403
+            return
+        if not editor.enter():
+            log.warning("3D editor on port %d: refused a WebSocket over the limit of %d", editor.port,
+                        MAX_CONNECTIONS_PER_EDITOR)
             await websocket.close(code=1008)
             return
+        try:
+            await _relay(websocket, editor)
+        finally:
+            editor.leave()
+
+    async def _relay(websocket: WebSocket, editor: PathEditor) -> None:
+        import websockets
+
         offered = list(websocket.scope.get("subprotocols") or [])
         try:
             upstream = await websockets.connect(f"ws://127.0.0.1:{editor.port}", subprotocols=offered or None,
+                                                additional_headers={SECRET_HEADER: editor.secret},
                                                 max_size=None, compression=None, open_timeout=10)
         except (OSError, asyncio.TimeoutError, websockets.WebSocketException):
             await websocket.close(code=1011)

@@ -4,6 +4,9 @@ One ``.glb`` for ``gr.Model3D``: the scene's 3D cache as coloured points, and fo
 its camera centres joined into a path plus a few camera frusta, all drawn as densely sampled points (the
 viewer shows POINTS primitives reliably, and it sends every ``.ply`` to its splat renderer). The file is written
 by the engine's own GLB writer, so the path lands in the same frame as the ``scene.glb`` shown later.
+
+The drawing is sized by point count, not by the scene's scale: a path gets points every 1/150 of the scene's median
+depth, but never more than ``MAX_PATH_POINTS`` (polyline and frusta together), however long it is.
 """
 from __future__ import annotations
 
@@ -21,13 +24,17 @@ PATH_COLORS = np.array([
     [255, 120, 200], [255, 140, 0], [120, 255, 40],
 ], dtype=np.uint8)
 MAX_CLOUD_POINTS = 400_000
+MAX_PATH_POINTS = 6_000  # per planned path: 2/3 for the polyline through the centres, 1/3 for the frusta
 
 
-def _segment_points(a: np.ndarray, b: np.ndarray, step: float) -> np.ndarray:
-    """Points every ``step`` along the segments ``a[i] -> b[i]`` (both ``[M,3]``)."""
+def _segment_points(a: np.ndarray, b: np.ndarray, step: float, budget: int) -> np.ndarray:
+    """Points every ``step`` along the segments ``a[i] -> b[i]`` (both ``[M,3]``), the step widened so that all
+    segments together take at most ``budget`` points plus their ends."""
+    lengths = np.linalg.norm(b - a, axis=1) if len(a) else np.zeros(0)
+    step = max(step if np.isfinite(step) else 0.0, float(lengths.sum()) / max(budget, 1))
     out = []
-    for p, q in zip(a, b):
-        n = max(2, int(np.ceil(np.linalg.norm(q - p) / step)) + 1)
+    for p, q, length in zip(a, b, lengths):
+        n = max(2, int(np.ceil(length / step)) + 1) if step > 0 else 2
         t = np.linspace(0.0, 1.0, n)[:, None]
         out.append(p + t * (q - p))
     return np.concatenate(out) if out else np.zeros((0, 3))
@@ -54,10 +61,11 @@ def path_points(cams: Cameras, scale: float, frusta: int = 4) -> np.ndarray:
     """Sampled points of one trajectory: the polyline through its centres and ``frusta`` camera frusta."""
     centres = cams.centers.detach().cpu().double().numpy().reshape(-1, 3)
     step = scale / 150.0
-    parts = [_segment_points(centres[:-1], centres[1:], step)] if len(centres) > 1 else [centres]
+    line_budget = 2 * MAX_PATH_POINTS // 3 - 2 * len(centres)
+    parts = [_segment_points(centres[:-1], centres[1:], step, line_budget)] if len(centres) > 1 else [centres]
     picks = np.unique(np.linspace(0, len(cams) - 1, num=min(frusta, len(cams))).round().astype(int))
     a, b = frustum_segments(cams[picks.tolist()], size=scale * 0.08)
-    parts.append(_segment_points(a, b, step))
+    parts.append(_segment_points(a, b, step, MAX_PATH_POINTS // 3 - 2 * len(a)))
     return np.concatenate(parts)
 
 

@@ -16,6 +16,10 @@ CSS = """
 """
 DEFAULT_TRAJECTORIES = ["left", "right"]
 ENGINE_QUEUE = "engine"  # one concurrency group for everything that runs depth or generation
+# Everything else that decodes, reads or draws a person's file (upload checks, camera files for the editor, path
+# previews, viewer files): a second group, so its memory is bounded by a few requests at once, never by how many
+# people press at the same moment (an upload check decodes within engine.images.CHECK_BYTES).
+CHECK_QUEUE, CHECKS_AT_ONCE = "checks", 2
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -142,6 +146,7 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
 
         def run(continue_scene: bool):
             # Explicit parameters: gradio injects Request / Progress by signature, which *args would hide.
+            @cb.logged
             def handler(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, request: gr.Request,
                         progress=gr.Progress()):
                 st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off)
@@ -150,6 +155,7 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                     yield as_tuple(update)
             return handler
 
+        @cb.logged
         def on_upload(path):
             shown, pano, info = cb.inspect_upload(path)
             return shown, pano if path else gr.skip(), info
@@ -157,11 +163,13 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
         def on_panorama(pano):
             return gr.update(visible=bool(pano))
 
+        @cb.logged
         def on_plan(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, progress=gr.Progress()):
             st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off)
             st, glb, legend = cb.plan_paths(ctx, st, inp, progress=progress)
             return st, glb, legend
 
+        @cb.logged
         def on_resume(st, job_id, request: gr.Request, progress=gr.Progress()):
             for update in cb.resume(ctx, st or {}, job_id, session=session_of(request), progress=progress):
                 yield as_tuple(update)
@@ -169,31 +177,39 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
         def on_cancel(request: gr.Request):
             return cb.cancel(ctx, session_of(request))
 
+        @cb.logged
         def on_clip(st, name):
             return cb.show_clip(ctx, st, name)
 
+        @cb.logged
         def on_editor(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, request: gr.Request,
                       progress=gr.Progress()):
             st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off)
             return cb.open_editor(ctx, st, inp, session=session_of(request), progress=progress)
 
+        @cb.logged
         def on_path_preview(st, fr, request: gr.Request):
             return cb.preview_path(ctx, st, int(fr or KEYFRAMES), session=session_of(request))
 
+        @cb.logged
         def on_path_save(st, fr, request: gr.Request):
             return cb.save_editor_path(ctx, st, int(fr or KEYFRAMES), session=session_of(request))
 
+        @cb.logged
         def on_path_upload(st, path, request: gr.Request):
             return cb.load_editor_path(ctx, st, path, session=session_of(request))
 
+        @cb.logged
         def on_path_generate(st, fr, request: gr.Request, progress=gr.Progress()):
             for update in cb.generate_path(ctx, st, int(fr or KEYFRAMES), session=session_of(request),
                                            progress=progress):
                 yield as_tuple(update)
 
+        @cb.logged
         def on_undo(st, request: gr.Request):
             return as_tuple(cb.remove_last_clip(ctx, st, session=session_of(request)))
 
+        @cb.logged
         def on_confidence(st, value):
             return cb.set_confidence(ctx, st, value)
 
@@ -201,11 +217,13 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
             cb.close_session(ctx, session_of(request))
 
         # A file the engine cannot read is removed again after its error, so the next upload can follow at once.
-        image.change(on_upload, [image], [preview, panorama, input_info], concurrency_limit=None,
+        checks = dict(concurrency_id=CHECK_QUEUE, concurrency_limit=CHECKS_AT_ONCE)
+        image.change(on_upload, [image], [preview, panorama, input_info], **checks,
                      api_name="inspect_upload").failure(
             lambda: (None, None, ""), None, [image, preview, input_info], concurrency_limit=None)
         panorama.change(on_panorama, [panorama], [views], concurrency_limit=None)
         if ctx.examples:
+            @cb.logged
             def on_example(evt: gr.SelectData):
                 path, pano, text, cam = cb.pick_example(ctx, evt.index)
                 return path, pano, text
@@ -225,16 +243,14 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                           concurrency_limit=None, api_name="show_clip")
         editor_btn.click(on_editor, inputs, [state, editor_frame, status], concurrency_id=ENGINE_QUEUE,
                          concurrency_limit=max_concurrent, api_name="open_editor")
-        path_preview_btn.click(on_path_preview, [state, frames], [path_video], concurrency_limit=None,
-                               api_name="preview_path")
-        path_save_btn.click(on_path_save, [state, frames], [path_file], concurrency_limit=None, api_name="save_path")
-        path_upload.upload(on_path_upload, [state, path_upload], [status], concurrency_limit=None,
-                           api_name="load_path")
+        path_preview_btn.click(on_path_preview, [state, frames], [path_video], **checks, api_name="preview_path")
+        path_save_btn.click(on_path_save, [state, frames], [path_file], **checks, api_name="save_path")
+        path_upload.upload(on_path_upload, [state, path_upload], [status], **checks, api_name="load_path")
         path_generate_btn.click(on_path_generate, [state, frames], outputs, concurrency_id=ENGINE_QUEUE,
                                 concurrency_limit=max_concurrent, api_name="generate_path")
         undo_btn.click(on_undo, [state], outputs, concurrency_id=ENGINE_QUEUE, concurrency_limit=max_concurrent,
                        api_name="remove_last_clip")
-        confidence.release(on_confidence, [state, confidence], [state, model3d, splats], concurrency_limit=None,
+        confidence.release(on_confidence, [state, confidence], [state, model3d, splats], **checks,
                            api_name="set_confidence")
         demo.unload(on_unload)
     demo.queue(default_concurrency_limit=max_concurrent)

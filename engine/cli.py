@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine generate|revert|render|conditions|inspect|engines`` — the same engine the web
+"""Command line: ``python -m engine generate|revert|render|conditions|evaluate|inspect|engines`` — the same engine the web
 demo drives.
 
 Every error a person can cause ends in one sentence on stderr and exit code 2; nothing is half-written.
@@ -150,6 +150,34 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from engine.evaluate import EvaluationError, evaluate_scene, table, write_evaluation
+    from engine.jobfolder import EVALUATION_JSON, EVALUATION_PNG
+
+    if args.threads < 1:
+        raise EvaluationError(f"--threads must be at least 1; got {args.threads}.")
+    clips = [c.strip() for c in args.clips.split(",") if c.strip()] if args.clips else None
+    bars = []  # the bar starts with the work, so a refused argument prints its sentence alone
+
+    def progress(fraction: float, message: str) -> None:
+        if not bars:
+            bars.append(_Bar("evaluating"))
+        bars[0](fraction, message)
+
+    try:
+        report = evaluate_scene(args.out, clips=clips, reference_cloud=args.reference_cloud, threshold=args.threshold,
+                                align=args.align, threads=args.threads, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    json_path = Path(args.json) if args.json else Path(args.out) / EVALUATION_JSON
+    png_path = json_path.with_suffix(".png") if args.json else Path(args.out) / EVALUATION_PNG
+    write_evaluation(report, json_path, png_path)
+    print(table(report))
+    print(f"Wrote {json_path} and {png_path}")
+    return 0
+
+
 def cmd_engines(args) -> int:
     for name in ENGINES:
         ok, reason = engine_status(name, Path(args.weights) if args.weights else None)
@@ -218,6 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stride", type=int, default=1, help="keep every N-th pixel row and column of per-pixel maps")
     c.add_argument("--out", required=True, help="output .safetensors file")
     c.set_defaults(func=cmd_conditions)
+
+    ev = sub.add_parser("evaluate", help="camera accuracy of each clip (structure from motion vs the asked cameras) "
+                        "and, given a reference cloud, the reconstruction's precision / recall / F1 / AUC")
+    ev.add_argument("out", help="the scene's job folder (generate --out)")
+    ev.add_argument("--clips", help="comma-separated clip names (default: every finished clip)")
+    ev.add_argument("--reference-cloud", help="a reference point cloud (.ply) to judge scene.ply against")
+    ev.add_argument("--threshold", type=float, help="distance threshold for F1 in scene units (default: 1%% of the "
+                    "reference's bounding-box diagonal)")
+    ev.add_argument("--align", action="store_true", help="align scene.ply to the reference first (similarity, ICP)")
+    ev.add_argument("--json", help="where to write the report (default OUT/evaluation.json; the picture goes beside "
+                    "it as .png)")
+    ev.add_argument("--threads", type=int, default=2, help="CPU threads for structure from motion (default 2)")
+    ev.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("inspect", help="what a checkpoint holds and needs, from its files' headers (reads no tensor)")
     i.add_argument("source", help="a checkpoint folder, a --weights folder with one folder per variant, or a hub "

@@ -17,6 +17,7 @@ BASE_MODEL_REPO = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"  # the released configs
 # The base model's folders besides transformer/ that the engine loads (engine.models.components).
 BASE_COMPONENT_FOLDERS = ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor", "scheduler")
 MOGE_REPO = "Ruicheng/moge-2-vitl-normal"  # the depth model (MoGe-2 ViT-L with normals)
+DINOV2_REPO = "facebook/dinov2-base"  # the reference selector's image features (release: src/retrieval_wm.py)
 PROBE_TIMEOUT_S = 2.0
 
 

@@ -13,13 +13,19 @@ Decisions (documented because a person can see them):
 - 16-bit greyscale keeps its precision (scaled by 1/65535); CMYK, greyscale and palette images become RGB.
 - Animated images (GIF, APNG, animated WebP) use their first frame.
 - EXIF orientation is applied, so the tensor is upright as the photo is shown everywhere else.
+
+Memory: ``check_image`` (what a server runs on every upload) decodes within ``CHECK_BYTES``: the pixel limit is
+checked from the header, a JPEG is decoded at 1/8 of its size (``Image.draft``) and every other format in the
+decoder's own mode, never converted to floats. ``load_image`` (a scene's input, run one job at a time) makes one
+float32 ``[3,H,W]`` allocation from the decoded image, about 20 bytes per pixel at its peak.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
 import torch
@@ -32,6 +38,7 @@ ImageSource = Union[PathLike, bytes, Image.Image, np.ndarray]
 
 MAX_PIXELS = 50_000_000
 MIN_SIDE = 64
+CHECK_BYTES = 4 * MAX_PIXELS  # a check's decode: PIL keeps at most 4 bytes a pixel for the modes it decodes into
 ALPHA_BACKGROUND = (1.0, 1.0, 1.0)  # white
 
 
@@ -110,12 +117,12 @@ def _to_srgb_float(im: Image.Image) -> np.ndarray:
     """Decoded PIL image -> float32 ``[H,W,3]`` sRGB in [0,1], alpha flattened on ``ALPHA_BACKGROUND``."""
     mode = im.mode
     if mode in ("I", "F") or mode.startswith("I;16"):
-        arr = np.asarray(im, dtype=np.float64)
+        gray = np.array(im, dtype=np.float32)  # 16-bit values are exact in float32
         if mode != "F":
-            # 16-bit greyscale (PNG opens it as I or I;16); dividing by 65535 keeps the full precision.
-            arr = arr / 65535.0
-        gray = np.clip(arr, 0.0, 1.0).astype(np.float32)
-        return np.repeat(gray[..., None], 3, axis=-1)
+            # 16-bit greyscale (PNG opens it as I or I;16): one IEEE division by 65535, as exact as in float64.
+            gray /= 65535.0
+        np.clip(gray, 0.0, 1.0, out=gray)
+        return np.broadcast_to(gray[..., None], gray.shape + (3,))  # three equal channels, one copy in memory
 
     alpha = None
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode in ("P", "L", "RGB") and "transparency" in im.info):
@@ -137,11 +144,45 @@ def _to_srgb_float(im: Image.Image) -> np.ndarray:
     elif im.mode != "RGB":
         im = im.convert("RGB")
 
+    if alpha is None:
+        return np.asarray(im)  # uint8; _to_tensor scales it while it makes the float copy
     rgb = np.asarray(im, dtype=np.float32) / 255.0
-    if alpha is not None:
-        bg = np.asarray(ALPHA_BACKGROUND, dtype=np.float32)
-        rgb = rgb * alpha + bg * (1.0 - alpha)
-    return rgb
+    bg = np.asarray(ALPHA_BACKGROUND, dtype=np.float32)
+    return rgb * alpha + bg * (1.0 - alpha)
+
+
+def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """``[H,W,3]`` uint8, or float32 in [0,1] (possibly a broadcast view) -> contiguous float32 ``[3,H,W]``: the one
+    full-size float allocation of a load (uint8 is divided by 255 in float32, as numpy would)."""
+    out = torch.empty((3,) + rgb.shape[:2], dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # it is only read from
+        out.copy_(torch.from_numpy(rgb).permute(2, 0, 1))
+    return out.div_(255.0) if rgb.dtype == np.uint8 else out
+
+
+@contextlib.contextmanager
+def _decoding(source: ImageSource, what: str, max_pixels: int, min_side: int) -> Iterator[Image.Image]:
+    """The opened image (header read, size checked, first frame of an animation) for the body to decode; every way
+    the decoding can fail in the body becomes one ``ImageInputError`` sentence, and the file is closed after."""
+    with warnings.catch_warnings():
+        # PIL warns (rather than refuses) between MAX_IMAGE_PIXELS and twice that; make it a refusal too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        im = _open(source, what)
+        try:
+            _check_size(im.width, im.height, what, max_pixels, min_side)
+            if getattr(im, "is_animated", False):
+                im.seek(0)
+            yield im
+        except ImageInputError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageInputError(f"{what} is too large to decode safely; use an image under {max_pixels // 1_000_000} megapixels.") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise ImageInputError(f"{what} is damaged or truncated and cannot be decoded ({e.__class__.__name__}); re-export it.") from None
+        finally:
+            if not isinstance(source, Image.Image):
+                im.close()
 
 
 def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> torch.Tensor:
@@ -153,28 +194,30 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS, min_side: int 
     if isinstance(source, np.ndarray):
         rgb = _array_to_rgb(source, what)
         _check_size(rgb.shape[1], rgb.shape[0], what, max_pixels, min_side)
-        return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
-    with warnings.catch_warnings():
-        # PIL warns (rather than refuses) between MAX_IMAGE_PIXELS and twice that; make it a refusal too.
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = _open(source, what)
-        try:
-            _check_size(im.width, im.height, what, max_pixels, min_side)
-            if getattr(im, "is_animated", False):
-                im.seek(0)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            rgb = _to_srgb_float(im)
-        except ImageInputError:
-            raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageInputError(f"{what} is too large to decode safely; use an image under {max_pixels // 1_000_000} megapixels.") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise ImageInputError(f"{what} is damaged or truncated and cannot be decoded ({e.__class__.__name__}); re-export it.") from None
-        finally:
-            if not isinstance(source, Image.Image):
-                im.close()
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+        return _to_tensor(rgb)
+    with _decoding(source, what, max_pixels, min_side) as im:
+        im.load()
+        rgb = _to_srgb_float(ImageOps.exif_transpose(im))
+    return _to_tensor(rgb)
+
+
+def check_image(source: ImageSource, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> tuple[int, int]:
+    """``(width, height)`` of an image as it will be shown (EXIF orientation applied), after checking that it decodes,
+    within ``CHECK_BYTES`` (module notes); raises ``ImageInputError`` for everything ``load_image`` refuses."""
+    what = _describe(source)
+    if isinstance(source, np.ndarray):
+        return tuple(load_image(source, max_pixels, min_side).shape[-1:-3:-1])
+    with _decoding(source, what, max_pixels, min_side) as im:
+        width, height = im.size
+        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # stored turned by 90 degrees
+            width, height = height, width
+        if im.format == "JPEG":
+            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))  # DCT scaling: 1/64 the pixels
+        if im.width * im.height * 4 > CHECK_BYTES:
+            raise ImageInputError(f"{what} is too large to check; use an image under {max_pixels // 1_000_000} "
+                                  "megapixels.")
+        im.load()  # every byte is decoded (a truncated file fails here), in the decoder's own mode
+    return width, height
 
 
 # ---- writing -------------------------------------------------------------------------------------

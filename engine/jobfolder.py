@@ -55,10 +55,13 @@ START_CAMERA = "state/start.json"
 BANK_START = "state/bank-start"
 CLIPS = "clips"
 FRAMES = "frames"  # a clip's generated frames, lossless
+CLIP_CAMERAS = "cameras.json"  # a clip's cameras as asked (official camera file)
 MEMORY = "memory"  # a clip's frames kept in the memory bank
 DATASET_IMAGES = "images"
 # Scene-level files derived from the clips and the cache (rewritten after every clip, export or revert).
-SCENE_OUTPUTS = ("scene.ply", "scene.glb", "scene_splats.ply", "cameras.json", "transforms.json", "scene.zip")
+SCENE_CLOUD = "scene.ply"
+EVALUATION_JSON, EVALUATION_PNG = "evaluation.json", "evaluation.png"  # ``python -m engine evaluate``
+SCENE_OUTPUTS = (SCENE_CLOUD, "scene.glb", "scene_splats.ply", "cameras.json", "transforms.json", "scene.zip")
 VERSIONED_PACKAGES = ("torch", "diffusers", "transformers", "open3d", "dlr-moge")
 
 
@@ -85,15 +88,21 @@ def snapshot_file(clips: int) -> str:
     return f"state/manifest-{clips:04d}.json"
 
 
-def new_manifest(*, kind: str, input_path: Path, settings: SceneSettings, engine_note: str, size, input_size,
-                 median_depth: float, start_views: list, depth_note: str) -> dict:
-    """The manifest of a scene with no clip yet (its schema: every key a reopened scene reads)."""
+def package_versions(packages=VERSIONED_PACKAGES) -> dict:
+    """The installed version of each of ``packages`` (those not installed are left out)."""
     versions = {}
-    for package in VERSIONED_PACKAGES:
+    for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
+    return versions
+
+
+def new_manifest(*, kind: str, input_path: Path, settings: SceneSettings, engine_note: str, size, input_size,
+                 median_depth: float, start_views: list, depth_note: str) -> dict:
+    """The manifest of a scene with no clip yet (its schema: every key a reopened scene reads)."""
+    versions = package_versions()
     return {
         "format": FORMAT_VERSION,
         "kind": kind,
@@ -220,6 +229,14 @@ class JobFolder:
         if not frames:  # a scene made before clips kept their frames: the video is all there is
             return read_video(self.path / clip["folder"] / "clip.mp4")
         return torch.stack([load_image(f) for f in frames])
+
+    def clip_cameras(self, clip: dict) -> Cameras:
+        """A committed clip's cameras, as its frames were asked to follow them."""
+        return Cameras.from_json(self.path / clip["folder"] / CLIP_CAMERAS)
+
+    def scene_cloud(self) -> Path:
+        """The scene's fused point cloud (``scene.ply``, written after every clip)."""
+        return self.path / SCENE_CLOUD
 
     # ---- reverting ------------------------------------------------------------------------------------
     def manifest_before_last(self, manifest: dict) -> dict:

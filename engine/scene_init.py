@@ -24,7 +24,7 @@ from engine.user_depth import is_user_depth_file
 
 PANORAMA_MAX_WIDTH = 2048
 PANORAMA_START_YAWS = (0.0, 90.0, 180.0, 270.0)  # exploration starts: the four horizontal directions
-PANORAMA_CLOUD_HEIGHT = 512  # rows of the stitched distance map the first cache is lifted from
+PANORAMA_CLOUD_HEIGHT = 512  # rows of the stitched distance map the views' depths are scaled to agree on
 
 
 @dataclass
@@ -94,8 +94,8 @@ def checkpoint_config(engine: str, weights: Optional[str] = None):
 
 
 def photo_size(height: int, width: int, settings) -> tuple[int, int]:
-    """``(h, w)`` of a photo scene's frames: the engine's bucket for the photo (the checkpoint's own
-    ``scale_map`` when its config.json is here)."""
+    """``(h, w)`` of a scene's frames for an input of ``height x width`` (a photo, or a panorama's bank view): the
+    engine's bucket for it (the checkpoint's own ``scale_map`` when its config.json is here)."""
     config = checkpoint_config(settings.engine, settings.weights)
     return bucket_size(settings.engine, height, width, config.scale_map if config is not None else None)
 
@@ -140,13 +140,13 @@ def seed_photo(image: torch.Tensor, depth_source, camera_json, size: tuple[int, 
 
 
 def seed_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional[Progress] = None) -> Seed:
-    """Start from an equirectangular panorama: cut the official 27-view bank, give every view depth, stitch
-    the depths into one panoramic distance map (each view scaled to agree with the views before it) and lift
-    that map to the first 3D cache; trajectories start from the horizontal views."""
+    """Start from an equirectangular panorama: cut the official 27-view bank at the checkpoint's bucket for an
+    832x480 view (``photo_size``), give every view depth, scale each view's depth to agree with the views before it
+    (on a stitched panoramic distance map), and lift every view at its full resolution into the first 3D cache
+    (``engine.geometry.panorama.bank_points``); trajectories start from the horizontal views."""
     from engine.geometry.align import align_depth
-    from engine.geometry.cache import depth_edges
-    from engine.geometry.panorama import (BANK_HEIGHT, BANK_WIDTH, bank_cameras, equirect_to_perspective, is_equirect,
-                                          look_rotation, panorama_points, views_to_panorama_depth)
+    from engine.geometry.panorama import (BANK_HEIGHT, BANK_WIDTH, bank_cameras, bank_points, equirect_to_perspective,
+                                          is_equirect, look_rotation, views_to_panorama_depth)
 
     report = ensure(progress)
     hp, wp = pano.shape[-2:]
@@ -154,8 +154,9 @@ def seed_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional
         raise SceneError(f"A panorama must be equirectangular with a 2:1 aspect; this image is {wp}x{hp}.")
     if wp > PANORAMA_MAX_WIDTH:
         pano = F.interpolate(pano[None], size=(PANORAMA_MAX_WIDTH // 2, PANORAMA_MAX_WIDTH), mode="area")[0]
-    # The official bank views (832x480) fall in the 480x768 bucket, which stretches them to the same 120 x 90 degrees.
-    height, width = bucket_size(settings.engine, BANK_HEIGHT, BANK_WIDTH)
+    # An official bank view (832x480) falls in the released configs' 480x832 bucket, in the default map's 480x768
+    # (stretched to the same 120 x 90 degrees).
+    height, width = photo_size(BANK_HEIGHT, BANK_WIDTH, settings)
     views = bank_cameras(width=width, height=height)
     images = equirect_to_perspective(pano, views)
     hd = min(pano.shape[-2], PANORAMA_CLOUD_HEIGHT)
@@ -176,14 +177,13 @@ def seed_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional
         distance = torch.where(distance > 0, distance, seen)
         depths.append(depth)
         report((i + 1) / len(views), f"panorama view {i + 1}/{len(views)}")
-    colour = F.interpolate(pano[None], size=distance.shape, mode="area")[0]
-    keep = (distance > 0) & ~depth_edges(distance, valid=distance > 0)
-    points, colours = panorama_points(colour, distance, valid=keep)
+    depths = torch.stack(depths)
+    points, colours = bank_points(images, depths, views)
     cache = PointCache.empty()
     cache.add_points(points.float(), colours.float(), frame_id=0)
     cache.downsample(settings.point_budget)
     bank = MemoryBank()
-    bank.add(images, views, torch.stack(depths), frame_ids=list(range(len(views))), source="panorama")
+    bank.add(images, views, depths, frame_ids=list(range(len(views))), source="panorama")
     start_views = []
     for yaw in PANORAMA_START_YAWS:
         w2c = torch.eye(4, dtype=torch.float64)

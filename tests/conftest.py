@@ -28,8 +28,8 @@ else:
 # server and chromium, torchrun ranks), then the longest in-process ones. With pytest-xdist (`pytest -n 2`, the
 # README's command) they start first and the short files fill the other core meanwhile and at the end. Without
 # xdist only the order changes.
-LONGEST_FIRST = ("test_browser.py", "test_parallel.py", "test_server.py", "test_scene.py", "test_bench.py",
-                 "test_faults.py", "test_conditioning.py", "test_export.py")
+LONGEST_FIRST = ("test_browser.py", "test_parallel.py", "test_server.py", "test_hostile_server.py", "test_scene.py",
+                 "test_bench.py", "test_faults.py", "test_conditioning.py", "test_export.py")
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own choice; optional: -p no:xdist

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ class Hostile:
     # For accepted images: the upright sRGB colours [0,1] expected in each quadrant (TL, TR, BL, BR).
     quadrants: Optional[tuple] = field(default=None, compare=False)
     path: Optional[Path] = field(default=None, compare=False)
+    # For refused camera files: words the refusal must hold, and the surfaces that read the file's part it breaks
+    # ("cli": generate/render/conditions/--render-dir, "plan": the demo's plan view, "editor": the editor's load).
+    needle: str = field(default="", compare=False)
+    surfaces: tuple = field(default=("cli", "plan", "editor"), compare=False)
 
 
 # ---- building blocks -----------------------------------------------------------------------------
@@ -53,12 +58,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def png_bomb(width: int, height: int) -> bytes:
-    """A valid 1-bit greyscale PNG of ``width x height`` black pixels: its IDAT is a few hundred KB at most
-    while decoding it would need ``width*height`` bytes. Rows are fed to zlib one at a time, so writing the
-    bomb never holds the decoded image either."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
-    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte 0 + packed pixels
+def png_bomb(width: int, height: int, bit_depth: int = 1) -> bytes:
+    """A valid greyscale PNG of ``width x height`` black pixels (``bit_depth`` 1, 8 or 16): its IDAT is a few hundred
+    KB at most while decoding it needs ``width*height*bit_depth/8`` bytes or more. Rows are fed to zlib one at a
+    time, so writing the bomb never holds the decoded image either."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)  # greyscale
+    row = b"\x00" * (1 + (width * bit_depth + 7) // 8)  # filter byte 0 + packed pixels
     comp = zlib.compressobj(9)
     parts = [comp.compress(row) for _ in range(height)]
     parts.append(comp.flush())
@@ -212,7 +217,7 @@ def write_corpus(folder) -> list[Hostile]:
     cam("camera_count_mismatch.json", counts, "5 extrinsics, 3 intrinsics")
     cam("camera_empty.json", {"extrinsic": [], "intrinsic": []}, "no frames")
     cam("camera_one_frame.json", _camera(1), "a single frame (a clip needs at least two)")
-    cam("camera_too_many.json", _camera(2000), "2000 frames, far more than a clip holds")
+    cam("camera_too_many.json", _camera(500), "500 frames, far more than a clip holds")
     zero_f = _camera(5, focal=0.0)
     cam("camera_zero_focal.json", zero_f, "zero focal length")
     neg_w = dict(good, width=-192)
@@ -223,6 +228,83 @@ def write_corpus(folder) -> list[Hostile]:
     cam("camera_latin1.json", None, "non-UTF-8 bytes in the file",
         raw=json.dumps(dict(good, note="caf\u00e9"), ensure_ascii=False).encode("latin-1"))
     cam("camera_motion_list.json", dict(good, motion_list=[1, 2]), "motion_list of numbers")
+    return out
+
+
+def hostile_camera_files(folder) -> list[Hostile]:
+    """Camera files built to break a reader: every one must be refused in one sentence by every surface that reads
+    camera files, in bounded time and memory (tests/test_hostile_cameras.py). ``needle``: what the refusal says."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[Hostile] = []
+
+    def add(name: str, data, what: str, needle: str, surfaces=("cli", "plan", "editor")):
+        raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+        (folder / name).write_bytes(raw)
+        out.append(Hostile(name, "camera_json", "refuse", what, path=folder / name, needle=needle, surfaces=surfaces))
+
+    def edited(**changes) -> dict:
+        """``_camera(5)`` with extrinsic/intrinsic entries replaced: ``e=(cam, row, col, value)``, ``k=(...)``."""
+        data = _camera(5)
+        for key, (i, r, c, v) in changes.items():
+            data["extrinsic" if key == "e" else "intrinsic"][i][r][c] = v
+        data["intrinsic"] = [list(map(list, k)) for k in data["intrinsic"]]
+        return data
+
+    def with_k(k) -> dict:
+        return dict(_camera(5), intrinsic=[k] * 5)
+
+    add("huge_size.json", dict(_camera(5), width=10**9, height=10**9), "ordinary intrinsics, width and height 1e9",
+        "outside what the engine renders")
+    add("huge_width.json", dict(_camera(5), width=10**6), "a million pixels wide (128 megapixels)",
+        "outside what the engine renders")
+    add("focal_overflow.json", with_k([[1e308, 0, W / 2], [0, 1e308, H / 2], [0, 0, 1]]),
+        "focal length 1e308 (overflows float32)", "float32 range")
+    add("focal_near_f32_max.json", with_k([[3e38, 0, W / 2], [0, 3e38, H / 2], [0, 0, 1]]),
+        "focal length 3e38 (just inside float32)", "field of view")
+    add("translation_overflow.json", edited(e=(2, 0, 3, 1e300)), "translation 1e300", "float32 range")
+    add("translation_near_f32_max.json", edited(e=(2, 0, 3, 3e38)), "translation 3e38", "from the origin")
+    add("centre_too_far.json", edited(e=(4, 2, 3, 2e4)), "a camera 20000 units from the origin", "from the origin")
+    deep = 100_000
+    add("deep_nesting.json", b"[" * deep + b"]" * deep, "100,000-deep nested lists", "nests")
+    add("deep_object.json", b'{"a":' * deep + b"1" + b"}" * deep, "100,000-deep nested objects", "nests")
+    add("int_5001_digits.json", json.dumps(_camera(5)).replace("150.0", "1" * 5001, 1).encode(),
+        "a 5001-digit integer focal length", "digits")
+    add("float_long_mantissa.json", json.dumps(_camera(5)).replace("150.0", "0." + "3" * 5000, 1).encode(),
+        "a float with 5000 digits", "digits")
+    add("exponent_overflow.json", json.dumps(_camera(5)).replace("150.0", "1e999999", 1).encode(),
+        "an exponent that overflows to infinity", "infinite")
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        add(f"literal_{literal.strip('-').lower()}{'_neg' if literal[0] == '-' else ''}.json",
+            json.dumps(_camera(5)).replace("150.0", literal, 1).encode(), f"the literal {literal}", literal)
+    many = b'{"extrinsic": [' + b",".join([b"[[1,0,0,0],[0,1,0,0],[0,0,1,0],[0,0,0,1]]"] * 500_000) + b"]}"
+    add("cameras_500000.json", many, "500,000 cameras (38 MB)", "larger than")
+    add("cameras_1001.json", _camera(1001), "1001 cameras, under the size limit", "at most 1000")
+    add("huge_file.json", json.dumps(_camera(5)).encode() + b" " * (5 * 1024 * 1024), "5 MB of padding",
+        "larger than")
+    add("shape_3x3_extrinsic.json", dict(_camera(5), extrinsic=[np.eye(3).tolist()] * 5), "3x3 extrinsics", "4x4")
+    add("shape_ragged.json", dict(_camera(5), extrinsic=[[[1, 0], [0]]] * 5), "ragged matrices", "numeric")
+    add("shape_scalar.json", dict(_camera(5), intrinsic=7), "a number instead of the intrinsics", "3x3")
+    add("shape_objects.json", dict(_camera(5), extrinsic=[{"a": 1}] * 5), "objects instead of matrices", "numeric")
+    add("k_zero.json", with_k([[0, 0, 0], [0, 0, 0], [0, 0, 1]]), "non-invertible intrinsics (all zero)", "focal")
+    add("k_singular_fy.json", with_k([[150.0, 0, W / 2], [0, 0, H / 2], [0, 0, 1]]),
+        "non-invertible intrinsics (fy = 0)", "focal")
+    add("k_last_row.json", with_k([[150.0, 0, W / 2], [0, 150.0, H / 2], [0, 0, 0]]),
+        "non-invertible intrinsics (last row 0)", "last row")
+    add("k_skew.json", with_k([[150.0, 400.0, W / 2], [0, 150.0, H / 2], [0, 0, 1]]), "large skew", "skew")
+    add("fov_too_wide.json", with_k([[1.0, 0, W / 2], [0, 1.0, H / 2], [0, 0, 1]]), "179-degree field of view",
+        "field of view")
+    add("fov_too_narrow.json", with_k([[1e5, 0, W / 2], [0, 1e5, H / 2], [0, 0, 1]]), "0.1-degree field of view",
+        "field of view")
+    add("principal_point_outside.json", with_k([[150.0, 0, 10 * W], [0, 150.0, H / 2], [0, 0, 1]]),
+        "principal point ten image widths to the right", "principal point")
+    add("principal_point_negative.json", with_k([[150.0, 0, W / 2], [0, 150.0, -5.0], [0, 0, 1]]),
+        "principal point above the image", "principal point")
+    keys = _camera(3)
+    keys["extrinsic"][1][0][3] = 1e300
+    add("keyframe_translation_1e300.json", dict(_camera(5), keyframes={"extrinsic": keys["extrinsic"],
+                                                                       "intrinsic": keys["intrinsic"]}),
+        "a saved path whose keyframe sits at 1e300", "float32 range", surfaces=("editor",))
     return out
 
 
@@ -262,9 +344,66 @@ def hostile_prompt_bytes() -> dict[str, bytes]:
     return {k: v.encode("utf-8", "surrogateescape") for k, v in hostile_prompts().items()}
 
 
+# ---- what a refusal looks like ------------------------------------------------------------------------------
+
+ONE_SENTENCE = re.compile(r"error: \S.{4,400}[.]")
+
+
+def assert_one_sentence(err: str, context: str) -> str:
+    """The CLI's stderr ends in one ``error: ...`` sentence and holds no traceback; returns that line."""
+    assert "Traceback" not in err, f"{context}: traceback on stderr:\n{err}"
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert ONE_SENTENCE.fullmatch(last), f"{context}: last stderr line is not one 'error: ...' sentence: {last!r}"
+    # One sentence: no full stop followed by another capitalised sentence inside the message.
+    assert not re.search(r"[.!?]\s+[A-Z][a-z]", last[len("error: "):-1]), f"{context}: more than one sentence: {last!r}"
+    return last
+
+
+# ---- a child process that runs CLI commands one after another --------------------------------------------
+
+def limit_address_space(gib: float) -> None:
+    """Cap this process's address space (``RLIMIT_AS``): an allocation beyond it fails instead of growing."""
+    import resource
+
+    limit = int(gib * (1 << 30))
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def run_cli_cases(spec_path: Path, result_path: Path) -> None:
+    """Run ``python -m engine`` argument lists in this process (``spec_path``: ``[{"name", "argv"}]``) and write
+    each one's exit code, stderr, seconds and the process's peak resident memory so far to ``result_path``.
+    Importing torch once, not once per command, keeps a corpus of ~100 commands to seconds."""
+    import contextlib
+    import resource
+    import time
+    import traceback
+
+    from engine.cli import main
+
+    results = []
+    for case in json.loads(Path(spec_path).read_text()):
+        err, out = io.StringIO(), io.StringIO()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                rc = main(case["argv"])
+            except SystemExit as e:
+                rc = e.code
+            except BaseException:  # noqa: BLE001 — a crash is a result here, recorded with its traceback
+                rc = "crash"
+                err.write(traceback.format_exc())
+        results.append({"name": case["name"], "rc": rc, "stderr": err.getvalue(), "seconds": time.perf_counter() - t0,
+                        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    Path(result_path).write_text(json.dumps(results, indent=1))
+
+
 if __name__ == "__main__":
     import sys
 
+    if sys.argv[1:2] == ["--cli"]:  # python tests/hostile.py --cli SPEC RESULT GIB
+        limit_address_space(float(sys.argv[4]))
+        run_cli_cases(Path(sys.argv[2]), Path(sys.argv[3]))
+        sys.exit(0)
     dest = Path(sys.argv[1] if len(sys.argv) > 1 else "hostile-corpus")
     for item in write_corpus(dest):
         print(f"{item.expect:7s} {item.role:12s} {item.name:32s} {item.what}")

@@ -29,7 +29,8 @@ class LiveServer:
     """One server process; ``faults``/``clip_delay`` start it through tests/faulty_app.py instead of app.py."""
 
     def __init__(self, output_dir: Path, extra_args: Sequence[str] = (), faults: str = "", clip_delay: float = 0.0,
-                 log_path: Optional[Path] = None, host: Optional[str] = "127.0.0.1"):
+                 log_path: Optional[Path] = None, host: Optional[str] = "127.0.0.1",
+                 address_space_gib: Optional[float] = None):
         self.output_dir = Path(output_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -42,11 +43,20 @@ class LiveServer:
         self.env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                         WS_TEST_FAULTS=faults, WS_TEST_CLIP_DELAY=str(clip_delay))
         self.proc: Optional[subprocess.Popen] = None
+        self.address_space_gib = address_space_gib  # RLIMIT_AS of the server process, None: no limit
 
     def start(self, timeout: float = 120.0) -> "LiveServer":
         self._log = open(self.log_path, "ab")
+        limit = self.address_space_gib
+
+        def cap_address_space() -> None:  # runs in the child before app.py: every allocation counts against it
+            import resource
+
+            size = int(limit * (1 << 30))
+            resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=cap_address_space if limit else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from engine.scene import Scene, TrajectoryRequest
 from engine.settings import MAX_CLIP_FRAMES, MAX_PROMPT_CHARS, MIN_CLIP_FRAMES, SceneError, SceneSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
+from hostile import assert_one_sentence as _assert_one_sentence  # noqa: E402
 from hostile import hostile_prompt_bytes, hostile_prompts, quadrant_image, write_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,18 +59,6 @@ def private_tmp(tmp_path, monkeypatch):
 
 def _files(root: Path) -> set:
     return {p.relative_to(root) for p in root.rglob("*")}
-
-
-ONE_SENTENCE = re.compile(r"error: \S.{4,400}[.]")
-
-
-def _assert_one_sentence(err: str, context: str) -> str:
-    assert "Traceback" not in err, f"{context}: traceback on stderr:\n{err}"
-    last = err.strip().splitlines()[-1] if err.strip() else ""
-    assert ONE_SENTENCE.fullmatch(last), f"{context}: last stderr line is not one 'error: ...' sentence: {last!r}"
-    # One sentence: no full stop followed by another capitalised sentence inside the message.
-    assert not re.search(r"[.!?]\s+[A-Z][a-z]", last[len("error: "):-1]), f"{context}: more than one sentence: {last!r}"
-    return last
 
 
 def _refused(argv: list, out: Path, tmp_root: Path, private: Path, capsys, context: str) -> str:

@@ -140,6 +140,15 @@ def test_cancel_stops_after_the_current_stage_and_keeps_finished_clips(ctx, exam
     cb.cancel(ctx, "idle")  # a cancel with no run in progress leaves nothing behind either
     assert not ctx.cancel_flags
 
+    # Removing the finished clip keeps the cancelled run's unfinished trajectory resumable (it used to be dropped).
+    job_root = jobs.job_dir(ctx.output_dir, job)
+    assert [r["name"] for r in jobs.pending_requests(job_root)] == ["right"]
+    cb.remove_last_clip(ctx, updates[0]["state"], session="s2")
+    assert [r["name"] for r in jobs.pending_requests(job_root)] == ["right"]
+    assert "Done in" in list(cb.resume(ctx, {}, job, session="s2"))[-1]["status"]
+    manifest = json.loads((job_root / "scene" / "manifest.json").read_text())
+    assert [c["trajectory"] for c in manifest["clips"]] == ["right"] and not jobs.pending_requests(job_root)
+
 
 def test_engine_error_mid_run_is_one_sentence_and_keeps_earlier_clips(ctx, examples, monkeypatch):
     from engine.scene import Scene
@@ -378,3 +387,25 @@ def test_app_refuses_a_splat_view_without_splats(capsys, tmp_path):
     assert app.main(["--view-splats", "0", "--output-dir", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip() == "error: --view-splats must be at least 1."
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_plan_view_drawing_is_sized_by_point_count_not_by_scene_scale():
+    """A path 20,000 scene units long in a scene of median depth 1e-6 (points every 1/150 of it would be 3e12 points)
+    is drawn with at most MAX_PATH_POINTS points, still through every camera centre; a short path keeps its density."""
+    from demo.planview import MAX_PATH_POINTS, path_points
+    from engine.geometry.cameras import Cameras, intrinsics_from_fov
+
+    def line(length: float, n: int = 9) -> Cameras:
+        w2c = torch.eye(4, dtype=torch.float64).repeat(n, 1, 1)
+        w2c[:, 0, 3] = -torch.linspace(-length / 2, length / 2, n, dtype=torch.float64)  # centres along x
+        return Cameras(w2c, intrinsics_from_fov(192, 128, 60.0, n=n), 192, 128)
+
+    far = line(2.0e4)
+    pts = path_points(far, scale=1e-6)
+    assert len(pts) <= MAX_PATH_POINTS and np.isfinite(pts).all()
+    dist = np.linalg.norm(pts[None] - far.centers.numpy()[:, None], axis=-1).min(axis=1)
+    assert dist.max() == 0.0  # every centre is a drawn point
+    near = path_points(line(1.0), scale=1.0)
+    polyline = near[np.abs(near[:, 1]) + np.abs(near[:, 2]) == 0]  # the points on the x axis
+    gaps = np.diff(np.sort(polyline[:, 0]))
+    assert gaps.max() <= 1.0 / 150 + 1e-12  # the usual density: a point every 1/150 of the median depth

@@ -50,21 +50,25 @@ def test_pool_is_bounded_per_session_on_loopback_and_reaps_idle_editors():
     assert not pool.by_session
 
 
-def test_routes_serve_the_client_and_relay_its_websocket_only_for_live_tokens():
-    """The routes in a real ASGI server (uvicorn, as gradio runs them) on a free loopback port."""
+@pytest.fixture(scope="module")
+def relay():
+    """The routes in a real ASGI server (uvicorn, as gradio runs them) on a free loopback port, with a pool of one
+    editor that shows a tiny scene with a second keyframe selected: ``(pool, editor, base url)``."""
     import threading
     import time
-    import urllib.error
-    import urllib.request
 
     import uvicorn
-    import viser
     from starlette.applications import Starlette
-    from websockets.exceptions import InvalidStatus
-    from websockets.sync.client import connect
 
     pool = EditorPool(max_editors=1)
     editor = pool.open("s")
+    start = Cameras(torch.eye(4, dtype=torch.float64), torch.tensor([[100.0, 0, 64], [0, 100.0, 48], [0, 0, 1]]),
+                    128, 96)
+    rng = np.random.default_rng(0)
+    editor.show_scene("job", rng.normal(size=(50, 3)) + [0, 0, 3], rng.random((50, 3)), start, 1.0, "-y", FRAMES)
+    c2w = np.eye(4)
+    c2w[0, 3] = 0.5
+    editor.add_keyframe(Keyframe(c2w, 50.0))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -72,26 +76,173 @@ def test_routes_serve_the_client_and_relay_its_websocket_only_for_live_tokens():
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
     try:
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        base = f"http://127.0.0.1:{port}/viser"
-        with urllib.request.urlopen(f"{base}/{editor.token}/", timeout=10) as page:
-            assert page.status == 200 and b"<title>Viser</title>" in page.read()
-        with pytest.raises(urllib.error.HTTPError) as missing:
-            urllib.request.urlopen(f"{base}/guessed-token/", timeout=10)
-        assert missing.value.code == 404
-        protocol = f"viser-v{viser.__version__}"
-        with connect(f"ws://127.0.0.1:{port}/viser/{editor.token}", subprotocols=[protocol], open_timeout=10) as ws:
-            assert ws.subprotocol == protocol
-            assert len(ws.recv(timeout=10)) > 0  # the server's scene and panel state, relayed unchanged
-        with pytest.raises((InvalidStatus, ConnectionError, OSError)):
-            with connect(f"ws://127.0.0.1:{port}/viser/guessed-token", subprotocols=[protocol], open_timeout=10) as ws:
-                ws.recv(timeout=10)
+        yield pool, editor, f"127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        pool.close_all()
+
+
+def _protocol() -> list[str]:
+    import viser
+
+    return [f"viser-v{viser.__version__}"]
+
+
+def test_routes_serve_the_client_and_relay_its_websocket_only_for_live_tokens(relay):
+    import urllib.error
+    import urllib.request
+
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    pool, editor, host = relay
+    base = f"http://{host}/viser"
+    with urllib.request.urlopen(f"{base}/{editor.token}/", timeout=10) as page:
+        assert page.status == 200 and b"<title>Viser</title>" in page.read()
+        assert page.headers["Content-Security-Policy"] == "frame-ancestors 'self'"
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{base}/guessed-token/", timeout=10)
+    assert missing.value.code == 404
+    with connect(f"ws://{host}/viser/{editor.token}", subprotocols=_protocol(), open_timeout=10) as ws:
+        assert ws.subprotocol == _protocol()[0]
+        assert len(ws.recv(timeout=10)) > 0  # the server's scene and panel state, relayed unchanged
+    with pytest.raises((InvalidStatus, ConnectionError, OSError)):
+        with connect(f"ws://{host}/viser/guessed-token", subprotocols=_protocol(), open_timeout=10) as ws:
+            ws.recv(timeout=10)
+
+
+def _set_fov(editor, value: float) -> list[bytes]:
+    """What a viser client sends to drag the editor's field-of-view slider to ``value``: its camera first (viser
+    runs a panel's callbacks only for a client that has reported one), then the slider's new value."""
+    import msgspec
+
+    camera = {"type": "ViewerCameraMessage", "wxyz": [1.0, 0, 0, 0], "position": [0.0, 0, 0], "fov": 1.0,
+              "near": 0.01, "far": 100.0, "image_height": 480, "image_width": 640, "look_at": [0.0, 0, 1],
+              "up_direction": [0.0, -1, 0]}
+    slider = {"type": "GuiUpdateMessage", "uuid": editor.fov._impl.uuid, "updates": {"value": value}}
+    return [msgspec.msgpack.encode(camera), msgspec.msgpack.encode(slider)]
+
+
+def _wait(predicate, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_a_bare_websocket_to_an_editor_port_can_read_and_change_nothing(relay):
+    """Through the relay the slider message changes the selected keyframe's field of view (so the message is one that
+    works); sent straight to the editor's port, without the relay's secret or with a wrong one, it changes nothing
+    and nothing of the scene comes back."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from demo.editor import SECRET_HEADER
+
+    pool, editor, host = relay
+    assert editor.selected == 1 and editor.keyframes[1].fov == 50.0
+    with connect(f"ws://{host}/viser/{editor.token}", subprotocols=_protocol(), open_timeout=10) as ws:
+        assert len(ws.recv(timeout=10)) > 0
+        for message in _set_fov(editor, 30.0):
+            ws.send(message)
+        assert _wait(lambda: editor.fov.value == 30.0 and editor.keyframes[1].fov == 30.0)
+    for headers in ({}, {SECRET_HEADER: "not-the-secret"}, {SECRET_HEADER: editor.token}):
+        received, closed = [], None
+        try:
+            with connect(f"ws://127.0.0.1:{editor.port}", subprotocols=_protocol(), additional_headers=headers,
+                         open_timeout=10) as bare:
+                for message in _set_fov(editor, 40.0):  # sent at once, before the server could close
+                    bare.send(message)
+                while True:
+                    received.append(bare.recv(timeout=10))
+        except ConnectionClosed as e:
+            closed = e
+        assert received == [] and closed is not None and closed.rcvd is not None and closed.rcvd.code == 1008
+    assert not _wait(lambda: editor.fov.value != 30.0, timeout=1.0)
+    assert editor.fov.value == 30.0 and editor.keyframes[1].fov == 30.0
+    assert not editor.server._websock_server._live_connections  # nothing of the refused connections is kept
+
+
+def test_a_page_cannot_push_a_keyframe_out_of_bounds(relay):
+    """Whatever a page's sliders allow, a keyframe the engine refuses (a field of view of 500 degrees, a pose 1e300
+    away) leaves the keyframes as they were and the panel says why."""
+    from websockets.sync.client import connect
+
+    pool, editor, host = relay
+    before = editor.snapshot()
+    with connect(f"ws://{host}/viser/{editor.token}", subprotocols=_protocol(), open_timeout=10) as ws:
+        ws.recv(timeout=10)
+        for message in _set_fov(editor, 500.0):
+            ws.send(message)
+        assert _wait(lambda: "Not applied" in editor.info.content)
+    assert [k.fov for k in editor.snapshot()] == [k.fov for k in before]
+    assert _wait(lambda: editor.fov.value == before[editor.selected].fov)  # the slider is put back
+    with pytest.raises(ValueError, match="within 10000 scene units"):
+        Keyframe.make([1e300, 0, 0], [1, 0, 0, 0], 60.0)
+
+
+def test_the_relay_refuses_other_origins_malformed_tokens_and_connections_over_the_cap(relay):
+    import urllib.error
+    import urllib.request
+
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from demo.editor import MAX_CONNECTIONS_PER_EDITOR
+
+    pool, editor, host = relay
+    url = f"ws://{host}/viser/{editor.token}"
+    for origin, headers in [("http://evil.example", {}), ("null", {}), (f"http://{host}.evil.example", {}),
+                            ("http://[", {}), ("https://evil.example", {"X-Forwarded-Host": "studio.example"})]:
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, subprotocols=_protocol(), origin=origin, additional_headers=headers, open_timeout=10)
+        assert refused.value.response.status_code == 403, origin
+    for origin, headers in [(f"http://{host}", {}), ("https://studio.example", {"X-Forwarded-Host": "studio.example"})]:
+        with connect(url, subprotocols=_protocol(), origin=origin, additional_headers=headers, open_timeout=10) as ws:
+            assert len(ws.recv(timeout=10)) > 0, origin
+
+    for bad in ["%C3%A9", "%00", "a" * 23, "a" * 21, "..%2F..%2Fetc", editor.token[:-1] + "%C3%A9",
+                "%F0%9F%98%80" * 6]:
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://{host}/viser/{bad}/", timeout=10)
+        assert missing.value.code == 404, bad
+        with pytest.raises(InvalidStatus):
+            connect(f"ws://{host}/viser/{bad}", subprotocols=_protocol(), open_timeout=10)
+
+    held = [connect(url, subprotocols=_protocol(), open_timeout=10) for _ in range(MAX_CONNECTIONS_PER_EDITOR)]
+    try:
+        with pytest.raises(InvalidStatus) as over:
+            connect(url, subprotocols=_protocol(), open_timeout=10)
+        assert over.value.response.status_code == 403
+        held.pop().close()
+        assert _wait(lambda: editor.connections < MAX_CONNECTIONS_PER_EDITOR)
+        held.append(connect(url, subprotocols=_protocol(), open_timeout=10))  # a freed place can be taken again
+    finally:
+        for ws in held:
+            ws.close()
+    assert _wait(lambda: editor.connections == 0)
+
+
+def test_an_editor_request_the_pool_refuses_prepares_nothing(tmp_path, examples):
+    pool = EditorPool(max_editors=1)
+    context = cb.AppContext(output_dir=tmp_path / "out", default_engine="preview", device="cpu", editors=pool)
+    try:
+        pool.open("someone-else")  # the only editor is taken
+        inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=[], frames=FRAMES)
+        with pytest.raises(gr.Error, match="All 1 3D editors"):
+            cb.open_editor(context, {}, inp, session="late")
+        assert not (tmp_path / "out" / "jobs").exists() or not any((tmp_path / "out" / "jobs").iterdir())
+        assert pool.get("late") is None
+    finally:
         pool.close_all()
 
 

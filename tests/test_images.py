@@ -202,3 +202,24 @@ def test_numpy_and_pil_inputs_and_save_roundtrip(tmp_path):
     out = save_image(tmp_path / "x.png", a)
     np.testing.assert_array_equal(np.asarray(Image.open(out)), arr)
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_check_image_decides_as_load_image_does_and_reports_the_upright_size(tmp_path):
+    """The upload check refuses exactly what the loader refuses (the hostile corpus: truncated, bombs, too small, not
+    images) and reports the size the loader's tensor has (EXIF rotation included), without converting to floats."""
+    from hostile import write_corpus
+
+    from engine.images import check_image
+
+    images = [h for h in write_corpus(tmp_path / "corpus") if h.role == "image"]
+    assert len(images) >= 20
+    for h in images:
+        try:
+            expected = tuple(load_image(h.path).shape[-1:-3:-1])
+        except ImageInputError as e:
+            with pytest.raises(ImageInputError) as refused:
+                check_image(h.path)
+            assert str(refused.value).split(" is ")[0] == str(e).split(" is ")[0], h.name  # the same file named
+            continue
+        assert check_image(h.path) == expected, h.name
+    assert check_image(tmp_path / "corpus" / "exif_rotated.jpg") == (192, 128)  # stored 128x192, shown upright

@@ -288,3 +288,36 @@ def test_constant_depth_frame_is_still_retrieved_for_a_small_orbit():
     found = bank.retrieve(targets)
     assert found.per_target.tolist() == [0, 0, 0, 0]
     assert (found.overlaps > 0.5).all()
+
+
+# ---- the frames a clip keeps (the release's sample_align_nframe) --------------------------------------
+
+@pytest.mark.parametrize("n, k, frames", [
+    (21, 8, [3, 6, 9, 12, 14, 16, 18, 20]),  # 12 frames left out over 8 steps: 4 steps of 3, then 4 of 2
+    (81, 8, [10, 20, 30, 40, 50, 60, 70, 80]),  # 72 left out: 9 more per step, steps of 10
+    (22, 8, [3, 6, 9, 12, 15, 17, 19, 21]),  # 13 left out: 5 steps of 3, then 3 of 2
+    (11, 4, [3, 6, 8, 10]),  # 6 left out over 4 steps: 2 steps of 3, 2 of 2
+    (25, 8, [3, 6, 9, 12, 15, 18, 21, 24]),  # 16 left out: every step 3
+    (9, 8, [1, 2, 3, 4, 5, 6, 7, 8]),  # nothing left out: every frame but the first
+    (5, 1, [4]),  # one step from frame 0 to the last
+])
+def test_sample_align_nframe_keeps_the_releases_frames(n, k, frames):
+    """Expected values worked out by hand from the release's rule (src/general_utils.py): the n - 1 - k frames left
+    out are shared over k steps (the first from frame 0), ``(n - 1 - k) % k`` steps one longer, those first."""
+    from engine.geometry.memory import sample_align_nframe
+
+    assert sample_align_nframe(n, k) == frames
+
+
+def test_sample_align_nframe_shape_and_refusals():
+    from engine.geometry.memory import sample_align_nframe
+
+    for n in range(2, 90):
+        for k in range(1, min(n, 12)):
+            got = sample_align_nframe(n, k)
+            steps = np.diff([0] + got)
+            assert len(got) == k and got[-1] == n - 1 and (steps >= 1).all()
+            assert (np.diff(steps) <= 0).all() and steps.max() - steps.min() <= 1  # wider steps first, by one at most
+    for n, k in ((21, 0), (21, 21), (1, 1), (8, 9)):
+        with pytest.raises(MemoryBankError):
+            sample_align_nframe(n, k)

@@ -21,7 +21,6 @@ evenly spaced and always including the first and the last, as keyframes.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,10 @@ import torch
 from scipy.interpolate import CubicSpline
 from scipy.spatial.transform import Rotation, Slerp
 
-from engine.geometry.cameras import CameraFormatError, Cameras, rigid_inverse
+from engine.geometry.cameras import (MAX_CENTRE, MAX_FOV, MIN_FOV, CameraFormatError, Cameras, read_camera_json,
+                                     rigid_inverse)
 
 PathLike = Union[str, Path]
-
-MIN_FOV, MAX_FOV = 5.0, 170.0  # degrees, vertical
 MAX_KEYFRAMES = 64
 MAX_PICKED_KEYFRAMES = 8
 KEYFRAMES_KEY = "keyframes"
@@ -62,6 +60,10 @@ class Keyframe:
         c2w = np.asarray(self.c2w, dtype=np.float64)
         if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
             raise ValueError("A keyframe pose must be a finite 4x4 matrix.")
+        with np.errstate(over="ignore"):  # a norm that overflows is inf, and refused like any other too far
+            far = np.linalg.norm(c2w[:3, 3]) > MAX_CENTRE
+        if far:
+            raise ValueError(f"A keyframe must lie within {MAX_CENTRE:g} scene units of the world origin.")
         if not (isinstance(self.fov, (int, float)) and math.isfinite(self.fov) and MIN_FOV <= self.fov <= MAX_FOV):
             raise ValueError(f"A keyframe's field of view must be {MIN_FOV:g} to {MAX_FOV:g} degrees; got {self.fov!r}.")
         return self
@@ -168,8 +170,8 @@ def save_path(path: PathLike, keyframes: Sequence[Keyframe], frames: int, base: 
 def load_path(path: PathLike, base: Cameras) -> list[Keyframe]:
     """Keyframes of a camera file (its ``keyframes`` key, else evenly picked cameras), at ``base``'s size."""
     path = Path(path)
-    cams = Cameras.from_json(path)  # validates the official part and words its own refusals
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_camera_json(path)  # the camera-file rule, as for every camera file
+    cams = Cameras.from_json_dict(data, source=f"Camera file {path.name}")
     if KEYFRAMES_KEY in data:
         part = data[KEYFRAMES_KEY]
         if not isinstance(part, dict):

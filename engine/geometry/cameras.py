@@ -6,11 +6,19 @@ Conventions (fixed here, used everywhere):
 - Pixel ``(row i, column j)`` covers ``u in [j, j+1)``, ``v in [i, i+1)``; its centre is ``(j+0.5, i+0.5)``.
   The official files put the principal point at ``(W/2, H/2)``, the exact image centre in this convention.
 - A point projects to pixel ``(floor(v), floor(u))`` with ``u = fx*x/z + cx``, ``v = fy*y/z + cy``.
+
+The camera-file rule: every camera file a person hands in (CLI ``generate``/``render``/``conditions`` with
+``--camera-json``, ``--trajectory FILE`` or ``--render-dir``, the demo's camera.json, its plan view and the 3D
+editor's load) is read by ``read_camera_json`` and checked by ``Cameras.from_json_dict``; nothing else parses one.
+The file is bounded before it is parsed (size, nesting depth, digits per number, no NaN/Infinity literals) and its
+cameras after (count, finite float32 values, rigid poses, pinhole intrinsics without skew, image size, field of
+view, principal point, distance of the centres from the origin). Each refusal is one sentence.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -20,9 +28,105 @@ import torch
 
 PathLike = Union[str, Path]
 
+# ---- the camera-file rule's bounds (module notes) ------------------------------------------------------------
+MAX_CAMERA_FILE_BYTES = 4 * 1024 * 1024  # 1000 cameras pretty-printed take about 2 MB
+MAX_CAMERAS = 1000
+MAX_JSON_DEPTH = 8  # an official file nests 4 deep (object, list, matrix, row); a path file's keyframes 5
+MAX_NUMBER_DIGITS = 40  # digits in a row in one number (a float64 needs 17 significant ones)
+MIN_FOV, MAX_FOV = 5.0, 170.0  # degrees, across each image axis
+MAX_CENTRE = 1.0e4  # how far a camera centre may lie from the world origin, in scene units (metres for MoGe depth)
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # every value must survive the renderer's float32
+# The image size a file declares is bounded like an input photo's: engine.images.MAX_PIXELS.
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_LONG_NUMBER = re.compile(rb"[0-9]{%d,}" % (MAX_NUMBER_DIGITS + 1))
+
 
 class CameraFormatError(ValueError):
     """A camera file or camera batch that cannot be used; the message is one readable sentence."""
+
+
+def read_camera_json(path: PathLike, what: str = "Camera file") -> Any:
+    """A camera file's JSON, bounded before it is parsed (module notes): at most ``MAX_CAMERA_FILE_BYTES`` read,
+    nesting at most ``MAX_JSON_DEPTH`` deep, at most ``MAX_NUMBER_DIGITS`` digits in a row, no NaN or Infinity
+    literal. So no file reaches Python's recursion limit, its int-size limit or an unbounded allocation."""
+    path = Path(path)
+    name = f"{what} {path.name}"  # the name only: a server must not echo its own folder layout
+    try:
+        if not path.is_file():
+            raise FileNotFoundError
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CAMERA_FILE_BYTES + 1)
+    except OSError:
+        raise CameraFormatError(f"{name} does not exist or is not a readable file.") from None
+    if len(raw) > MAX_CAMERA_FILE_BYTES:
+        raise CameraFormatError(f"{name} is larger than {MAX_CAMERA_FILE_BYTES >> 20} MB, more than a camera file "
+                                f"of at most {MAX_CAMERAS} cameras needs.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CameraFormatError(f"{name} is not valid JSON (UnicodeDecodeError).") from None
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)  # brackets and digits outside strings
+    step = np.isin(bare, (ord("["), ord("{"))).astype(np.int8) - np.isin(bare, (ord("]"), ord("}")))
+    if len(step) and int(np.cumsum(step, dtype=np.int32).max()) > MAX_JSON_DEPTH:
+        raise CameraFormatError(f"{name} nests lists or objects more than {MAX_JSON_DEPTH} levels deep; an "
+                                "official camera file nests them 4 deep.")
+    if _LONG_NUMBER.search(bare.tobytes()):
+        raise CameraFormatError(f"{name} holds a number of more than {MAX_NUMBER_DIGITS} digits; write plain "
+                                "floating-point numbers.")
+
+    def no_constant(literal: str):
+        raise CameraFormatError(f"{name} holds the literal {literal}; its values must be finite numbers, not NaN or "
+                                "infinite.")
+
+    try:
+        return json.loads(text, parse_constant=no_constant)
+    except json.JSONDecodeError as e:
+        raise CameraFormatError(f"{name} is not valid JSON ({e.__class__.__name__}).") from None
+
+
+def _check_image_size(width: int, height: int, source: str) -> None:
+    from engine.images import MAX_PIXELS
+
+    if width < 1 or height < 1 or width * height > MAX_PIXELS:
+        raise CameraFormatError(f"{source}: an image size of {width}x{height} is outside what the engine renders "
+                                f"(1 to {MAX_PIXELS // 1_000_000} megapixels).")
+
+
+def _check_camera_values(w2c: np.ndarray, k: np.ndarray, width: int, height: int, source: str) -> None:
+    """The camera-file rule's checks of the cameras themselves (module notes); ``w2c`` and ``k`` are finite float32
+    values of the right shapes, ``width`` x ``height`` the size the intrinsics are pixels of."""
+    r = w2c[:, :3, :3]
+    ortho = np.abs(r @ r.transpose(0, 2, 1) - np.eye(3)).max()
+    det = np.linalg.det(r)
+    if ortho > 1e-3 or (det < 0).any() or np.abs(w2c[:, 3] - [0, 0, 0, 1]).max() > 1e-6:
+        raise CameraFormatError(f"{source}: extrinsics must be rigid world-to-camera transforms "
+                                "(rotation + translation).")
+    centres = np.linalg.norm(np.einsum("nji,nj->ni", r, w2c[:, :3, 3]), axis=1)
+    if centres.max() > MAX_CENTRE:
+        i = int(centres.argmax())
+        raise CameraFormatError(f"{source}: camera {i} sits {centres[i]:.3g} scene units from the origin; camera "
+                                f"centres must lie within {MAX_CENTRE:g} of it.")
+    fx, fy, cx, cy = k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2]
+    if (fx <= 0).any() or (fy <= 0).any():
+        raise CameraFormatError(f"{source}: intrinsics must have positive focal lengths.")
+    if np.abs(k[:, 2] - [0, 0, 1]).max() > 1e-6 or np.abs(k[:, 1, 0]).max() > 1e-6:
+        raise CameraFormatError(f"{source}: intrinsics must be pinhole matrices with last row (0, 0, 1).")
+    if (np.abs(k[:, 0, 1]) > 1e-6 * fx).any():
+        raise CameraFormatError(f"{source}: intrinsics must have zero skew (the engine renders skew-free cameras).")
+    _check_image_size(width, height, source)
+    outside = (cx < 0) | (cx > width) | (cy < 0) | (cy > height)
+    if outside.any():
+        i = int(outside.argmax())
+        raise CameraFormatError(f"{source}: camera {i} has its principal point ({cx[i]:.6g}, {cy[i]:.6g}) outside "
+                                f"its {width}x{height} image.")
+    for axis, size, f in (("width", width, fx), ("height", height, fy)):
+        fov = np.degrees(2 * np.arctan(0.5 * size / f))
+        bad = (fov < MIN_FOV) | (fov > MAX_FOV)
+        if bad.any():
+            i = int(bad.argmax())
+            raise CameraFormatError(f"{source}: camera {i} sees {fov[i]:.3g} degrees across the image {axis}; the "
+                                    f"field of view must be {MIN_FOV:g} to {MAX_FOV:g} degrees.")
 
 
 def _as_tensor(x: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -247,10 +351,14 @@ class Cameras:
     ) -> "Cameras":
         if not isinstance(data, dict) or "extrinsic" not in data or "intrinsic" not in data:
             raise CameraFormatError(f"{source} is not an official camera file: it needs 'extrinsic' and 'intrinsic' lists.")
+        counts = [len(v) if isinstance(v, list) else 0 for v in (data["extrinsic"], data["intrinsic"])]
+        if max(counts) > MAX_CAMERAS:
+            raise CameraFormatError(f"{source} holds {max(counts)} cameras; a camera file may hold at most "
+                                    f"{MAX_CAMERAS}.")
         try:
             w2c = np.asarray(data["extrinsic"], dtype=np.float64)
             k = np.asarray(data["intrinsic"], dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise CameraFormatError(f"{source}: 'extrinsic' and 'intrinsic' must be lists of numeric matrices.") from None
         if w2c.ndim != 3 or w2c.shape[1:] != (4, 4) or w2c.shape[0] == 0:
             raise CameraFormatError(f"{source}: 'extrinsic' must be a non-empty list of 4x4 matrices; got shape {w2c.shape}.")
@@ -262,53 +370,39 @@ class Cameras:
             )
         if not (np.isfinite(w2c).all() and np.isfinite(k).all()):
             raise CameraFormatError(f"{source}: camera matrices contain NaN or infinite values.")
-        r = w2c[:, :3, :3]
-        ortho = np.abs(r @ r.transpose(0, 2, 1) - np.eye(3)).max()
-        det = np.linalg.det(r)
-        if ortho > 1e-3 or (det < 0).any() or np.abs(w2c[:, 3] - [0, 0, 0, 1]).max() > 1e-6:
-            raise CameraFormatError(f"{source}: extrinsics must be rigid world-to-camera transforms (rotation + translation).")
-        if (k[:, 0, 0] <= 0).any() or (k[:, 1, 1] <= 0).any():
-            raise CameraFormatError(f"{source}: intrinsics must have positive focal lengths.")
-        if np.abs(k[:, 2] - [0, 0, 1]).max() > 1e-6 or np.abs(k[:, 1, 0]).max() > 1e-6:
-            raise CameraFormatError(f"{source}: intrinsics must be pinhole matrices with last row (0, 0, 1).")
+        if max(np.abs(w2c).max(), np.abs(k).max()) > FLOAT32_MAX:
+            raise CameraFormatError(f"{source}: camera matrices hold values beyond the float32 range (3.4e38).")
         meta = {key: v for key, v in data.items() if key not in ("extrinsic", "intrinsic", "motion_list")}
         for key in ("width", "height"):
             if key in meta and not (isinstance(meta[key], int) and not isinstance(meta[key], bool) and meta[key] > 0):
                 raise CameraFormatError(f"{source}: '{key}' must be a positive whole number of pixels.")
+        _check_image_size(meta.get("width", 1), meta.get("height", 1), source)  # as declared, even when overridden
         if width is not None and height is not None and "width" in meta:
             meta.update(width=int(width), height=int(height))  # an explicit size wins, and is what gets written
-        width = width or meta.get("width") or int(round(2 * k[0, 0, 2]))
-        height = height or meta.get("height") or int(round(2 * k[0, 1, 2]))
+        width = int(width or meta.get("width") or round(2 * k[0, 0, 2]))
+        height = int(height or meta.get("height") or round(2 * k[0, 1, 2]))
+        _check_camera_values(w2c, k, width, height, source)
         motion = data.get("motion_list")
         if motion is not None and not (isinstance(motion, list) and all(isinstance(m, str) for m in motion)):
             raise CameraFormatError(f"{source}: 'motion_list' must be a list of strings.")
-        return cls(torch.from_numpy(w2c), torch.from_numpy(k), int(width), int(height), motion_list=motion, meta=meta)
+        return cls(torch.from_numpy(w2c), torch.from_numpy(k), width, height, motion_list=motion, meta=meta)
 
     @classmethod
     def from_json(cls, path: PathLike, width: Optional[int] = None, height: Optional[int] = None) -> "Cameras":
         """Read an official ``camera.json``. Without ``width``/``height`` keys the size is taken from the
         arguments or, failing those, from the principal point (official files centre it)."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CameraFormatError(f"Camera file {path.name} is not valid JSON ({e.__class__.__name__}).") from None
-        except OSError:
-            # The name only, as in every other message: a server must not echo its own folder layout.
-            raise CameraFormatError(f"Camera file {path.name} does not exist or is not a readable file.") from None
-        return cls.from_json_dict(data, width, height, source=f"Camera file {path.name}")
+        return cls.from_json_dict(read_camera_json(path), width, height, source=f"Camera file {path.name}")
 
 
 def load_camera_bank(path: PathLike) -> tuple[list[str], Cameras]:
     """Read a panorama bank ``cameras.json`` (``{"0000": {"intrinsic", "extrinsic"}, ...}``) in key order."""
     path = Path(path)
+    data = read_camera_json(path, "Camera bank")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
         names = sorted(data)
         merged = {"extrinsic": [data[n]["extrinsic"] for n in names], "intrinsic": [data[n]["intrinsic"] for n in names]}
-    except OSError:
-        raise CameraFormatError(f"Camera bank {path} does not exist or is not a readable file.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, AttributeError):
+    except (TypeError, KeyError, AttributeError):
         raise CameraFormatError(
             f"Camera bank {path.name} must map frame names to {{'intrinsic', 'extrinsic'}} objects."
         ) from None

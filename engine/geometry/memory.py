@@ -42,6 +42,27 @@ class MemoryBankError(ValueError):
     """Memory bank input or a saved bank that cannot be used; the message is one readable sentence."""
 
 
+def sample_align_nframe(n: int, k: int) -> list[int]:
+    """The ``k`` frames of an ``n``-frame clip the release keeps in its memory bank (release: src/general_utils.py
+    ``sample_align_nframe``, called by ``SimpleMemoryBank.update_memory``), in increasing order.
+
+    Frame 0 (the start view, already known) is never kept and frame ``n - 1`` always is. The ``n - 1 - k`` frames
+    left out are spread over the ``k`` steps (the first step from frame 0, then the ``k - 1`` gaps), one more to
+    each of the first ``(n - 1 - k) % k`` steps, so the wider gaps come first: ``n = 21, k = 8`` gives
+    3, 6, 9, 12, 14, 16, 18, 20. Needs ``1 <= k <= n - 1``.
+    """
+    n, k = operator.index(n), operator.index(k)
+    if not 1 <= k <= n - 1:
+        raise MemoryBankError(f"A clip of {n} frames can keep 1 to {max(n - 1, 0)} frames besides its first; "
+                              f"got {k}.")
+    base, extra = divmod(n - 1 - k, k)
+    frames, current = [], 0
+    for step in range(k):
+        current += 1 + base + (1 if step < extra else 0)
+        frames.append(current)
+    return frames
+
+
 def _valid_depth_range(depth: torch.Tensor) -> Optional[tuple[float, float]]:
     d = depth[torch.isfinite(depth) & (depth > 0)].double()
     if d.numel() == 0:

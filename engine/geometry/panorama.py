@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from engine.geometry.cache import unproject_frame
 from engine.geometry.cameras import Cameras, intrinsics_matrix
 
 BANK_WIDTH = 832
@@ -310,3 +311,32 @@ def panorama_points(
         dist = dist / horiz.clamp_min(1e-12)
     points = torch.as_tensor(center, dtype=torch.float64, device=depth.device) + d * dist[..., None]
     return points[keep].to(dtype), pano.permute(1, 2, 0)[keep]
+
+
+def bank_points(images: torch.Tensor, depths: torch.Tensor, cameras: Cameras) -> tuple[torch.Tensor, torch.Tensor]:
+    """A panorama's first cloud: every bank view lifted at its full resolution, as a photo is lifted
+    (``engine.geometry.cache.unproject_frame``: pixels with finite positive depth, depth edges dropped).
+
+    Why every view and not one panoramic depth map: the views overlap (most directions are seen by two or three of
+    the 27), so the cloud is denser than any one view's pixels. A forward move brings surfaces nearer than the bank
+    saw them; from a cloud of one panoramic map its renders show combs of one-pixel gaps between splats, from this
+    one solid holes where the scene was hidden (tests/test_panorama.py measures both). Merging per voxel to the
+    scene's point budget (``PointCache.downsample``) then evens the density out in space.
+
+    Args:
+        images: The bank views, in [0, 1]. [N, 3, H, W]
+        depths: Their z-depths, 0 where unknown. [N, H, W]
+        cameras: Their cameras. [N]
+
+    Returns:
+        World points and their colours. [P, 3] each
+    """
+    if images.dim() != 4 or depths.shape != (images.shape[0], *images.shape[-2:]) or len(cameras) != images.shape[0]:
+        raise PanoramaError(f"Views {tuple(images.shape)}, depths {tuple(depths.shape)} and {len(cameras)} cameras "
+                            "must match: one depth map and one camera per view.")
+    points, colours = [], []
+    for i in range(images.shape[0]):
+        lifted, lifted_colours, _ = unproject_frame(images[i], depths[i], cameras[i])
+        points.append(lifted)
+        colours.append(lifted_colours)
+    return torch.cat(points), torch.cat(colours)

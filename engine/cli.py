@@ -1,5 +1,5 @@
-"""Command line: ``python -m engine generate|revert|render|conditions|evaluate|inspect|engines`` — the same engine the web
-demo drives.
+"""Command line: ``python -m engine generate|revert|render|conditions|evaluate|inspect|engines`` — the same engine
+the web demo drives.
 
 Every error a person can cause ends in one sentence on stderr and exit code 2; nothing is half-written.
 """

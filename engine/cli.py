@@ -1,4 +1,5 @@
-"""Command line: ``python -m engine generate|revert|render|conditions|engines`` — the same engine the web demo drives.
+"""Command line: ``python -m engine generate|revert|render|conditions|evaluate|inspect|engines`` — the same engine
+the web demo drives.
 
 Every error a person can cause ends in one sentence on stderr and exit code 2; nothing is half-written.
 """
@@ -73,7 +74,8 @@ def cmd_generate(args) -> int:
         camera_files.insert(0, (render_dir.name, render_dir / "camera.json", render_dir))
     for label, path, _ in camera_files:  # refused before any folder is made
         check_frames(len(Cameras.from_json(path)), f"Camera file {path.name}")
-    engine = resolve_engine(args.engine, Path(args.weights) if args.weights else None, announce=print)
+    engine = resolve_engine(args.engine, Path(args.weights) if args.weights else None, announce=print,
+                            device=args.device)
     out = Path(args.out)
     if (out / "manifest.json").exists():
         from engine.jobfolder import check_same_input
@@ -183,6 +185,14 @@ def cmd_engines(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from engine.models.inventory import inspect_checkpoints
+
+    for report in inspect_checkpoints(args.source, args.variant):
+        print("\n".join(report.lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine", description="WorldStereo Studio engine")
     sub = p.add_subparsers(dest="command", required=True)
@@ -200,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--frames", type=int, help=f"keyframes per clip (default {KEYFRAMES})")
     g.add_argument("--depth", help="depth model folder/repo, or a depth map (.npy metres / 16-bit PNG) for the input")
-    g.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when present); cpu also runs a full engine (small "
+                   "packages only)")
     g.add_argument("--steps", type=int, help="denoising steps (default: 4 for DMD, 40 otherwise)")
     g.add_argument("--backend", choices=list(BACKENDS), default="eager",
                    help="how the transformer runs (onnxruntime/tensorrt need --graphs from `python -m export`)")
@@ -248,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "it as .png)")
     ev.add_argument("--threads", type=int, default=2, help="CPU threads for structure from motion (default 2)")
     ev.set_defaults(func=cmd_evaluate)
+
+    i = sub.add_parser("inspect", help="what a checkpoint holds and needs, from its files' headers (reads no tensor)")
+    i.add_argument("source", help="a checkpoint folder, a --weights folder with one folder per variant, or a hub "
+                   "repository id (hanshanxue/WorldStereo)")
+    i.add_argument("--variant", choices=[s.variant for s in ENGINES.values() if s.variant],
+                   help="only this variant (default: every variant found)")
+    i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser("engines", help="list engines and whether they can run here")
     e.add_argument("--weights")

@@ -15,3 +15,6 @@ MAX_REFERENCES = 8  # reference frames per clip the released memory models take
 # Rows of the memory checkpoints' ``ref_index_embedding`` table. The release builds it with 21 rows whatever a
 # config's nframe says, so this is a weight shape, not the clip length: it stays 21 if KEYFRAMES ever changes.
 REF_INDEX_EMBEDDINGS = 21
+# Not a checkpoint's number but the tiny packages' own: their frames are the official buckets at this scale (the
+# tiny configs' scale_map, and the tiny-random engine's size), so a CPU runs them in seconds.
+TINY_FRAME_SCALE = 1 / 6

@@ -72,12 +72,24 @@ def checkpoint_dir(variant: str, weights: Optional[Path]) -> Optional[Path]:
     return found[0]
 
 
-def engine_status(name: str, weights: Optional[Path] = None) -> tuple[bool, str]:
-    """``(available, reason)``; ``reason`` is one sentence a person can act on."""
+def cpu_asked(device: Optional[str]) -> bool:
+    """Whether a run asked for the CPU by name (``--device cpu``)."""
+    return device is not None and str(device).strip().lower().split(":")[0] == "cpu"
+
+
+def cpu_warning(name: str) -> str:
+    """The one line a full engine run on a CPU prints."""
+    return (f"{name} runs on the CPU as asked: a CPU is only for small (test) packages; the released 14B "
+            "checkpoints need a CUDA GPU.")
+
+
+def engine_status(name: str, weights: Optional[Path] = None, device: Optional[str] = None) -> tuple[bool, str]:
+    """``(available, reason)``; ``reason`` is one sentence a person can act on. A full engine needs CUDA unless
+    ``device`` asks for the CPU by name (a small package, such as the tiny ones the tests write)."""
     spec = ENGINES.get(name)
     if spec is None:
         return False, unknown_engine(name)
-    if spec.needs_gpu and not torch.cuda.is_available():
+    if spec.needs_gpu and not torch.cuda.is_available() and not cpu_asked(device):
         return False, f"{name} needs a CUDA GPU and none was found."
     if spec.variant is not None and checkpoint_dir(spec.variant, weights) is None:
         where = f"in {weights}" if weights is not None else "in the Hugging Face cache"
@@ -89,16 +101,19 @@ def engine_status(name: str, weights: Optional[Path] = None) -> tuple[bool, str]
 
 
 def resolve_engine(requested: Optional[str] = None, weights: Optional[Path] = None,
-                   announce: Callable[[str], None] = print) -> str:
+                   announce: Callable[[str], None] = print, device: Optional[str] = None) -> str:
     """The engine a run uses: the requested one if it can run, else ``preview`` with a one-line reason.
 
-    With nothing requested, the full DMD model where a GPU and its weights are present, else ``preview``.
+    With nothing requested, the full DMD model where a GPU and its weights are present, else ``preview``. A full
+    engine asked for on the CPU (``device="cpu"``) runs there, with a one-line warning (``cpu_warning``).
     """
     name = requested or DEFAULT_GPU_ENGINE
     if name not in ENGINES:
         raise EngineUnavailable(engine_status(name)[1])
-    ok, reason = engine_status(name, weights)
+    ok, reason = engine_status(name, weights, device)
     if ok:
+        if ENGINES[name].needs_gpu and cpu_asked(device):
+            announce(cpu_warning(name))
         return name
     announce(f"{reason} Falling back to the '{FALLBACK_ENGINE}' engine: {ENGINES[FALLBACK_ENGINE].description}.")
     return FALLBACK_ENGINE

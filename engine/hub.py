@@ -9,9 +9,13 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from typing import Optional
 from urllib.parse import urlparse
 
 HUB_REPO = "hanshanxue/WorldStereo"  # the released checkpoints, one subfolder per variant
+BASE_MODEL_REPO = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"  # the released configs' base_model (diffusers layout)
+# The base model's folders besides transformer/ that the engine loads (engine.models.components).
+BASE_COMPONENT_FOLDERS = ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor", "scheduler")
 MOGE_REPO = "Ruicheng/moge-2-vitl-normal"  # the depth model (MoGe-2 ViT-L with normals)
 DINOV2_REPO = "facebook/dinov2-base"  # the reference selector's image features (release: src/retrieval_wm.py)
 PROBE_TIMEOUT_S = 2.0
@@ -48,3 +52,18 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 def local_files_only() -> bool:
     """Whether loaders should read the local cache only (switched off, or no route to the hub)."""
     return hub_offline() or not hub_reachable()
+
+
+def download_commands(variant: str, base_weights: bool, base_model: str = BASE_MODEL_REPO,
+                      local_dir: Optional[str] = None) -> list[str]:
+    """The ``hf download`` lines that fetch exactly what ``variant`` needs: its folder of ``HUB_REPO``; of its base
+    model ``model_index.json``, the transformer's config (and its weights when ``base_weights``: the checkpoint
+    holds part of the transformer only) and the folders of ``BASE_COMPONENT_FOLDERS``. With ``local_dir``, into the
+    ``--weights DIR`` layout: the variant folder and the base model's folder (its repo name) side by side. (``hf``
+    takes one pattern per ``--include``.)"""
+    into = f" --local-dir {local_dir}" if local_dir else ""
+    base_into = f" --local-dir {local_dir}/{base_model.rsplit('/', 1)[-1]}" if local_dir else ""
+    patterns = ["model_index.json", "transformer/*" if base_weights else "transformer/config.json"]
+    patterns += [f"{folder}/*" for folder in BASE_COMPONENT_FOLDERS]
+    return [f"hf download {HUB_REPO} --include '{variant}/*'{into}",
+            f"hf download {base_model} {' '.join(f'--include {p!r}' for p in patterns)}{base_into}"]

@@ -16,7 +16,8 @@ checkpoint config. ``generate(ClipConditions, ...)`` runs named steps, the way d
 
 Calling the pipeline with the engine's own tensors (image, cameras, cache render, covered mask) builds the
 conditions first. ``switch_variant`` swaps the transformer for another variant of the same base model, keeping
-the encoders, the VAE and their caches. Where the networks live is the ``offload`` option (``engine.offload``).
+the encoders, the VAE and their caches, and reading again only the transformer's tensors that differ. Where the
+networks live is the ``offload`` option (``engine.offload``).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from engine.conditioning import (ClipConditions, ClipInputError, References, col
                                  conditions_from_render)
 from engine.constants import LATENT_CHANNELS, MASK_CHANNELS, MAX_REFERENCES, SIZE_MULTIPLE, VAE_SCALE
 from engine.geometry.cameras import Cameras
-from engine.models.components import Components, load_components, resolve_base_model
+from engine.models.components import Components, load_components
 from engine.models.config import WorldStereoConfig
 from engine.offload import IMAGE_ENCODER, TRANSFORMER, VAE, Placement
 from engine.progress import Progress, ensure, span
@@ -77,16 +78,19 @@ class ClipPipeline:
     def from_pretrained(cls, package_or_repo, variant: Optional[str] = None,
                         device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None, *,
                         base_model: Optional[str] = None, offload: str = "none",
-                        progress: Optional[Progress] = None) -> "ClipPipeline":
+                        progress: Optional[Progress] = None,
+                        announce: Optional[Callable[[str], None]] = None) -> "ClipPipeline":
         """Load a checkpoint package (folder, or hub repo + ``variant`` subfolder) and its base model's parts.
 
-        bf16 on CUDA by default. ``offload``: one of ``engine.offload.OFFLOAD_CHOICES``.
+        bf16 on CUDA by default. ``offload``: one of ``engine.offload.OFFLOAD_CHOICES``. ``announce`` gets the
+        transformer's split between checkpoint and base model (``engine.models.loading.load_transformer``).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or default_dtype(device)
         placement = Placement(offload, device)
         report = ensure(progress)
-        transformer = _load_transformer(package_or_repo, variant, base_model, placement, dtype, span(report, 0.0, 0.7))
+        transformer = _load_transformer(package_or_repo, variant, base_model, placement, dtype, span(report, 0.0, 0.7),
+                                        announce)
         report(0.7, "loading VAE, text and image encoders")
         base = base_model_of(package_or_repo, variant, base_model)
         components = load_components(base, placement, dtype)
@@ -95,18 +99,28 @@ class ClipPipeline:
         return pipe
 
     def switch_variant(self, package_or_repo, variant: Optional[str] = None, *, base_model: Optional[str] = None,
-                       progress: Optional[Progress] = None) -> None:
+                       progress: Optional[Progress] = None, announce: Optional[Callable[[str], None]] = None) -> None:
         """Swap in another variant's transformer and config (DMD <-> 40-step, camera): the text and image encoders,
-        the VAE and their caches stay. The variant must share this pipeline's base model (``base_model_of``). The
-        old transformer is released before the new one loads, so the two are never in memory together; the
-        transformer then runs eagerly until ``use_backend`` is called again."""
+        the VAE and their caches stay. The variant must share this pipeline's base model (``base_model_of``).
+
+        The two transformers are never in memory together. With the transformer resident (offload ``none`` or
+        ``text-encoder``) the new one takes over the old one's tensors that it would read from the same file (a
+        camera and a memory checkpoint share their base model's tensors; the DMD file is a whole model of its own),
+        the rest of the old one is released, then only what differs is read. Under ``model`` or ``group`` offload
+        the old one is released first and the new one read whole. The transformer then runs eagerly until
+        ``use_backend`` is called again."""
         base = base_model_of(package_or_repo, variant, base_model)
         if base != self.components.source:
             raise ValueError(f"{package_or_repo} builds on {base}, not on this pipeline's {self.components.source}; "
                              "load a new pipeline for it.")
-        self.transformer = self.backend = None
-        release_memory(self.device)
-        transformer = _load_transformer(package_or_repo, variant, base_model, self.placement, self.dtype, progress)
+        old, self.transformer, self.backend = self.transformer, None, None
+        reuse = old if self.placement.resident(TRANSFORMER) else None
+        del old
+        if reuse is None:
+            release_memory(self.device)
+        transformer = _load_transformer(package_or_repo, variant, base_model, self.placement, self.dtype, progress,
+                                        announce, reuse=reuse)
+        del reuse
         self.transformer = self.placement.place(transformer, TRANSFORMER)
         self.config = transformer.ws_config
 
@@ -293,22 +307,21 @@ def base_model_of(package_or_repo, variant: Optional[str] = None, base_model: Op
     """The base model (folder or hub id) a checkpoint package builds on: ``base_model`` if given, else its
     config.json's, resolved like the transformer loader (relative to the package, then beside it)."""
     from engine.models.loading import resolve_checkpoint
+    from engine.models.weightfiles import locate_base_model
 
     config_path, _ = resolve_checkpoint(package_or_repo, variant)
     if base_model is None:
         base_model = WorldStereoConfig.from_json(config_path).base_model
-    for anchor in (config_path.parent, config_path.parent.parent):
-        found = resolve_base_model(base_model, anchor)
-        if found != base_model:
-            return found
-    return resolve_base_model(base_model)
+    return locate_base_model(base_model, config_path.parent)
 
 
-def _load_transformer(package_or_repo, variant, base_model, placement: Placement, dtype, progress):
+def _load_transformer(package_or_repo, variant, base_model, placement: Placement, dtype, progress, announce=None,
+                      reuse=None):
     from engine.models.loading import load_transformer
 
     return load_transformer(package_or_repo, variant=variant, base_model=base_model,
-                            device=placement.load_device(TRANSFORMER), dtype=dtype, progress=progress)
+                            device=placement.load_device(TRANSFORMER), dtype=dtype, progress=progress,
+                            announce=announce, reuse=reuse)
 
 
 def release_memory(device: torch.device) -> None:

@@ -277,12 +277,12 @@ class ResidentPipeline:
                 announce("tiny-random engine: a tiny randomly initialised WorldStereo; its frames are noise by design.")
             if old is not None and old.shares_networks_with(spec) and base_model_of(spec.source) == pipe.components.source:
                 if old.source != spec.source:
-                    pipe.switch_variant(spec.source)
+                    pipe.switch_variant(spec.source, announce=announce)
             else:
                 pipe = None
                 release_memory(torch.device(spec.device))
                 pipe = ClipPipeline.from_pretrained(spec.source, device=spec.device, dtype=spec.dtype,
-                                                    offload=spec.offload)
+                                                    offload=spec.offload, announce=announce)
             from engine import distributed
 
             if distributed.current() is not None:  # the other ranks of a sequence-parallel group load it too

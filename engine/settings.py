@@ -12,13 +12,13 @@ from typing import Optional
 import torch
 
 from engine import conditioning
-from engine.constants import KEYFRAMES, MAX_REFERENCES
+from engine.constants import KEYFRAMES, MAX_REFERENCES, TINY_FRAME_SCALE
 from engine.engines import ENGINES, unknown_engine
 from engine.offload import OffloadError, check_offload
 
 # Engines without the real network use the official aspect buckets at a fraction of the size, so a CPU run
 # stays quick while showing the same framing (the bucket is chosen at full size, then scaled).
-ENGINE_SCALE = {"preview": 0.5, "tiny-random": 1 / 6}
+ENGINE_SCALE = {"preview": 0.5, "tiny-random": TINY_FRAME_SCALE}
 # A clip holds every frame, render, mask and pointmap in memory at once (about 10 MB a frame at full size), so a
 # public server must bound it: 121 covers the official 81-frame camera files with room to spare.
 MIN_CLIP_FRAMES, MAX_CLIP_FRAMES = 2, 121

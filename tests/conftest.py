@@ -148,3 +148,70 @@ def read_vertex_ply(path: Path) -> tuple[list[str], np.ndarray]:
     fields = [(ln.split()[2], types[ln.split()[1]]) for ln in header if ln.startswith("property")]
     n = int(next(ln for ln in header if ln.startswith("element vertex")).split()[-1])
     return [f for f, _ in fields], np.frombuffer(raw, dtype=np.dtype(fields), count=n, offset=end)
+
+
+class SafetensorsReads:
+    """Patches ``safetensors.safe_open`` to record what is read: every file mapped (``files``), every tensor handed
+    out (``keys``), the most files mapped at once (``most_open``); ``before_first`` runs before the first tensor."""
+
+    def __init__(self, monkeypatch, before_first=None):
+        import safetensors
+
+        self.files, self.keys = [], []
+        self.open_now = self.most_open = 0
+        real, record = safetensors.safe_open, self
+
+        class Recording:
+            def __init__(self, path, *args, **kwargs):
+                record.files.append(str(path))
+                self.fh = real(path, *args, **kwargs)
+
+            def __enter__(self):
+                self.fh.__enter__()
+                record.open_now += 1
+                record.most_open = max(record.most_open, record.open_now)
+                return self
+
+            def __exit__(self, *exc):
+                record.open_now -= 1
+                return self.fh.__exit__(*exc)
+
+            def get_tensor(self, key):
+                if not record.keys and before_first is not None:
+                    before_first()
+                record.keys.append(key)
+                return self.fh.get_tensor(key)
+
+            def __getattr__(self, name):
+                return getattr(self.fh, name)
+
+        monkeypatch.setattr(safetensors, "safe_open", Recording)
+
+
+def hub_snapshot(cache: Path, repo: str, files) -> None:
+    """Put ``files`` (``(source path, name in the repo)``) into the standard Hugging Face cache layout under
+    ``cache``, as `hf download` leaves them (refs/main -> snapshots/<commit>/...)."""
+    import shutil
+
+    commit = "0" * 40
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    for src, name in files:
+        (folder / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, folder / "snapshots" / commit / name)
+
+
+def released_in_hub_cache(weights: Path, variant: str, cache: Path, base_repo: str) -> None:
+    """``variant`` of a ``--weights`` folder (``write_tiny_weights``) and its base model put into the Hugging Face
+    cache as `hf download` leaves them, its config.json naming the base by the hub id ``base_repo``."""
+    import json
+
+    base = weights / "base_model"
+    hub_snapshot(cache, base_repo, [(p, p.relative_to(base).as_posix()) for p in base.rglob("*") if p.is_file()])
+    config = cache.parent / f"{variant}-config.json"  # outside the cache, which holds repositories only
+    config.write_text(json.dumps({**json.loads((weights / variant / "config.json").read_text()),
+                                  "base_model": base_repo}))
+    hub_snapshot(cache, "hanshanxue/WorldStereo", [(config, f"{variant}/config.json"),
+                                                   (weights / variant / "model.safetensors",
+                                                    f"{variant}/model.safetensors")])

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from engine.constants import TEXT_TOKENS
+from engine.hub import BASE_COMPONENT_FOLDERS
 from engine.offload import IMAGE_ENCODER, TEXT_ENCODER, VAE, Placement
 
 PathLike = Union[str, Path]
@@ -41,18 +42,6 @@ def prompt_clean(text: str) -> str:
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
-
-
-def resolve_base_model(base_model: PathLike, package_dir: Optional[PathLike] = None) -> str:
-    """A local folder (relative paths resolve against the checkpoint package first) or a hub repo id."""
-    text = str(base_model)
-    if package_dir is not None:
-        cand = Path(package_dir) / text
-        if cand.is_dir():
-            return str(cand.resolve())
-    if Path(text).expanduser().is_dir():
-        return str(Path(text).expanduser().resolve())
-    return text
 
 
 @dataclass
@@ -209,8 +198,7 @@ def load_components(base_model: PathLike, placement: Optional[Placement] = None,
     src = str(base_model)
     local = Path(src).is_dir()
     if local:
-        needed = ("vae", "text_encoder", "tokenizer", "image_encoder", "image_processor", "scheduler")
-        absent = [n for n in needed if not (Path(src) / n).is_dir()]
+        absent = [n for n in BASE_COMPONENT_FOLDERS if not (Path(src) / n).is_dir()]
         if absent:
             raise ComponentLoadError(f"The base model folder {src} lacks {', '.join(absent)}; point base_model at a "
                                      "complete Wan2.1 image-to-video diffusers folder.")

@@ -1,15 +1,21 @@
-"""A complete tiny-random WorldStereo checkpoint package in the official layout.
+"""Tiny-random WorldStereo checkpoint packages in the released layout.
 
 ``write_tiny_package`` writes what a real download looks like, only tiny and random::
 
     folder/config.json            WorldStereo config; base_model = "base_model" (relative to the package)
-    folder/model.safetensors      full transformer state dict (backbone + branches)
-    folder/base_model/            a diffusers WanImageToVideoPipeline folder: model_index.json, transformer/,
-                                  vae/, text_encoder/, tokenizer/, image_encoder/, image_processor/, scheduler/
+    folder/model.safetensors      the transformer's tensors the released file of the variant holds: the whole model
+                                  for DMD; for the camera and memory variants the branches, the modules the base
+                                  lacks and part of the backbone (``RELEASED_BACKBONE_PARTS``), the rest coming from
+                                  the base model when loading, as for the released files
+    folder/base_model/            a diffusers WanImageToVideoPipeline folder: model_index.json, transformer/ (in
+                                  several shards with their index, written by diffusers' own save_pretrained), vae/,
+                                  text_encoder/, tokenizer/, image_encoder/, image_processor/, scheduler/
 
-so the tiny-random engine goes through exactly the loading code a real checkpoint does. The tokenizer is a
-T5 (Unigram) tokenizer over the package-local vocabulary in ``tiny_vocab/unigram.json``. The layers the release
-initialises to zero (`wake_zero_init`) hold random values, so both control branches move every tiny clip.
+so the tiny engines go through exactly the loading code a real checkpoint does. The base model depends on the seed
+alone, so every variant of one seed shares it (``write_tiny_weights``: the hub's layout, one folder per variant and
+the base beside them). The tokenizer is a T5 (Unigram) tokenizer over the package-local vocabulary in
+``tiny_vocab/unigram.json``. The layers the release initialises to zero (`wake_zero_init`) hold random values, so
+both control branches move every tiny clip.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import torch
 from engine.atomicio import atomic_folder
 from engine.constants import TEXT_TOKENS
 
+from .config import VARIANTS
 from .loading import build_transformer, save_checkpoint, tiny_transformer_config
 from .transformer import backbone_init_kwargs
 
@@ -30,6 +37,13 @@ BASE_MODEL_DIR = "base_model"
 TINY_CLIP_IMAGE_SIZE = 32
 TINY_CLIP_PATCH = 8
 TINY_IMAGE_TOKENS = (TINY_CLIP_IMAGE_SIZE // TINY_CLIP_PATCH) ** 2 + 1  # 17: patches + the class token
+# The backbone parts the released camera and memory files hold besides the branches (../shared/reference/
+# CONVENTIONS.md, "Loading the released checkpoints": every block's self-attention, and for memory its feed-forward
+# too, as their sizes say); None: the whole model (the DMD file).
+RELEASED_BACKBONE_PARTS = {"worldstereo-camera": ("attn1",), "worldstereo-memory": ("attn1", "ffn"),
+                           "worldstereo-memory-dmd": None}
+BASE_SHARD_SIZE = "100KB"  # the tiny base transformer (about 320 kB in float32) goes into four shards
+BASE_FLOW_SHIFT = 3.0  # the base model's UniPC flow shift, as in the Wan2.1 I2V 480P scheduler config
 
 
 def tiny_tokenizer():
@@ -85,38 +99,89 @@ def wake_zero_init(model: torch.nn.Module, generator: torch.Generator, scale: fl
     return woken
 
 
-def write_tiny_package(folder: Union[str, Path], variant: str = "worldstereo-memory-dmd", seed: int = 0,
-                       memory_mode: str = "stitched") -> Path:
-    """Write a tiny random checkpoint package for ``variant`` into ``folder`` (created); returns the folder."""
-    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+def wake_seed(variant: str, seed: int = 0) -> int:
+    """The seed of the generator `write_tiny_package` wakes ``variant``'s zero-initialised layers with."""
+    return 1000 * seed + VARIANTS.index(variant)
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config, base_cfg = tiny_transformer_config(variant, base_model=BASE_MODEL_DIR, memory_mode=memory_mode)
-    model = build_transformer(config, base_cfg, seed=seed)
-    wake_zero_init(model, torch.Generator().manual_seed(seed))
+
+def checkpoint_keys(model, variant: str) -> list[str]:
+    """The state-dict keys a package's model.safetensors holds: every key for DMD; for the camera and memory
+    variants every key the base model lacks (branches, memory modules) and ``RELEASED_BACKBONE_PARTS`` of every
+    backbone block."""
+    keys = list(model.state_dict())
+    parts = RELEASED_BACKBONE_PARTS.get(variant)
+    if parts is None:
+        return keys
+    backbone = set(model.backbone_state_dict())
+    return [k for k in keys if k not in backbone or any(p in k.split(".") for p in parts)]
+
+
+def tiny_base_model(base_cfg: dict, seed: int = 0):
+    """The tiny base model (a diffusers ``WanImageToVideoPipeline``): random, a function of ``seed`` alone."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         backbone = WanTransformer3DModel(**backbone_init_kwargs(base_cfg)).eval()
-        # the base model's transformer is the checkpoint's backbone, as for the real release (which fine-tunes it)
-        backbone.load_state_dict(model.backbone_state_dict())
         tokenizer = tiny_tokenizer()
         text_encoder = _tiny_text_encoder(base_cfg["text_dim"], len(tokenizer))
         image_encoder, image_processor = _tiny_image_encoder(base_cfg["image_dim"])
         vae = _tiny_vae()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
-                                        flow_shift=float(config.gen_shift or 3.0))
-    pipe = WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                        flow_shift=BASE_FLOW_SHIFT)
+    return WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                                    image_processor=image_processor, image_encoder=image_encoder, transformer=backbone)
-    pipe.save_pretrained(folder / BASE_MODEL_DIR, safe_serialization=True)
-    save_checkpoint(model, config, folder)
+
+
+def save_tiny_base_model(pipe, folder: Union[str, Path]) -> Path:
+    """Write the base model as diffusers does, its transformer in several shards with their index json (as the
+    real base's 14 float32 shards)."""
+    import shutil
+
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / "transformer")
+    pipe.transformer.save_pretrained(folder / "transformer", safe_serialization=True, max_shard_size=BASE_SHARD_SIZE)
     return folder
+
+
+def write_tiny_package(folder: Union[str, Path], variant: str = "worldstereo-memory-dmd", seed: int = 0,
+                       memory_mode: str = "stitched", with_base: bool = True) -> Path:
+    """Write a tiny random checkpoint package for ``variant`` into ``folder`` (created); returns the folder.
+
+    The model is a fine-tune of the base: its file holds ``checkpoint_keys`` (the base holds other values there),
+    and it equals the base everywhere else, so what the loader makes of file and base is exactly this model.
+    ``with_base=False`` leaves the base model out (``write_tiny_weights`` puts one beside the variants).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config, base_cfg = tiny_transformer_config(variant, base_model=BASE_MODEL_DIR, memory_mode=memory_mode)
+    model = build_transformer(config, base_cfg, seed=seed)
+    # a generator of the variant's own: the variants' camera branches differ, as the released files' do
+    wake_zero_init(model, torch.Generator().manual_seed(wake_seed(variant, seed)))
+    base = tiny_base_model(base_cfg, seed)
+    keys = checkpoint_keys(model, variant)
+    held = set(keys)
+    model.load_state_dict({k: v for k, v in base.transformer.state_dict().items() if k not in held}, strict=False)
+    if with_base:
+        save_tiny_base_model(base, folder / BASE_MODEL_DIR)
+    save_checkpoint(model, config, folder, keys=keys)
+    return folder
+
+
+def write_tiny_weights(root: Union[str, Path], seed: int = 0, variants=VARIANTS) -> Path:
+    """The hub's layout at a tiny size, for ``--weights DIR``: ``root/<variant>/`` for each of ``variants`` and the
+    base model they share beside them (``root/base_model``, found through each config.json's ``base_model``)."""
+    root = Path(root)
+    for i, variant in enumerate(variants):
+        write_tiny_package(root / variant, variant, seed=seed, with_base=i == 0)
+    (root / variants[0] / BASE_MODEL_DIR).rename(root / BASE_MODEL_DIR)
+    return root
 
 
 # Bump when write_tiny_package or the models' initialisation change what is written in a way the config and the
 # state-dict layout do not show.
-TINY_PACKAGE_FORMAT = 3
+TINY_PACKAGE_FORMAT = 4
 
 
 def tiny_package_key(variant: str, memory_mode: str = "stitched") -> str:

@@ -26,9 +26,10 @@ from engine.engines import ENGINES
 from engine.geometry import trajectories as traj
 from engine.geometry.cache import PointCache, viewer_confidence
 from engine.geometry.cameras import Cameras
-from engine.geometry.memory import MemoryBank
+from engine.geometry.memory import MemoryBank, sample_align_nframe
 from engine.images import load_image, save_image
-from engine.jobfolder import CLIPS, DATASET_IMAGES, FRAMES, MEMORY, ClipRecord, JobFolder, new_manifest
+from engine.jobfolder import (CLIPS, DATASET_IMAGES, FRAMES, MEMORY, ClipRecord, JobFolder, new_manifest,
+                              snapshot_file)
 from engine.preview import PREVIEW_NOTE
 from engine.progress import Progress, ensure, span
 from engine.sampling import SamplingCancelled
@@ -41,6 +42,12 @@ MAX_VIEW_SPLATS = 100_000  # splats in the browser's splat view by default (a fi
 VIEW_RADIUS = 1.0  # size of the cloud in the splat viewer's frame (gradio's viewer orbits the origin close by)
 
 DEFAULT_PHOTO_TRAJECTORIES = ("up", "left", "right", "orbit")  # the paper's benchmark set
+
+
+def clip_seed(scene_seed: int, index: int) -> int:
+    """The seed of the scene's clip ``index`` (0-based): seed + k, so every clip draws noise of its own and a seed
+    reproduces the whole scene."""
+    return scene_seed + index
 
 
 class GenerationCancelled(RuntimeError):
@@ -129,7 +136,17 @@ class Scene:
         folder.clean_debris(manifest)
         image, start, cache, bank = folder.load_state(manifest)
         depth_source = depth_source or scene_init.depth_source_for(settings, manifest["kind"] == "panorama", announce)
-        return cls(folder.path, settings, manifest, image, start, cache, bank, depth_source, announce)
+        scene = cls(folder.path, settings, manifest, image, start, cache, bank, depth_source, announce)
+        scene._finish_last_commit()
+        return scene
+
+    def _finish_last_commit(self) -> None:
+        """A run stopped after a clip's commit but before its last writes (killed, disk full) left the scene clouds
+        or the manifest kept for ``revert`` unwritten: write them as that run would have."""
+        clips = len(self.manifest["clips"])
+        if clips and not (self.job_dir / snapshot_file(clips)).is_file():
+            self.write_scene_cloud(only_if_stale=True)
+            self.folder.snapshot(self.manifest)
 
     # ---- trajectories ---------------------------------------------------------------------------------
     @property
@@ -246,7 +263,7 @@ class Scene:
         conditions = self._conditions(req, cams, render, retrieval, start_image, single_view, generator)
         try:
             frames = generator.generate(conditions=conditions, prompt=self.settings.prompt,
-                                        seed=self.settings.seed + index, progress=span(report, 0.1, 0.8),
+                                        seed=clip_seed(self.settings.seed, index), progress=span(report, 0.1, 0.8),
                                         cancel=cancel)
         except SamplingCancelled:
             # One cancellation type for callers, whichever stage noticed the flag.
@@ -344,10 +361,10 @@ class Scene:
         return 0.5 if self.settings.engine == "preview" or self._depth_is_fallback else 1.0
 
     def _kept_indices(self, n: int) -> list[int]:
+        """The frames of an ``n``-frame clip that grow the cache and the memory bank: the release's
+        ``sample_align_nframe``, at most the frames after the start view, none when ``keep_frames`` is 0."""
         k = min(self.settings.keep_frames, n - 1)
-        if k <= 0:
-            return []
-        return sorted({int(round(1 + i * (n - 2) / max(k - 1, 1))) for i in range(k)})
+        return sample_align_nframe(n, k) if k > 0 else []
 
     @property
     def _depth_is_fallback(self) -> bool:

@@ -25,11 +25,11 @@ else:
 
 
 # The longest files, longest first (measured on two cores): those that start processes of their own (the demo
-# server and chromium, torchrun ranks), then the longest in-process ones. With pytest-xdist (`pytest -n 2`, the
-# README's command) they start first and the short files fill the other core meanwhile and at the end. Without
-# xdist only the order changes.
-LONGEST_FIRST = ("test_browser.py", "test_parallel.py", "test_server.py", "test_hostile_server.py", "test_scene.py",
-                 "test_bench.py", "test_faults.py", "test_conditioning.py", "test_export.py")
+# server and chromium, the mutation check's pytest runs, torchrun ranks), then the longest in-process ones. With
+# pytest-xdist (`pytest -n 2`, the README's command) they start first and the short files fill the other core
+# meanwhile and at the end. Without xdist only the order changes.
+LONGEST_FIRST = ("test_browser.py", "test_mutants.py", "test_parallel.py", "test_server.py", "test_hostile_server.py",
+                 "test_scene.py", "test_bench.py", "test_faults.py", "test_conditioning.py", "test_export.py")
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)  # before xdist's own choice; optional: -p no:xdist
@@ -43,6 +43,18 @@ def pytest_xdist_make_scheduler(config, log):
 
     config.option.loadscopereorder = False
     return LoadFileScheduling(config, log)
+
+
+def pytest_configure(config):
+    """With WORLDSTEREO_MUTANT set (``.ci/mutants.py`` does it), plant that mutant for the whole run."""
+    name = os.environ.get("WORLDSTEREO_MUTANT")
+    if name:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("mutants", REPO / ".ci" / "mutants.py")
+        mutants = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mutants)
+        mutants.plant(name, pytest.MonkeyPatch())
 
 
 @pytest.hookimpl(tryfirst=True)

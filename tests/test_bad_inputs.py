@@ -228,23 +228,43 @@ odd_frames = st.one_of(st.sampled_from([0, 1, 2, MAX_CLIP_FRAMES, MAX_CLIP_FRAME
                        st.floats(0, 50))
 
 
-@settings(max_examples=150, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(name=st.sampled_from(sorted(traj.PRESETS)), amount=st.one_of(st.none(), odd_numbers), frames=st.one_of(st.none(), odd_frames))
-def test_trajectory_parameters_plan_or_refuse(planned_scene, name, amount, frames):
+def _boundaries(name: str) -> list:
+    """Amounts at the edges of what preset ``name`` takes: its maximum and the floats either side of it, the
+    smallest positive floats, its own default."""
+    top = traj.PRESETS[name].max_amount
+    return [top, math.nextafter(top, 0.0), math.nextafter(top, math.inf), top + 1, 5e-324, 1e-300,
+            traj.PRESETS[name].amount, int(top), -top]
+
+
+def _expected_plan(name, amount, frames) -> bool:
+    """Whether a trajectory request must be planned, decided from the documented rules alone: a preset's amount is
+    a finite number above 0 and at most the preset's maximum (None: its own), frames a whole number from
+    MIN_CLIP_FRAMES to MAX_CLIP_FRAMES (None: the scene's)."""
+    amount_ok = amount is None or (isinstance(amount, (int, float)) and math.isfinite(amount)
+                                   and 0 < amount <= traj.PRESETS[name].max_amount)
+    frames_ok = frames is None or (type(frames) is int and MIN_CLIP_FRAMES <= frames <= MAX_CLIP_FRAMES)
+    return amount_ok and frames_ok
+
+
+@settings(max_examples=200, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(sorted(traj.PRESETS)), data=st.data(), frames=st.one_of(st.none(), odd_frames))
+def test_trajectory_parameters_plan_or_refuse(planned_scene, name, data, frames):
+    """Every request is planned exactly when the rules say so (a valid amount or frame count refused fails as much
+    as an invalid one accepted), refusals in one sentence, plans of the asked length from the input view."""
+    amount = data.draw(st.one_of(st.none(), odd_numbers, st.sampled_from(_boundaries(name))), label="amount")
     request = TrajectoryRequest(name=name, amount=amount, frames=frames)
+    expected = _expected_plan(name, amount, frames)
     try:
         cams = planned_scene.plan(request)
     except SceneError as e:
         message = str(e)
+        assert not expected, f"a valid request was refused: {message}"
         assert "\n" not in message and message.endswith(".") and len(message) < 300
         SUMMARY.setdefault("trajectory_refused", 0)
         SUMMARY["trajectory_refused"] += 1
         return
+    assert expected, f"an invalid request was planned: amount {amount!r}, frames {frames!r}"
     want = planned_scene.settings.frames if frames is None else frames
-    assert isinstance(want, int) and MIN_CLIP_FRAMES <= want <= MAX_CLIP_FRAMES
-    spec = traj.PRESETS[name]
-    a = spec.amount if amount is None else amount
-    assert math.isfinite(a) and 0 < a <= spec.max_amount
     assert len(cams) == want and torch.isfinite(cams.w2c).all() and torch.isfinite(cams.K).all()
     assert torch.allclose(cams.w2c[0], planned_scene.start_camera.w2c[0], atol=1e-9)  # starts at the input view
     SUMMARY.setdefault("trajectory_accepted", 0)

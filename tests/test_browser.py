@@ -2,7 +2,10 @@
 
 The server is started on a free loopback port with a temporary output folder; the tests use the page the way
 a person does (upload, tick trajectories, move the frame slider, press Generate, download, look at the splats;
-place camera keyframes in the 3D editor, generate that path, remove the clip again).
+a panorama with its start views, planned paths, Continue, Show clip and the confidence slider; an example, Cancel
+and Resume; place camera keyframes in the 3D editor, generate that path, remove the clip again, load a camera
+file into the editor). What the page did is checked in the scene folders the server wrote. The file shares one
+server and one browser page (each test starts by loading the page afresh).
 
 With WORLDSTEREO_UPDATE_SCREENSHOT=1 the README's pictures in docs/ are refreshed (scaled down and reduced to a
 palette, so they stay small).
@@ -39,10 +42,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server_out(tmp_path_factory) -> Path:
+    """The server's --output-dir: its scenes are under jobs/<id>/scene."""
+    return tmp_path_factory.mktemp("demo-out")
+
+
+@pytest.fixture(scope="module")
+def server(server_out):
     if not CHROMIUM.exists():
         pytest.fail("chromium is not installed; run `bash .ci/setup` (it installs Debian's chromium)")
-    out = tmp_path_factory.mktemp("demo-out")
+    out = server_out
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
     log = open(out / "server.log", "w")
@@ -85,15 +94,21 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, server):
+@pytest.fixture(scope="module")
+def shared_page(browser, server):
     context = browser.new_context(viewport={"width": 1400, "height": 1500}, accept_downloads=True)
     pg = context.new_page()
     pg.set_default_timeout(30_000)
-    pg.goto(server)
-    pg.locator("#generate").wait_for()
     yield pg
     context.close()
+
+
+@pytest.fixture
+def page(shared_page, server):
+    """The file's one page, loaded afresh: a new session of the app, nothing left of the test before."""
+    shared_page.goto(server)
+    shared_page.locator("#generate").wait_for()
+    return shared_page
 
 
 @contextlib.contextmanager
@@ -225,9 +240,10 @@ def _invalid_upload(page, examples, tmp_path):
 
 # ---- the 3D camera-path editor and undo --------------------------------------------------------------
 
-def test_camera_path_editor_generate_and_undo(page, examples, artifacts):
+def test_camera_path_editor_generate_undo_and_load_a_camera_file(page, examples, artifacts, server_out):
     with _screenshot_on_failure(page, artifacts / "editor-failure.png"):
         _editor_path_and_undo(page, examples, artifacts)
+        _load_camera_file_into_the_editor(page, examples, server_out)
 
 
 def _bright_fraction(png: bytes) -> float:
@@ -294,3 +310,183 @@ def _editor_path_and_undo(page, examples, artifacts):
     page.locator("#status").get_by_text(re.compile(r"^Removed clip 00_camera_path")).wait_for(timeout=180_000)
     assert downloads.locator('a[download="00_camera_path.mp4"]').count() == 0
     assert page.locator("#clip-video video[src]").count() == 0
+
+
+def _load_camera_file_into_the_editor(page, examples, server_out):
+    """An official camera file (81 cameras, no keyframes) loaded into the open editor becomes 8 keyframes: its
+    cameras at 8 evenly spread indices, keyframe 0 staying the start view; saving the path gives them back."""
+    import json
+
+    import numpy as np
+
+    official = examples / PHOTO.replace("image.png", "camera.json")
+    page.locator("#path-upload input[type=file]").set_input_files(str(official))
+    page.locator("#status").get_by_text("Loaded 8 keyframes from camera.json; keyframe 0 stays the start view.").wait_for()
+    page.frame_locator("#editor-frame").get_by_text("8 keyframe(s)").wait_for()
+    clicked = time.time()
+    page.locator("#path-save").click()  # the earlier save's link is still shown: wait for the new file itself
+    deadline = clicked + 60
+    while True:
+        saved = [p for p in server_out.glob("jobs/*/downloads/camera_path.json") if p.stat().st_mtime >= clicked - 1]
+        if saved or time.time() > deadline:
+            break
+        page.wait_for_timeout(300)
+    assert saved, "Save camera.json wrote no file"
+    keys = np.array(json.loads(saved[0].read_text())["keyframes"]["extrinsic"])
+    cams = np.array(json.loads(official.read_text())["extrinsic"])
+    picks = np.unique(np.linspace(0, len(cams) - 1, 8).round().astype(int))
+    assert keys.shape == (8, 4, 4)
+    np.testing.assert_allclose(keys[1:], cams[picks[1:]], atol=1e-6)
+
+
+# ---- panorama, planned paths, Continue, Show clip, confidence; examples, Cancel, Resume ---------------------------
+
+def _scene_id(page) -> str:
+    """The scene id the status line shows ("Scene `<16 hex digits>` ...")."""
+    text = page.locator("#status").inner_text()
+    found = re.search(r"Scene\s*`?([0-9a-f]{16})", text)
+    assert found, text[:400]
+    return found.group(1)
+
+
+def _manifest(server_out: Path, job: str) -> dict:
+    import json
+
+    return json.loads((server_out / "jobs" / job / "scene" / "manifest.json").read_text())
+
+
+def _open_accordion(page, elem_id: str) -> None:
+    page.locator(f"#{elem_id}").get_by_role("button").first.click()
+
+
+def _set_frames(page, n: int) -> None:
+    frames = page.locator("#frames input[type=number]")
+    frames.fill(str(n))
+    frames.press("Enter")
+
+
+def test_panorama_start_views_plan_continue_show_clip_and_confidence(page, server_out, artifacts, tmp_path):
+    with _screenshot_on_failure(page, artifacts / "panorama-failure.png"):
+        _panorama_flow(page, server_out, tmp_path)
+
+
+def _panorama_flow(page, server_out, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from engine.geometry.cameras import Cameras
+
+    # A small 2:1 image (a smooth pattern): the upload is read as a panorama and the start views appear.
+    yy, xx = np.mgrid[0:128, 0:256]
+    rgb = np.stack([128 + 100 * np.sin(xx / 20), 128 + 100 * np.cos(yy / 15), 128 + 60 * np.sin((xx + yy) / 30)], -1)
+    pano = tmp_path / "pano.png"
+    Image.fromarray(rgb.astype(np.uint8)).save(pano)
+    _upload(page, pano)
+    page.locator("#input-info").get_by_text("read as a 360° panorama").wait_for()
+    assert page.locator("#panorama input").is_checked()
+    page.locator("#views").wait_for()
+    _set_checkbox(page, "views", "view0", False)
+    _set_checkbox(page, "views", "view1", True)
+    _set_checkbox(page, "views", "view2", True)
+    for name, on in (("left", False), ("right", False), ("forward", True)):
+        _set_checkbox(page, "trajectories", name, on)
+    _set_frames(page, 3)
+
+    # Show planned paths: the scene is prepared and each planned path is listed (and drawn) before generating.
+    _open_accordion(page, "camera-more")
+    page.locator("#plan").click()
+    status = page.locator("#status")
+    status.get_by_text("Planned camera paths").wait_for(timeout=180_000)
+    assert "view1:forward" in status.inner_text() and "view2:forward" in status.inner_text()
+    page.locator("#viewer canvas").wait_for()
+
+    page.locator("#generate").click()
+    status.get_by_text(re.compile(r"^Done in")).wait_for(timeout=180_000)
+    job = _scene_id(page)
+    manifest = _manifest(server_out, job)
+    assert [c["trajectory"] for c in manifest["clips"]] == ["view1:forward", "view2:forward"]
+    assert len(list((server_out / "jobs").glob("*"))) >= 1
+    scene_dir = server_out / "jobs" / job / "scene"
+    for clip, view in zip(manifest["clips"], (1, 2)):  # each clip starts at its own start view
+        first = Cameras.from_json(scene_dir / clip["folder"] / "cameras.json").w2c[0]
+        assert torch.allclose(first, torch.tensor(manifest["start_views"][view], dtype=first.dtype), atol=1e-6)
+    assert not torch.allclose(torch.tensor(manifest["start_views"][1]), torch.tensor(manifest["start_views"][2]))
+
+    # Continue: one more trajectory (view1, left) in the same scene.
+    _set_checkbox(page, "views", "view2", False)
+    _set_checkbox(page, "trajectories", "forward", False)
+    _set_checkbox(page, "trajectories", "left", True)
+    page.locator("#continue").click()
+    page.locator("#status").get_by_text("02_view1_left").wait_for(timeout=180_000)
+    status.get_by_text(re.compile(r"^Done in")).wait_for(timeout=180_000)
+    assert _scene_id(page) == job
+    assert [c["name"] for c in _manifest(server_out, job)["clips"]] == ["00_view1_forward", "01_view2_forward",
+                                                                         "02_view1_left"]
+
+    # Show clip: an earlier clip's four videos (what the page plays is that clip's files, byte for byte).
+    def played(viewer: str) -> bytes:
+        return urllib.request.urlopen(page.locator(f"#{viewer} video").get_attribute("src"), timeout=30).read()
+
+    last = scene_dir / "clips" / "02_view1_left"
+    assert played("clip-video") == (last / "clip.mp4").read_bytes()
+    page.locator("#clip-choice input").click()
+    page.get_by_role("option", name="00_view1_forward").click()
+    first_clip = scene_dir / "clips" / "00_view1_forward"
+    deadline = time.time() + 60
+    while played("clip-video") != (first_clip / "clip.mp4").read_bytes() and time.time() < deadline:
+        page.wait_for_timeout(500)
+    for viewer, name in (("clip-video", "clip.mp4"), ("render-video", "render.mp4"), ("mask-video", "render_mask.mp4"),
+                         ("depth-video", "depth.mp4")):
+        assert played(viewer) == (first_clip / name).read_bytes(), viewer
+
+    # The confidence slider: the point viewer gets a cloud without the points under the threshold.
+    slider = page.locator("#confidence input[type=range]")
+    box = slider.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.75, box["y"] + box["height"] / 2)
+    views = server_out / "jobs" / job / "view"
+    deadline = time.time() + 60
+    while not list(views.glob("*-0.75-*/scene.glb")) and time.time() < deadline:
+        page.wait_for_timeout(500)
+    shown = list(views.glob("*-0.75-*/scene.glb"))
+    assert shown, sorted(p.name for p in views.glob("*"))
+    import trimesh
+
+    def points(path):
+        return sum(len(g.vertices) for g in trimesh.load(path, force="scene").geometry.values())
+
+    assert 0 < points(shown[0]) < points(scene_dir / "scene.glb")
+
+
+def test_example_cancel_and_resume(page, server_out, artifacts):
+    with _screenshot_on_failure(page, artifacts / "resume-failure.png"):
+        _example_cancel_resume(page, server_out)
+
+
+def _example_cancel_resume(page, server_out):
+    # An example: its photo is loaded and its caption fills the prompt.
+    page.locator("#examples img").first.click()
+    page.locator("#input-info").get_by_text("read as a photo").wait_for()
+    assert page.locator("#prompt textarea, #prompt input").first.input_value() != ""
+    for name, on in (("left", True), ("right", True), ("up", True)):
+        _set_checkbox(page, "trajectories", name, on)
+    _set_frames(page, 12)
+    page.locator("#generate").click()
+    # Cancel once the first clip is shown: the run stops after the stage in progress, finished clips stay.
+    page.locator("#clip-video video[src]").wait_for(timeout=180_000)
+    page.locator("#cancel").click()
+    status = page.locator("#status")
+    status.get_by_text(re.compile(r"^Cancelled\. The \d finished clip")).wait_for(timeout=180_000)
+    job = _scene_id(page)
+    done = len(_manifest(server_out, job)["clips"])
+    assert 1 <= done < 3
+
+    # Resume by the scene's id, on a fresh page (as after a server restart): the rest is generated.
+    page.goto(page.url)
+    page.locator("#generate").wait_for()
+    _open_accordion(page, "resume-more")
+    page.locator("#resume-id textarea, #resume-id input").first.fill(job)
+    page.locator("#resume").click()
+    page.locator("#status").get_by_text(re.compile(r"^Done in")).wait_for(timeout=180_000)
+    names = [c["trajectory"] for c in _manifest(server_out, job)["clips"]]
+    assert names == ["left", "right", "up"], names

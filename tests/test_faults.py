@@ -31,8 +31,10 @@ from engine.cli import main as cli_main
 from conftest import PlaneTestDepth
 from engine.scene import GenerationCancelled, Scene
 from engine.settings import SceneSettings
+from scenefolder import assert_same_scene
 
 REPO = Path(__file__).resolve().parents[1]
+PREVIEW_SCALE = settings_mod.ENGINE_SCALE["preview"]  # what a `python -m engine` process started here uses
 SUMMARY: dict = {"faults": {}, "committed_files_checked": 0, "files_lost": 0}
 
 
@@ -93,6 +95,21 @@ def template(tmp_path_factory, photo) -> Path:
     return job
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(template, tmp_path_factory) -> Path:
+    """The template's scene with its second clip ("left") generated without any fault: what every interrupted and
+    then finished copy must equal, file by file."""
+    job = tmp_path_factory.mktemp("uninterrupted") / "job"
+    shutil.copytree(template, job)
+    old = settings_mod.ENGINE_SCALE["preview"]
+    settings_mod.ENGINE_SCALE["preview"] = 0.25
+    try:
+        Scene.open(job, depth_source=PlaneTestDepth(), announce=lambda _: None).generate("left")
+    finally:
+        settings_mod.ENGINE_SCALE["preview"] = old
+    return job
+
+
 def _scene_with_one_clip(job: Path, template: Path) -> Scene:
     shutil.copytree(template, job)
     return Scene.open(job, depth_source=PlaneTestDepth(), announce=lambda _: None)
@@ -110,14 +127,15 @@ def _same_memory(scene: Scene, before: tuple) -> None:
     assert len(scene.bank) == bank
 
 
-def _resume_and_finish(job: Path, scene: Scene, name: str = "left") -> None:
-    """Scene.open resumes at the committed state, and both it and the failed scene's object can go on."""
+def _resume_and_finish(job: Path, scene: Scene, uninterrupted: Path) -> None:
+    """Scene.open resumes at the committed state, and both it and the failed scene's object can go on: the failed
+    object's next clip ("left") leaves the folder an uninterrupted run leaves."""
     reopened = Scene.open(job, depth_source=PlaneTestDepth(), announce=lambda _: None)
     assert [c["trajectory"] for c in reopened.clips] == [c["trajectory"] for c in scene.clips]
     assert len(reopened.bank) == len(scene.bank)
-    record = scene.generate(name)
+    record = scene.generate("left")
     assert (job / record.folder / "clip.mp4").is_file()
-    assert [c["trajectory"] for c in Scene.open(job, depth_source=PlaneTestDepth(), announce=lambda _: None).clips][-1] == name
+    assert_same_scene(job, uninterrupted)
 
 
 # ---- an exception, and an out-of-memory error, mid-clip ----------------------------------------------
@@ -127,7 +145,8 @@ def _resume_and_finish(job: Path, scene: Scene, name: str = "left") -> None:
     torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)"),
     RuntimeError("CUDA error: out of memory (simulated)"),
 ], ids=["exception", "cuda-oom", "runtime-oom"])
-def test_fault_mid_clip_keeps_everything_and_the_next_clip_succeeds(fault, template, tmp_path, monkeypatch):
+def test_fault_mid_clip_keeps_everything_and_the_next_clip_succeeds(fault, template, uninterrupted, tmp_path,
+                                                                   monkeypatch):
     job = tmp_path / "job"
     scene = _scene_with_one_clip(job, template)
     files, state = _tree(job), _in_memory_state(scene)
@@ -150,11 +169,11 @@ def test_fault_mid_clip_keeps_everything_and_the_next_clip_succeeds(fault, templ
     gc.collect()
     assert made and made[0]() is None, "the failed clip's frames are still referenced"
     monkeypatch.setattr(scene_init, "preview_clip", real)
-    _resume_and_finish(job, scene)
+    _resume_and_finish(job, scene, uninterrupted)
     _survived(f"mid-clip {type(fault).__name__}: {str(fault)[:40]}", "earlier clip, cache, manifest, bank unchanged; next clip done")
 
 
-def test_fault_during_depth_fusion_frees_the_new_cache(template, tmp_path, monkeypatch):
+def test_fault_during_depth_fusion_frees_the_new_cache(template, uninterrupted, tmp_path, monkeypatch):
     """An OOM in the depth network after the frames exist: the half-grown cache copy is dropped too."""
     job = tmp_path / "job"
     scene = _scene_with_one_clip(job, template)
@@ -185,7 +204,7 @@ def test_fault_during_depth_fusion_frees_the_new_cache(template, tmp_path, monke
     assert not _temp_leftovers(job)
     _same_memory(scene, state)
     monkeypatch.setattr(scene, "depth_source", PlaneTestDepth())
-    _resume_and_finish(job, scene)
+    _resume_and_finish(job, scene, uninterrupted)
     _survived("out-of-memory during depth fusion", "half-grown cache freed; state unchanged; next clip done")
 
 
@@ -214,13 +233,17 @@ def test_cli_reports_out_of_memory_in_one_sentence_and_resumes(photo, tmp_path, 
     final = json.loads((out / "manifest.json").read_text())
     assert [c["trajectory"] for c in final["clips"]] == ["up", "left"]
     _assert_kept(files, _tree(out), keep=("clips/00_up/", "input.png", "state/start.json"), exact=False)
+    monkeypatch.setattr(scene_init, "preview_clip", real)
+    whole = tmp_path / "whole"
+    assert cli_main([*argv[:-1], str(whole)]) == 0
+    assert_same_scene(out, whole)
     _survived("CLI out-of-memory on clip 2", "exit 1 with one sentence; rerun finished clip 2 without redoing clip 1")
 
 
 # ---- disk full ------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_disk_full_at_every_write_of_a_clip(template, tmp_path, monkeypatch):
+def test_disk_full_at_every_write_of_a_clip(template, uninterrupted, tmp_path, monkeypatch):
     """ENOSPC at the k-th atomic replace, for every k of one clip: the job fails, committed files stay."""
     real = os.replace
     n = {"n": 0, "fail_at": None}
@@ -264,7 +287,7 @@ def test_disk_full_at_every_write_of_a_clip(template, tmp_path, monkeypatch):
         if k in (1, total // 2, total):  # finishing takes a clip each time: prove it at both ends and between
             if outcomes[k] == 1:
                 reopened.generate("left")
-            assert [c["trajectory"] for c in Scene.open(job, depth_source=PlaneTestDepth(), announce=lambda _: None).clips] == ["up", "left"]
+            assert_same_scene(job, uninterrupted)
     assert 1 in outcomes.values() and 2 in outcomes.values()  # failures landed on both sides of the commit
     _survived(f"disk full (ENOSPC) at each of the {total} writes of a clip",
               f"committed files intact, no temp files, reopened; {sum(v == 1 for v in outcomes.values())} before "
@@ -297,7 +320,7 @@ def test_cli_disk_full_is_one_sentence(photo, tmp_path, monkeypatch, capsys):
 # ---- a killed process ---------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_sigkill_between_clips_then_the_same_command_finishes(photo, tmp_path):
+def test_sigkill_between_clips_then_the_same_command_finishes(photo, tmp_path, monkeypatch):
     out = tmp_path / "job"
     cmd = [sys.executable, "-m", "engine", "generate", "--image", str(photo), "--engine", "preview", "--depth",
            "plane", "--frames", "3", "--trajectories", "up,left", "--out", str(out)]
@@ -335,6 +358,10 @@ def test_sigkill_between_clips_then_the_same_command_finishes(photo, tmp_path):
     _assert_kept(files, _tree(out), keep=(first["clips"][0]["folder"] + "/", "input.png", "state/start.json"),
                  exact=False)
     assert not _temp_leftovers(out)
+    # the same command never killed, run here at the frame size the killed process used
+    monkeypatch.setitem(settings_mod.ENGINE_SCALE, "preview", PREVIEW_SCALE)
+    assert cli_main([*cmd[3:-1], str(tmp_path / "whole")]) == 0
+    assert_same_scene(out, tmp_path / "whole")
     _survived("SIGKILL between clips", "restart resumed; first clip untouched (same mtime and hash)")
 
 
@@ -359,7 +386,7 @@ def test_open_drops_what_a_killed_run_left_half_written(template, tmp_path):
 
 # ---- cancellation -------------------------------------------------------------------------------
 
-def test_cancel_during_hole_filling_stops_the_clip(template, tmp_path, monkeypatch):
+def test_cancel_during_hole_filling_stops_the_clip(template, uninterrupted, tmp_path, monkeypatch):
     job = tmp_path / "job"
     scene = _scene_with_one_clip(job, template)
     files, state = _tree(job), _in_memory_state(scene)
@@ -382,7 +409,11 @@ def test_cancel_during_hole_filling_stops_the_clip(template, tmp_path, monkeypat
     _assert_kept(files, _tree(job))
     assert not _temp_leftovers(job)
     _same_memory(scene, state)
-    _survived("cancel during hole filling", "stopped before depth fusion; state unchanged")
+    monkeypatch.setattr(scene_init, "preview_clip", real)
+    monkeypatch.setattr(scene, "depth_source", PlaneTestDepth())
+    scene.generate("left")  # the same scene goes on as if nothing had been cancelled
+    assert_same_scene(job, uninterrupted)
+    _survived("cancel during hole filling", "stopped before depth fusion; state unchanged; next clip as uninterrupted")
 
 
 @pytest.fixture(scope="module")
@@ -434,7 +465,7 @@ def test_cancel_during_denoising_stops_within_one_step(tiny_scene, cancel_at):
 
 
 @pytest.mark.slow
-def test_after_cancels_the_next_clip_runs_every_step(tiny_scene):
+def test_after_cancels_the_next_clip_runs_every_step(tiny_scene, photo, tmp_path):
     """Not cancelled, the same clip runs all 4 DMD steps: the counts above really were cut short."""
     transformer = tiny_scene._clip_generator().pipeline.transformer
     counted = {"n": 0}
@@ -446,6 +477,12 @@ def test_after_cancels_the_next_clip_runs_every_step(tiny_scene):
         handle.remove()
     assert counted["n"] == 4  # DMD: 4 steps, one forward each (no CFG)
     assert (tiny_scene.job_dir / record.folder / "clip.mp4").is_file()
+    # the cancelled attempts left no trace: the folder is the one a scene that was never cancelled writes
+    whole = Scene.create(tmp_path / "whole", photo, settings=SceneSettings(engine="tiny-random", frames=3, steps=4),
+                         depth_source=PlaneTestDepth(), announce=lambda _: None)
+    whole._generator = tiny_scene._clip_generator()  # the same loaded networks
+    whole.generate("up")
+    assert_same_scene(tiny_scene.job_dir, whole.job_dir)
 
 
 # ---- GPU memory after an out-of-memory error ------------------------------------------------------

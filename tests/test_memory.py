@@ -321,3 +321,14 @@ def test_sample_align_nframe_shape_and_refusals():
     for n, k in ((21, 0), (21, 21), (1, 1), (8, 9)):
         with pytest.raises(MemoryBankError):
             sample_align_nframe(n, k)
+
+
+def test_sample_align_nframe_is_what_the_releases_bank_kept(examples):
+    """The release's own memory bank on the shared corridor recorded the frames each 21-frame trajectory gave it
+    (``golden/corridor_retrieval.json``)."""
+    from engine.geometry.memory import sample_align_nframe
+
+    golden = json.loads((examples.parent / "reference/golden/corridor_retrieval.json").read_text())
+    assert golden["trajectories"]
+    for traj in golden["trajectories"]:
+        assert sample_align_nframe(21, 8) == traj["kept_frames"], traj["trajectory"]

@@ -17,7 +17,7 @@ from tiny_model import forward_inputs, wake_zero_layers
 
 OFFICIAL = "reference/official_state_dict_tiny.json"
 B, F, H, W = 1, 3, 16, 16  # latent size; pixel size is 8x
-F_PIX = (F - 1) * 4 + 1
+F_PIX = (F - 1) * 4 + 1  # video frames of a config with mask_downsample 4 (the tiny config has 1: F frames)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,9 @@ def test_state_dict_matches_official_keys_and_shapes(official, variant):
     expected_cn = dict(official["controlnet_cfg"])
     if variant == "worldstereo-camera":  # the camera checkpoint has neither memory embedding
         expected_cn.update(ref_embedding=False, main_camera_embedding=False)
-    assert cfg.controlnet_cfg.to_dict() == expected_cn
+    # the tiny config differs from the official tiny build in mask_downsample alone: 1, the released configs' value
+    assert cfg.controlnet_cfg.to_dict() == {**expected_cn, "mask_downsample": 1}
+    cfg.controlnet_cfg.mask_downsample = expected_cn["mask_downsample"]
     model = build_transformer(cfg, base)
     got = {k: list(v.shape) for k, v in model.state_dict().items()}
     want = official["state_dict"][variant]
@@ -53,6 +55,7 @@ def test_state_dict_matches_official_keys_and_shapes(official, variant):
 
 def test_dmd_variant_has_memory_layout(official):
     cfg, base = tiny_transformer_config("worldstereo-memory-dmd")
+    cfg.controlnet_cfg.mask_downsample = official["controlnet_cfg"]["mask_downsample"]  # the official tiny build's
     got = {k: list(v.shape) for k, v in build_transformer(cfg, base).state_dict().items()}
     assert got == official["state_dict"]["worldstereo-memory"]
     assert cfg.dmd_steps == 4
@@ -161,8 +164,9 @@ def test_branch_mode_attention_stays_inside_each_pair():
 def test_mask_embedding_front_padding_is_causal_in_time():
     """The temporal conv (before GroupNorm couples frames) must give latent frame 0 only pixel frame 0, and pixel
     frames 1..4 to latent frame 1: what zero-padding 3 frames at the front with kernel = stride = 4 means."""
-    model = build_transformer(*tiny_transformer_config("worldstereo-camera"), seed=11)
-    emb = model.controlnet.controlnet_mask_embedding
+    cfg, base = tiny_transformer_config("worldstereo-camera")
+    cfg.controlnet_cfg.mask_downsample = 4  # the release's default; its released configs say 1
+    emb = build_transformer(cfg, base, seed=11).controlnet.controlnet_mask_embedding
     seen = []
     hook = emb.mask_proj[0].register_forward_hook(lambda m, i, o: seen.append(o))
     g = torch.Generator().manual_seed(1)
@@ -187,9 +191,9 @@ def test_attention_processors_reach_the_branches(memory_model):
 
 def test_bad_mask_frames_are_a_clear_error(memory_model):
     kw = _inputs()
-    kw["render_mask"] = kw["render_mask"][:, :, :4]
-    kw["camera_embedding"] = kw["camera_embedding"][:, :, :4]
-    with pytest.raises(ValueError, match="frames"):
+    kw["render_mask"] = kw["render_mask"][:, :, :2]
+    kw["camera_embedding"] = kw["camera_embedding"][:, :, :2]
+    with pytest.raises(ValueError, match="2 frames; with 3 latent frames and mask_downsample 1 they need 3"):
         memory_model(**kw)
 
 
@@ -263,7 +267,7 @@ def test_mask_tokens_computed_once_give_the_same_output(memory_model):
 
 def test_interp_pads_three_frames_on_both_ends():
     cfg, base = tiny_transformer_config("worldstereo-camera")
-    cfg.controlnet_cfg.interp = True
+    cfg.controlnet_cfg.interp, cfg.controlnet_cfg.mask_downsample = True, 4
     model = build_transformer(cfg, base, seed=15)
     emb = model.controlnet.controlnet_mask_embedding
     assert emb.time_padding == (3, 3) and emb.video_frames(F) == 4 * F - 6

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 B, FR, H, W, R = 2, 3, 4, 6, 2  # latent frames/size; pixels are 8x; R references
 TEXT, IMAGE = 512, 5  # the Wan attention splits image/text context at 512 text tokens
-MASK_FRAMES = (FR - 1) * 4 + 1  # mask_downsample 4, the official 3-frame front padding
+MASK_FRAMES = FR  # mask_downsample 1 (the released configs'): one mask frame per keyframe, no padding
 
 
 # ---------------------------------------------------------------------------------------------- the reference
@@ -106,7 +106,8 @@ class Reference:
         ci = self.patch_tokens(torch.cat([kw["hidden_states"][:, :20], kw["render_latent"]], 1).double(),
                                "controlnet.controlnet_patch_embedding")
         m = torch.cat([kw["render_mask"], kw["camera_embedding"]], 1).double()
-        m = F.pad(m, (0, 0, 0, 0, 3, 0))
+        if cn.mask_downsample > 1:  # the release pads 3 frames in front only then
+            m = F.pad(m, (0, 0, 0, 0, 3, 0))
         pre = "controlnet.controlnet_mask_embedding."
         m = F.conv3d(m, p[pre + "mask_proj.0.weight"], p[pre + "mask_proj.0.bias"], stride=(cn.mask_downsample, 8, 8))
         m = F.silu(F.group_norm(m, cn.mid_channels // 8, p[pre + "mask_proj.1.weight"], p[pre + "mask_proj.1.bias"]))
@@ -305,9 +306,11 @@ def test_camera_config_with_memory_flags_loads_strictly_and_ignores_camera_codes
     official = json.loads((examples.parent / "reference/official_state_dict_tiny.json").read_text())
     cfg, base = tiny_transformer_config("worldstereo-camera")
     cfg.controlnet_cfg.ref_embedding = cfg.controlnet_cfg.main_camera_embedding = True  # as the official json has
-    model = build_transformer(cfg, base, seed=5)
-    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    cfg.controlnet_cfg.mask_downsample = official["controlnet_cfg"]["mask_downsample"]  # the official tiny build's
+    got = {k: list(v.shape) for k, v in build_transformer(cfg, base, seed=5).state_dict().items()}
     assert got == official["state_dict"]["worldstereo-camera"]
+    cfg.controlnet_cfg.mask_downsample = 1  # the released configs' value, the one the inputs below fit
+    model = build_transformer(cfg, base, seed=5)
     # a camera package whose config carries the flags and no variant key loads strictly from its variant folder
     folder = tmp_path / "worldstereo-camera"
     cfg.variant = None

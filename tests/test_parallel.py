@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -200,3 +201,82 @@ def test_one_pipeline_per_device_serves_clips_side_by_side(monkeypatch, one_thre
     assert sorted(pooled._generators) == ["cpu", "cpu:0"] and loads.count("cpu:0") == 1
     for seed in (5, 6):
         assert float((got[seed] - want[seed]).abs().max()) <= 1e-5, float((got[seed] - want[seed]).abs().max())
+
+
+# ---- refusals of the multi-GPU set-up, each sentence checked against a verdict decided here ------------------------
+
+def test_check_degree_refuses_rank_counts_that_do_not_divide_every_head_count():
+    """The released 14B layout: 40 backbone heads and 16 in the camera branch, so 2, 4 or 8 ranks (README)."""
+    from accelerate import init_empty_weights
+
+    from engine.models.loading import full_size_transformer_config, tiny_transformer_config
+    from engine.models.parallel import ParallelError, check_degree
+    from engine.models.transformer import WorldStereoTransformer
+
+    with init_empty_weights():
+        model = WorldStereoTransformer.from_checkpoint_config(*full_size_transformer_config("worldstereo-memory-dmd"))
+    for degree in range(2, 17):
+        if 40 % degree == 0 and 16 % degree == 0:
+            check_degree(model, degree)
+            continue
+        family, heads = ("backbone", 40) if 40 % degree else ("camera branch", 16)
+        with pytest.raises(ParallelError) as info:
+            check_degree(model, degree)
+        assert str(info.value) == (f"{degree} ranks do not divide the {heads} attention heads of the {family}; use "
+                                   "one of these rank counts: 2, 4, 8.")
+    with init_empty_weights():
+        branch = WorldStereoTransformer.from_checkpoint_config(*tiny_transformer_config("worldstereo-memory",
+                                                                                         memory_mode="branch"))
+    with pytest.raises(ParallelError, match=r"^The paper's branch-form memory .* run it on one GPU\.$"):
+        check_degree(branch, 2)
+
+
+def test_group_settings_are_refused_in_one_sentence(monkeypatch):
+    """Inside a sequence-parallel group: a compiled or exported backend, whole-model offload and another device
+    are refused; eager, the other offload options and the group's device run."""
+    from engine import distributed
+    from engine.settings import SceneSettings
+
+    distributed.check_settings(SceneSettings(engine="tiny-random", backend="compile"))  # no group: nothing to refuse
+    group = SimpleNamespace(rank=0, world=2, device=torch.device("cpu"))  # what check_settings reads of a Group
+    monkeypatch.setattr(distributed, "current", lambda: group)
+    for ok in (dict(), dict(offload="text-encoder"), dict(offload="group"), dict(engine="preview", backend="compile")):
+        distributed.check_settings(SceneSettings(**{"engine": "tiny-random", **ok}))
+    refused = {
+        "backend": (dict(backend="onnxruntime"), "The 'onnxruntime' backend runs the transformer on one GPU; a "
+                    "sequence-parallel group runs it eagerly, so drop --backend."),
+        "offload": (dict(offload="model"), "--offload model moves the transformer between CPU and GPU, which a "
+                    "sequence-parallel group cannot do; give each rank a GPU that holds it, or use --offload "
+                    "text-encoder."),
+        "device": (dict(device="meta"), "Every rank of this group computes on cpu; drop --device meta."),
+    }
+    for what, (change, sentence) in refused.items():
+        with pytest.raises(distributed.GroupError) as info:
+            distributed.check_settings(SceneSettings(engine="tiny-random", **change))
+        assert str(info.value) == sentence, what
+
+
+@pytest.mark.parametrize("text, verdict", [
+    (None, [0, 1, 2, 3]), ("0,1", [0, 1]), ("3", [3]), (" 2 , 0 ", [2, 0]), ("0,1,", [0, 1]),
+    ("", "distinct"), (",", "distinct"), ("0,0", "distinct"), ("4", "distinct"), ("-1", "distinct"),
+    ("1,5", "distinct"), ("a", "indices"), ("0;1", "indices"), ("0.5", "indices"), ("cuda:0", "indices"),
+])
+def test_gpus_flag_is_parsed_or_refused_in_one_sentence(monkeypatch, text, verdict):
+    """`--gpus` on a machine with 4 GPUs: distinct indices among 0..3, comma-separated."""
+    from engine import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    if isinstance(verdict, list):
+        assert distributed.parse_gpus(text) == verdict
+        return
+    with pytest.raises(distributed.GroupError) as info:
+        distributed.parse_gpus(text)
+    assert str(info.value) == {
+        "distinct": f"--gpus must name distinct GPUs among 0..3; got {text!r}.",
+        "indices": f"--gpus takes comma-separated GPU indices such as 0,1; got {text!r}.",
+    }[verdict]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(distributed.GroupError, match=r"^--gpus and --workers-per-gpu need CUDA GPUs and this "
+                                                     r"machine has none\.$"):
+        distributed.parse_gpus(text)

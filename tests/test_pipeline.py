@@ -11,7 +11,6 @@ from conftest import tiny_clip_inputs
 from engine.models.tiny import write_tiny_package
 from engine.pipeline import ClipInputError, ClipPipeline, References
 from engine.sampling import SamplingCancelled
-from tiny_model import wake_zero_layers
 
 VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")
 F, H, W = 3, 64, 64
@@ -55,6 +54,27 @@ def test_fixed_seed_is_deterministic_and_seeds_differ(pipes, inputs):
     c = run(pipe, inputs, references=inputs[1], seed=8)
     assert torch.equal(a.frames, b.frames) and torch.equal(a.latents, b.latents)
     assert not torch.allclose(a.latents, c.latents, atol=1e-3)
+
+
+@pytest.mark.parametrize("part", ["controlnet.proj_out.1.weight",
+                                  "controlnet.controlnet_mask_embedding.mask_zero_proj.weight",
+                                  "camera_embedding.4.weight"])
+def test_the_clip_changes_when_a_control_branch_weight_changes(pipes, inputs, part):
+    """The tiny package's control paths are awake: changing one of their (in the release zero-initialised) output
+    weights changes the clip itself, so a stale or wrong camera branch or camera-code network cannot go unseen."""
+    pipe = pipes["worldstereo-memory-dmd"]
+    before = run(pipe, inputs, references=inputs[1], seed=4)
+    weight = pipe.transformer.get_parameter(part)
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(-1.0)
+        after = run(pipe, inputs, references=inputs[1], seed=4)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert (after.latents - before.latents).abs().max() > 1e-2
+    assert (after.frames - before.frames).abs().max() > 1 / 255  # visible in the 8-bit frames
 
 
 def test_references_reach_the_memory_model_only(pipes, inputs):
@@ -122,9 +142,7 @@ def test_progress_and_cancel(pipes, inputs):
 
 @pytest.mark.parametrize("variant", ["worldstereo-memory-dmd", "worldstereo-camera"])
 def test_mask_tokens_are_made_once_per_clip(tiny_packages, inputs, variant, monkeypatch):
-    pipe = ClipPipeline.from_pretrained(tiny_packages[variant], device="cpu")
-    # the camera branch's zero-initialised layers made random, so the branch changes a clip
-    wake_zero_layers(pipe.transformer, prefixes=("controlnet.", "camera_embedding."))
+    pipe = ClipPipeline.from_pretrained(tiny_packages[variant], device="cpu")  # the package's branches are awake
     calls = []
     pipe.transformer.controlnet.controlnet_mask_embedding.register_forward_hook(lambda *_: calls.append(1))
     steps = 4 if pipe.is_distilled else UNIPC_TEST_STEPS

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -13,15 +12,12 @@ from conftest import read_vertex_ply
 from engine.cli import main as cli_main
 from engine.outputs import SH_C0, SPLAT_OPACITY, depth_to_colors
 from engine.scene import SPLAT_SIGMA
+from scenefolder import assert_same_scene, scene_files as _tree
 
 PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"
 OTHER = "perspective/stylized-outdoor-aquatic_landscape-069/image.png"
 SPLAT_FIELDS = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity",
                 "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
-
-
-def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _generate(examples, out, trajectories, image=PHOTO):
@@ -154,9 +150,13 @@ def test_revert_within_one_run_restores_the_first_clips_files(examples, tmp_path
 
     scene.run(["up", "left"], cancel=after_first_clip)
     assert first and len(json.loads((out / "manifest.json").read_text())["clips"]) == 2
+    both = _tree(out)
     assert cli_main(["revert", str(out)]) == 0
     after = _tree(out)
     changed = [name for name in first if after.get(name) != first[name]]
     assert not changed, changed
     assert {"cameras.json", "transforms.json", "scene.zip"} <= set(after)
     assert not any(name.startswith("clips/01_left") or name == "state/cache-0002.ply" for name in after)
+    # the same command again puts the removed clip back as the uninterrupted run made it, every file but timings
+    assert _generate(examples, out, "up,left") == 0
+    assert_same_scene(out, both)

@@ -12,12 +12,16 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
+import engine.settings as settings_mod
+from conftest import PlaneTestDepth
+from engine import scene_init
 from engine.cli import main as cli_main
 from engine.geometry import trajectories as traj
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
 from engine.images import save_image
 from engine.scene import GenerationCancelled, Scene
 from engine.settings import SceneSettings
+from scenefolder import assert_same_scene
 
 PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"
 
@@ -228,35 +232,56 @@ def test_cli_preview_writes_every_output(examples, tmp_path, capsys):
     assert "preview" in manifest["engine_note"]
 
 
-def test_resume_after_kill_finishes_without_redoing(examples, tmp_path):
+def test_resume_after_an_interruption_finishes_as_an_uninterrupted_run(examples, tmp_path, monkeypatch):
+    """Stopped after two of three clips, reopened and run again: clips done are not redone, and the finished folder
+    equals an uninterrupted run of the same trajectories, every file but timings (a resume that reopened an older
+    cache or a bank without the clips' frames would render the third clip from the wrong cloud, or give it other
+    references)."""
+    monkeypatch.setitem(settings_mod.ENGINE_SCALE, "preview", 0.25)  # small frames: the loop, not the pixels
+    seeds = []
+    real_generate = scene_init.PreviewGenerator.generate
+    monkeypatch.setattr(scene_init.PreviewGenerator, "generate",
+                        lambda self, **kw: seeds.append(kw["seed"]) or real_generate(self, **kw))
+    planned = ["up", "left", "orbit"]  # the orbit takes references from both clips before it
+    settings = SceneSettings(engine="preview", frames=5, keep_frames=2, seed=7)
+    whole = Scene.create(tmp_path / "whole", examples / PHOTO, settings=settings, depth_source=PlaneTestDepth(),
+                         announce=lambda m: None)
+    whole.run(planned)
+    assert seeds == [7, 8, 9]  # clip k is generated with seed + k
+    # Each clip gave the bank the frames the release's sample_align_nframe(5, 2) keeps: 2 and 4.
+    for k, clip in enumerate(whole.clips):
+        index = json.loads((tmp_path / "whole" / clip["folder"] / "memory" / "index.json").read_text())
+        assert [f["frame_id"] for f in index["frames"]] == [1000 * (k + 1) + 2, 1000 * (k + 1) + 4]
     out = tmp_path / "job"
-    settings = SceneSettings(engine="preview", frames=5, keep_frames=2)
-    scene = Scene.create(out, examples / PHOTO, settings=settings, announce=lambda m: None)
+    scene = Scene.create(out, examples / PHOTO, settings=settings, depth_source=PlaneTestDepth(),
+                         announce=lambda m: None)
 
     def cancel():
-        return len(json.loads((out / "manifest.json").read_text())["clips"]) >= 1
+        return len(json.loads((out / "manifest.json").read_text())["clips"]) >= 2
 
     with pytest.raises(GenerationCancelled):
-        scene.run(["up", "left", "right"], cancel=cancel)
+        scene.run(planned, cancel=cancel)
     first = json.loads((out / "manifest.json").read_text())
-    assert [c["trajectory"] for c in first["clips"]] == ["up"]
-    first_video = out / first["clips"][0]["folder"] / "clip.mp4"
-    stamp = first_video.stat().st_mtime_ns
+    assert [c["trajectory"] for c in first["clips"]] == ["up", "left"]
+    stamps = {c["folder"]: (out / c["folder"] / "clip.mp4").stat().st_mtime_ns for c in first["clips"]}
     # A leftover half-written clip from the "killed" process must not survive the restart.
-    (out / "clips" / ".01_left.tmp-ab12cd34").mkdir()
+    (out / "clips" / ".02_orbit.tmp-ab12cd34").mkdir()
 
-    again = Scene.open(out, announce=lambda m: None)
-    again.run(["up", "left", "right"])
-    final = json.loads((out / "manifest.json").read_text())
-    assert [c["trajectory"] for c in final["clips"]] == ["up", "left", "right"]
-    assert first_video.stat().st_mtime_ns == stamp
-    assert not (out / "clips" / ".01_left.tmp-ab12cd34").exists()
+    again = Scene.open(out, depth_source=PlaneTestDepth(), announce=lambda m: None)
+    again.run(planned)
+    assert seeds == [7, 8, 9, 7, 8, 9]  # the resumed third clip too
+    assert {f: (out / f / "clip.mp4").stat().st_mtime_ns for f in stamps} == stamps  # not redone
+    assert_same_scene(out, tmp_path / "whole")
     # Every committed cache version is kept (``revert`` goes back to them), and only those.
     assert sorted(p.name for p in (out / "state").glob("cache-*.ply")) == [f"cache-{i:04d}.ply" for i in range(4)]
 
 
 def test_panorama_from_shared_bank(examples, tmp_path):
+    """A panorama scene starts from the official 27-view bank, and each trajectory from its own start view: view0
+    is the bank's first view (the release's start view), view1 looks to its right, view2 behind it, view3 to its
+    left, all level."""
     from engine.geometry.cameras import load_camera_bank
+    from engine.geometry.memory import MemoryBank
     from engine.geometry.panorama import perspective_to_equirect
     from engine.images import load_image
 
@@ -267,15 +292,54 @@ def test_panorama_from_shared_bank(examples, tmp_path):
     save_image(tmp_path / "pano.png", pano)
     out = tmp_path / "pano_scene"
     rc = cli_main(["generate", "--panorama", str(tmp_path / "pano.png"), "--engine", "preview", "--frames", "5",
-                   "--trajectories", "view0:forward,view2:left", "--out", str(out)])
+                   "--trajectories", "view1:forward,view2:left", "--out", str(out)])
     assert rc == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "panorama" and len(manifest["clips"]) == 2
-    for clip in manifest["clips"]:
-        assert _frames(out / clip["folder"] / "clip.mp4") == 5
+    # the memory bank starts as the official bank: its 27 views, their cameras
+    start_bank = MemoryBank.load(out / "state" / "bank-start")
+    assert len(start_bank) == len(names) == 27
+    torch.testing.assert_close(start_bank.cameras.w2c, cams.w2c, rtol=0, atol=1e-5)
+    # the four start views, from the official start view's own axes (columns of its c2w: right, down, forward)
+    right, down, forward = (cams.c2w[0, :3, i] for i in range(3))
+    looks = {0: forward, 1: right, 2: -forward, 3: -right}
+    for clip, view in zip(manifest["clips"], (1, 2)):
+        for frames in (_frames(out / clip["folder"] / "clip.mp4"), len(Cameras.from_json(out / clip["folder"] /
+                                                                                        "cameras.json"))):
+            assert frames == 5
+        first = Cameras.from_json(out / clip["folder"] / "cameras.json")[0]
+        assert torch.allclose(first.c2w[0, :3, 2], looks[view], atol=1e-6), (clip["name"], view)
+        assert torch.allclose(first.c2w[0, :3, 1], down, atol=1e-6)  # level: the same image-down as view0
+        assert torch.allclose(first.centers[0], cams.centers[0], atol=1e-6)  # from the panorama's centre
+        refs = json.loads((out / clip["folder"] / "references.json").read_text())
+        assert refs["bank_frames"] and all(f.split("#")[0] in ("panorama", "00_view1_forward")
+                                           for f in refs["bank_frames"])
+    for view, look in looks.items():
+        w2c = torch.tensor(manifest["start_views"][view], dtype=torch.float64)
+        assert torch.allclose(w2c[:3, :3].T[:, 2], look, atol=1e-6)
     import open3d as o3d
 
     assert len(o3d.io.read_point_cloud(str(out / "scene.ply")).points) > 1000
+
+
+def test_every_start_view_plans_from_its_own_direction(examples, tmp_path, monkeypatch):
+    """`view<k>:<preset>` starts at start view k: view0 is the official start view (the shared bank's first camera),
+    view1 looks to its right, view2 behind it, view3 to its left, level and from the panorama's centre."""
+    from engine.geometry.cameras import load_camera_bank
+
+    monkeypatch.setitem(settings_mod.ENGINE_SCALE, "preview", 0.1)  # 27 small views: the plan is what is read
+    pano = tmp_path / "pano.png"
+    save_image(pano, torch.rand(3, 64, 128, generator=torch.Generator().manual_seed(0)))
+    scene = Scene.create(tmp_path / "job", pano, panorama=True, settings=SceneSettings(engine="preview", frames=3),
+                         depth_source=PlaneTestDepth(), announce=lambda m: None)
+    assert len(scene.bank) == 27
+    _, official = load_camera_bank(examples / "panorama/indoor-corridor/pano_bank/cameras.json")
+    right, down, forward = (official.c2w[0, :3, i] for i in range(3))
+    for k, look in enumerate((forward, right, -forward, -right)):
+        for preset in ("forward", "left"):
+            first = scene.plan(f"view{k}:{preset}")[0]
+            assert torch.allclose(first.c2w[0, :3, 2], look, atol=1e-6), (k, preset)
+            assert torch.allclose(first.c2w[0, :3, 1], down, atol=1e-6) and first.centers[0].abs().max() < 1e-9
 
 
 def test_cli_errors_are_one_sentence(examples, tmp_path, capsys):
@@ -333,16 +397,21 @@ def test_render_cli_on_a_job_folder_renders_its_cache_without_a_depth_model(room
 
 
 def test_cli_tiny_random_runs_the_network_loop(examples, tmp_path, capsys, monkeypatch):
+    """The network loop through the CLI; clip k starts from the noise of seed + k (drawn here independently)."""
     import engine.geometry.cache as cache_module
+    from engine.pipeline import ClipPipeline
 
     monkeypatch.setenv("WORLDSTEREO_CACHE", str(tmp_path / "cache"))
-    renders = []
+    renders, noise = [], []
     real_render = cache_module.render_points
     monkeypatch.setattr(cache_module, "render_points",
                         lambda *a, **kw: renders.append(kw.get("pointmaps", True)) or real_render(*a, **kw))
+    real_denoise = ClipPipeline.denoise
+    monkeypatch.setattr(ClipPipeline, "denoise",
+                        lambda self, latents, *a, **kw: noise.append(latents.clone()) or real_denoise(self, latents, *a, **kw))
     out = tmp_path / "tiny"
     rc = cli_main(["generate", "--image", str(examples / PHOTO), "--engine", "tiny-random", "--frames", "5",
-                   "--trajectories", "up,left", "--backend", "onnxruntime", "--out", str(out)])
+                   "--seed", "11", "--trajectories", "up,left", "--backend", "onnxruntime", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     # No exported graphs were given: the run says so in one line and falls back to eager.
@@ -354,6 +423,11 @@ def test_cli_tiny_random_runs_the_network_loop(examples, tmp_path, capsys, monke
         refs = json.loads((out / clip["folder"] / "references.json").read_text())
         assert 1 <= len(refs["refs"]) <= 8  # the memory variant was given references from the bank
     assert renders and not any(renders)  # the released (stitched) memory reads no pointmaps: none were made
+    h, w = manifest["size"]
+    assert len(noise) == 2
+    for k, start in enumerate(noise):
+        drawn = torch.randn((1, 16, 5, h // 8, w // 8), generator=torch.Generator().manual_seed(11 + k))
+        assert torch.equal(start, drawn), f"clip {k} did not start from the noise of seed + {k}"
 
 
 def test_render_cli_errors_are_one_sentence(examples, tmp_path, capsys):

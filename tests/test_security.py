@@ -147,13 +147,20 @@ def test_job_dir_accepts_only_ids_it_could_have_made(text):
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(["..", ".", "a", "b.mp4", "/", "clips", "~", "%2e%2e"]), min_size=1, max_size=6))
 def test_safe_path_never_leaves_its_root(tmp_path_factory, parts):
+    """Every path is refused exactly when it is absolute or climbs with '..' (decided here from the string alone);
+    every other one is the file under the root its parts name, '.' and empty parts dropped."""
     root = tmp_path_factory.getbasetemp() / "safe-root"
     root.mkdir(exist_ok=True)
     rel = "/".join(parts)
+    should_refuse = rel.startswith("/") or ".." in rel.split("/")
     try:
         target = jobs.safe_path(root, rel)
-    except jobs.JobPathError:
+    except jobs.JobPathError as e:
+        assert should_refuse, f"{rel!r} was refused: {e}"
+        assert str(e) == f"'{rel}' is not a file of this scene."
         return
+    assert not should_refuse, f"{rel!r} was accepted as {target}"
+    assert target == root.resolve().joinpath(*[p for p in rel.split("/") if p not in ("", ".")])
     assert target == root.resolve() or root.resolve() in target.parents
 
 

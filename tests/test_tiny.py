@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.models.loading import build_transformer, load_transformer, tiny_transformer_config
-from engine.models.tiny import VOCAB_FILE, tiny_tokenizer, write_tiny_package
+from engine.models.tiny import VOCAB_FILE, tiny_tokenizer, wake_seed, wake_zero_init, write_tiny_package
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_state_dict_tiny.json"
 VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")
@@ -61,7 +61,9 @@ def test_round_trip_through_the_checkpoint_loader(packages, variant):
     held = load_file(str(pkg / "model.safetensors"))
     base = WanTransformer3DModel.from_pretrained(str(pkg / "base_model"), subfolder="transformer").state_dict()
     cfg, base_cfg = tiny_transformer_config(variant)
-    fresh = build_transformer(cfg, base_cfg, seed=0).state_dict()
+    model = build_transformer(cfg, base_cfg, seed=0)
+    assert wake_zero_init(model, torch.Generator().manual_seed(wake_seed(variant, 0))) > 0  # as the package's
+    fresh = model.state_dict()
     assert loaded.keys() == fresh.keys()
     for k in fresh:
         assert torch.equal(loaded[k], held[k] if k in held else base[k]), k
@@ -75,6 +77,11 @@ def test_package_weights_have_the_official_keys_and_shapes(packages, variant):
     """The loaded model has exactly the official state dict; the file holds the released kind of subset: every key
     the base model lacks and, of the backbone, every block's self-attention (and feed-forward for memory)."""
     official = {k: list(v) for k, v in json.loads(REFERENCE.read_text())["state_dict"][variant].items()}
+    # The official tiny build has mask_downsample 4, the released configs (and the package) 1: the mask
+    # embedding's first conv has a temporal kernel of 1 instead of 4, every other key and shape is the same.
+    first_conv = "controlnet.controlnet_mask_embedding.mask_proj.0.weight"
+    assert official[first_conv][2] == 4
+    official[first_conv][2] = 1
     loaded = load_transformer(packages[variant], device="cpu").state_dict()
     assert {k: list(v.shape) for k, v in loaded.items()} == official
     written = load_file(str(packages[variant] / "model.safetensors"))
@@ -84,6 +91,19 @@ def test_package_weights_have_the_official_keys_and_shapes(packages, variant):
     want = {k for k in official if k not in backbone or k.split(".")[2:3] and k.split(".")[2] in parts}
     assert set(written) == want
     assert {k: list(v.shape) for k, v in written.items()} == {k: official[k] for k in want}
+
+
+def test_the_package_has_no_zero_initialised_layer_left(packages):
+    """What the release initialises to zero (camera branch outputs, mask embedding's last conv, camera-code network's
+    last Linear) is random in the package, so both control branches reach every tiny clip."""
+    written = load_file(str(packages["worldstereo-memory-dmd"] / "model.safetensors"))
+    for name in ("controlnet.proj_out.0.weight", "controlnet.proj_out.1.bias",
+                 "controlnet.controlnet_mask_embedding.mask_zero_proj.weight", "camera_embedding.4.weight"):
+        assert written[name].abs().min() > 0 or written[name].std() > 0.01, name
+    assert not [k for k, v in written.items() if v.is_floating_point() and not v.any()]
+    # each variant's own: a switch that kept one variant's camera branch would change the clip
+    other = load_file(str(packages["worldstereo-memory"] / "model.safetensors"))
+    assert not torch.equal(other["controlnet.proj_out.0.weight"], written["controlnet.proj_out.0.weight"])
 
 
 def test_seed_controls_the_weights(tmp_path, packages):

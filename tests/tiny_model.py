@@ -8,16 +8,14 @@ import torch
 
 
 def wake_zero_layers(model, seed: int = 0, scale: float = 0.05, prefixes: Optional[tuple[str, ...]] = None):
-    """Give every all-zero floating parameter (branch outputs, adaLN, camera codes: what the official initialisation
-    zeroes), or only those whose name starts with one of ``prefixes``, values ``scale`` x N(0, 1). With them zero
-    those paths cannot change an output, and a comparison through them would be vacuous. Returns the model."""
+    """`engine.models.tiny.wake_zero_init` on ``model`` (or on its submodules named by ``prefixes``, e.g.
+    ``"controlnet."``) with a generator seeded ``seed``: what the official initialisation zeroes gets random values,
+    so a comparison through those paths is not vacuous. Returns the model."""
+    from engine.models.tiny import wake_zero_init
+
     g = torch.Generator().manual_seed(seed)
-    woken = 0
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.is_floating_point() and not p.any() and (prefixes is None or name.startswith(prefixes)):
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-                woken += 1
+    parts = [model] if prefixes is None else [model.get_submodule(p.rstrip(".")) for p in prefixes]
+    woken = sum(wake_zero_init(part, g, scale) for part in parts)
     assert woken, "no zero-initialised parameter found: the test would compare nothing new"
     return model
 
@@ -25,10 +23,10 @@ def wake_zero_layers(model, seed: int = 0, scale: float = 0.05, prefixes: Option
 def forward_inputs(batch: int, frames: int, h: int, w: int, ref_index: Optional[Sequence[int]] = None,
                    seed: int = 0, pointmaps: bool = False) -> dict:
     """Keyword inputs of one forward of the tiny transformer (text 8 x 32, image 4 x 24) at latent size
-    ``frames x h x w`` (pixels 8x; a mask frame per video frame); ``ref_index``: the target frame each reference
+    ``frames x h x w`` (pixels 8x; a mask frame per keyframe, the tiny config's mask_downsample 1); ``ref_index``: the target frame each reference
     serves (none: no references), ``pointmaps``: with the paper branch's pointmap latents."""
     g = torch.Generator().manual_seed(seed)
-    f_pix = (frames - 1) * 4 + 1
+    f_pix = frames
     kw = dict(
         hidden_states=torch.randn(batch, 36, frames, h, w, generator=g),
         timestep=torch.tensor([700.0] * batch),

@@ -277,6 +277,11 @@ def _eloop(start: Cameras, amount: float, frames: int, d: float, ease: bool) -> 
     return _assemble(start, poses)
 
 
+def amount_in_range(spec: TrajectorySpec, amount) -> bool:
+    """Whether ``amount`` is one the preset takes: a finite real number above 0 and at most its ``max_amount``."""
+    return isinstance(amount, (int, float)) and math.isfinite(amount) and 0 < amount <= spec.max_amount
+
+
 def make_trajectory(
     name: str,
     start: Cameras,
@@ -300,7 +305,7 @@ def make_trajectory(
         raise ValueError(f"A trajectory needs between 2 and 10000 frames; got {frames!r}.")
     frames = int(frames)
     unit = "degrees" if spec.kind == "angle" else "times the median depth"
-    if not isinstance(amount, (int, float)) or not math.isfinite(amount) or not 0 < amount <= spec.max_amount:
+    if not amount_in_range(spec, amount):
         raise ValueError(f"Trajectory {name!r} takes an amount above 0 and at most {spec.max_amount:g} {unit}; got {amount!r}.")
     amount = float(amount)
     _check_start(start, median_depth)

@@ -59,7 +59,9 @@ class CheckpointMismatchError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- tiny configs
-# The numbers of reference/official_state_dict_tiny.json (the official code built at a tiny size).
+# The numbers of reference/official_state_dict_tiny.json (the official code built at a tiny size), except
+# mask_downsample: 1 as in the released configs (with one render-mask frame per keyframe, 21 of them, the release's
+# mask embedding takes no other value: a temporal kernel of 4 after 3 padded frames would give 6 token frames).
 _TINY_BASE = {
     "patch_size": [1, 2, 2], "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 36,
     "out_channels": 16, "text_dim": 32, "freq_dim": 32, "ffn_dim": 64, "num_layers": 4, "cross_attn_norm": True,
@@ -68,7 +70,7 @@ _TINY_BASE = {
 }
 _TINY_CONTROLNET = {
     "dim": 32, "ffn_dim": 64, "num_heads": 2, "time_embed_dim": 32, "num_layers": 2, "conv_out_dim": 32,
-    "add_channels": 7, "mid_channels": 16, "mask_downsample": 4, "interp": False, "update_ref": False,
+    "add_channels": 7, "mid_channels": 16, "mask_downsample": 1, "interp": False, "update_ref": False,
     "ref_embedding": True, "main_camera_embedding": True, "camera_embedding_dim": 7,
 }
 
@@ -108,7 +110,8 @@ def tiny_transformer_config(variant: str = "worldstereo-memory", base_model: str
 # The Wan2.1 I2V-14B backbone (diffusers `transformer/config.json` of the base model) and a camera branch of the
 # Uni3C form the release builds on (dim 1024, 20 blocks, 16 heads, 5120-wide patch/time embeddings and outputs).
 # The branch FFN width and mask-embedding channels are not stated anywhere public: 8192 and 256 are assumptions,
-# used only for benchmarks with random weights (a real checkpoint brings its own config.json).
+# used only for benchmarks with random weights (a real checkpoint brings its own config.json); mask_downsample is
+# the released configs' 1.
 _FULL_BASE = {
     "patch_size": [1, 2, 2], "num_attention_heads": 40, "attention_head_dim": 128, "in_channels": 36,
     "out_channels": 16, "text_dim": 4096, "freq_dim": 256, "ffn_dim": 13824, "num_layers": 40,
@@ -117,7 +120,7 @@ _FULL_BASE = {
 }
 _FULL_CONTROLNET = {
     "dim": 1024, "ffn_dim": 8192, "num_heads": 16, "time_embed_dim": 5120, "num_layers": 20, "conv_out_dim": 5120,
-    "add_channels": 7, "mid_channels": 256, "mask_downsample": 4, "interp": False, "update_ref": False,
+    "add_channels": 7, "mid_channels": 256, "mask_downsample": 1, "interp": False, "update_ref": False,
     "ref_embedding": True, "main_camera_embedding": True, "camera_embedding_dim": 7,
 }
 

@@ -14,7 +14,8 @@
 so the tiny engines go through exactly the loading code a real checkpoint does. The base model depends on the seed
 alone, so every variant of one seed shares it (``write_tiny_weights``: the hub's layout, one folder per variant and
 the base beside them). The tokenizer is a T5 (Unigram) tokenizer over the package-local vocabulary in
-``tiny_vocab/unigram.json``.
+``tiny_vocab/unigram.json``. The layers the release initialises to zero (`wake_zero_init`) hold random values, so
+both control branches move every tiny clip.
 """
 from __future__ import annotations
 
@@ -82,6 +83,27 @@ def _tiny_vae():
                             temperal_downsample=[False, True, True]).eval()
 
 
+def wake_zero_init(model: torch.nn.Module, generator: torch.Generator, scale: float = 0.05) -> int:
+    """Give every all-zero floating parameter of ``model`` values ``scale`` x N(0, 1) drawn from ``generator``.
+
+    The release zero-initialises the outputs of its control paths (the camera branch's ``proj_out`` and the mask
+    embedding's last conv, the camera-code network's last Linear, ...), so a trained checkpoint is needed before
+    they add anything. Woken, they move every tiny-random clip, and a test that compares clips sees both branches
+    (a wrong or stale camera branch changes the clip). Returns how many parameters were woken."""
+    woken = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+                woken += 1
+    return woken
+
+
+def wake_seed(variant: str, seed: int = 0) -> int:
+    """The seed of the generator `write_tiny_package` wakes ``variant``'s zero-initialised layers with."""
+    return 1000 * seed + VARIANTS.index(variant)
+
+
 def checkpoint_keys(model, variant: str) -> list[str]:
     """The state-dict keys a package's model.safetensors holds: every key for DMD; for the camera and memory
     variants every key the base model lacks (branches, memory modules) and ``RELEASED_BACKBONE_PARTS`` of every
@@ -135,6 +157,8 @@ def write_tiny_package(folder: Union[str, Path], variant: str = "worldstereo-mem
     folder.mkdir(parents=True, exist_ok=True)
     config, base_cfg = tiny_transformer_config(variant, base_model=BASE_MODEL_DIR, memory_mode=memory_mode)
     model = build_transformer(config, base_cfg, seed=seed)
+    # a generator of the variant's own: the variants' camera branches differ, as the released files' do
+    wake_zero_init(model, torch.Generator().manual_seed(wake_seed(variant, seed)))
     base = tiny_base_model(base_cfg, seed)
     keys = checkpoint_keys(model, variant)
     held = set(keys)
@@ -157,7 +181,7 @@ def write_tiny_weights(root: Union[str, Path], seed: int = 0, variants=VARIANTS)
 
 # Bump when write_tiny_package or the models' initialisation change what is written in a way the config and the
 # state-dict layout do not show.
-TINY_PACKAGE_FORMAT = 3
+TINY_PACKAGE_FORMAT = 4
 
 
 def tiny_package_key(variant: str, memory_mode: str = "stitched") -> str:

@@ -74,23 +74,13 @@ def memory_block(block: WanTransformerBlock, x: torch.Tensor, ref: torch.Tensor,
     return joint[:, n:], joint[:, :n]
 
 
-def _align_mask_frames(x: torch.Tensor, num_latent_frames: int, expected: int, downsample: int) -> torch.Tensor:
-    """Bring a pixel-rate tensor [B, C, F_pix, H, W] to the ``expected`` frame count of the mask embedding.
-
-    The released 2.0 checkpoints encode every keyframe on its own (one video frame per latent frame). When such a
-    per-keyframe mask arrives while the config says mask_downsample>1, each keyframe after the first is repeated
-    `downsample` times so every latent frame's temporal kernel sees exactly its own keyframe (our reading; the
-    official code would fail on this case).
-    """
-    f_pix = x.shape[2]
-    if f_pix == expected:
-        return x
-    per_keyframe = downsample > 1 and expected == (num_latent_frames - 1) * downsample + 1
-    if f_pix == num_latent_frames and per_keyframe:
-        return torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(downsample, dim=2)], dim=2)
-    alternative = f" (or {num_latent_frames}, one per keyframe)" if per_keyframe else ""
-    raise InputError(f"render_mask/camera_embedding have {f_pix} frames; with {num_latent_frames} latent frames "
-                     f"they need {expected}{alternative}.")
+def _check_mask_frames(x: torch.Tensor, num_latent_frames: int, expected: int, downsample: int) -> None:
+    """``render_mask``/``camera_embedding`` [B, C, F_pix, H, W] must bring the ``expected`` frame count, the one the
+    mask embedding turns into ``num_latent_frames`` token frames: one frame per keyframe with the released configs'
+    mask_downsample 1, (F - 1)·mask_downsample + 1 video frames otherwise (the release pads and strides them alike)."""
+    if x.shape[2] != expected:
+        raise InputError(f"render_mask/camera_embedding have {x.shape[2]} frames; with {num_latent_frames} latent "
+                         f"frames and mask_downsample {downsample} they need {expected}.")
 
 
 # Sequence parallelism (diffusers' context parallelism): at every `TokenShards` each rank keeps its contiguous share of
@@ -271,7 +261,7 @@ class WorldStereoTransformer(WanTransformer3DModel):
             raise InputError(f"render_mask + camera_embedding give {x.shape[1]} channels; this checkpoint expects "
                              f"{cn.add_channels} (1 mask channel + 6 Plücker channels when 7).")
         embedding = self.controlnet.controlnet_mask_embedding
-        x = _align_mask_frames(x, num_frames, embedding.video_frames(num_frames), cn.mask_downsample)
+        _check_mask_frames(x, num_frames, embedding.video_frames(num_frames), cn.mask_downsample)
         return embedding(x.to(embedding.mask_proj[0].weight.dtype))
 
     def camera_branch(self, hidden_states: torch.Tensor, render_latent: torch.Tensor, temb: torch.Tensor,
@@ -382,8 +372,8 @@ class WorldStereoTransformer(WanTransformer3DModel):
         - render_latent [B, 16, F, h, w]: VAE latent of the 3D-cache render video along the target cameras.
           Without it (and render_mask) the camera branch is skipped and the backbone runs alone.
         - render_mask [B, 1, F_pix, H, W]: 1 where the cache render has a HOLE (nothing landed), 0 where it covers
-          the pixel (the official polarity); pixel resolution, F_pix = (F-1)·mask_downsample+1 video frames (or F,
-          one per keyframe).
+          the pixel (the official polarity); pixel resolution, F_pix = F (one per keyframe, the released configs'
+          mask_downsample 1), or (F-1)·mask_downsample+1 video frames for a config with mask_downsample > 1.
         - camera_embedding [B, 6, F_pix, H, W]: Plücker rays per pixel and frame, channels (d, o×d) — direction
           first, as the official `embed_rays`; same frames and size as render_mask; read when
           controlnet_cfg.add_channels is 7.

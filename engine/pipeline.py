@@ -152,7 +152,7 @@ class ClipPipeline:
 
     def make_sampler(self, steps: Optional[int] = None) -> Sampler:
         """DMD with the checkpoint config's shift / start / end steps, or UniPC configured by the base model's
-        scheduler config — as ``WorldStereo._build_pipeline`` (models/worldstereo_wrapper.py) builds them."""
+        scheduler config — as ``WorldStereo._build_pipeline`` (release: models/worldstereo_wrapper.py) builds them."""
         cfg = self.config
         if self.is_distilled:
             shift = float(cfg.gen_shift) if cfg.gen_shift is not None else DEFAULT_SHIFT

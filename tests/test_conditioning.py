@@ -1,5 +1,5 @@
 """What reaches the transformer, against the golden tensors the official functions computed on the shared examples
-(``reference/golden``), analytic answers and independent float64 references."""
+(``../shared/reference/golden``), analytic answers and independent float64 references."""
 from __future__ import annotations
 
 import json
@@ -28,7 +28,7 @@ CASES = {  # golden case: (image, camera file, pre-rendered folder) under the sh
                 "perspective/stylized-outdoor-aquatic_landscape-069/camera.json", None),
     "corridor_view0_traj1": (f"{CORRIDOR}/start_frame.png", f"{CORRIDOR}/traj1/camera.json", f"{CORRIDOR}/traj1"),
 }
-CAMERA_TOL, PLUCKER_TOL, RENDER_TOL = 1e-5, 1e-4, 2 / 255  # golden/README.md
+CAMERA_TOL, PLUCKER_TOL, RENDER_TOL = 1e-5, 1e-4, 2 / 255  # ../shared/reference/golden/README.md
 MASK_PIXELS_OFF = 8  # "exact except a handful of pixels"
 
 

@@ -302,8 +302,9 @@ def test_constant_depth_frame_is_still_retrieved_for_a_small_orbit():
     (5, 1, [4]),  # one step from frame 0 to the last
 ])
 def test_sample_align_nframe_keeps_the_releases_frames(n, k, frames):
-    """Expected values worked out by hand from the release's rule (src/general_utils.py): the n - 1 - k frames left
-    out are shared over k steps (the first from frame 0), ``(n - 1 - k) % k`` steps one longer, those first."""
+    """Expected values worked out by hand from the release's rule (release: src/general_utils.py): the n - 1 - k
+    frames left out are shared over k steps (the first from frame 0), ``(n - 1 - k) % k`` steps one longer, those
+    first."""
     from engine.geometry.memory import sample_align_nframe
 
     assert sample_align_nframe(n, k) == frames
@@ -325,7 +326,7 @@ def test_sample_align_nframe_shape_and_refusals():
 
 def test_sample_align_nframe_is_what_the_releases_bank_kept(examples):
     """The release's own memory bank on the shared corridor recorded the frames each 21-frame trajectory gave it
-    (``golden/corridor_retrieval.json``)."""
+    (``../shared/reference/golden/corridor_retrieval.json``)."""
     from engine.geometry.memory import sample_align_nframe
 
     golden = json.loads((examples.parent / "reference/golden/corridor_retrieval.json").read_text())

@@ -36,7 +36,7 @@ class ComponentLoadError(ValueError):
 
 
 def prompt_clean(text: str) -> str:
-    """The release's ``prompt_clean`` (models/pipelines/pipeline_dmd_keyframe.py): ftfy's fix, HTML entities
+    """The release's ``prompt_clean`` (release: models/pipelines/pipeline_dmd_keyframe.py): ftfy's fix, HTML entities
     unescaped twice, runs of whitespace collapsed to one space, ends stripped."""
     import ftfy
 
@@ -95,7 +95,8 @@ class Components:
     # ---------------------------------------------------------------- image
     def clip_pixels(self, images: Union[Image.Image, Sequence[Image.Image]]) -> torch.Tensor:
         """CLIP ``pixel_values`` of uint8 PIL images as the release makes them: its ``CLIPImageProcessor`` is
-        loaded with ``do_rescale=False`` (models/worldstereo_wrapper.py), so 0-255 values reach the normalisation."""
+        loaded with ``do_rescale=False`` (release: models/worldstereo_wrapper.py), so 0-255 values reach the
+        normalisation."""
         images = [images] if isinstance(images, Image.Image) else list(images)
         return self.image_processor(images=images, do_rescale=False, return_tensors="pt").pixel_values
 
@@ -132,7 +133,8 @@ class Components:
 
     def encode_keyframes(self, video: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """Keyframes ``[1,3,F,H,W]`` in [-1,1] -> normalised latents ``[1,16,F,H/8,W/8]``, every frame encoded as its
-        own one-frame video with the latent distribution's ``mode`` (``keyframe_vae_encode``, src/vae_utils.py)."""
+        own one-frame video with the latent distribution's ``mode`` (``keyframe_vae_encode``,
+        release: src/vae_utils.py)."""
         dev = self.device
         vae_dtype = next(self.vae.parameters()).dtype
         frames = video[0].transpose(0, 1)  # [F,3,H,W]

@@ -59,7 +59,7 @@ class CheckpointMismatchError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- tiny configs
-# The numbers of reference/official_state_dict_tiny.json (the official code built at a tiny size), except
+# The numbers of ../shared/reference/official_state_dict_tiny.json (the official code built at a tiny size), except
 # mask_downsample: 1 as in the released configs (with one render-mask frame per keyframe, 21 of them, the release's
 # mask embedding takes no other value: a temporal kernel of 4 after 3 padded frames would give 6 token frames).
 _TINY_BASE = {

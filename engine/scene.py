@@ -4,8 +4,9 @@ Every clip is conditioned on the 3D cache rendered along its cameras (GGM) and o
 from the memory bank (SSM); afterwards a few of its frames get depth, are scale-aligned to the cache and grow
 both the cache and the bank, so the next trajectory sees everything generated so far.
 
-The rooms around the loop: ``engine.settings`` checks what a scene is asked for, ``engine.scene_init`` starts a
-scene (depth of the input, the first cache and bank, the clip generator), ``engine.jobfolder`` owns the files
+The rooms around the loop: ``engine.settings`` checks what a scene is asked for, ``engine.scene_start`` starts a
+scene (depth of the input, the first cache and bank), ``engine.generators`` makes each clip's frames,
+``engine.jobfolder`` owns the files
 (layout, commits, resume, revert), ``engine.outputs`` writes each file format.
 """
 from __future__ import annotations
@@ -20,9 +21,8 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from engine import conditioning, outputs, scene_init
+from engine import conditioning, generators, outputs, scene_start
 from engine.atomicio import atomic_write_json
-from engine.engines import ENGINES
 from engine.geometry import trajectories as traj
 from engine.geometry.cache import PointCache, viewer_confidence
 from engine.geometry.cameras import Cameras
@@ -30,7 +30,6 @@ from engine.geometry.memory import MemoryBank, sample_align_nframe
 from engine.images import load_image, save_image
 from engine.jobfolder import (CLIPS, DATASET_IMAGES, FRAMES, MEMORY, ClipRecord, JobFolder, new_manifest,
                               snapshot_file)
-from engine.preview import PREVIEW_NOTE
 from engine.progress import Progress, ensure, span
 from engine.sampling import SamplingCancelled
 from engine.settings import SceneError, SceneSettings, check_frames, engine_device
@@ -100,7 +99,7 @@ class Scene:
         ground truth): a callable ``(image [3,H,W], camera) -> (depth [H,W], valid [H,W])``."""
         settings = settings or SceneSettings()
         settings.validate()
-        user_depth = scene_init.user_depth_for(settings, panorama)  # read and checked before a depth model loads
+        user_depth = scene_start.user_depth_for(settings, panorama)  # read and checked before a depth model loads
         folder = JobFolder(job_dir)
         if folder.holds_scene():
             raise SceneError(f"{folder.path} already holds a scene; open it to continue, or choose another folder.")
@@ -108,22 +107,22 @@ class Scene:
         image_path = Path(image)
         img = load_image(image_path)
         report(0.05, "loading depth model")
-        depth_source = depth_source or scene_init.depth_source_for(settings, panorama, announce)
+        depth_source = depth_source or scene_start.depth_source_for(settings, panorama, announce)
         report(0.2, "depth of the input")
         if panorama:
-            seed = scene_init.seed_panorama(img, settings, depth_source, span(report, 0.2, 0.9))
+            start = scene_start.start_panorama(img, settings, depth_source, span(report, 0.2, 0.9))
         else:
-            size = scene_init.photo_size(img.shape[-2], img.shape[-1], settings)
-            seed = scene_init.seed_photo(img, depth_source, camera_json, size, user_depth, span(report, 0.2, 0.9))
+            size = scene_start.photo_size(img.shape[-2], img.shape[-1], settings)
+            start = scene_start.start_photo(img, depth_source, camera_json, size, user_depth, span(report, 0.2, 0.9))
         # Nothing is written before the input has been fully understood: a refused input leaves no folder.
         manifest = new_manifest(
             kind="panorama" if panorama else "photo", input_path=image_path, settings=settings,
-            engine_note=PREVIEW_NOTE if settings.engine == "preview" else ENGINES[settings.engine].description,
-            size=seed.image.shape[-2:], input_size=img.shape[-2:], median_depth=seed.median_depth,
-            start_views=seed.start_views, depth_note=seed.depth_note)
-        folder.create(manifest, seed.image, seed.start_camera, seed.bank, seed.cache)
+            engine_note=generators.engine_note(settings.engine), size=start.image.shape[-2:],
+            input_size=img.shape[-2:], median_depth=start.median_depth, start_views=start.start_views,
+            depth_note=start.depth_note)
+        folder.create(manifest, start.image, start.start_camera, start.bank, start.cache)
         report(1.0, "scene ready")
-        return cls(folder.path, settings, manifest, seed.image, seed.start_camera, seed.cache, seed.bank,
+        return cls(folder.path, settings, manifest, start.image, start.start_camera, start.cache, start.bank,
                    depth_source, announce)
 
     @classmethod
@@ -135,7 +134,7 @@ class Scene:
         settings = SceneSettings.from_dict({**manifest["settings"], **(settings_override or {})})
         folder.clean_debris(manifest)
         image, start, cache, bank = folder.load_state(manifest)
-        depth_source = depth_source or scene_init.depth_source_for(settings, manifest["kind"] == "panorama", announce)
+        depth_source = depth_source or scene_start.depth_source_for(settings, manifest["kind"] == "panorama", announce)
         scene = cls(folder.path, settings, manifest, image, start, cache, bank, depth_source, announce)
         scene._finish_last_commit()
         return scene
@@ -202,7 +201,7 @@ class Scene:
     # ---- generation -----------------------------------------------------------------------------------
     def _clip_generator(self):
         if self._generator is None:
-            self._generator = scene_init.clip_generator(self.settings, self.announce)
+            self._generator = generators.clip_generator(self.settings, self.announce)
         return self._generator
 
     def run(self, trajectories: Optional[Sequence[Union[str, TrajectoryRequest]]] = None,
@@ -358,7 +357,7 @@ class Scene:
     def _new_point_confidence(self) -> float:
         # Preview fills holes by inpainting: its colours there are a guess, and the cache says so; so is depth
         # continued into the holes of the cache's render when there is no depth model.
-        return 0.5 if self.settings.engine == "preview" or self._depth_is_fallback else 1.0
+        return 0.5 if generators.registration(self.settings.engine).guessed_colours or self._depth_is_fallback else 1.0
 
     def _kept_indices(self, n: int) -> list[int]:
         """The frames of an ``n``-frame clip that grow the cache and the memory bank: the release's
@@ -476,9 +475,7 @@ class Scene:
     def viewer_axes(self):
         """World-to-glTF axes for the viewer: photos live in the input camera's OpenCV frame (y down),
         panoramas in the bank's z-up world."""
-        if self.manifest["kind"] == "panorama":
-            return outputs.ZUP_TO_OPENGL
-        return outputs.OPENCV_TO_OPENGL
+        return scene_start.gltf_axes(self.manifest["kind"])
 
     def export(self, progress: Optional[Progress] = None) -> dict:
         """Write the scene-level outputs and the zip; returns their paths."""

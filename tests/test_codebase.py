@@ -30,7 +30,7 @@ def test_the_preview_path_does_not_import_the_networks():
     """A preview scene (CLI, photo bucket from the checkpoint config) runs without diffusers or transformers, which
     take seconds to import: ``engine.models`` imports nothing of its own, so its config module comes alone."""
     code = ("import sys; import engine.cli, engine.scene, engine.models.config;"
-            "from engine.scene_init import photo_size; from engine.settings import SceneSettings;"
+            "from engine.scene_start import photo_size; from engine.settings import SceneSettings;"
             "photo_size(720, 1080, SceneSettings(engine='preview'));"
             "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)

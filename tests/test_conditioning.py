@@ -405,7 +405,7 @@ def _comb_fraction(holes: torch.Tensor) -> float:
 def test_splat_radius_follows_the_official_render_radius():
     from engine.geometry import trajectories as traj
     from engine.geometry.panorama import bank_cameras, look_rotation, panorama_points
-    from engine.scene_init import PANORAMA_CLOUD_HEIGHT
+    from engine.scene_start import PANORAMA_CLOUD_HEIGHT
 
     assert C.splat_radius(480, 768) == 2 and C.splat_radius(608, 608) == 2  # 0.008 NDC ~ 1.9-2.4 px
     assert C.splat_radius(240, 384) == 1 and C.splat_radius(80, 128) == 1

@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 
 import engine.settings as settings_mod
 from conftest import PlaneTestDepth
-from engine import scene_init
+from engine import generators, scene_start
 from engine.cli import main as cli_main
 from engine.geometry import trajectories as traj
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
@@ -165,13 +165,12 @@ def test_without_a_depth_model_generated_frames_continue_the_cached_surface(room
 def test_dataset_images_are_the_generated_frames_exactly(room, tmp_path, monkeypatch):
     """The 3DGS dataset's images are the generated frames pixel for pixel (kept losslessly in each clip, not
     decoded back from the H.264 clip, which would not pass this test)."""
-    from engine import scene_init
     from engine.images import to_uint8
     from engine.outputs import read_video
 
     folder, start = room
     generated = []
-    real_generator = scene_init.clip_generator
+    real_generator = generators.clip_generator
 
     class Recording:
         def __init__(self, inner):
@@ -181,7 +180,7 @@ def test_dataset_images_are_the_generated_frames_exactly(room, tmp_path, monkeyp
             generated.append(self.inner.generate(**kwargs))
             return generated[-1]
 
-    monkeypatch.setattr(scene_init, "clip_generator", lambda *a, **k: Recording(real_generator(*a, **k)))
+    monkeypatch.setattr(generators, "clip_generator", lambda *a, **k: Recording(real_generator(*a, **k)))
     job = tmp_path / "job"
     scene = Scene.create(job, folder / "room.png", settings=SceneSettings(engine="preview", frames=5, keep_frames=2),
                          depth_source=RoomDepth(start), announce=lambda m: None)
@@ -239,8 +238,8 @@ def test_resume_after_an_interruption_finishes_as_an_uninterrupted_run(examples,
     references)."""
     monkeypatch.setitem(settings_mod.ENGINE_SCALE, "preview", 0.25)  # small frames: the loop, not the pixels
     seeds = []
-    real_generate = scene_init.PreviewGenerator.generate
-    monkeypatch.setattr(scene_init.PreviewGenerator, "generate",
+    real_generate = generators.PreviewGenerator.generate
+    monkeypatch.setattr(generators.PreviewGenerator, "generate",
                         lambda self, **kw: seeds.append(kw["seed"]) or real_generate(self, **kw))
     planned = ["up", "left", "orbit"]  # the orbit takes references from both clips before it
     settings = SceneSettings(engine="preview", frames=5, keep_frames=2, seed=7)
@@ -374,7 +373,6 @@ def test_render_cli_on_official_trajectory(examples, tmp_path):
 
 
 def test_render_cli_on_a_job_folder_renders_its_cache_without_a_depth_model(room, tmp_path, monkeypatch):
-    from engine import scene_init
     from engine.geometry.render import render_points
 
     folder, start = room
@@ -385,7 +383,7 @@ def test_render_cli_on_a_job_folder_renders_its_cache_without_a_depth_model(room
     def no_model(*args, **kwargs):
         raise AssertionError("render loaded a depth model")
 
-    monkeypatch.setattr(scene_init, "depth_source_for", no_model)
+    monkeypatch.setattr(scene_start, "depth_source_for", no_model)
     out = tmp_path / "render"
     assert cli_main(["render", "--scene", str(job), "--trajectory", "left", "--frames", "5", "--out", str(out)]) == 0
     written = Cameras.from_json(out / "cameras.json")

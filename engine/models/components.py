@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 
 from engine.constants import TEXT_TOKENS
-from engine.hub import BASE_COMPONENT_FOLDERS
+from engine.hub import BASE_COMPONENT_FOLDERS, hub_offline
 from engine.offload import IMAGE_ENCODER, TEXT_ENCODER, VAE, Placement
 
 PathLike = Union[str, Path]
@@ -213,8 +212,7 @@ def load_components(base_model: PathLike, placement: Optional[Placement] = None,
         image_processor = CLIPImageProcessor.from_pretrained(src, subfolder="image_processor", **kw)
         scheduler_config = dict(UniPCMultistepScheduler.load_config(src, subfolder="scheduler", **kw))
     except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = " (offline: download it first or pass a local folder)" if offline and not local else ""
+        hint = " (offline: download it first or pass a local folder)" if hub_offline() and not local else ""
         raise ComponentLoadError(f"Could not load the base model parts from {src}{hint}: {str(e).splitlines()[0]}") from e
     return assemble_components(vae, text_encoder, tokenizer, image_encoder, image_processor, placement, dtype,
                                scheduler_config, source=src)

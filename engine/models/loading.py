@@ -36,8 +36,8 @@ from engine.progress import Progress, ensure, span
 
 from .config import VARIANTS, ConfigError, ControlNetConfig, WorldStereoConfig
 from .transformer import WorldStereoTransformer
-from .weightfiles import (TensorInfo, WeightFolder, WeightsNotFoundError, base_transformer, download_hint, hub_file,
-                          human_bytes, human_count)
+from .weightfiles import (TensorInfo, WeightFolder, WeightsNotFoundError, base_transformer, download_hint,
+                          hub_weights_file, human_bytes, human_count)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -208,7 +208,7 @@ def resolve_checkpoint(checkpoint_dir_or_repo: PathLike, variant: Optional[str] 
                                    f"like {HUB_REPO}.")
     prefix = f"{variant}/" if variant else ""
     hint = download_hint(src, include)
-    return hub_file(src, prefix + CONFIG_NAME, hint), hub_file(src, prefix + WEIGHTS_NAME, hint)
+    return hub_weights_file(src, prefix + CONFIG_NAME, hint), hub_weights_file(src, prefix + WEIGHTS_NAME, hint)
 
 
 def read_checkpoint_config(config_path: Path, variant: Optional[str] = None) -> WorldStereoConfig:

@@ -30,6 +30,7 @@ from PIL import Image
 
 from engine.constants import SIZE_MULTIPLE
 from engine.geometry.cameras import Cameras, rigid_inverse
+from engine.geometry.retrieval import References
 from engine.images import to_pil
 
 PathLike = Union[str, Path]
@@ -318,29 +319,6 @@ def colour_coded_pointmaps(*pointmaps: Optional[torch.Tensor]) -> list[Optional[
 
 
 # ---- one clip ----------------------------------------------------------------------------------------
-
-@dataclass
-class References:
-    """Memory views of one clip in the engine's convention.
-
-    ``images [R,3,H,W]`` in [0,1]; ``ref_index[r] = k``: reference r serves target frame k + 1 (frame 0 is the input
-    view, which needs none). ``pointmaps`` world XYZ ``[R,3,H,W]`` (the paper's branch-form memory only).
-    """
-
-    images: torch.Tensor
-    cameras: Cameras
-    ref_index: torch.Tensor
-    pointmaps: Optional[torch.Tensor] = None
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-
-def single_view_references(image: torch.Tensor, cameras: Cameras) -> References:
-    """The first clip of a photo: the only reference is the input view itself at target camera 0, serving target
-    0 (``load_single_view_data``: reference_video = the image, ref_index [0], reference camera = w2cs[0:1])."""
-    return References(images=image[None], cameras=cameras[0:1], ref_index=torch.tensor([0]))
-
 
 @dataclass
 class ClipConditions:

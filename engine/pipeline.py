@@ -27,10 +27,10 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from engine.conditioning import (ClipConditions, ClipInputError, References, colour_coded_pointmaps,
-                                 conditions_from_render)
+from engine.conditioning import ClipConditions, ClipInputError, colour_coded_pointmaps, conditions_from_render
 from engine.constants import LATENT_CHANNELS, MASK_CHANNELS, MAX_REFERENCES, SIZE_MULTIPLE, VAE_SCALE
 from engine.geometry.cameras import Cameras
+from engine.geometry.retrieval import References
 from engine.models.components import Components, load_components
 from engine.models.config import WorldStereoConfig
 from engine.offload import IMAGE_ENCODER, TRANSFORMER, VAE, Placement

@@ -19,6 +19,7 @@ from engine import conditioning, outputs
 from engine.constants import KEYFRAMES
 from engine.geometry import trajectories as traj
 from engine.geometry.cameras import Cameras
+from engine.geometry.retrieval import input_view_references
 
 IMAGE_NAMES = ("image.png", "image.jpg", "image.jpeg", "image.webp", "start_frame.png")
 
@@ -142,14 +143,14 @@ def write_conditions(image_path: str, out: str, camera_json: Optional[str] = Non
         bucket_image = conditioning.pil_to_tensor(conditioning.stretch_to_bucket(image, size))
         cams = conditioning.official_cameras(Cameras.from_json(folder / "camera.json", w0, h0), (h0, w0), size,
                                              nframe)
-        refs = conditioning.single_view_references(bucket_image, cams) if memory else None
+        refs = input_view_references(bucket_image, cams) if memory else None
         cond = conditioning.conditions_from_render_dir(folder, bucket_image, cams, nframe, refs, memory=memory,
                                                        stride=stride)
     else:
         start, cams = photo_first_clip(image, Path(camera_json) if camera_json else None, trajectory, size, nframe,
                                       depth, announce)
         render = start.cache.render(cams, radius=conditioning.splat_radius(*size))
-        refs = conditioning.single_view_references(start.image, cams) if memory else None
+        refs = input_view_references(start.image, cams) if memory else None
         cond = conditioning.conditions_from_render(start.image, cams, render.image, render.mask, refs, memory=memory,
                                                    stride=stride)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from engine.geometry import trajectories as traj
 from engine.geometry.cache import PointCache, viewer_confidence
 from engine.geometry.cameras import Cameras
 from engine.geometry.memory import MemoryBank, sample_align_nframe
+from engine.geometry.retrieval import retrieve
 from engine.images import load_image, save_image
 from engine.jobfolder import (CLIPS, DATASET_IMAGES, FRAMES, MEMORY, ClipRecord, JobFolder, new_manifest,
                               snapshot_file)
@@ -248,18 +249,14 @@ class Scene:
 
         t = time.perf_counter()
         report(0.05, f"{name}: retrieving references")
-        # Targets are frames 1..F-1 (frame 0 is the input view): ref_index k serves frame k + 1.
-        single_view = self._single_view
-        if single_view:
-            retrieval = self.bank.input_view_retrieval(cams[1:])
-        else:
-            retrieval = self.bank.retrieve(cams[1:], max_refs=self.settings.max_refs)
+        retrieval, references = retrieve(self.bank, cams, max_refs=self.settings.max_refs,
+                                         input_view=self.start_image if self._first_photo_clip else None)
         timings["retrieve"] = time.perf_counter() - t
         check_cancel()
 
         t = time.perf_counter()
         start_image = self.start_image_for(cams[0:1])
-        conditions = self._conditions(req, cams, render, retrieval, start_image, single_view, generator)
+        conditions = self._conditions(req, cams, render, references, start_image, generator)
         try:
             frames = generator.generate(conditions=conditions, prompt=self.settings.prompt,
                                         seed=clip_seed(self.settings.seed, index), progress=span(report, 0.1, 0.8),
@@ -317,25 +314,18 @@ class Scene:
         return conditioning.splat_radius(cams.height, cams.width)
 
     @property
-    def _single_view(self) -> bool:
+    def _first_photo_clip(self) -> bool:
         """The first clip of a photo, which the release conditions on the input view alone."""
         return self.manifest["kind"] == "photo" and not self.manifest["clips"]
 
-    def _conditions(self, req: TrajectoryRequest, cams: Cameras, render, retrieval, start_image: torch.Tensor,
-                    single_view: bool, generator) -> conditioning.ClipConditions:
+    def _conditions(self, req: TrajectoryRequest, cams: Cameras, render, references, start_image: torch.Tensor,
+                    generator) -> conditioning.ClipConditions:
         """The clip's official conditions: the cache render (or the request's pre-rendered folder) along ``cams``,
-        and for memory models the retrieved references (the input view alone on a photo's first clip)."""
+        and for memory models the retrieved references."""
         memory = getattr(generator, "has_memory", False)
         use_pointmaps = getattr(generator, "uses_pointmaps", False)
-        refs = None
-        if memory and retrieval.refs:
-            if single_view:
-                refs = conditioning.single_view_references(start_image, cams)
-            else:
-                ref_cams = self.bank.cameras[list(retrieval.refs)]
-                refs = conditioning.References(
-                    images=self.bank.images[list(retrieval.refs)], cameras=ref_cams,
-                    ref_index=torch.as_tensor(retrieval.ref_index, dtype=torch.long))
+        refs = references if memory else None
+        if refs is not None:
             if use_pointmaps:
                 refs.pointmaps = self.cache.render(refs.cameras, pointmaps=True).pointmap.permute(0, 3, 1, 2)
         pointmaps = render.pointmap.permute(0, 3, 1, 2) if use_pointmaps else None

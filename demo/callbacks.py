@@ -8,7 +8,6 @@ back as ``gr.Error`` with the engine's one sentence.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -23,12 +22,16 @@ import torch
 from demo import jobs
 from demo.examples import Example, example_input
 from demo.planview import write_plan_glb
+from demo.viewer import scene_confidence, write_views
 from engine import outputs
 from engine.atomicio import file_sha256
 from engine.constants import KEYFRAMES
 from engine.engines import ENGINES, engine_status, resolve_engine, unknown_engine
 from engine.geometry import trajectories as traj
+from engine.jobfolder import JobFolder
 from engine.offload import OFFLOAD_CHOICES, check_offload
+from engine.scene_start import gltf_axes
+from engine.settings import SceneError
 
 log = logging.getLogger("worldstereo.demo")
 
@@ -55,7 +58,7 @@ class AppContext:
     active_jobs: set = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     editors: Optional[object] = None  # demo.editor.EditorPool of the 3D path editors; None: no editor here
-    view_splats: Optional[int] = None  # splats sent to the splat view; None: the engine's MAX_VIEW_SPLATS
+    view_splats: Optional[int] = None  # splats sent to the splat view; None: demo.viewer.MAX_VIEW_SPLATS
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir).resolve()
@@ -148,7 +151,6 @@ def banner_markdown(engine: str, note: str = "") -> str:
 def _user_errors() -> tuple[type, ...]:
     from engine.geometry.cameras import CameraFormatError
     from engine.images import ImageInputError
-    from engine.settings import SceneError
 
     return (ImageInputError, CameraFormatError, SceneError, jobs.JobPathError, ValueError)
 
@@ -278,7 +280,7 @@ def _open_or_create(ctx: AppContext, state: dict, inp: GenerationInputs, engine:
     job_id = (state or {}).get("job")
     if job_id and (state or {}).get("key") == key:
         scene_dir, _ = _job_paths(ctx, job_id)
-        if (scene_dir / "manifest.json").is_file():
+        if JobFolder(scene_dir).holds_scene():
             scene = Scene.open(scene_dir, announce=announce, settings_override={"offload": offload} if fresh else None)
             if not fresh or not scene.clips:
                 return dict(state), scene
@@ -302,7 +304,8 @@ def _plan_glb(scene, requests, job_root: Path) -> tuple[Path, dict, dict]:
     scale = float(scene.manifest.get("median_depth") or 1.0)
     index = len(list((job_root / "plan").glob("plan-*.glb"))) if (job_root / "plan").is_dir() else 0
     target = job_root / "plan" / f"plan-{index:03d}.glb"
-    legend = write_plan_glb(target, scene.cache.points, scene.cache.colors, plans, scale, axes=scene.viewer_axes())
+    legend = write_plan_glb(target, scene.cache.points, scene.cache.colors, plans, scale,
+                            axes=gltf_axes(scene.manifest["kind"]))
     return target, legend, {name: len(cams) for name, cams in plans}
 
 
@@ -331,30 +334,31 @@ def plan_paths(ctx: AppContext, state: dict, inp: GenerationInputs,
 
 def _clip_files(scene_dir: Path, clip: dict) -> tuple[str, str, str, Optional[str]]:
     """Clip, GGM render, hole mask and depth video of one clip (scenes made before depth videos have none)."""
-    folder = jobs.safe_path(scene_dir, clip["folder"])
-    depth = folder / "depth.mp4"
-    return (str(folder / "clip.mp4"), str(folder / "render.mp4"), str(folder / "render_mask.mp4"),
-            str(depth) if depth.is_file() else None)
+    files = JobFolder(scene_dir).clip_files(clip["name"])
+    jobs.safe_path(scene_dir, files.folder.relative_to(scene_dir))  # a name that leaves the scene is refused
+    return (str(files.video), str(files.render), str(files.render_mask),
+            str(files.depth) if files.depth.is_file() else None)
 
 
 def zip_dataset(scene_dir: Path, target: Path) -> Path:
     """The nerfstudio dataset alone (``transforms.json`` + ``images/``), for people who only want to train."""
-    return outputs.zip_folder(scene_dir, target, only=("transforms.json", "images/*"))
+    files = JobFolder(scene_dir).scene_files()
+    return outputs.zip_folder(scene_dir, target, only=(files.transforms.name, f"{files.images.name}/*"))
 
 
 def downloads_for(scene_dir: Path, downloads_dir: Path, clips: Sequence[dict], exported: bool) -> list[str]:
     """Readable file names for everything downloadable now (clips first, then the scene-level files)."""
     out = []
+    folder = JobFolder(scene_dir)
     for clip in clips:
-        src = jobs.safe_path(scene_dir, clip["folder"]) / "clip.mp4"
+        src = folder.clip_files(clip["name"]).video
         if src.is_file():
             out.append(str(jobs.link_or_copy(src, downloads_dir / f"{clip['name']}.mp4")))
-    names = ["scene.ply", "scene.glb", "scene_splats.ply"] + (["cameras.json", "scene.zip"] if exported else [])
-    for name in names:
-        src = scene_dir / name
+    files = folder.scene_files()
+    for src in [files.cloud, files.glb, files.splats] + ([files.cameras, files.zip] if exported else []):
         if src.is_file():
-            out.append(str(jobs.link_or_copy(src, downloads_dir / name)))
-    if exported and (scene_dir / "transforms.json").is_file():
+            out.append(str(jobs.link_or_copy(src, downloads_dir / src.name)))
+    if exported and files.transforms.is_file():
         out.append(str(zip_dataset(scene_dir, downloads_dir / "nerfstudio-dataset.zip")))
     return out
 
@@ -424,7 +428,7 @@ def _generate(ctx: AppContext, state: dict, inp: GenerationInputs, flag: threadi
         glb, legend, counts = _plan_glb(scene, requests, job_root)
     except _user_errors() as e:
         raise gr.Error(str(e)) from None
-    jobs.write_pending(job_root, len(scene.clips), [_request_record(r, job_root) for r in requests])
+    scene.plan_run(requests)  # the scene's resume record: a run cut short (a restart, a kill) resumes from it
     # Every viewer gets a value in every message that changes it (None until the first clip): gradio hands a
     # viewer in a tab not yet shown the last message for it, and a skip there reaches it as a file without a path.
     yield {"state": state, "banner": banner, "model3d": str(glb), "splats": None,
@@ -435,7 +439,7 @@ def _generate(ctx: AppContext, state: dict, inp: GenerationInputs, flag: threadi
     try:
         for i, req in enumerate(requests):
             if flag.is_set():
-                raise GenerationCancelled("Generation was cancelled; the scene keeps every finished clip.")
+                raise GenerationCancelled()
             lo, hi = 0.08 + 0.84 * i / n, 0.08 + 0.84 * (i + 1) / n
 
             def report(f, m, lo=lo, hi=hi, i=i):
@@ -473,25 +477,6 @@ def _generate(ctx: AppContext, state: dict, inp: GenerationInputs, flag: threadi
             ctx.active_jobs.discard(state["job"])
 
 
-def _request_record(req, job_root: Path) -> dict:
-    """A trajectory request as JSON for ``pending.json``; a camera file's cameras are kept beside it."""
-    record = {"name": req.name, "amount": req.amount, "frames": req.frames, "cameras": None}
-    if req.cameras is not None:
-        digest = hashlib.sha256(json.dumps(req.cameras.to_json_dict(), sort_keys=True).encode()).hexdigest()[:16]
-        record["cameras"] = f"plan/cameras-{digest}.json"
-        req.cameras.save_json(job_root / record["cameras"])
-    return record
-
-
-def _request_from_record(record: dict, job_root: Path):
-    from engine.geometry.cameras import Cameras
-    from engine.scene import TrajectoryRequest
-
-    cams = Cameras.from_json(jobs.safe_path(job_root, record["cameras"])) if record.get("cameras") else None
-    return TrajectoryRequest(name=str(record["name"]), cameras=cams, amount=record.get("amount"),
-                             frames=record.get("frames"))
-
-
 def resume(ctx: AppContext, state: dict, job_id: str, session: str = "-", progress: Callable = None) -> Iterator[dict]:
     """Generate what a scene's last run left undone (the server was stopped or killed during it), by scene id.
 
@@ -502,18 +487,23 @@ def resume(ctx: AppContext, state: dict, job_id: str, session: str = "-", progre
         job_root = jobs.job_dir(ctx.output_dir, job_id)
     except jobs.JobPathError as e:
         raise gr.Error(str(e)) from None
-    if not (job_root / "scene" / "manifest.json").is_file():
+    from engine.scene import TrajectoryRequest
+
+    folder = JobFolder(job_root / "scene")
+    if not folder.holds_scene():
         raise gr.Error("There is no scene with that id on this server (old scenes are removed); start a new one.")
     with ctx.lock:
         if job_id in ctx.active_jobs:
             raise gr.Error("That scene is being generated right now; wait for it to finish.")
-    remaining = jobs.pending_requests(job_root)
-    if not remaining:
-        raise gr.Error("That scene has nothing left to generate; use Continue this scene to add trajectories.")
     try:
-        requests = [_request_from_record(r, job_root) for r in remaining]
-    except (_user_errors() + (KeyError, TypeError)) as e:
+        requests = [TrajectoryRequest.from_dict(r) for r in folder.unfinished()]
+    except (_user_errors() + (KeyError, TypeError, AttributeError)) as e:
         raise gr.Error(f"The scene's unfinished run cannot be read ({_first_line(e)}); start a new scene.") from None
+    if not requests and jobs.made_by_an_older_version(job_root):
+        raise gr.Error("That scene was made by an older version of this server, whose unfinished runs cannot be "
+                       "resumed; start a new scene.")
+    if not requests:
+        raise gr.Error("That scene has nothing left to generate; use Continue this scene to add trajectories.")
     yield from generate(ctx, {"job": job_id, "key": None}, GenerationInputs(image=None), session=session,
                         continue_scene=True, progress=progress, requests=requests)
 
@@ -552,16 +542,14 @@ def show_clip(ctx: AppContext, state: dict, name: Optional[str]) -> tuple[Option
     """The clip, GGM render, hole mask and depth videos of one finished clip of the session's scene."""
     if not name or not (state or {}).get("job"):
         return None, None, None, None
-    import json
-
     try:
         scene_dir, _ = _job_paths(ctx, state["job"])
     except jobs.JobPathError as e:
         raise gr.Error(str(e)) from None
 
     try:
-        manifest = json.loads((scene_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = JobFolder(scene_dir).read_manifest()
+    except SceneError:
         raise gr.Error("This scene is no longer on the server (old scenes are removed); generate it again.") from None
     for clip in manifest.get("clips", []):
         if clip.get("name") == name:
@@ -573,7 +561,7 @@ def show_clip(ctx: AppContext, state: dict, name: Optional[str]) -> tuple[Option
 
 def _views(ctx: AppContext, scene, job_root: Path, state: dict) -> dict:
     """``model3d`` and ``splats`` for the scene's current cloud, without the points under the session's
-    confidence threshold; the splats in the viewer's frame (``Scene.write_viewer_files``). The full files stay
+    confidence threshold; the splats in the viewer's frame (``demo.viewer.write_views``). The full files stay
     the downloads; earlier views of the job are removed.
 
     Every call hands the splat viewer a file of its own name (a hard link): gradio's viewer restarts its
@@ -590,10 +578,10 @@ def _views(ctx: AppContext, scene, job_root: Path, state: dict) -> dict:
     if (folder / "scene_splats.ply").is_file() and (threshold <= 0 or (folder / "scene.glb").is_file()):
         paths = {"glb": folder / "scene.glb" if threshold > 0 else None, "splats": folder / "scene_splats.ply"}
     else:
-        paths = scene.write_viewer_files(folder, threshold, with_glb=threshold > 0, max_splats=ctx.view_splats)
+        paths = write_views(scene, folder, threshold, with_glb=threshold > 0, max_splats=ctx.view_splats)
     alias = folder / f"scene_splats-{len(list(folder.glob('scene_splats-*.ply')))}.ply"
     jobs.link_or_copy(paths["splats"], alias)
-    return {"model3d": str(paths["glb"] or scene.job_dir / "scene.glb"), "splats": str(alias)}
+    return {"model3d": str(paths["glb"] or scene.folder.scene_files().glb), "splats": str(alias)}
 
 
 def _open_files(ctx: AppContext, state: dict):
@@ -603,7 +591,7 @@ def _open_files(ctx: AppContext, state: dict):
     if not (state or {}).get("job"):
         raise gr.Error("There is no scene yet; press Generate (or Open the 3D editor) first.")
     scene_dir, _ = _job_paths(ctx, state["job"])
-    if not (scene_dir / "manifest.json").is_file():
+    if not JobFolder(scene_dir).holds_scene():
         raise gr.Error("This scene is no longer on the server (old scenes are removed); start a new one.")
     try:
         return open_for_files(scene_dir)
@@ -647,7 +635,7 @@ def _editor(ctx: AppContext, session: str, create: bool = False):
 def _show_in_editor(ctx: AppContext, editor, scene, state: dict, frames: int) -> None:
     """The scene's cloud (without the points under the session's confidence threshold) in the editor; the
     keyframes stay while it is the same scene."""
-    keep = scene.viewer_confidence() >= float((state or {}).get("min_confidence") or 0.0)
+    keep = scene_confidence(scene) >= float((state or {}).get("min_confidence") or 0.0)
     editor.show_scene(state["job"], scene.cache.points[keep].numpy(), scene.cache.colors[keep].numpy(),
                       scene.start_camera, float(scene.manifest.get("median_depth") or 1.0),
                       "+z" if scene.manifest["kind"] == "panorama" else "-y", frames)
@@ -767,7 +755,7 @@ def remove_last_clip(ctx: AppContext, state: dict, session: str = "-") -> dict:
     try:
         scene = _open_files(ctx, state)
         job_root = jobs.job_dir(ctx.output_dir, state["job"])
-        unfinished = jobs.pending_requests(job_root)  # what a stopped run left undone stays resumable
+        unfinished = scene.unfinished()  # what a stopped run left undone stays resumable
         try:
             removed = scene.revert()
         except _user_errors() as e:
@@ -777,7 +765,7 @@ def remove_last_clip(ctx: AppContext, state: dict, session: str = "-") -> dict:
         import shutil
 
         shutil.rmtree(downloads_dir, ignore_errors=True)
-        jobs.write_pending(job_root, len(scene.clips), unfinished)
+        scene.plan_run(unfinished)
         clips = scene.clips
         update = {"state": state, **_clip_update(scene_dir, clips, clips[-1] if clips else None),
                   "downloads": downloads_for(scene_dir, downloads_dir, clips, exported=bool(clips))}

@@ -19,6 +19,7 @@ from engine import outputs
 from engine.engines import ENGINES, engine_status
 from engine.geometry.cameras import Cameras
 from engine.images import ImageInputError, load_image, save_image
+from engine.jobfolder import JobFolder
 
 PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"
 FRAMES = 3
@@ -142,12 +143,13 @@ def test_cancel_stops_after_the_current_stage_and_keeps_finished_clips(ctx, exam
 
     # Removing the finished clip keeps the cancelled run's unfinished trajectory resumable (it used to be dropped).
     job_root = jobs.job_dir(ctx.output_dir, job)
-    assert [r["name"] for r in jobs.pending_requests(job_root)] == ["right"]
+    unfinished = JobFolder(job_root / "scene").unfinished
+    assert [r["name"] for r in unfinished()] == ["right"]
     cb.remove_last_clip(ctx, updates[0]["state"], session="s2")
-    assert [r["name"] for r in jobs.pending_requests(job_root)] == ["right"]
+    assert [r["name"] for r in unfinished()] == ["right"]
     assert "Done in" in list(cb.resume(ctx, {}, job, session="s2"))[-1]["status"]
     manifest = json.loads((job_root / "scene" / "manifest.json").read_text())
-    assert [c["trajectory"] for c in manifest["clips"]] == ["right"] and not jobs.pending_requests(job_root)
+    assert [c["trajectory"] for c in manifest["clips"]] == ["right"] and not unfinished()
 
 
 def test_engine_error_mid_run_is_one_sentence_and_keeps_earlier_clips(ctx, examples, monkeypatch):

@@ -334,7 +334,8 @@ def test_confidence_slider_keeps_exactly_the_points_at_or_above_it(ctx, examples
     scene_dir = jobs.job_dir(ctx.output_dir, state["job"]) / "scene"
     manifest = json.loads((scene_dir / "manifest.json").read_text())
     # Independently of the engine's code: the rule of the README from the cache file's confidence column.
-    from engine.geometry.cache import FAR_FACTOR, PointCache
+    from demo.viewer import FAR_FACTOR
+    from engine.geometry.cache import PointCache
 
     cache = PointCache.load_ply(scene_dir / manifest["state"]["cache"])
     centre = Cameras.from_json(scene_dir / "state" / "start.json").centers[0].float()
@@ -350,7 +351,7 @@ def test_confidence_slider_keeps_exactly_the_points_at_or_above_it(ctx, examples
     assert Path(glb) == scene_dir / "scene.glb"
     # The splat view holds every shown point up to the server's --view-splats, a fixed subset beyond that.
     from conftest import read_vertex_ply
-    from engine.scene import MAX_VIEW_SPLATS
+    from demo.viewer import MAX_VIEW_SPLATS
 
     kept = int((conf >= 0.75).sum())
     state, _, splats = cb.set_confidence(ctx, state, 0.75)

@@ -107,7 +107,7 @@ def start_serving(gpus_text: Optional[str], workers_per_gpu: Optional[int], max_
 
 
 def make_context(args):
-    from demo.callbacks import AppContext
+    from demo.context import AppContext
     from demo.examples import default_examples_dir, find_examples
     from engine.engines import resolve_engine
 

@@ -1,5 +1,6 @@
-"""What the page's 3D views show of a scene: the point viewer's and the splat viewer's files, and the points the 3D
-editor draws. The downloads stay the engine's full files (``engine.jobfolder.SceneFiles``); these are views.
+"""What the page's 3D views show of a scene: the point viewer's and the splat viewer's files (``viewer_update``), the points
+the 3D editor draws, and the confidence slider (``set_confidence``). The downloads stay the engine's full files
+(``engine.jobfolder.SceneFiles``); these are views.
 
 Viewer confidence (``viewer_confidence``)
     What the page's confidence slider compares against: a point's stored confidence (1 for points lifted from
@@ -18,12 +19,16 @@ The splat view (``write_views``)
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
+import gradio as gr
 import numpy as np
 import torch
 
+from demo import jobs
+from demo.context import AppContext, open_files, user_errors
 from engine import outputs
 from engine.jobfolder import splat_scales
 from engine.scene_start import gltf_axes
@@ -79,3 +84,42 @@ def write_views(scene, folder, min_confidence: float = 0.0, with_glb: bool = Tru
         points, colors, scale = points[pick], colors[torch.from_numpy(pick)], scale[pick] * grow
     outputs.write_splat_ply(paths["splats"], points, colors, scale)
     return paths
+
+
+def viewer_update(ctx: AppContext, scene, job_root: Path, state: dict) -> dict:
+    """``model3d`` and ``splats`` for the scene's current cloud, without the points under the session's
+    confidence threshold; the splats in the viewer's frame (``write_views``). The full files stay the downloads;
+    earlier views of the job are removed.
+
+    Every call hands the splat viewer a file of its own name (a hard link): gradio's viewer restarts its
+    loading only for a new file, and a repeated one arriving while it loads can leave it blank."""
+    threshold = float((state or {}).get("min_confidence") or 0.0)
+    name = f"{Path(scene.manifest['state']['cache']).stem}-{threshold:.2f}-{ctx.view_splats or 'default'}"
+    folder = job_root / "view"
+    for old in folder.glob("*") if folder.is_dir() else []:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    folder = folder / name
+    if (folder / "scene_splats.ply").is_file() and (threshold <= 0 or (folder / "scene.glb").is_file()):
+        paths = {"glb": folder / "scene.glb" if threshold > 0 else None, "splats": folder / "scene_splats.ply"}
+    else:
+        paths = write_views(scene, folder, threshold, with_glb=threshold > 0, max_splats=ctx.view_splats)
+    alias = folder / f"scene_splats-{len(list(folder.glob('scene_splats-*.ply')))}.ply"
+    jobs.link_or_copy(paths["splats"], alias)
+    return {"model3d": str(paths["glb"] or scene.folder.scene_files().glb), "splats": str(alias)}
+
+
+def set_confidence(ctx: AppContext, state: dict, threshold: float) -> tuple[dict, Optional[str], Optional[str]]:
+    """Hide points under ``threshold`` in the point and splat viewers (and the 3D editor): ``(state, glb, splats)``."""
+    state = dict(state or {})
+    state["min_confidence"] = min(max(float(threshold or 0.0), 0.0), 1.0)
+    if not state.get("job"):
+        return state, None, None
+    scene = open_files(ctx, state)
+    if not scene.clips:
+        return state, None, None
+    try:
+        shown = viewer_update(ctx, scene, jobs.job_dir(ctx.output_dir, state["job"]), state)
+    except user_errors() as e:
+        raise gr.Error(str(e)) from None
+    return state, shown["model3d"], shown["splats"]

@@ -482,6 +482,29 @@ def is_fallback(source) -> bool:
     return bool(getattr(getattr(source, "estimator", source), "fallback", False))
 
 
+def generated_frame_depth(source, image: torch.Tensor, camera: Cameras, rendered_depth: torch.Tensor,
+                          covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(depth [H,W], valid [H,W])`` of a generated frame ``image`` seen by ``camera``, on the device the cache
+    renders on, given the cache's render there (``rendered_depth``, ``covered``). With a depth model (``source``, a
+    scene's depth door), its estimate scale-aligned to the rendered depth where both have one (64 pixels at least;
+    otherwise the estimate's own scale); with a fallback (``is_fallback``), the cache's own depth with its holes
+    continued (``depth_from_render``, module notes)."""
+    from engine.geometry.align import align_depth
+
+    if is_fallback(source):
+        depth, valid = depth_from_render(rendered_depth, covered)
+        return depth.to(rendered_depth.device), valid.to(rendered_depth.device)
+    depth, valid, _ = source(image, camera)
+    depth, valid = depth.to(rendered_depth.device), valid.to(rendered_depth.device)
+    overlap = valid & covered & (rendered_depth > 0)
+    if int(overlap.sum()) >= 64:
+        try:
+            depth = align_depth(depth, rendered_depth, overlap).apply(depth)
+        except ValueError:
+            pass  # too little usable overlap: keep the estimate's own scale
+    return depth, valid & (depth > 0)
+
+
 def depth_from_render(depth: torch.Tensor, covered: torch.Tensor, radius: int = FILL_RADIUS):
     """``(depth [H,W], valid [H,W])``: the rendered ``depth`` where ``covered``, holes filled by continuing
     the local plane of the nearest covered pixel (module notes)."""

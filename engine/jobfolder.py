@@ -356,6 +356,29 @@ class JobFolder:
         outputs.write_splat_ply(files.splats, points, colors, splat_scales(cache))
         return files
 
+    def write_dataset(self, manifest: dict, start_camera: Cameras, start_frame: torch.Tensor) -> SceneFiles:
+        """Every camera of the scene (``start_camera``, then each committed clip's after its first frame) as one
+        official camera file, and the nerfstudio dataset of the same frames (``start_frame`` [3,H,W], then the clips'
+        frames as generated)."""
+        files = self.scene_files()
+        cams, images = [start_camera], [start_frame[None]]
+        for clip in manifest["clips"]:
+            cams.append(self.clip_cameras(clip)[1:])
+            images.append(self.clip_frames(clip)[1:])
+        all_cams = Cameras.cat(cams)
+        outputs.write_cameras_json(files.cameras, all_cams)
+        outputs.write_transforms_json(self.path, torch.cat(images), all_cams, image_dir=DATASET_IMAGES)
+        # Frames of a removed clip (``revert``) must not linger in the dataset or the zip.
+        listed = {f["file_path"] for f in json.loads(files.transforms.read_text())["frames"]}
+        for stale in files.images.glob("*"):
+            if f"{DATASET_IMAGES}/{stale.name}" not in listed and stale.is_file():
+                stale.unlink()
+        return files
+
+    def write_zip(self) -> Path:
+        """Everything a person downloads in one zip (without ``ZIP_EXCLUDES``)."""
+        return outputs.zip_folder(self.path, self.scene_files().zip, exclude=ZIP_EXCLUDES)
+
     # ---- reading clips --------------------------------------------------------------------------------
     def clip_frames(self, clip: dict) -> torch.Tensor:
         """A committed clip's generated frames ``[F,3,H,W]``, exactly as generated (8-bit)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from engine import conditioning, generators, outputs, scene_start
+from engine import conditioning, generators, scene_start
 from engine.geometry import trajectories as traj
 from engine.geometry.cache import PointCache
 from engine.geometry.cameras import Cameras
@@ -37,8 +36,8 @@ from engine.geometry.memory import MemoryBank, sample_align_nframe
 from engine.geometry.render import RenderResult
 from engine.geometry.retrieval import References, Retrieval, retrieve
 from engine.images import load_image
-from engine.jobfolder import (DATASET_IMAGES, ZIP_EXCLUDES, ClipContent, ClipRecord, JobFolder, clip_folder,
-                              clip_name, new_manifest, snapshot_file, unfinished_requests, with_run)
+from engine.jobfolder import (ClipContent, ClipRecord, JobFolder, clip_folder, clip_name, new_manifest, snapshot_file,
+                              unfinished_requests, with_run)
 from engine.progress import Progress, ensure, span
 from engine.sampling import SamplingCancelled
 from engine.settings import SceneError, SceneSettings, check_frames, engine_device
@@ -361,14 +360,18 @@ class Scene:
             raise GenerationCancelled() from None
 
     def fuse(self, clip: Clip, progress: Progress, stop_if_cancelled: Callable[[], None]) -> None:
-        """Give the clip's kept frames (``_kept_indices``) depth, scale-aligned to the cache's render, and grow a
-        copy of the cache with what it did not already hold (covered pixels are the cache seen again)."""
+        """Give the clip's kept frames (``_kept_indices``) depth, scale-aligned to the cache's render
+        (``engine.depth.generated_frame_depth``), and grow a copy of the cache with what it did not already hold
+        (covered pixels are the cache seen again)."""
+        from engine.depth import generated_frame_depth
+
         render = clip.render
         clip.kept = self._kept_indices(len(clip.cameras))
         clip.cache = copy.deepcopy(self.cache)
         depths = []
         for j, fi in enumerate(clip.kept):
-            depth, valid = self._aligned_depth(clip.frames[fi], clip.cameras[fi], render.depth[fi], render.mask[fi])
+            depth, valid = generated_frame_depth(self.depth_source, clip.frames[fi], clip.cameras[fi], render.depth[fi],
+                                                 render.mask[fi])
             depths.append(depth)
             clip.cache.add_frame(clip.frames[fi], depth, clip.cameras[fi], frame_id=frame_id(clip.index, fi),
                                  valid=valid & ~render.mask[fi], confidence=self._new_point_confidence)
@@ -438,33 +441,10 @@ class Scene:
     def _new_point_confidence(self) -> float:
         # Preview fills holes by inpainting: its colours there are a guess, and the cache says so; so is depth
         # continued into the holes of the cache's render when there is no depth model.
-        guessed = generators.registration(self.settings.engine).guessed_colours
-        return 0.5 if guessed or self._depth_is_fallback else 1.0
-
-    @property
-    def _depth_is_fallback(self) -> bool:
         from engine.depth import is_fallback
 
-        return is_fallback(self.depth_source)
-
-    def _aligned_depth(self, image, camera, ref_depth, ref_valid):
-        from engine.geometry.align import align_depth
-
-        if self._depth_is_fallback:
-            # No depth model: the cache's own depth, holes continued from it (engine.depth notes).
-            from engine.depth import depth_from_render
-
-            depth, valid = depth_from_render(ref_depth, ref_valid)
-            return depth.to(ref_depth.device), valid.to(ref_depth.device)  # where the cache renders
-        depth, valid, _ = self.depth_source(image, camera)
-        depth, valid = depth.to(ref_depth.device), valid.to(ref_depth.device)  # where the cache renders
-        overlap = valid & ref_valid & (ref_depth > 0)
-        if int(overlap.sum()) >= 64:
-            try:
-                depth = align_depth(depth, ref_depth, overlap).apply(depth)
-            except ValueError:
-                pass  # too little usable overlap: keep the estimate's own scale
-        return depth, valid & (depth > 0)
+        guessed = generators.registration(self.settings.engine).guessed_colours
+        return 0.5 if guessed or is_fallback(self.depth_source) else 1.0
 
     # ---- outputs --------------------------------------------------------------------------------------
     def write_scene_cloud(self, only_if_stale: bool = False) -> dict:
@@ -480,28 +460,16 @@ class Scene:
         return paths
 
     def export(self, progress: Optional[Progress] = None) -> dict:
-        """Write the scene-level outputs and the zip; returns their paths."""
+        """Write the scene-level outputs: the clouds, every camera and the 3DGS dataset (``JobFolder.write_dataset``),
+        the zip; returns their paths."""
         report = ensure(progress)
         report(0.0, "exporting the scene")
         paths = self.write_scene_cloud(only_if_stale=True)
-        files = self.folder.scene_files()
-        cams = [self.start_camera]
-        images = [self.start_image_for(self.start_camera)[None]]
-        for clip in self.manifest["clips"]:
-            cams.append(self.folder.clip_cameras(clip)[1:])
-            images.append(self.folder.clip_frames(clip)[1:])
-        all_cams = Cameras.cat(cams)
-        outputs.write_cameras_json(files.cameras, all_cams)
         report(0.3, "writing the 3DGS dataset")
-        outputs.write_transforms_json(self.job_dir, torch.cat(images), all_cams, image_dir=DATASET_IMAGES)
-        # Frames of a removed clip (``revert``) must not linger in the dataset or the zip.
-        listed = {f["file_path"] for f in json.loads(files.transforms.read_text())["frames"]}
-        for stale in files.images.glob("*"):
-            if f"{DATASET_IMAGES}/{stale.name}" not in listed and stale.is_file():
-                stale.unlink()
+        files = self.folder.write_dataset(self.manifest, self.start_camera, self.start_image_for(self.start_camera))
         report(0.8, "packing the zip")
-        zip_path = outputs.zip_folder(self.job_dir, files.zip, exclude=ZIP_EXCLUDES)
-        paths.update(cameras=files.cameras, transforms=files.transforms, zip=zip_path)
+        self.folder.write_zip()
+        paths.update(cameras=files.cameras, transforms=files.transforms, zip=files.zip)
         report(1.0, "export done")
         return paths
 

@@ -89,14 +89,11 @@ def test_import_check_keeps_the_rooms_apart(tmp_path):
 
 def test_import_check_keeps_the_viewers_names_out_of_the_engine(tmp_path):
     """The engine writes the scene's files; what the page's views make of them (demo/viewer.py) it does not name."""
+    viewer = "from engine.scene import SPLATS\nMAX_SPLATS: int = 10\n\ndef write_views(scene):\n    return scene\n" \
+             "\nclass View:\n    pass\n"
+    root = _tree(tmp_path, {"engine/__init__.py": "", "demo/__init__.py": "", "demo/viewer.py": viewer,
+                            "engine/scene.py": "SPLATS = 3\n\ndef write_cloud(points):\n    return points\n"})
     check = _load("check_imports")
-    root = _tree(tmp_path, {
-        "engine/__init__.py": "",
-        "engine/scene.py": "SPLATS = 3\n\ndef write_cloud(points):\n    return points\n",
-        "demo/__init__.py": "",
-        "demo/viewer.py": "from engine.scene import SPLATS\nMAX_SPLATS: int = 10\n\ndef write_views(scene):\n"
-                          "    return scene\n\nclass View:\n    pass\n",
-    })
     assert check.main([str(root)]) == 0  # the viewer may use the engine's names
     (root / "engine/scene.py").write_text("def write_cloud(points, max_splats=None):\n"
                                           "    return points.write_views(View, MAX_SPLATS)\n")

@@ -144,12 +144,6 @@ def clip_name(index: int, trajectory: str) -> str:
     return f"{index:02d}_{safe}"
 
 
-def splat_scales(cache: PointCache):
-    """The standard deviation ``[P]`` of each point's Gaussian splat: ``SPLAT_SIGMA`` times the local point spacing
-    of the whole cloud (``PointCache.spacing``)."""
-    return SPLAT_SIGMA * cache.spacing()
-
-
 def clip_folder(name: str) -> str:
     """The folder of the clip ``name``, relative to the job folder (a clip record's ``folder``)."""
     return f"{CLIPS}/{name}"
@@ -159,6 +153,12 @@ def as_committed(cache: PointCache) -> PointCache:
     """``cache`` as its committed file holds it (``PointCache.save_ply``: colours in 8 bits), made in memory: what
     reopening the folder gives, without reading the file back."""
     return PointCache(cache.points, torch.round(cache.colors.clamp(0, 1) * 255) / 255, cache.confidence, cache.source)
+
+
+def splat_scales(cache: PointCache):
+    """The standard deviation ``[P]`` of each point's Gaussian splat: ``SPLAT_SIGMA`` times the local point spacing
+    of the whole cloud (``PointCache.spacing``)."""
+    return SPLAT_SIGMA * cache.spacing()
 
 
 def unfinished_requests(manifest: dict) -> list[dict]:

@@ -34,7 +34,7 @@ from engine.constants import LATENT_CHANNELS, MASK_CHANNELS, MAX_REFERENCES, SIZ
 from engine.geometry.cameras import Cameras
 from engine.geometry.retrieval import References
 from engine.models.components import Components, load_components
-from engine.models.config import WorldStereoConfig
+from engine.models.config import WorldStereoConfig, variant_is_distilled
 from engine.offload import IMAGE_ENCODER, TRANSFORMER, VAE, Placement
 from engine.progress import Progress, ensure, span
 from engine.sampling import Sampler, make_sampler, sample
@@ -144,8 +144,7 @@ class ClipPipeline:
     # ------------------------------------------------------------------ sampling set-up
     @property
     def is_distilled(self) -> bool:
-        variant = self.config.variant or ""
-        return self.config.dmd_steps is not None or variant.endswith("-dmd")
+        return self.config.dmd_steps is not None or variant_is_distilled(self.config.variant or "")
 
     @property
     def uses_pointmaps(self) -> bool:

@@ -24,6 +24,11 @@ def variant_has_memory(variant: str) -> bool:
     return "memory" in variant
 
 
+def variant_is_distilled(variant: str) -> bool:
+    """Whether a checkpoint variant samples with the few-step DMD student (its name says so)."""
+    return variant.endswith("-dmd")
+
+
 class ConfigError(ValueError):
     """A config.json that cannot describe a WorldStereo model; the message says what to fix."""
 

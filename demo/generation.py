@@ -278,8 +278,9 @@ def _run(ctx: AppContext, state: dict, scene, engine: str, requests: list, flag,
     if not any(n.lower().startswith("depth") for n in notes) and scene.manifest.get("depth_note"):
         notes.append(f"Depth of the input: {scene.manifest['depth_note']}.")
     banner = banner_markdown(engine, "  \n".join(notes))
-    lines = [f"Scene `{state['job']}` ({scene.manifest['kind']}, {scene.manifest['size'][1]}×{scene.manifest['size'][0]}, "
-             f"engine `{engine}`): {len(requests)} trajectory(ies) to generate."]
+    height, width = scene.manifest["size"]
+    lines = [f"Scene `{state['job']}` ({scene.manifest['kind']}, {width}×{height}, engine `{engine}`): "
+             f"{len(requests)} trajectory(ies) to generate."]
     try:
         glb, legend, counts = _plan_glb(scene, requests, job_root)
     except user_errors() as e:

@@ -1,6 +1,6 @@
-"""What the page's 3D views show of a scene: the point viewer's and the splat viewer's files (``viewer_update``), the points
-the 3D editor draws, and the confidence slider (``set_confidence``). The downloads stay the engine's full files
-(``engine.jobfolder.SceneFiles``); these are views.
+"""What the page's 3D views show of a scene: the point viewer's and the splat viewer's files (``viewer_update``),
+the points the 3D editor draws, and the confidence slider (``set_confidence``). The downloads stay the engine's full
+files (``engine.jobfolder.SceneFiles``); these are views.
 
 Viewer confidence (``viewer_confidence``)
     What the page's confidence slider compares against: a point's stored confidence (1 for points lifted from

@@ -1,7 +1,8 @@
 """More than one GPU for one clip: the sequence-parallel group.
- Rank 0 runs everything a clip needs besides the transformer's forwards — depth, the 3D cache
-and its renders, retrieval, the text/image encoders and the VAE, the sampler, every output file and all progress —
-and the other ranks hold only the transformer. For every forward, rank 0 sends its inputs to the others (a small
+
+Rank 0 runs everything a clip needs besides the transformer's forwards — depth, the 3D cache and its renders,
+retrieval, the text/image encoders and the VAE, the sampler, every output file and all progress — and the other
+ranks hold only the transformer. For every forward, rank 0 sends its inputs to the others (a small
 control message over gloo, the tensors over the default backend: NCCL between GPUs), and all ranks run that forward
 together, split along the tokens (`engine.models.parallel`: diffusers' context parallelism, Ulysses degree = ranks).
 The noise is drawn on rank 0 from the clip's seed and reaches the others inside the forward's inputs, so a seed

@@ -20,6 +20,7 @@ from engine.constants import KEYFRAMES
 from engine.geometry import trajectories as traj
 from engine.geometry.cameras import Cameras
 from engine.geometry.retrieval import input_view_references
+from engine.jobfolder import JobFolder
 
 IMAGE_NAMES = ("image.png", "image.jpg", "image.jpeg", "image.webp", "start_frame.png")
 
@@ -79,7 +80,7 @@ def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: 
     if not folder.is_dir():
         raise RenderInputError(f"Scene folder {folder} does not exist.")
     camera_file, preset = _requested(trajectory, folder)
-    if (folder / "manifest.json").is_file():
+    if JobFolder(folder).holds_scene():
         from engine.scene import TrajectoryRequest, open_for_files
 
         job = open_for_files(folder)  # its cache is rendered: no depth model is needed

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -48,8 +49,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass
+class Serving:
+    """How the app serves its GPUs (``--gpus``, ``--workers-per-gpu``)."""
+
+    device: str  # where scenes compute depth and renders (and, without a pool, everything)
+    max_concurrent: int  # scenes served at once
+    description: str
+
+
+def parse_gpus(text: Optional[str]) -> list[int]:
+    """``"0,1,3"`` → [0, 1, 3], checked against the CUDA GPUs present; None → every GPU present."""
+    import torch
+
+    from engine.distributed import GroupError
+
+    if not torch.cuda.is_available():
+        raise GroupError("--gpus and --workers-per-gpu need CUDA GPUs and this machine has none.")
+    count = torch.cuda.device_count()
+    if text is None:
+        return list(range(count))
+    try:
+        gpus = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise GroupError(f"--gpus takes comma-separated GPU indices such as 0,1; got {text!r:.40}.") from None
+    if not gpus or len(set(gpus)) != len(gpus) or any(g < 0 or g >= count for g in gpus):
+        raise GroupError(f"--gpus must name distinct GPUs among 0..{count - 1}; got {text!r:.40}.")
+    return gpus
+
+
+def start_serving(gpus_text: Optional[str], workers_per_gpu: Optional[int], max_concurrent: int = 1) -> Serving:
+    """What `python app.py --gpus ... [--workers-per-gpu N]` asks for: a sequence-parallel group over the GPUs
+    (worker processes started here, stopped at exit; ``engine.distributed``), or one pipeline per GPU serving N
+    scenes each (``engine.generators.GpuPool``)."""
+    from engine.distributed import GroupError, start_group
+    from engine.generators import set_gpu_pool
+    from engine.models.parallel import ParallelError
+
+    if workers_per_gpu is not None and workers_per_gpu < 1:
+        raise GroupError("--workers-per-gpu must be at least 1.")
+    gpus = parse_gpus(gpus_text)
+    devices = [f"cuda:{g}" for g in gpus]
+    if workers_per_gpu is not None:
+        if max_concurrent != 1:
+            raise GroupError("--workers-per-gpu sets how many scenes run at once; drop --max-concurrent.")
+        set_gpu_pool(devices)
+        jobs = len(devices) * workers_per_gpu
+        return Serving(devices[0], jobs, f"{len(devices)} GPU(s) ({', '.join(map(str, gpus))}), one pipeline each, "
+                                         f"{workers_per_gpu} scene(s) per GPU at once ({jobs} in all)")
+    if len(devices) == 1:
+        return Serving(devices[0], max_concurrent, f"GPU {gpus[0]}")
+    try:
+        start_group(devices)
+    except ParallelError as e:
+        raise GroupError(str(e)) from None
+    return Serving(devices[0], max_concurrent, f"one sequence-parallel group over GPUs {', '.join(map(str, gpus))}")
+
+
 def make_context(args):
-    from demo.callbacks import AppContext
+    from demo.context import AppContext
     from demo.examples import default_examples_dir, find_examples
     from engine.engines import resolve_engine
 
@@ -79,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     serving = None
     if args.gpus is not None or args.workers_per_gpu is not None:
-        from engine.distributed import GroupError, start_serving
+        from engine.distributed import GroupError
 
         try:
             serving = start_serving(args.gpus, args.workers_per_gpu, args.max_concurrent)

@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Fails when the project's modules import one another in a circle, imports inside functions included, or when
-a room imports what it must not (``engine`` no UI or export code, ``engine.geometry`` no model code).
+"""Fails when the project's modules import one another in a circle, imports inside functions included, when
+a room imports what it must not (``engine`` no UI or export code, ``engine.geometry`` no model code), or when
+``engine`` names what belongs to the page's views (``VIEWER``: the engine writes the downloadable scene files and
+knows nothing of the views the demo makes of them).
 
 A circle hidden behind function-level imports still ties the modules together: neither can be read, tested or
 moved without the other. Every ``import`` statement anywhere in a module counts (parsed with ``ast``; nothing is
 imported or run). Importing ``a.b.c`` also runs the packages ``a`` and ``a.b``, so they count as imported too,
 except the packages the importing module itself lives in.
 
-Usage: ``python .ci/check_imports.py [ROOT]`` (default: this repository). Exit 1 and one line per circle or
-forbidden import found.
+Usage: ``python .ci/check_imports.py [ROOT]`` (default: this repository). Exit 1 and one line per circle,
+forbidden import or viewer name found.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ FORBIDDEN = {
     "engine.geometry": ("engine.models", "engine.runtime", "engine.pipeline", "engine.sampling", "engine.depth",
                         "engine.offload", "engine.distributed"),
 }
+# The page's views of a scene: every name this module defines at its top level stays out of ``engine`` (which
+# imports no demo module anyway: FORBIDDEN).
+VIEWER = "demo/viewer.py"
 
 
 def project_modules(root: Path) -> dict[str, Path]:
@@ -119,6 +124,45 @@ def forbidden_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
                   for t in targets if any(_within(t, b) for b in banned))
 
 
+def _defined_names(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, assigned names)."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8"), filename=str(path)).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+    return names
+
+
+def _used_names(path: Path) -> set[str]:
+    """Every identifier a module's code names: variables, attributes, definitions, imports, arguments."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).rpartition(".")[2])
+        elif isinstance(node, (ast.arg, ast.keyword)) and node.arg:
+            names.add(node.arg)
+    return names
+
+
+def viewer_names_in_engine(root: Path) -> list[tuple[str, str]]:
+    """``(engine module, name)`` pairs where ``engine`` names something ``VIEWER`` defines."""
+    viewer = root / VIEWER
+    if not viewer.is_file():
+        return []
+    banned = _defined_names(viewer)
+    return sorted((name, used) for name, path in project_modules(root).items() if _within(name, "engine")
+                  for used in _used_names(path) & banned)
+
+
 def main(argv: list[str]) -> int:
     root = Path(argv[0]) if argv else Path(__file__).resolve().parents[1]
     graph = import_graph(root)
@@ -128,7 +172,10 @@ def main(argv: list[str]) -> int:
     banned = forbidden_imports(graph)
     for module, target in banned:
         print(f"forbidden import: {module} imports {target}")
-    return 1 if found or banned else 0
+    viewer = viewer_names_in_engine(root)
+    for module, name in viewer:
+        print(f"viewer name in the engine: {module} names {name} ({VIEWER})")
+    return 1 if found or banned or viewer else 0
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def variant_switch_keeps_the_old_camera_branch(mp):
     mp.setattr(ClipPipeline, "switch_variant", switch_variant)
 
 
-@mutant("test_bad_inputs.py::test_trajectory_parameters_plan_or_refuse")
+@mutant("test_bad_inputs.py::test_every_preset_plans_at_its_maximum_and_refuses_beyond_it",
+        "test_bad_inputs.py::test_trajectory_parameters_plan_or_refuse")
 def amount_check_refuses_the_maximum(mp):
     """The trajectory-amount validation refuses a valid amount: the preset's maximum itself."""
     from engine.geometry import trajectories

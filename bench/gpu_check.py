@@ -303,7 +303,7 @@ def _staged_clip(pipe, cond, prompt: str):
         text = stage("encode_prompt", lambda: pipe.encode_prompt(prompt))
         image = stage("encode_image", lambda: pipe.encode_image(cond))
         inputs = stage("prepare_conditions", lambda: pipe.prepare_conditions(cond))
-        noise = pipe.prepare_latents(cond.num_frames, HEIGHT, WIDTH, seed=0)
+        noise = pipe.prepare_latents(cond.num_frames, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(0))
         latents = stage("denoise_4_steps", lambda: pipe.denoise(
             noise, {"encoder_hidden_states": text, "encoder_hidden_states_image": image, **inputs}, sampler))
         stage("decode", lambda: pipe.decode(latents))

@@ -5,14 +5,15 @@ Layout under the app's ``--output-dir``::
     jobs/<id>/scene/       the engine's job folder (``engine.scene.Scene``), zipped as a whole by its export
     jobs/<id>/downloads/   readable names for what the person downloads (hard links into scene/)
     jobs/<id>/plan/        the planned-path view (cloud + cameras) drawn before generating
-    jobs/<id>/pending.json the trajectories of the last run, so a run cut short (server killed) can be resumed
+    jobs/<id>/view/        what the page's 3D viewers show (``demo.viewer``)
+
+A run cut short (the server killed or restarted) is resumed from the scene's own resume record (its manifest).
 
 Ids are random (``secrets``), so one person cannot guess another's folder, and every path handed to the
 browser is checked to lie inside its job folder.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -94,38 +95,32 @@ def cleanup_old_jobs(output_dir: PathLike, max_age_s: float, keep: tuple[str, ..
 
 # ---- runs that did not finish (server killed or restarted mid-run) -------------------------------------
 
-PENDING = "pending.json"
+LEGACY_PENDING = "pending.json"  # where older versions kept a run's requests, beside the scene
 
 
-def write_pending(job_root: Path, base: int, requests: list[dict]) -> None:
-    """Record a run before it starts: ``requests`` (JSON-able) are to become clips ``base``, ``base + 1``, …"""
-    from engine.atomicio import atomic_write_json
-
-    atomic_write_json(Path(job_root) / PENDING, {"base": int(base), "requests": list(requests)})
-
-
-def pending_requests(job_root: Path) -> list[dict]:
-    """The recorded requests of the job's last run that have no committed clip yet (empty when it finished)."""
-    try:
-        pending = json.loads((Path(job_root) / PENDING).read_text(encoding="utf-8"))
-        manifest = json.loads((Path(job_root) / "scene" / "manifest.json").read_text(encoding="utf-8"))
-        done = len(manifest.get("clips", [])) - int(pending["base"])
-        return list(pending["requests"])[max(done, 0):]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+def made_by_an_older_version(job_root: Path) -> bool:
+    """Whether the job's unfinished run was recorded the older way (``LEGACY_PENDING``), which is not resumed."""
+    return (Path(job_root) / LEGACY_PENDING).is_file()
 
 
 def unfinished_jobs(output_dir: PathLike) -> list[dict]:
-    """Job folders whose last run stopped before all its trajectories were generated, newest first:
-    ``{"id", "remaining": [trajectory names], "clips": committed clip count}``."""
+    """Job folders whose last run stopped before all its trajectories were generated (the scene's resume record,
+    ``engine.jobfolder.unfinished_requests``), newest first: ``{"id", "remaining": [trajectory names], "clips":
+    committed clip count}``."""
+    from engine.jobfolder import JobFolder, unfinished_requests
+    from engine.settings import SceneError
+
     root = jobs_root(output_dir)
     found = []
     for folder in root.iterdir() if root.is_dir() else []:
         if not (folder.is_dir() and JOB_ID.match(folder.name)):
             continue
-        remaining = pending_requests(folder)
+        try:
+            manifest = JobFolder(folder / "scene").read_manifest()
+            remaining = unfinished_requests(manifest)
+        except (SceneError, KeyError, TypeError, ValueError):  # no scene yet, or one that cannot be read
+            continue
         if remaining:
-            manifest = json.loads((folder / "scene" / "manifest.json").read_text(encoding="utf-8"))
             found.append((folder.stat().st_mtime, {"id": folder.name, "remaining": [r.get("name") for r in remaining],
                                                    "clips": len(manifest.get("clips", []))}))
     return [job for _, job in sorted(found, key=lambda t: -t[0])]

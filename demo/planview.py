@@ -73,7 +73,7 @@ def write_plan_glb(path: Path, cloud_points, cloud_colors, plans: Sequence[tuple
                    seed: int = 0, axes=outputs.OPENCV_TO_OPENGL) -> dict[str, list[int]]:
     """Write the cloud plus every planned path; returns each path's RGB colour (for the legend).
 
-    ``axes``: the scene's world-to-viewer axes (``Scene.viewer_axes()``), so the plan and ``scene.glb`` agree.
+    ``axes``: the scene's world-to-glTF axes (``engine.scene_start.gltf_axes``), so the plan and ``scene.glb`` agree.
     """
     pts = np.asarray(cloud_points.detach().cpu().numpy() if hasattr(cloud_points, "detach") else cloud_points, dtype=np.float64)
     cols = np.asarray(cloud_colors.detach().cpu().numpy() if hasattr(cloud_colors, "detach") else cloud_colors)

@@ -1,11 +1,14 @@
 """The page: input column (image, trajectories, settings, buttons) and result column (status; point cloud,
 splats and the 3D camera-path editor; clip / GGM render / hole mask / depth videos; undo; downloads).
-Behaviour lives in ``demo/callbacks.py``."""
+Behaviour lives in the callbacks: ``demo.generation``, ``demo.downloads``, ``demo.viewer``, ``demo.editing``
+(``demo.context`` says what they share)."""
 from __future__ import annotations
 
 import gradio as gr
 
-from demo import callbacks as cb
+from demo import context, editing, generation, viewer
+from demo.downloads import show_clip
+from demo.generation import GenerationInputs
 from engine.constants import KEYFRAMES
 from engine.geometry import trajectories as traj
 from engine.offload import OFFLOAD_CHOICES, offload_help_text
@@ -29,11 +32,11 @@ def _trajectory_help() -> str:
     return "\n".join(rows)
 
 
-def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
+def build_demo(ctx: context.AppContext, max_concurrent: int = 1) -> gr.Blocks:
     with gr.Blocks(title="WorldStereo Studio", delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown("# WorldStereo Studio\nOne photo or one 360° panorama in: camera-guided videos along the "
                     "trajectories you choose, and one consistent 3D point cloud out.")
-        banner = gr.Markdown(cb.banner_markdown(ctx.default_engine, ctx.startup_note), elem_id="banner")
+        banner = gr.Markdown(generation.banner_markdown(ctx.default_engine, ctx.startup_note), elem_id="banner")
         state = gr.State({})
         with gr.Row():
             with gr.Column(scale=1, min_width=360):
@@ -50,7 +53,7 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                                          elem_id="examples")
                 presets = gr.CheckboxGroup(list(traj.PRESETS), value=DEFAULT_TRAJECTORIES, label="Camera paths",
                                            elem_id="trajectories")
-                views = gr.CheckboxGroup(list(cb.PANORAMA_VIEWS), value=["view0"], visible=False,
+                views = gr.CheckboxGroup(list(generation.PANORAMA_VIEWS), value=["view0"], visible=False,
                                          label="Panorama start views (front, right, back, left)", elem_id="views")
                 frames = gr.Slider(2, 81, value=KEYFRAMES, step=1, label="Frames per clip", elem_id="frames")
                 with gr.Accordion("Camera amounts, camera.json, planned paths", open=False, elem_id="camera-more"):
@@ -65,10 +68,11 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt (optional)", lines=1, elem_id="prompt")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, elem_id="seed")
-                    engine = gr.Dropdown(cb.engine_choices(ctx.weights), value=ctx.default_engine, label="Engine",
-                                         elem_id="engine")
-                quality = gr.Radio([("Fast: DMD, 4 steps", cb.FAST), ("Quality: UniPC + guidance, 40 steps", cb.QUALITY)],
-                                   value=cb.FAST, label="Quality / speed (full model only)", elem_id="quality")
+                    engine = gr.Dropdown(generation.engine_choices(ctx.weights), value=ctx.default_engine,
+                                         label="Engine", elem_id="engine")
+                quality = gr.Radio([("Fast: DMD, 4 steps", generation.FAST),
+                                    ("Quality: UniPC + guidance, 40 steps", generation.QUALITY)],
+                                   value=generation.FAST, label="Quality / speed (full model only)", elem_id="quality")
                 offload = gr.Dropdown(list(OFFLOAD_CHOICES), value=OFFLOAD_CHOICES[0],
                                       label="GPU memory (generative engines, new scenes)", info=offload_help_text(),
                                       elem_id="offload")
@@ -130,91 +134,91 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
         by_key = {"state": state, "status": status, "banner": banner, "model3d": model3d, "splats": splats,
                   "clip_video": clip_video, "render_video": render_video, "mask_video": mask_video,
                   "depth_video": depth_video, "clip_choice": clip_choice, "downloads": downloads}
-        outputs = [by_key[k] for k in cb.OUTPUT_KEYS]
+        outputs = [by_key[k] for k in generation.OUTPUT_KEYS]
 
-        def gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off) -> tuple[dict, cb.GenerationInputs]:
-            return st or {}, cb.GenerationInputs(image=img, panorama=bool(pano), trajectories=pre or [], views=vw or [],
-                                                 angle=ang or 0, distance=dist or 0, frames=int(fr or KEYFRAMES),
-                                                 camera_json=cj, prompt=pr or "", seed=int(sd or 0), engine=eng,
-                                                 quality=q or cb.FAST, offload=off or OFFLOAD_CHOICES[0])
+        def gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off) -> tuple[dict, GenerationInputs]:
+            return st or {}, GenerationInputs(image=img, panorama=bool(pano), trajectories=pre or [], views=vw or [],
+                                              angle=ang or 0, distance=dist or 0, frames=int(fr or KEYFRAMES),
+                                              camera_json=cj, prompt=pr or "", seed=int(sd or 0), engine=eng,
+                                              quality=q or generation.FAST, offload=off or OFFLOAD_CHOICES[0])
 
         def as_tuple(update: dict) -> tuple:
-            return tuple(update.get(k, gr.skip()) for k in cb.OUTPUT_KEYS)
+            return tuple(update.get(k, gr.skip()) for k in generation.OUTPUT_KEYS)
 
         def session_of(request: gr.Request) -> str:
             return getattr(request, "session_hash", None) or "-"
 
         def run(continue_scene: bool):
             # Explicit parameters: gradio injects Request / Progress by signature, which *args would hide.
-            @cb.logged
+            @context.logged
             def handler(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, request: gr.Request,
                         progress=gr.Progress()):
                 st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off)
-                for update in cb.generate(ctx, st, inp, session=session_of(request), continue_scene=continue_scene,
-                                          progress=progress):
+                for update in generation.generate(ctx, st, inp, session=session_of(request),
+                                                  continue_scene=continue_scene, progress=progress):
                     yield as_tuple(update)
             return handler
 
-        @cb.logged
+        @context.logged
         def on_upload(path):
-            shown, pano, info = cb.inspect_upload(path)
+            shown, pano, info = generation.inspect_upload(path)
             return shown, pano if path else gr.skip(), info
 
         def on_panorama(pano):
             return gr.update(visible=bool(pano))
 
-        @cb.logged
+        @context.logged
         def on_plan(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, progress=gr.Progress()):
             st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off)
-            st, glb, legend = cb.plan_paths(ctx, st, inp, progress=progress)
+            st, glb, legend = generation.plan_paths(ctx, st, inp, progress=progress)
             return st, glb, legend
 
-        @cb.logged
+        @context.logged
         def on_resume(st, job_id, request: gr.Request, progress=gr.Progress()):
-            for update in cb.resume(ctx, st or {}, job_id, session=session_of(request), progress=progress):
+            for update in generation.resume(ctx, st or {}, job_id, session=session_of(request), progress=progress):
                 yield as_tuple(update)
 
         def on_cancel(request: gr.Request):
-            return cb.cancel(ctx, session_of(request))
+            return generation.cancel(ctx, session_of(request))
 
-        @cb.logged
+        @context.logged
         def on_clip(st, name):
-            return cb.show_clip(ctx, st, name)
+            return show_clip(ctx, st, name)
 
-        @cb.logged
+        @context.logged
         def on_editor(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, request: gr.Request,
                       progress=gr.Progress()):
             st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off)
-            return cb.open_editor(ctx, st, inp, session=session_of(request), progress=progress)
+            return editing.open_editor(ctx, st, inp, session=session_of(request), progress=progress)
 
-        @cb.logged
+        @context.logged
         def on_path_preview(st, fr, request: gr.Request):
-            return cb.preview_path(ctx, st, int(fr or KEYFRAMES), session=session_of(request))
+            return editing.preview_path(ctx, st, int(fr or KEYFRAMES), session=session_of(request))
 
-        @cb.logged
+        @context.logged
         def on_path_save(st, fr, request: gr.Request):
-            return cb.save_editor_path(ctx, st, int(fr or KEYFRAMES), session=session_of(request))
+            return editing.save_editor_path(ctx, st, int(fr or KEYFRAMES), session=session_of(request))
 
-        @cb.logged
+        @context.logged
         def on_path_upload(st, path, request: gr.Request):
-            return cb.load_editor_path(ctx, st, path, session=session_of(request))
+            return editing.load_editor_path(ctx, st, path, session=session_of(request))
 
-        @cb.logged
+        @context.logged
         def on_path_generate(st, fr, request: gr.Request, progress=gr.Progress()):
-            for update in cb.generate_path(ctx, st, int(fr or KEYFRAMES), session=session_of(request),
-                                           progress=progress):
+            for update in editing.generate_path(ctx, st, int(fr or KEYFRAMES), session=session_of(request),
+                                                progress=progress):
                 yield as_tuple(update)
 
-        @cb.logged
+        @context.logged
         def on_undo(st, request: gr.Request):
-            return as_tuple(cb.remove_last_clip(ctx, st, session=session_of(request)))
+            return as_tuple(editing.remove_last_clip(ctx, st, session=session_of(request)))
 
-        @cb.logged
+        @context.logged
         def on_confidence(st, value):
-            return cb.set_confidence(ctx, st, value)
+            return viewer.set_confidence(ctx, st, value)
 
         def on_unload(request: gr.Request):
-            cb.close_session(ctx, session_of(request))
+            editing.close_session(ctx, session_of(request))
 
         # A file the engine cannot read is removed again after its error, so the next upload can follow at once.
         checks = dict(concurrency_id=CHECK_QUEUE, concurrency_limit=CHECKS_AT_ONCE)
@@ -223,9 +227,9 @@ def build_demo(ctx: cb.AppContext, max_concurrent: int = 1) -> gr.Blocks:
             lambda: (None, None, ""), None, [image, preview, input_info], concurrency_limit=None)
         panorama.change(on_panorama, [panorama], [views], concurrency_limit=None)
         if ctx.examples:
-            @cb.logged
+            @context.logged
             def on_example(evt: gr.SelectData):
-                path, pano, text, cam = cb.pick_example(ctx, evt.index)
+                path, pano, text, cam = generation.pick_example(ctx, evt.index)
                 return path, pano, text
 
             gallery.select(on_example, None, [image, panorama, prompt], concurrency_limit=None)

@@ -56,6 +56,7 @@ def cmd_generate(args) -> int:
     from engine import conditioning
     from engine.geometry import trajectories as traj
     from engine.geometry.cameras import Cameras
+    from engine.jobfolder import CLIPS, JobFolder
     from engine.scene import Scene, TrajectoryRequest
     from engine.settings import SceneError, SceneSettings, check_frames
 
@@ -77,7 +78,7 @@ def cmd_generate(args) -> int:
     engine = resolve_engine(args.engine, Path(args.weights) if args.weights else None, announce=print,
                             device=args.device)
     out = Path(args.out)
-    if (out / "manifest.json").exists():
+    if JobFolder(out).holds_scene():
         from engine.jobfolder import check_same_input
 
         check_same_input(out, args.image or args.panorama, panorama=bool(args.panorama))
@@ -110,8 +111,8 @@ def cmd_generate(args) -> int:
         bar.close()
     print(f"Done in {time.perf_counter() - t0:.1f} s with the '{scene.settings.engine}' engine. Written to {out}:")
     for clip in scene.clips:
-        print(f"  {clip['folder']}/  {_listing(out / clip['folder'])}")
-    print(f"  {_listing(out, skip=('clips',))}")
+        print(f"  {clip['folder']}/  {_listing(scene.folder.clip_files(clip['name']).folder)}")
+    print(f"  {_listing(out, skip=(CLIPS,))}")
     return 0
 
 

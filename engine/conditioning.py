@@ -30,14 +30,15 @@ from PIL import Image
 
 from engine.constants import SIZE_MULTIPLE
 from engine.geometry.cameras import Cameras, rigid_inverse
+from engine.geometry.retrieval import References
 from engine.images import to_pil
 
 PathLike = Union[str, Path]
 
-# models/worldstereo_wrapper.py + src/data_utils.py: the released defaults.
+# The released defaults (release: models/worldstereo_wrapper.py, src/data_utils.py).
 DEFAULT_SCALE_MAP = ((480, 768), (512, 720), (576, 640), (608, 608), (640, 576), (720, 512), (768, 480))
 CAMERA_SCALE = 2.0
-RENDER_RADIUS_NDC = 0.008  # src/data_utils.py: the point renderer's radius, in PyTorch3D NDC
+RENDER_RADIUS_NDC = 0.008  # the point renderer's radius (release: src/data_utils.py), in PyTorch3D NDC
 RENDER_FILES = ("camera.json", "render.mp4", "render_mask.mp4")
 
 
@@ -61,7 +62,7 @@ def scale_map_buckets(scale_map=None) -> list[tuple[int, int]]:
 
 def assign_bucket(height: int, width: int, scale_map=None) -> tuple[int, int]:
     """The bucket whose h/w is nearest to the image's h/w (absolute difference, first on ties) — as the
-    release's ``assign_scale`` (src/data_utils.py)."""
+    release's ``assign_scale`` (release: src/data_utils.py)."""
     buckets = scale_map_buckets(scale_map)
     ratios = np.array([h / w for h, w in buckets])
     return buckets[int(np.argmin(np.abs(ratios - height / width)))]
@@ -130,7 +131,7 @@ def _recentre_and_scale(c2w: torch.Tensor, num_targets: int, camera_scale: float
 
 
 def center_normalized_w2c(w2c: torch.Tensor, camera_scale: float = CAMERA_SCALE) -> torch.Tensor:
-    """``camera_center_normalization(..., is_w2c=True)`` of models/camera.py over one trajectory ``[F,4,4]``:
+    """``camera_center_normalization(..., is_w2c=True)`` of release: models/camera.py over one trajectory ``[F,4,4]``:
     w2c right-multiplied by c2w of camera 0 (camera 0 becomes the identity), then re-centred and scaled
     (``_recentre_and_scale``). float64 in, float64 out."""
     w2c = w2c.double()
@@ -140,7 +141,7 @@ def center_normalized_w2c(w2c: torch.Tensor, camera_scale: float = CAMERA_SCALE)
 
 def unified_normalized_w2c(w2c: torch.Tensor, w2c_ref: torch.Tensor,
                            camera_scale: float = CAMERA_SCALE) -> tuple[torch.Tensor, torch.Tensor]:
-    """``unified_camera_normalization`` of models/camera.py: targets ``[F,4,4]`` and references ``[R,4,4]`` in
+    """``unified_camera_normalization`` of release: models/camera.py: targets ``[F,4,4]`` and references ``[R,4,4]`` in
     one frame — right-multiplied by c2w of target 0, re-centred on the targets' mean centre and scaled by target
     0's distance (``_recentre_and_scale`` over the targets, applied to all)."""
     combined = torch.cat([w2c.double(), w2c_ref.double()])
@@ -172,9 +173,9 @@ def camera_qt(w2c: torch.Tensor, w2c_ref: torch.Tensor) -> tuple[torch.Tensor, t
 
 def plucker_map(K: torch.Tensor, w2c: torch.Tensor, height: int, width: int, stride: int = 1) -> torch.Tensor:
     """Plücker rays ``[6,F,H',W']`` of the cameras as given, laid out as ``batch_sample_rays`` + ``embed_rays``
-    (models/camera.py): pixel (i, j) is the point x = j - 0.5, y = i + 0.5 (sic, the grid the weights were trained
-    with), d = normalize(R_c2w K^-1 (x, y, 1)), o = the camera centre, channels (d, o x d). ``stride`` keeps rows
-    and columns 0, stride, 2*stride, ... (each pixel's value depends on that pixel only). A non-finite result
+    (release: models/camera.py): pixel (i, j) is the point x = j - 0.5, y = i + 0.5 (sic, the grid the weights were
+    trained with), d = normalize(R_c2w K^-1 (x, y, 1)), o = the camera centre, channels (d, o x d). ``stride`` keeps
+    rows and columns 0, stride, 2*stride, ... (each pixel's value depends on that pixel only). A non-finite result
     becomes all zeros, as the release does."""
     K = K.double()
     c2w = rigid_inverse(w2c.double())
@@ -192,8 +193,8 @@ def plucker_map(K: torch.Tensor, w2c: torch.Tensor, height: int, width: int, str
 
 
 def camera_embedding(K: torch.Tensor, w2c: torch.Tensor, height: int, width: int, stride: int = 1) -> torch.Tensor:
-    """``get_camera_embedding(K, w2c, F, H, W, normalize=True, is_w2c=True)`` of models/camera.py: the Plücker map
-    ``[1,6,F,H',W']`` of the centre-normalised trajectory (targets only)."""
+    """``get_camera_embedding(K, w2c, F, H, W, normalize=True, is_w2c=True)`` of release: models/camera.py: the
+    Plücker map ``[1,6,F,H',W']`` of the centre-normalised trajectory (targets only)."""
     return plucker_map(K, center_normalized_w2c(w2c), height, width, stride)[None]
 
 
@@ -215,8 +216,8 @@ def signed(image: torch.Tensor) -> torch.Tensor:
 def render_video_and_mask(image: Image.Image, render_image: torch.Tensor,
                           covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The GGM inputs from one of the engine's cache renders (``render_image [F,3,H,W]`` in [0,1], ``covered``
-    bool ``[F,H,W]``), as ``multi_gpu_point_rendering(..., replace_first_frame=True)`` (src/pointcloud.py) makes
-    them: video ``[1,3,F,H,W]`` in [-1,1] with the background 0 (mid-grey) in holes and frame 0 = the input image;
+    bool ``[F,H,W]``), as ``multi_gpu_point_rendering(..., replace_first_frame=True)`` (release: src/pointcloud.py)
+    makes them: video ``[1,3,F,H,W]`` in [-1,1] with the background 0 (mid-grey) in holes and frame 0 = the input image;
     mask ``[1,1,F,H,W]`` 1 where no point landed (``zbuf == -1``), frame 0 all 0."""
     covered = covered.bool().cpu()
     video = torch.where(covered[:, None], signed(render_image.cpu()), torch.zeros(()))
@@ -228,7 +229,7 @@ def render_video_and_mask(image: Image.Image, render_image: torch.Tensor,
 
 def read_official_render(folder: PathLike, image: Image.Image, nframe: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``render.mp4`` + ``render_mask.mp4`` of an official trajectory folder, read the way
-    ``load_mutli_traj_dataset`` (src/data_utils.py) reads them: frames to [-1,1], bicubic resize to the image's
+    ``load_mutli_traj_dataset`` (release: src/data_utils.py) reads them: frames to [-1,1], bicubic resize to the image's
     size, frame 0 = the image, clipped to [-1,1]; mask channel 0, nearest resize, binarised at 0.5; both
     subsampled to ``nframe`` keyframes. Returns ``(video [1,3,F,H,W], mask [1,1,F,H,W])``."""
     from engine.outputs import OutputError, read_video
@@ -276,7 +277,8 @@ def check_render_dir(folder: PathLike) -> Path:
 
 def example_prompt(image: Optional[PathLike] = None, render_dir: Optional[PathLike] = None) -> Optional[str]:
     """The caption the official examples come with: ``traj_caption.json["prompt"]`` of a trajectory folder
-    (run_multi_traj.py), else ``prompt.json["long caption"]`` beside a photo (run_camera_control.py)."""
+    (release: run_multi_traj.py), else ``prompt.json["long caption"]`` beside a photo
+    (release: run_camera_control.py)."""
     candidates = []
     if render_dir is not None:
         candidates.append((Path(render_dir) / "traj_caption.json", "prompt"))
@@ -317,29 +319,6 @@ def colour_coded_pointmaps(*pointmaps: Optional[torch.Tensor]) -> list[Optional[
 
 
 # ---- one clip ----------------------------------------------------------------------------------------
-
-@dataclass
-class References:
-    """Memory views of one clip in the engine's convention.
-
-    ``images [R,3,H,W]`` in [0,1]; ``ref_index[r] = k``: reference r serves target frame k + 1 (frame 0 is the input
-    view, which needs none). ``pointmaps`` world XYZ ``[R,3,H,W]`` (the paper's branch-form memory only).
-    """
-
-    images: torch.Tensor
-    cameras: Cameras
-    ref_index: torch.Tensor
-    pointmaps: Optional[torch.Tensor] = None
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-
-def single_view_references(image: torch.Tensor, cameras: Cameras) -> References:
-    """The first clip of a photo: the only reference is the input view itself at target camera 0, serving target
-    0 (``load_single_view_data``: reference_video = the image, ref_index [0], reference camera = w2cs[0:1])."""
-    return References(images=image[None], cameras=cameras[0:1], ref_index=torch.tensor([0]))
-
 
 @dataclass
 class ClipConditions:

@@ -41,8 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
-from engine.hub import MOGE_REPO, looks_like_repo_id
-from engine.hub import local_files_only as hub_local_only
+from engine.hub import MOGE_REPO, HubFileUnavailable, hub_file, looks_like_repo_id
 from engine.user_depth import DepthInputError, is_user_depth_file, read_user_depth
 
 PathLike = Union[str, Path]
@@ -51,7 +50,6 @@ MOGE_CHECKPOINT_FILE = "model.pt"
 DEFAULT_FOV_X = 60.0  # degrees; a typical phone / compact-camera photo
 DEFAULT_PLANE_DEPTH = 3.0  # metres; a room-scale distance
 DEFAULT_SPHERE_RADIUS = 3.0  # metres
-DOWNLOAD_TIMEOUT_S = 10.0
 
 
 class DepthUnavailable(RuntimeError):
@@ -166,8 +164,11 @@ def _fov_list(fov_x, n: int) -> list[Optional[float]]:
     return vals
 
 
-class _Estimator:
-    """Common batch handling; subclasses implement ``estimate``."""
+class DepthEstimator:
+    """The one interface of every depth estimator (MoGe, the plane and sphere fallbacks, a person's depth map):
+    ``estimate(image [3,H,W], fov_x)`` gives a ``DepthEstimate``, ``estimate_batch`` the same for ``[F,3,H,W]``;
+    ``source`` names the estimator, ``describe()`` says it in words, ``fallback`` marks the stand-ins (module notes).
+    Subclasses implement ``estimate``."""
 
     source: str = ""
     fallback = False  # True for the stand-ins used when no depth model is available (module notes)
@@ -200,22 +201,16 @@ def resolve_moge_checkpoint(repo_or_dir: PathLike, local_files_only: Optional[bo
     if not looks_like_repo_id(spec):
         raise DepthUnavailable(f"MoGe weights '{spec}' are neither a local file or folder nor a Hugging Face repo id.")
     try:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    except ImportError:
-        raise DepthUnavailable("huggingface_hub is not installed, so MoGe weights cannot be fetched.") from None
-    cached = try_to_load_from_cache(spec, MOGE_CHECKPOINT_FILE)
-    if isinstance(cached, str):
-        return Path(cached)
-    offline = hub_local_only() if local_files_only is None else local_files_only
-    if offline:
-        raise DepthUnavailable(f"MoGe weights '{spec}' are not in the Hugging Face cache and the hub cannot be reached or is switched off.")
-    try:
-        return Path(hf_hub_download(spec, MOGE_CHECKPOINT_FILE, etag_timeout=DOWNLOAD_TIMEOUT_S))
-    except Exception as e:  # network, auth, missing repo: all mean "not available here"
-        raise DepthUnavailable(f"MoGe weights '{spec}' could not be downloaded ({e.__class__.__name__}).") from None
+        return hub_file(spec, MOGE_CHECKPOINT_FILE, cache_only=local_files_only)
+    except HubFileUnavailable as e:
+        if e.why == "failed":
+            raise DepthUnavailable(f"MoGe weights '{spec}' could not be downloaded "
+                                   f"({e.__cause__.__class__.__name__}).") from None
+        raise DepthUnavailable(f"MoGe weights '{spec}' are not in the Hugging Face cache and the hub cannot be "
+                               "reached or is switched off.") from None
 
 
-class DepthEstimator(_Estimator):
+class MoGeEstimator(DepthEstimator):
     """MoGe (v2, or v1) wrapped to return ``DepthEstimate`` in pixel intrinsics."""
 
     def __init__(self, model: torch.nn.Module, version: str = "v2", resolution_level: int = 9, batch_size: int = 4):
@@ -241,7 +236,7 @@ class DepthEstimator(_Estimator):
         dtype: Optional[torch.dtype] = None,
         local_files_only: Optional[bool] = None,
         **kwargs,
-    ) -> "DepthEstimator":
+    ) -> "MoGeEstimator":
         """Load a MoGe checkpoint (``model.pt`` with ``model_config`` + ``model``) from a file, a folder or the hub.
 
         Unlike ``moge``'s own loader, a checkpoint that would leave weights random (missing keys) is refused
@@ -329,7 +324,7 @@ def _pixel_intrinsics(image: torch.Tensor, fov_x: float) -> tuple[int, int, torc
     return h, w, intrinsics_from_fov(w, h, fov_x)[0].float()
 
 
-class _Constant(_Estimator):
+class _Constant(DepthEstimator):
     """A stand-in surface at a fixed ``distance`` in metres (subclasses say which surface: ``_depth``)."""
 
     fallback = True
@@ -381,7 +376,7 @@ class SphereDepth(_Constant):
 
 # ---- the user's depth map ------------------------------------------------------------------------
 
-class UserDepth(_Estimator):
+class UserDepth(DepthEstimator):
     """The person's depth map of the input photo (``engine.user_depth``); an image of the map's aspect gets it
     resized (nearest), any other is refused."""
 
@@ -408,14 +403,30 @@ class UserDepth(_Estimator):
         return f"user depth from {self.path.name}"
 
 
-AnyEstimator = Union[DepthEstimator, PlaneDepth, SphereDepth, UserDepth]
+class DepthSource:
+    """``(image [3,H,W], camera or None) -> (depth [H,W], valid [H,W], K [3,3])``: a scene's one depth door.
+
+    Wraps an estimator (MoGe-2 or an announced fallback), asking it for the camera's field of view. ``K`` is the
+    estimator's own intrinsics guess, used only for the input photo when no camera file gives them.
+    """
+
+    def __init__(self, estimator: DepthEstimator, note: str):
+        self.estimator = estimator
+        self.note = note
+
+    def __call__(self, image: torch.Tensor, camera: Optional[Cameras] = None):
+        fov_x = None
+        if camera is not None:
+            fov_x = math.degrees(2 * math.atan(camera.width / (2 * float(camera.K[0, 0, 0]))))
+        est = self.estimator.estimate(image, fov_x=fov_x)
+        return est.depth.float(), est.mask.bool(), est.intrinsics.double()
 
 
-_LOADED: dict = {}  # (checkpoint path, mtime, size, device, dtype) -> DepthEstimator
+_LOADED: dict = {}  # (checkpoint path, mtime, size, device, dtype) -> MoGeEstimator
 _LOADED_LOCK = threading.Lock()
 
 
-def _loaded_moge(spec, device, dtype, local_files_only) -> DepthEstimator:
+def _loaded_moge(spec, device, dtype, local_files_only) -> MoGeEstimator:
     """MoGe loaded once per process and reused: every scene, clip and plan of a server shares it. Keyed by the
     resolved checkpoint file (its size and modification time: a replaced file loads again), device and dtype."""
     path = resolve_moge_checkpoint(spec, local_files_only).resolve()
@@ -425,7 +436,7 @@ def _loaded_moge(spec, device, dtype, local_files_only) -> DepthEstimator:
         if key not in _LOADED:
             for stale in [k for k in _LOADED if k[0] == key[0] and k[3:] == key[3:]]:
                 del _LOADED[stale]
-            _LOADED[key] = DepthEstimator.from_pretrained(path, device=device, dtype=dtype)
+            _LOADED[key] = MoGeEstimator.from_pretrained(path, device=device, dtype=dtype)
         return _LOADED[key]
 
 
@@ -436,7 +447,7 @@ def load_depth_estimator(
     announce: Optional[Callable[[str], None]] = print,
     panorama: bool = False,
     local_files_only: Optional[bool] = None,
-) -> AnyEstimator:
+) -> DepthEstimator:
     """The depth estimator a run gets.
 
     ``spec``: None (MoGe-2 from the hub cache), a hub repo id, a local MoGe file/folder, a user depth file
@@ -445,7 +456,7 @@ def load_depth_estimator(
     ``announce`` gets ONE line saying which fallback and why. MoGe is loaded once per process (per checkpoint
     file, device and dtype) and the same estimator is returned again.
     """
-    if isinstance(spec, _Estimator):
+    if isinstance(spec, DepthEstimator):
         return spec
     if spec in ("plane", "sphere"):
         return PlaneDepth() if spec == "plane" else SphereDepth()
@@ -469,6 +480,29 @@ FILL_RADIUS = 6
 def is_fallback(source) -> bool:
     """Whether a depth source (an estimator, or a wrapper holding one as ``estimator``) is a stand-in."""
     return bool(getattr(getattr(source, "estimator", source), "fallback", False))
+
+
+def generated_frame_depth(source, image: torch.Tensor, camera: Cameras, rendered_depth: torch.Tensor,
+                          covered: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(depth [H,W], valid [H,W])`` of a generated frame ``image`` seen by ``camera``, on the device the cache
+    renders on, given the cache's render there (``rendered_depth``, ``covered``). With a depth model (``source``, a
+    scene's depth door), its estimate scale-aligned to the rendered depth where both have one (64 pixels at least;
+    otherwise the estimate's own scale); with a fallback (``is_fallback``), the cache's own depth with its holes
+    continued (``depth_from_render``, module notes)."""
+    from engine.geometry.align import align_depth
+
+    if is_fallback(source):
+        depth, valid = depth_from_render(rendered_depth, covered)
+        return depth.to(rendered_depth.device), valid.to(rendered_depth.device)
+    depth, valid, _ = source(image, camera)
+    depth, valid = depth.to(rendered_depth.device), valid.to(rendered_depth.device)
+    overlap = valid & covered & (rendered_depth > 0)
+    if int(overlap.sum()) >= 64:
+        try:
+            depth = align_depth(depth, rendered_depth, overlap).apply(depth)
+        except ValueError:
+            pass  # too little usable overlap: keep the estimate's own scale
+    return depth, valid & (depth > 0)
 
 
 def depth_from_render(depth: torch.Tensor, covered: torch.Tensor, radius: int = FILL_RADIUS):

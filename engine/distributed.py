@@ -1,8 +1,8 @@
-"""More than one GPU: one sequence-parallel group (latency), or one pipeline per GPU (throughput).
+"""More than one GPU for one clip: the sequence-parallel group.
 
-Sequence-parallel group. Rank 0 runs everything a clip needs besides the transformer's forwards — depth, the 3D cache
-and its renders, retrieval, the text/image encoders and the VAE, the sampler, every output file and all progress —
-and the other ranks hold only the transformer. For every forward, rank 0 sends its inputs to the others (a small
+Rank 0 runs everything a clip needs besides the transformer's forwards — depth, the 3D cache and its renders,
+retrieval, the text/image encoders and the VAE, the sampler, every output file and all progress — and the other
+ranks hold only the transformer. For every forward, rank 0 sends its inputs to the others (a small
 control message over gloo, the tensors over the default backend: NCCL between GPUs), and all ranks run that forward
 together, split along the tokens (`engine.models.parallel`: diffusers' context parallelism, Ulysses degree = ranks).
 The noise is drawn on rank 0 from the clip's seed and reaches the others inside the forward's inputs, so a seed
@@ -16,11 +16,7 @@ gives the same clip as on one GPU. Two ways to start a group:
 A failure on any rank ends every rank with one sentence: the failing rank prints it and posts it to the group's
 store, rank 0 stays silent when a peer's failure broke its forward, and torchrun (or the app) ends the rest. An input
 error raised by the forward itself (`InputError`) happens alike on every rank; rank 0 reports it and the group goes
-on.
-
-Throughput. ``python app.py --gpus 0,1 --workers-per-gpu N``: each GPU holds its own pipeline (`GpuPool`), N scenes
-per GPU are served at once, and each clip runs on the GPU with the fewest clips in progress; the clips of one GPU
-take turns on its pipeline while the other scenes' depth, rendering and fusion go on.
+on. (One pipeline per GPU, for throughput, is `engine.generators.GpuPool`.)
 """
 from __future__ import annotations
 
@@ -34,7 +30,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Callable, Optional, Sequence
 
@@ -219,22 +214,6 @@ def init_from_env() -> Group:
     _init_process_group(_backend(device))
     _GROUP = Group(dist.get_rank(), dist.get_world_size(), device)
     return _GROUP
-
-
-def check_settings(settings) -> None:
-    """Refuse, in one sentence, scene settings a sequence-parallel group cannot run (no-op outside a group)."""
-    group = current()
-    if group is None or settings.engine == "preview":
-        return
-    if settings.backend != "eager":
-        raise GroupError(f"The '{settings.backend}' backend runs the transformer on one GPU; a sequence-parallel "
-                         "group runs it eagerly, so drop --backend.")
-    if settings.offload == "model":
-        raise GroupError("--offload model moves the transformer between CPU and GPU, which a sequence-parallel group "
-                         "cannot do; give each rank a GPU that holds it, or use --offload text-encoder.")
-    if torch.device(settings.device).type != group.device.type:
-        raise GroupError(f"Every rank of this group computes on {group.device.type}; drop --device "
-                         f"{settings.device}.")
 
 
 # ---------------------------------------------------------------------------------------------------- rank 0
@@ -473,128 +452,6 @@ def stop_group() -> None:
         _GROUP.close()
         _GROUP = None
         gc.collect()
-
-
-# ----------------------------------------------------------------------------------------------- one pipeline per GPU
-class GpuPool:
-    """Devices that each hold one pipeline per engine (how many scenes run at once is the app queue's limit)."""
-
-    def __init__(self, devices: Sequence[str]):
-        self.devices = [str(d) for d in devices]
-        self._busy = {d: 0 for d in self.devices}
-        self._lock = threading.Lock()
-
-    def pick(self) -> str:
-        """The device with the fewest clips in progress or waiting (first listed on a tie); counted as busier."""
-        with self._lock:
-            device = min(self.devices, key=lambda d: self._busy[d])
-            self._busy[device] += 1
-            return device
-
-    def done(self, device: str) -> None:
-        with self._lock:
-            self._busy[device] -= 1
-
-
-class PooledGenerator:
-    """A clip generator with one pipeline per pool device, loaded on a device's first clip; one clip at a time
-    runs on each device's pipeline."""
-
-    def __init__(self, pool: GpuPool, settings, load: Callable):
-        self.pool = pool
-        self._settings = settings
-        self._load = load  # settings → clip generator on settings.device
-        self._generators: dict = {}
-        self._locks = {d: threading.Lock() for d in pool.devices}
-        first = pool.devices[0]
-        with self._locks[first]:
-            self._generators[first] = load(replace(settings, device=first))
-
-    @property
-    def has_memory(self) -> bool:
-        return self._generators[self.pool.devices[0]].has_memory
-
-    @property
-    def uses_pointmaps(self) -> bool:
-        return self._generators[self.pool.devices[0]].uses_pointmaps
-
-    def generator_for(self, device: str):
-        if device not in self._generators:
-            self._generators[device] = self._load(replace(self._settings, device=device))
-        return self._generators[device]
-
-    def generate(self, **kwargs):
-        device = self.pool.pick()
-        try:
-            with self._locks[device]:
-                return self.generator_for(device).generate(**kwargs)
-        finally:
-            self.pool.done(device)
-
-
-_POOL: Optional[GpuPool] = None
-
-
-def pooled_generator(settings, load: Callable):
-    """The clip generator for ``settings`` spread over the GPU pool, or None without a pool (or without a network)."""
-    if _POOL is None or settings.engine == "preview":
-        return None
-    return PooledGenerator(_POOL, settings, load)
-
-
-def set_gpu_pool(devices: Sequence[str]) -> GpuPool:
-    global _POOL
-    _POOL = GpuPool(devices)
-    return _POOL
-
-
-# ---------------------------------------------------------------------------------------------------- the app's flags
-@dataclass
-class Serving:
-    device: str  # where scenes compute depth and renders (and, without a pool, everything)
-    max_concurrent: int  # scenes served at once
-    description: str
-
-
-def parse_gpus(text: Optional[str]) -> list[int]:
-    """``"0,1,3"`` → [0, 1, 3], checked against the CUDA GPUs present; None → every GPU present."""
-    if not torch.cuda.is_available():
-        raise GroupError("--gpus and --workers-per-gpu need CUDA GPUs and this machine has none.")
-    count = torch.cuda.device_count()
-    if text is None:
-        return list(range(count))
-    try:
-        gpus = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise GroupError(f"--gpus takes comma-separated GPU indices such as 0,1; got {text!r:.40}.") from None
-    if not gpus or len(set(gpus)) != len(gpus) or any(g < 0 or g >= count for g in gpus):
-        raise GroupError(f"--gpus must name distinct GPUs among 0..{count - 1}; got {text!r:.40}.")
-    return gpus
-
-
-def start_serving(gpus_text: Optional[str], workers_per_gpu: Optional[int], max_concurrent: int = 1) -> Serving:
-    """What `python app.py --gpus ... [--workers-per-gpu N]` asks for: a sequence-parallel group over the GPUs
-    (worker processes started here, stopped at exit), or one pipeline per GPU serving N scenes each."""
-    if workers_per_gpu is not None and workers_per_gpu < 1:
-        raise GroupError("--workers-per-gpu must be at least 1.")
-    gpus = parse_gpus(gpus_text)
-    devices = [f"cuda:{g}" for g in gpus]
-    if workers_per_gpu is not None:
-        if max_concurrent != 1:
-            raise GroupError("--workers-per-gpu sets how many scenes run at once; drop --max-concurrent.")
-        set_gpu_pool(devices)
-        jobs = len(devices) * workers_per_gpu
-        return Serving(devices[0], jobs, f"{len(devices)} GPU(s) ({', '.join(map(str, gpus))}), one pipeline each, "
-                                         f"{workers_per_gpu} scene(s) per GPU at once ({jobs} in all)")
-    if len(devices) == 1:
-        return Serving(devices[0], max_concurrent, f"GPU {gpus[0]}")
-    from engine.models.parallel import ParallelError
-
-    try:
-        start_group(devices)
-    except ParallelError as e:
-        raise GroupError(str(e)) from None
-    return Serving(devices[0], max_concurrent, f"one sequence-parallel group over GPUs {', '.join(map(str, gpus))}")
 
 
 if __name__ == "__main__":

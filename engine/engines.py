@@ -20,6 +20,7 @@ class EngineSpec:
     variant: Optional[str]  # checkpoint subfolder of HUB_REPO; None for engines without official weights
     needs_gpu: bool
     description: str
+    caveat: str = ""  # what a person must know before judging its frames (said wherever the engine is shown)
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -32,9 +33,15 @@ ENGINES: dict[str, EngineSpec] = {
         EngineSpec("worldstereo-camera", "worldstereo-camera", True,
                    "camera control only (no memory), 40-step UniPC + guidance"),
         EngineSpec("tiny-random", None, False,
-                   "the same architecture at a tiny random size: frames are noise; for tests and smoke runs"),
+                   "the same architecture at a tiny random size: frames are noise; for tests and smoke runs",
+                   "the WorldStereo architecture at a tiny size with random weights. Its frames are noise by design: "
+                   "use it to see the pipeline run, not to judge results."),
         EngineSpec("preview", None, False,
-                   "no generative network: renders the 3D cache and fills holes classically (a preview, not generation)"),
+                   "no generative network: renders the 3D cache and fills holes classically "
+                   "(a preview, not generation)",
+                   "no video model runs here. Each clip is the 3D point cloud rendered along the camera path, with its "
+                   "holes filled by classical inpainting. It shows the whole geometric loop (depth → point cloud → "
+                   "render → fuse → next trajectory) on a CPU; it is not WorldStereo's generation."),
     )
 }
 DEFAULT_GPU_ENGINE = "worldstereo-memory-dmd"

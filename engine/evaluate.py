@@ -459,8 +459,9 @@ def evaluate_scene(job_dir: PathLike, clips: Optional[Sequence[str]] = None, ref
     reference = None
     if reference_cloud is not None:
         reference = PointCache.load_ply(reference_cloud).points.numpy()
-        if not folder.scene_cloud().is_file():
-            raise EvaluationError(f"{folder.path} has no {folder.scene_cloud().name} to compare with the reference.")
+        cloud_file = folder.scene_files().cloud
+        if not cloud_file.is_file():
+            raise EvaluationError(f"{folder.path} has no {cloud_file.name} to compare with the reference.")
     report = ensure(progress)
     results, asked = [], []
     share = (0.9 if reference is not None else 1.0) / len(records)  # of the progress bar, per clip
@@ -475,7 +476,7 @@ def evaluate_scene(job_dir: PathLike, clips: Optional[Sequence[str]] = None, ref
     reconstruction = None
     if reference is not None:
         report(0.9, "comparing the reconstruction with the reference")
-        cloud = PointCache.load_ply(folder.scene_cloud()).points.numpy()
+        cloud = PointCache.load_ply(cloud_file).points.numpy()
         reconstruction = evaluate_reconstruction(cloud, reference, threshold, align, threads=threads).to_json()
         reconstruction["reference"] = Path(reference_cloud).name
     report(1.0, "evaluation done")

@@ -2,13 +2,15 @@
 
 huggingface_hub retries a failed request with back-off (about 25 s before it gives up when there is no
 network at all). One quick connection probe per process decides instead whether downloads are worth trying;
-when they are not, every loader reads the local cache only.
+when they are not, every loader reads the local cache only. ``hub_file`` is the one way the engine fetches a file:
+the cache's copy when it has one, else a download with a short timeout, unless the hub is off or out of reach.
 """
 from __future__ import annotations
 
 import functools
 import os
 import socket
+from pathlib import Path
 from typing import Optional
 from urllib.parse import urlparse
 
@@ -19,6 +21,7 @@ BASE_COMPONENT_FOLDERS = ("vae", "text_encoder", "tokenizer", "image_encoder", "
 MOGE_REPO = "Ruicheng/moge-2-vitl-normal"  # the depth model (MoGe-2 ViT-L with normals)
 DINOV2_REPO = "facebook/dinov2-base"  # the reference selector's image features (release: src/retrieval_wm.py)
 PROBE_TIMEOUT_S = 2.0
+DOWNLOAD_TIMEOUT_S = 10.0  # how long a download waits for the hub's first answer
 
 
 def looks_like_repo_id(spec: str) -> bool:
@@ -52,6 +55,38 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
 def local_files_only() -> bool:
     """Whether loaders should read the local cache only (switched off, or no route to the hub)."""
     return hub_offline() or not hub_reachable()
+
+
+class HubFileUnavailable(RuntimeError):
+    """A hub file that cannot be had here. ``why`` says which case it is, for the caller's sentence: "invalid" (the
+    name is no repository id), "offline" (not in the cache, and the hub switched off or out of reach) or "failed"
+    (the download failed; the error it raised is the ``__cause__``)."""
+
+    def __init__(self, repo: str, filename: str, why: str):
+        super().__init__(f"{repo}/{filename}: {why}")
+        self.repo, self.filename, self.why = repo, filename, why
+
+
+def hub_file(repo: str, filename: str, timeout: float = DOWNLOAD_TIMEOUT_S, cache_only: Optional[bool] = None) -> Path:
+    """The local path of ``filename`` of the hub repository ``repo``: the Hugging Face cache's copy when it holds one,
+    else downloaded into the cache (waiting at most ``timeout`` seconds for the hub's answer) unless ``cache_only``
+    (default: ``local_files_only()``). Raises ``HubFileUnavailable``."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(repo, filename)
+        if isinstance(cached, str):
+            return Path(cached)
+        if local_files_only() if cache_only is None else cache_only:
+            raise HubFileUnavailable(repo, filename, "offline")
+        return Path(hf_hub_download(repo, filename, etag_timeout=timeout))
+    except HFValidationError as e:
+        raise HubFileUnavailable(repo, filename, "invalid") from e
+    except HubFileUnavailable:
+        raise
+    except Exception as e:  # network, authentication, a missing file or repository: all mean "not here"
+        raise HubFileUnavailable(repo, filename, "failed") from e
 
 
 def download_commands(variant: str, base_weights: bool, base_model: str = BASE_MODEL_REPO,

@@ -1,5 +1,6 @@
 """An official WorldStereo panorama scene folder, read as the release reads it (release: run_multi_traj.py;
-src/retrieval_wm.py ``SimpleMemoryBank.__init__``; src/data_utils.py ``sort_trajs``, ``load_mutli_traj_dataset``).
+release: src/retrieval_wm.py ``SimpleMemoryBank.__init__``; release: src/data_utils.py ``sort_trajs``,
+``load_mutli_traj_dataset``).
 Reading only: nothing here renders or generates.
 
 Layout::

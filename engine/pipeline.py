@@ -9,7 +9,9 @@ checkpoint config. ``generate(ClipConditions, ...)`` runs named steps, the way d
    input view's condition latents per ``latent_cond_mode``, every render and reference keyframe VAE-encoded on its
    own, camera codes, and the camera branch's mask tokens (render mask + Plücker rays), computed ONCE per clip and
    passed to every step as ``mask_tokens``.
-4. ``prepare_latents``: seeded noise.
+4. ``prepare_latents``: the starting noise, drawn from ``generator`` (by default a CPU generator seeded with ``seed``:
+   a seed gives the same clip on every device), or ``latents`` as given, as diffusers pipelines take them, so a clip
+   can be compared with another implementation's from the same noise.
 5. ``denoise``: the variant's sampler (4-step DMD, or 40-step UniPC with classifier-free guidance batched into one
    forward per step).
 6. ``decode``: the VAE, keyframe by keyframe.
@@ -27,12 +29,12 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from engine.conditioning import (ClipConditions, ClipInputError, References, colour_coded_pointmaps,
-                                 conditions_from_render)
+from engine.conditioning import ClipConditions, ClipInputError, colour_coded_pointmaps, conditions_from_render
 from engine.constants import LATENT_CHANNELS, MASK_CHANNELS, MAX_REFERENCES, SIZE_MULTIPLE, VAE_SCALE
 from engine.geometry.cameras import Cameras
+from engine.geometry.retrieval import References
 from engine.models.components import Components, load_components
-from engine.models.config import WorldStereoConfig
+from engine.models.config import WorldStereoConfig, variant_is_distilled
 from engine.offload import IMAGE_ENCODER, TRANSFORMER, VAE, Placement
 from engine.progress import Progress, ensure, span
 from engine.sampling import Sampler, make_sampler, sample
@@ -142,8 +144,7 @@ class ClipPipeline:
     # ------------------------------------------------------------------ sampling set-up
     @property
     def is_distilled(self) -> bool:
-        variant = self.config.variant or ""
-        return self.config.dmd_steps is not None or variant.endswith("-dmd")
+        return self.config.dmd_steps is not None or variant_is_distilled(self.config.variant or "")
 
     @property
     def uses_pointmaps(self) -> bool:
@@ -152,7 +153,7 @@ class ClipPipeline:
 
     def make_sampler(self, steps: Optional[int] = None) -> Sampler:
         """DMD with the checkpoint config's shift / start / end steps, or UniPC configured by the base model's
-        scheduler config — as ``WorldStereo._build_pipeline`` (models/worldstereo_wrapper.py) builds them."""
+        scheduler config — as ``WorldStereo._build_pipeline`` (release: models/worldstereo_wrapper.py) builds them."""
         cfg = self.config
         if self.is_distilled:
             shift = float(cfg.gen_shift) if cfg.gen_shift is not None else DEFAULT_SHIFT
@@ -167,7 +168,8 @@ class ClipPipeline:
                  prompt: Optional[str] = None, negative_prompt: Optional[str] = None,
                  references: Optional[References] = None, pointmaps: Optional[torch.Tensor] = None, seed: int = 0,
                  steps: Optional[int] = None, guidance: float = DEFAULT_GUIDANCE, progress: Optional[Progress] = None,
-                 cancel: Optional[Callable[[], bool]] = None) -> ClipOutput:
+                 cancel: Optional[Callable[[], bool]] = None, generator: Optional[torch.Generator] = None,
+                 latents: Optional[torch.Tensor] = None) -> ClipOutput:
         """Generate the F keyframes along ``cameras`` (frame 0 is the input view) from the engine's own tensors.
 
         ``image [3,H,W]`` and ``render [F,3,H,W]`` in [0,1], ``render_mask [F,H,W]`` True where the 3D cache covers the
@@ -180,16 +182,18 @@ class ClipPipeline:
                                       references=references if memory and references is not None and len(references) else None,
                                       pointmaps=pointmaps if self.uses_pointmaps else None, memory=memory)
         return self.generate(cond, prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
-                             guidance=guidance, progress=progress, cancel=cancel)
+                             guidance=guidance, progress=progress, cancel=cancel, generator=generator, latents=latents)
 
     @torch.no_grad()
     def generate(self, conditions: ClipConditions, prompt: Optional[str] = None,
                  negative_prompt: Optional[str] = None, seed: int = 0, steps: Optional[int] = None,
                  guidance: float = DEFAULT_GUIDANCE, progress: Optional[Progress] = None,
-                 cancel: Optional[Callable[[], bool]] = None) -> ClipOutput:
+                 cancel: Optional[Callable[[], bool]] = None, generator: Optional[torch.Generator] = None,
+                 latents: Optional[torch.Tensor] = None) -> ClipOutput:
         """Generate one clip from its official conditions. Variants without memory ignore references and camera
         codes; ``guidance`` applies to the 40-step variants only (the unconditional branch differs in text only);
-        ``negative_prompt`` defaults to the checkpoint config's."""
+        ``negative_prompt`` defaults to the checkpoint config's. The starting noise is ``latents`` when given, else
+        drawn from ``generator`` (default: a CPU generator seeded with ``seed``; ``prepare_latents``)."""
         report = ensure(progress)
         f, h, w = check_conditions(conditions)
         sampler = self.make_sampler(steps)
@@ -198,7 +202,9 @@ class ClipPipeline:
         text = self.encode_prompt(prompt, negative_prompt if use_cfg else None, use_cfg)
         inputs = {"encoder_hidden_states": text, "encoder_hidden_states_image": self.encode_image(conditions),
                   **self.prepare_conditions(conditions)}
-        latents = self.prepare_latents(f, h, w, seed)
+        if generator is None and latents is None:
+            generator = torch.Generator("cpu").manual_seed(int(seed))
+        latents = self.prepare_latents(f, h, w, generator=generator, latents=latents)
         latents = self.denoise(latents, inputs, sampler, guidance=guidance if use_cfg else None,
                                progress=span(report, 0.1, 0.9), cancel=cancel)
         del inputs
@@ -266,12 +272,19 @@ class ClipPipeline:
                                                      cond.camera_embedding.to(self.device, self.dtype),
                                                      num_frames=cond.num_frames)
 
-    def prepare_latents(self, frames: int, height: int, width: int, seed: int) -> torch.Tensor:
-        """Noise ``[1,16,F,H/8,W/8]`` (float32) from a CPU generator: a seed gives the same clip on every device."""
-        gen = torch.Generator("cpu").manual_seed(int(seed))
-        noise = torch.randn((1, LATENT_CHANNELS, frames, height // VAE_SCALE, width // VAE_SCALE), generator=gen,
-                            dtype=torch.float32)
-        return noise.to(self.device)
+    def prepare_latents(self, frames: int, height: int, width: int, generator: Optional[torch.Generator] = None,
+                        latents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The starting noise ``[1,16,F,H/8,W/8]`` (float32, on the pipeline's device), as diffusers pipelines make it:
+        ``latents`` when given (checked for shape), else drawn from ``generator`` on that generator's device
+        (diffusers' ``randn_tensor``; a CPU generator gives the same noise whatever the pipeline's device)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (1, LATENT_CHANNELS, frames, height // VAE_SCALE, width // VAE_SCALE)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ClipInputError(f"latents must be {list(shape)} for this clip; got {list(latents.shape)}.")
+            return latents.to(self.device, torch.float32)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
 
     def denoise(self, latents: torch.Tensor, inputs: dict, sampler: Sampler, guidance: Optional[float] = None,
                 progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None) -> torch.Tensor:

@@ -19,6 +19,8 @@ from engine import conditioning, outputs
 from engine.constants import KEYFRAMES
 from engine.geometry import trajectories as traj
 from engine.geometry.cameras import Cameras
+from engine.geometry.retrieval import input_view_references
+from engine.jobfolder import JobFolder
 
 IMAGE_NAMES = ("image.png", "image.jpg", "image.jpeg", "image.webp", "start_frame.png")
 
@@ -43,12 +45,12 @@ def _requested(trajectory: Optional[str], folder: Path) -> tuple[Optional[Path],
 def photo_first_clip(image: torch.Tensor, camera_file: Optional[Path], preset: Optional[str],
                      size: tuple[int, int], frames: int, depth: Optional[str],
                      announce: Callable[[str], None] = print):
-    """The photo's seed (bucket image, start camera, first cache) and the first clip's keyframe cameras, as the
+    """The photo's scene start (bucket image, start camera, first cache) and the first clip's keyframe cameras, as the
     release's single-view path has them: a camera file's trajectory subsampled to ``frames`` keyframes with its
     intrinsics rescaled from the photo to ``size``, or a preset from the start camera."""
-    from engine.depth import PlaneDepth, UserDepth, load_depth_estimator
+    from engine.depth import DepthSource, PlaneDepth, UserDepth, load_depth_estimator
+    from engine.scene_start import start_photo
     from engine.settings import check_frames
-    from engine.scene_init import DepthSource, seed_photo
 
     h0, w0 = image.shape[-2:]
     file_cams = Cameras.from_json(camera_file, w0, h0) if camera_file is not None else None
@@ -58,13 +60,13 @@ def photo_first_clip(image: torch.Tensor, camera_file: Optional[Path], preset: O
     if file_cams is not None and isinstance(estimator, PlaneDepth):
         # Official files put the world origin at the look-at point: the plane goes through it.
         estimator = PlaneDepth(depth=float(file_cams.centers[0].norm()) or estimator.depth)
-    seed = seed_photo(image, DepthSource(estimator, estimator.source), camera_file, size,
-                      user_depth=estimator if isinstance(estimator, UserDepth) else None)
+    start = start_photo(image, DepthSource(estimator, estimator.source), camera_file, size,
+                        user_depth=estimator if isinstance(estimator, UserDepth) else None)
     if file_cams is not None:
         cams = conditioning.official_cameras(file_cams, (h0, w0), size, frames)
     else:
-        cams = traj.make_trajectory(preset, seed.start_camera, seed.median_depth, frames=frames)
-    return seed, cams
+        cams = traj.make_trajectory(preset, start.start_camera, start.median_depth, frames=frames)
+    return start, cams
 
 
 def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: Optional[str] = None,
@@ -78,7 +80,7 @@ def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: 
     if not folder.is_dir():
         raise RenderInputError(f"Scene folder {folder} does not exist.")
     camera_file, preset = _requested(trajectory, folder)
-    if (folder / "manifest.json").is_file():
+    if JobFolder(folder).holds_scene():
         from engine.scene import TrajectoryRequest, open_for_files
 
         job = open_for_files(folder)  # its cache is rendered: no depth model is needed
@@ -93,8 +95,8 @@ def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: 
         photo = load_image(image_path)
         bucket = conditioning.assign_bucket(*photo.shape[-2:])
         size = conditioning.scale_bucket(bucket, min(1.0, max_side / max(bucket)))
-        seed, cams = photo_first_clip(photo, camera_file, preset, size, frames, depth, announce)
-        image, cache = seed.image, seed.cache
+        start, cams = photo_first_clip(photo, camera_file, preset, size, frames, depth, announce)
+        image, cache = start.image, start.cache
     result = cache.render(cams, radius=conditioning.splat_radius(cams.height, cams.width) if radius is None else radius)
     video, mask = conditioning.render_video_and_mask(to_pil(image), result.image, result.mask)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,13 +117,14 @@ def write_conditions(image_path: str, out: str, camera_json: Optional[str] = Non
     has one reference, the input view at target 0.
     """
     from engine.engines import ENGINES, unknown_engine
+    from engine.generators import registration
     from engine.images import load_image
+    from engine.scene_start import checkpoint_config
     from engine.settings import bucket_size
-    from engine.scene_init import checkpoint_config
 
     if engine not in ENGINES:
         raise RenderInputError(unknown_engine(engine))
-    if engine == "preview":
+    if not registration(engine).network:
         raise RenderInputError("The preview engine runs no network, so it has no model conditioning; choose "
                                "worldstereo-memory-dmd, worldstereo-memory, worldstereo-camera or tiny-random.")
     if sum(x is not None for x in (camera_json, trajectory, render_dir)) != 1:
@@ -132,7 +135,7 @@ def write_conditions(image_path: str, out: str, camera_json: Optional[str] = Non
         raise RenderInputError(f"The stride must be a whole number of pixels from 1 up; got {stride!r:.40}.")
     config = checkpoint_config(engine, weights)
     nframe = config.nframe if config is not None else KEYFRAMES
-    memory = config.has_memory if config is not None else engine != "worldstereo-camera"
+    memory = config.has_memory if config is not None else registration(engine).memory
     image = load_image(image_path)
     h0, w0 = image.shape[-2:]
     size = bucket_size(engine, h0, w0, config.scale_map if config is not None else None)
@@ -141,15 +144,15 @@ def write_conditions(image_path: str, out: str, camera_json: Optional[str] = Non
         bucket_image = conditioning.pil_to_tensor(conditioning.stretch_to_bucket(image, size))
         cams = conditioning.official_cameras(Cameras.from_json(folder / "camera.json", w0, h0), (h0, w0), size,
                                              nframe)
-        refs = conditioning.single_view_references(bucket_image, cams) if memory else None
+        refs = input_view_references(bucket_image, cams) if memory else None
         cond = conditioning.conditions_from_render_dir(folder, bucket_image, cams, nframe, refs, memory=memory,
                                                        stride=stride)
     else:
-        seed, cams = photo_first_clip(image, Path(camera_json) if camera_json else None, trajectory, size, nframe,
+        start, cams = photo_first_clip(image, Path(camera_json) if camera_json else None, trajectory, size, nframe,
                                       depth, announce)
-        render = seed.cache.render(cams, radius=conditioning.splat_radius(*size))
-        refs = conditioning.single_view_references(seed.image, cams) if memory else None
-        cond = conditioning.conditions_from_render(seed.image, cams, render.image, render.mask, refs, memory=memory,
+        render = start.cache.render(cams, radius=conditioning.splat_radius(*size))
+        refs = input_view_references(start.image, cams) if memory else None
+        cond = conditioning.conditions_from_render(start.image, cams, render.image, render.mask, refs, memory=memory,
                                                    stride=stride)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     cond.save(out)

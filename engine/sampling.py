@@ -31,9 +31,9 @@ def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
 
 def dmd_timesteps(steps: int = 4, start: float = 250, end: float = 1000, shift: float = 1.0) -> torch.Tensor:
     """The DMD student's timesteps (float64, descending, in model units), as the release's
-    ``FlowGeneratorScheduler`` (models/dmd_scheduler.py) makes them: ``end`` (the config's ``dmd_end_steps``) is
-    its ``num_train_timesteps``, so ``linspace(start, end, steps)`` reversed is divided by ``end``, shifted, and
-    multiplied by ``end`` again; the noise level of a timestep is ``t / end``."""
+    ``FlowGeneratorScheduler`` (release: models/dmd_scheduler.py) makes them: ``end`` (the config's
+    ``dmd_end_steps``) is its ``num_train_timesteps``, so ``linspace(start, end, steps)`` reversed is divided by
+    ``end``, shifted, and multiplied by ``end`` again; the noise level of a timestep is ``t / end``."""
     if steps < 1:
         raise ValueError(f"DMD needs at least one step; got {steps}.")
     t = torch.linspace(float(start), float(end), steps, dtype=torch.float64).flip(0) / float(end)

@@ -2,46 +2,50 @@
 
 Every clip is conditioned on the 3D cache rendered along its cameras (GGM) and on reference frames retrieved
 from the memory bank (SSM); afterwards a few of its frames get depth, are scale-aligned to the cache and grow
-both the cache and the bank, so the next trajectory sees everything generated so far.
+both the cache and the bank, so the next trajectory sees everything generated so far. ``Scene.generate`` runs one
+clip as named steps, in this order:
 
-The rooms around the loop: ``engine.settings`` checks what a scene is asked for, ``engine.scene_init`` starts a
-scene (depth of the input, the first cache and bank, the clip generator), ``engine.jobfolder`` owns the files
-(layout, commits, resume, revert), ``engine.outputs`` writes each file format.
+1. ``render_cache``: the 3D cache rendered along the trajectory's cameras (colour, holes, depth).
+2. ``retrieve``: the memory frames that serve the clip as references (``engine.geometry.retrieval.retrieve``).
+3. ``build_conditions``: the official model inputs (``engine.conditioning``).
+4. ``generate_frames``: the engine's clip generator (``engine.generators``), clip k seeded with ``clip_seed``.
+5. ``fuse``: kept frames get depth, scale-aligned to the cache, and grow a copy of it.
+6. ``write_and_commit``: the clip's files written, the clip committed, the scene moved on in memory.
+
+The rooms around the loop: ``engine.settings`` checks what a scene is asked for, ``engine.scene_start`` starts a
+scene (depth of the input, the first cache and bank), ``engine.generators`` makes each clip's frames,
+``engine.jobfolder`` owns the files (every path, what is written per clip, commits, the resume record, revert),
+``engine.outputs`` writes each file format.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
-from engine import conditioning, outputs, scene_init
-from engine.atomicio import atomic_write_json
-from engine.engines import ENGINES
+from engine import conditioning, generators, scene_start
 from engine.geometry import trajectories as traj
-from engine.geometry.cache import PointCache, viewer_confidence
+from engine.geometry.cache import PointCache
 from engine.geometry.cameras import Cameras
 from engine.geometry.memory import MemoryBank, sample_align_nframe
-from engine.images import load_image, save_image
-from engine.jobfolder import (CLIPS, DATASET_IMAGES, FRAMES, MEMORY, ClipRecord, JobFolder, new_manifest,
-                              snapshot_file)
-from engine.preview import PREVIEW_NOTE
+from engine.geometry.render import RenderResult
+from engine.geometry.retrieval import References, Retrieval, retrieve
+from engine.images import load_image
+from engine.jobfolder import (ClipContent, ClipRecord, JobFolder, clip_folder, clip_name, new_manifest, snapshot_file,
+                              unfinished_requests, with_run)
 from engine.progress import Progress, ensure, span
 from engine.sampling import SamplingCancelled
 from engine.settings import SceneError, SceneSettings, check_frames, engine_device
 
 __all__ = ["GenerationCancelled", "Scene", "TrajectoryRequest", "open_for_files", "revert"]
 
-SPLAT_SIGMA = 1.0  # splat standard deviation in units of the local point spacing (engine.geometry.cache notes)
-MAX_VIEW_SPLATS = 100_000  # splats in the browser's splat view by default (a fixed subset beyond that)
-VIEW_RADIUS = 1.0  # size of the cloud in the splat viewer's frame (gradio's viewer orbits the origin close by)
-
 DEFAULT_PHOTO_TRAJECTORIES = ("up", "left", "right", "orbit")  # the paper's benchmark set
+CANCELLED = "Generation was cancelled; the scene keeps every finished clip."
 
 
 def clip_seed(scene_seed: int, index: int) -> int:
@@ -50,8 +54,17 @@ def clip_seed(scene_seed: int, index: int) -> int:
     return scene_seed + index
 
 
+def frame_id(index: int, frame: int) -> int:
+    """The id of frame ``frame`` of the scene's clip ``index`` (0-based) in the 3D cache and the memory bank:
+    ``1000 (index + 1) + frame`` (the start's frames keep ids below 1000)."""
+    return 1000 * (index + 1) + int(frame)
+
+
 class GenerationCancelled(RuntimeError):
     """Raised when the caller's cancel flag is set; the scene keeps its last committed state."""
+
+    def __init__(self, message: str = CANCELLED):
+        super().__init__(message)
 
 
 @dataclass
@@ -72,6 +85,49 @@ class TrajectoryRequest:
     @classmethod
     def parse(cls, spec: Union[str, "TrajectoryRequest"]) -> "TrajectoryRequest":
         return spec if isinstance(spec, TrajectoryRequest) else cls(name=str(spec).strip())
+
+    def to_dict(self) -> dict:
+        """The request as JSON (the manifest's resume record): its cameras as an official camera file with their
+        image size, so ``from_dict`` gives them back exactly."""
+        cameras = None
+        if self.cameras is not None:
+            cameras = {**self.cameras.to_json_dict(), "width": self.cameras.width, "height": self.cameras.height}
+        return {"name": self.name, "amount": self.amount, "frames": self.frames, "render_dir": self.render_dir,
+                "cameras": cameras}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrajectoryRequest":
+        cams = data.get("cameras")
+        cameras = None if cams is None else Cameras.from_json_dict(cams, cams.get("width"), cams.get("height"),
+                                                                    source=f"The cameras of '{data['name']}'")
+        return cls(name=str(data["name"]), cameras=cameras, amount=data.get("amount"), frames=data.get("frames"),
+                   render_dir=data.get("render_dir"))
+
+
+@dataclass
+class Clip:
+    """One clip on its way through the steps of ``Scene.generate``; each step fills its part."""
+
+    request: TrajectoryRequest
+    index: int  # 0-based, in the scene
+    name: str  # its folder's name (``engine.jobfolder.clip_name``)
+    cameras: Cameras  # [F], frame 0 the start view
+    seconds: dict = field(default_factory=dict)  # each step's wall time
+    render: Optional[RenderResult] = None  # render_cache
+    retrieval: Optional[Retrieval] = None  # retrieve
+    references: Optional[References] = None
+    conditions: Optional[conditioning.ClipConditions] = None  # build_conditions
+    frames: Optional[torch.Tensor] = None  # generate_frames: [F,3,H,W]
+    kept: list = field(default_factory=list)  # fuse: the frames that grow the cache and the bank
+    kept_depths: Optional[torch.Tensor] = None  # [K,H,W]
+    cache: Optional[PointCache] = None  # the grown cache
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time the block as the step ``name`` (a failed step records nothing: its clip is not committed)."""
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - t
 
 
 class Scene:
@@ -95,12 +151,13 @@ class Scene:
     @classmethod
     def create(cls, job_dir, image: Union[str, Path], *, panorama: bool = False,
                settings: Optional[SceneSettings] = None, camera_json: Optional[Union[str, Path]] = None,
-               depth_source=None, progress: Optional[Progress] = None, announce: Callable[[str], None] = print) -> "Scene":
+               depth_source=None, progress: Optional[Progress] = None,
+               announce: Callable[[str], None] = print) -> "Scene":
         """Start a new scene from an image file. ``depth_source`` overrides depth estimation (tests pass
-        ground truth): a callable ``(image [3,H,W], camera) -> (depth [H,W], valid [H,W])``."""
+        ground truth): a callable ``(image [3,H,W], camera) -> (depth [H,W], valid [H,W], K [3,3])``."""
         settings = settings or SceneSettings()
         settings.validate()
-        user_depth = scene_init.user_depth_for(settings, panorama)  # read and checked before a depth model loads
+        user_depth = scene_start.user_depth_for(settings, panorama)  # read and checked before a depth model loads
         folder = JobFolder(job_dir)
         if folder.holds_scene():
             raise SceneError(f"{folder.path} already holds a scene; open it to continue, or choose another folder.")
@@ -108,22 +165,22 @@ class Scene:
         image_path = Path(image)
         img = load_image(image_path)
         report(0.05, "loading depth model")
-        depth_source = depth_source or scene_init.depth_source_for(settings, panorama, announce)
+        depth_source = depth_source or scene_start.depth_source_for(settings, panorama, announce)
         report(0.2, "depth of the input")
         if panorama:
-            seed = scene_init.seed_panorama(img, settings, depth_source, span(report, 0.2, 0.9))
+            start = scene_start.start_panorama(img, settings, depth_source, span(report, 0.2, 0.9))
         else:
-            size = scene_init.photo_size(img.shape[-2], img.shape[-1], settings)
-            seed = scene_init.seed_photo(img, depth_source, camera_json, size, user_depth, span(report, 0.2, 0.9))
+            size = scene_start.photo_size(img.shape[-2], img.shape[-1], settings)
+            start = scene_start.start_photo(img, depth_source, camera_json, size, user_depth, span(report, 0.2, 0.9))
         # Nothing is written before the input has been fully understood: a refused input leaves no folder.
         manifest = new_manifest(
             kind="panorama" if panorama else "photo", input_path=image_path, settings=settings,
-            engine_note=PREVIEW_NOTE if settings.engine == "preview" else ENGINES[settings.engine].description,
-            size=seed.image.shape[-2:], input_size=img.shape[-2:], median_depth=seed.median_depth,
-            start_views=seed.start_views, depth_note=seed.depth_note)
-        folder.create(manifest, seed.image, seed.start_camera, seed.bank, seed.cache)
+            engine_note=generators.engine_note(settings.engine), size=start.image.shape[-2:],
+            input_size=img.shape[-2:], median_depth=start.median_depth, start_views=start.start_views,
+            depth_note=start.depth_note)
+        folder.create(manifest, start.image, start.start_camera, start.bank, start.cache)
         report(1.0, "scene ready")
-        return cls(folder.path, settings, manifest, seed.image, seed.start_camera, seed.cache, seed.bank,
+        return cls(folder.path, settings, manifest, start.image, start.start_camera, start.cache, start.bank,
                    depth_source, announce)
 
     @classmethod
@@ -135,7 +192,7 @@ class Scene:
         settings = SceneSettings.from_dict({**manifest["settings"], **(settings_override or {})})
         folder.clean_debris(manifest)
         image, start, cache, bank = folder.load_state(manifest)
-        depth_source = depth_source or scene_init.depth_source_for(settings, manifest["kind"] == "panorama", announce)
+        depth_source = depth_source or scene_start.depth_source_for(settings, manifest["kind"] == "panorama", announce)
         scene = cls(folder.path, settings, manifest, image, start, cache, bank, depth_source, announce)
         scene._finish_last_commit()
         return scene
@@ -199,22 +256,31 @@ class Scene:
         except ValueError as e:  # the trajectory module words its refusals for people (amount out of range, ...)
             raise SceneError(str(e)) from None
 
+    def plan_run(self, requests: Sequence[TrajectoryRequest]) -> None:
+        """Record ``requests`` as the run about to start, the scene's one resume record (``engine.jobfolder``): a
+        run cut short (a kill, a restart) is resumed from it (``unfinished``)."""
+        manifest = with_run(self.manifest, [r.to_dict() for r in requests])
+        if manifest is not self.manifest:
+            self.manifest = manifest
+            self.folder.write_manifest(self.manifest)
+
+    def unfinished(self) -> list[TrajectoryRequest]:
+        """The requests of the last run that have no committed clip yet."""
+        return [TrajectoryRequest.from_dict(r) for r in unfinished_requests(self.manifest)]
+
     # ---- generation -----------------------------------------------------------------------------------
-    def _clip_generator(self):
+    def _clip_generator(self) -> generators.ClipGenerator:
         if self._generator is None:
-            self._generator = scene_init.clip_generator(self.settings, self.announce)
+            self._generator = generators.clip_generator(self.settings, self.announce)
         return self._generator
 
     def run(self, trajectories: Optional[Sequence[Union[str, TrajectoryRequest]]] = None,
             progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None) -> list[ClipRecord]:
         """Generate every trajectory not yet done (resume-safe), then export the scene."""
         requests = [TrajectoryRequest.parse(t) for t in (trajectories or self.default_trajectories())]
-        planned = [r.name for r in requests]
-        if planned != self.manifest.get("planned"):
-            self.manifest["planned"] = planned
-            self.folder.write_manifest(self.manifest)
         done = {c["trajectory"] for c in self.manifest["clips"]}
         todo = [r for r in requests if r.name not in done]
+        self.plan_run(todo)
         report = ensure(progress)
         records = []
         for i, req in enumerate(todo):
@@ -225,126 +291,137 @@ class Scene:
 
     def generate(self, request: Union[str, TrajectoryRequest], progress: Optional[Progress] = None,
                  cancel: Optional[Callable[[], bool]] = None) -> ClipRecord:
-        """Generate one clip along a trajectory, grow cache and memory, and commit it to the job folder."""
-        req = TrajectoryRequest.parse(request)
+        """Generate one clip along a trajectory, grow cache and memory, and commit it to the job folder: the steps
+        of the module doc, each timed; a set ``cancel`` flag stops the clip between steps."""
         report = ensure(progress)
 
-        def check_cancel():
+        def stop_if_cancelled() -> None:
             if cancel is not None and cancel():
-                raise GenerationCancelled("Generation was cancelled; the scene keeps every finished clip.")
+                raise GenerationCancelled()
 
         generator = self._clip_generator()
-        timings = {}
         t0 = time.perf_counter()
-        cams = self.plan(req)
+        req = TrajectoryRequest.parse(request)
+        cameras = self.plan(req)
         index = len(self.manifest["clips"])
-        safe_name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in req.name)[:40]
-        name = f"{index:02d}_{safe_name}"
-        report(0.0, f"{name}: rendering the 3D cache")
-        # Only the paper's branch-form memory reads pointmaps; the released (stitched) form renders none.
-        render = self.cache.render(cams, radius=self.splat_radius(cams),
-                                   pointmaps=getattr(generator, "uses_pointmaps", False))
-        timings["render"] = time.perf_counter() - t0
-        check_cancel()
+        clip = Clip(req, index, clip_name(index, req.name), cameras)
+        with clip.step("render"):
+            report(0.0, f"{clip.name}: rendering the 3D cache")
+            # Only the paper's branch-form memory reads pointmaps; the released (stitched) form renders none.
+            clip.render = self.render_cache(clip.cameras, pointmaps=generator.uses_pointmaps)
+        stop_if_cancelled()
+        with clip.step("retrieve"):
+            report(0.05, f"{clip.name}: retrieving references")
+            clip.retrieval, clip.references = self.retrieve(clip.cameras)
+        stop_if_cancelled()
+        with clip.step("generate"):
+            clip.conditions = self.build_conditions(clip, generator)
+            clip.frames = self.generate_frames(clip, generator, span(report, 0.1, 0.8), cancel)
+        stop_if_cancelled()
+        with clip.step("fuse"):
+            report(0.8, f"{clip.name}: depth of kept frames")
+            self.fuse(clip, span(report, 0.8, 0.9), stop_if_cancelled)
+        return self.write_and_commit(clip, t0, report)
 
-        t = time.perf_counter()
-        report(0.05, f"{name}: retrieving references")
-        # Targets are frames 1..F-1 (frame 0 is the input view): ref_index k serves frame k + 1.
-        single_view = self._single_view
-        if single_view:
-            retrieval = self.bank.input_view_retrieval(cams[1:])
-        else:
-            retrieval = self.bank.retrieve(cams[1:], max_refs=self.settings.max_refs)
-        timings["retrieve"] = time.perf_counter() - t
-        check_cancel()
+    # ---- the steps ------------------------------------------------------------------------------------
+    def render_cache(self, cameras: Cameras, pointmaps: bool = False) -> RenderResult:
+        """The 3D cache seen along ``cameras``: colour, covered pixels, depth (and world points for ``pointmaps``)."""
+        return self.cache.render(cameras, radius=self.splat_radius(cameras), pointmaps=pointmaps)
 
-        t = time.perf_counter()
+    def retrieve(self, cameras: Cameras) -> tuple[Retrieval, Optional[References]]:
+        """The memory frames that serve a clip along ``cameras`` (``engine.geometry.retrieval.retrieve``)."""
+        first_photo_clip = self.manifest["kind"] == "photo" and not self.manifest["clips"]
+        return retrieve(self.bank, cameras, max_refs=self.settings.max_refs,
+                        input_view=self.start_image if first_photo_clip else None)
+
+    def build_conditions(self, clip: Clip, generator: generators.ClipGenerator) -> conditioning.ClipConditions:
+        """The clip's official conditions: the cache render (or the request's pre-rendered folder) along its cameras,
+        and for memory models the retrieved references."""
+        cams = clip.cameras
         start_image = self.start_image_for(cams[0:1])
-        conditions = self._conditions(req, cams, render, retrieval, start_image, single_view, generator)
+        refs = clip.references if generator.has_memory else None
+        if refs is not None and generator.uses_pointmaps:
+            refs.pointmaps = self.cache.render(refs.cameras, pointmaps=True).pointmap.permute(0, 3, 1, 2)
+        pointmaps = clip.render.pointmap.permute(0, 3, 1, 2) if generator.uses_pointmaps else None
+        memory = generator.has_memory
+        if clip.request.render_dir is not None:
+            return conditioning.conditions_from_render_dir(clip.request.render_dir, start_image, cams, len(cams), refs,
+                                                           pointmaps, memory)
+        return conditioning.conditions_from_render(start_image, cams, clip.render.image, clip.render.mask, refs,
+                                                   pointmaps, memory)
+
+    def generate_frames(self, clip: Clip, generator: generators.ClipGenerator, progress: Progress,
+                        cancel: Optional[Callable[[], bool]]) -> torch.Tensor:
+        """The clip's frames ``[F,3,H,W]`` from its conditions, its noise drawn from ``clip_seed``."""
         try:
-            frames = generator.generate(conditions=conditions, prompt=self.settings.prompt,
-                                        seed=clip_seed(self.settings.seed, index), progress=span(report, 0.1, 0.8),
-                                        cancel=cancel)
-        except SamplingCancelled:
-            # One cancellation type for callers, whichever stage noticed the flag.
-            raise GenerationCancelled("Generation was cancelled; the scene keeps every finished clip.") from None
-        timings["generate"] = time.perf_counter() - t
-        check_cancel()
+            return generator.generate(conditions=clip.conditions, prompt=self.settings.prompt,
+                                      seed=clip_seed(self.settings.seed, clip.index), progress=progress, cancel=cancel)
+        except SamplingCancelled:  # one cancellation type for callers, whichever stage noticed the flag
+            raise GenerationCancelled() from None
 
-        t = time.perf_counter()
-        report(0.8, f"{name}: depth of kept frames")
-        keep = self._kept_indices(len(cams))
-        new_cache = copy.deepcopy(self.cache)
-        kept_depths = []
-        for j, fi in enumerate(keep):
-            depth, valid = self._aligned_depth(frames[fi], cams[fi], render.depth[fi], render.mask[fi])
-            kept_depths.append(depth)
-            # Only what the cache did not already hold grows it: covered pixels are the cache seen again.
-            new_cache.add_frame(frames[fi], depth, cams[fi], frame_id=1000 * (index + 1) + int(fi),
-                                valid=valid & ~render.mask[fi], confidence=self._new_point_confidence)
-            report(0.8 + 0.1 * (j + 1) / len(keep), f"{name}: fusing frame {j + 1}/{len(keep)}")
-            check_cancel()
-        new_cache.downsample(self.settings.point_budget)
-        timings["fuse"] = time.perf_counter() - t
+    def fuse(self, clip: Clip, progress: Progress, stop_if_cancelled: Callable[[], None]) -> None:
+        """Give the clip's kept frames (``_kept_indices``) depth, scale-aligned to the cache's render
+        (``engine.depth.generated_frame_depth``), and grow a copy of the cache with what it did not already hold
+        (covered pixels are the cache seen again)."""
+        from engine.depth import generated_frame_depth
 
-        t = time.perf_counter()
-        report(0.92, f"{name}: writing outputs")
-        # The depth video: the grown cache seen from every camera of the clip (the geometry the clip left).
-        seen = new_cache.render(cams, radius=self.splat_radius(cams))
-        with self.folder.clip_folder(name) as tmp:
-            self._write_clip(tmp, name, frames, cams, conditions, retrieval, keep, torch.stack(kept_depths), index,
-                             depth_video=(seen.depth, seen.mask))
-        timings["write"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t0
-        record = ClipRecord(name=name, folder=f"{CLIPS}/{name}", trajectory=req.name, frames=len(cams),
-                            references=len(retrieval.refs), seconds=timings)
-        manifest = self.folder.commit_clip(self.manifest, record, new_cache)
-        # Only now does the in-memory scene move on. The cache is taken back from its file (colours quantised
-        # as stored), so a run reopened from the folder (resume, revert) continues from exactly this state.
-        self.manifest = manifest
-        self.cache = PointCache.load_ply(self.job_dir / manifest["state"]["cache"], device=new_cache.device)
-        self.bank.add(frames[keep], cams[keep], torch.stack(kept_depths),
-                      frame_ids=[1000 * (index + 1) + int(i) for i in keep], source=name)
+        render = clip.render
+        clip.kept = self._kept_indices(len(clip.cameras))
+        clip.cache = copy.deepcopy(self.cache)
+        depths = []
+        for j, fi in enumerate(clip.kept):
+            depth, valid = generated_frame_depth(self.depth_source, clip.frames[fi], clip.cameras[fi], render.depth[fi],
+                                                 render.mask[fi])
+            depths.append(depth)
+            clip.cache.add_frame(clip.frames[fi], depth, clip.cameras[fi], frame_id=frame_id(clip.index, fi),
+                                 valid=valid & ~render.mask[fi], confidence=self._new_point_confidence)
+            progress((j + 1) / len(clip.kept), f"{clip.name}: fusing frame {j + 1}/{len(clip.kept)}")
+            stop_if_cancelled()
+        clip.cache.downsample(self.settings.point_budget)
+        clip.kept_depths = torch.stack(depths)
+
+    def write_and_commit(self, clip: Clip, t0: float, report: Progress) -> ClipRecord:
+        """Write the clip's files (``clip_content``: everything in memory first), commit the clip, and move the
+        scene on. The state after the commit (the manifest listing the clip, the grown cache as its committed file
+        holds it, the bank with the clip's kept frames) is made in memory from the clip, never read back from the
+        files written here, so those files could be written while the next clip starts, as long as the commit waits
+        for them."""
+        report(0.92, f"{clip.name}: writing outputs")
+        with clip.step("write"):
+            content = self.clip_content(clip)
+            self.folder.write_clip(clip.name, content)
+        clip.seconds["total"] = time.perf_counter() - t0
+        record = ClipRecord(name=clip.name, folder=clip_folder(clip.name), trajectory=clip.request.name,
+                            frames=len(clip.cameras), references=len(clip.retrieval.refs), seconds=clip.seconds)
+        self.manifest, self.cache = self.folder.commit_clip(self.manifest, record, clip.cache)
         # The previous cache file stays: ``revert`` goes back to it.
+        memory = content.memory
+        self.bank.add(memory.images, memory.cameras, memory.depths, frame_ids=memory.frame_ids, source=clip.name)
         self.write_scene_cloud()
         self.folder.snapshot(self.manifest)
-        report(1.0, f"{name}: done")
+        report(1.0, f"{clip.name}: done")
         return record
 
+    def clip_content(self, clip: Clip) -> ClipContent:
+        """What is written of a clip: its frames and cameras, what the model was given (in the official files'
+        convention: holes mid-grey, frame 0 the input view), the geometry it left (the grown cache's depth from
+        every camera), the references it had and the frames it gives the memory bank."""
+        seen = clip.cache.render(clip.cameras, radius=self.splat_radius(clip.cameras))
+        render, covered = clip.conditions.render_frames()
+        references = clip.retrieval.to_json()
+        references["bank_frames"] = [self.bank.sources[i] + f"#{self.bank.frame_ids[i]}" for i in clip.retrieval.refs]
+        memory = MemoryBank()
+        memory.add(clip.frames[clip.kept], clip.cameras[clip.kept], clip.kept_depths,
+                   frame_ids=[frame_id(clip.index, i) for i in clip.kept], source=clip.name)
+        return ClipContent(frames=clip.frames, cameras=clip.cameras, render=render, covered=covered,
+                           depth=(seen.depth, seen.mask), references=references, memory=memory)
+
+    # ---- what the steps ask of the scene -------------------------------------------------------------
     def splat_radius(self, cams: Cameras) -> int:
         """The splat half-size of this scene's cache renders (``conditioning.splat_radius`` unless set)."""
         if self.settings.splat_radius is not None:
             return int(self.settings.splat_radius)
         return conditioning.splat_radius(cams.height, cams.width)
-
-    @property
-    def _single_view(self) -> bool:
-        """The first clip of a photo, which the release conditions on the input view alone."""
-        return self.manifest["kind"] == "photo" and not self.manifest["clips"]
-
-    def _conditions(self, req: TrajectoryRequest, cams: Cameras, render, retrieval, start_image: torch.Tensor,
-                    single_view: bool, generator) -> conditioning.ClipConditions:
-        """The clip's official conditions: the cache render (or the request's pre-rendered folder) along ``cams``,
-        and for memory models the retrieved references (the input view alone on a photo's first clip)."""
-        memory = getattr(generator, "has_memory", False)
-        use_pointmaps = getattr(generator, "uses_pointmaps", False)
-        refs = None
-        if memory and retrieval.refs:
-            if single_view:
-                refs = conditioning.single_view_references(start_image, cams)
-            else:
-                ref_cams = self.bank.cameras[list(retrieval.refs)]
-                refs = conditioning.References(
-                    images=self.bank.images[list(retrieval.refs)], cameras=ref_cams,
-                    ref_index=torch.as_tensor(retrieval.ref_index, dtype=torch.long))
-            if use_pointmaps:
-                refs.pointmaps = self.cache.render(refs.cameras, pointmaps=True).pointmap.permute(0, 3, 1, 2)
-        pointmaps = render.pointmap.permute(0, 3, 1, 2) if use_pointmaps else None
-        if req.render_dir is not None:
-            return conditioning.conditions_from_render_dir(req.render_dir, start_image, cams, len(cams), refs,
-                                                           pointmaps, memory)
-        return conditioning.conditions_from_render(start_image, cams, render.image, render.mask, refs, pointmaps,
-                                                   memory)
 
     def start_image_for(self, camera: Cameras) -> torch.Tensor:
         """The start frame as ``camera`` sees it: the input photo, or the panorama cut to that view."""
@@ -354,12 +431,6 @@ class Scene:
             return equirect_to_perspective(self.start_image, camera[0:1])[0]
         return self.start_image
 
-    @property
-    def _new_point_confidence(self) -> float:
-        # Preview fills holes by inpainting: its colours there are a guess, and the cache says so; so is depth
-        # continued into the holes of the cache's render when there is no depth model.
-        return 0.5 if self.settings.engine == "preview" or self._depth_is_fallback else 1.0
-
     def _kept_indices(self, n: int) -> list[int]:
         """The frames of an ``n``-frame clip that grow the cache and the memory bank: the release's
         ``sample_align_nframe``, at most the frames after the start view, none when ``keep_frames`` is 0."""
@@ -367,144 +438,38 @@ class Scene:
         return sample_align_nframe(n, k) if k > 0 else []
 
     @property
-    def _depth_is_fallback(self) -> bool:
+    def _new_point_confidence(self) -> float:
+        # Preview fills holes by inpainting: its colours there are a guess, and the cache says so; so is depth
+        # continued into the holes of the cache's render when there is no depth model.
         from engine.depth import is_fallback
 
-        return is_fallback(self.depth_source)
-
-    def _aligned_depth(self, image, camera, ref_depth, ref_valid):
-        from engine.geometry.align import align_depth
-
-        if self._depth_is_fallback:
-            # No depth model: the cache's own depth, holes continued from it (engine.depth notes).
-            from engine.depth import depth_from_render
-
-            depth, valid = depth_from_render(ref_depth, ref_valid)
-            return depth.to(ref_depth.device), valid.to(ref_depth.device)  # where the cache renders
-        depth, valid, _ = self.depth_source(image, camera)
-        depth, valid = depth.to(ref_depth.device), valid.to(ref_depth.device)  # where the cache renders
-        overlap = valid & ref_valid & (ref_depth > 0)
-        if int(overlap.sum()) >= 64:
-            try:
-                depth = align_depth(depth, ref_depth, overlap).apply(depth)
-            except ValueError:
-                pass  # too little usable overlap: keep the estimate's own scale
-        return depth, valid & (depth > 0)
-
-    def _write_clip(self, folder: Path, name, frames, cams, conditions, retrieval, keep, kept_depths, index,
-                    depth_video=None) -> None:
-        """A clip's files into ``folder`` (``JobFolder.clip_folder``)."""
-        outputs.write_video(folder / "clip.mp4", frames)
-        # The frames as generated, lossless: the 3DGS dataset is written from them, not from the H.264 video.
-        for i, frame in enumerate(frames):
-            save_image(folder / FRAMES / f"{i:04d}.png", frame)
-        # What the model was given, in the official files' convention: holes mid-grey, frame 0 the input view,
-        # render_mask.mp4 white where no point landed (the hole to generate).
-        render, covered = conditions.render_frames()
-        outputs.write_video(folder / "render.mp4", render)
-        outputs.write_mask_video(folder / "render_mask.mp4", ~covered)
-        if depth_video is not None:
-            outputs.write_depth_video(folder / "depth.mp4", *depth_video)
-        cams.save_json(folder / "cameras.json")
-        refs = retrieval.to_json()
-        refs["bank_frames"] = [self.bank.sources[i] + f"#{self.bank.frame_ids[i]}" for i in retrieval.refs]
-        atomic_write_json(folder / "references.json", refs)
-        part = MemoryBank()
-        part.add(frames[keep], cams[keep], kept_depths, frame_ids=[1000 * (index + 1) + int(i) for i in keep], source=name)
-        part.save(folder / MEMORY)
+        guessed = generators.registration(self.settings.engine).guessed_colours
+        return 0.5 if guessed or is_fallback(self.depth_source) else 1.0
 
     # ---- outputs --------------------------------------------------------------------------------------
     def write_scene_cloud(self, only_if_stale: bool = False) -> dict:
-        """The fused cloud: plain ``scene.ply`` for tools, ``scene.glb`` for the browser's point viewer and
-        ``scene_splats.ply`` (3D Gaussian splats) for splat viewers."""
-        paths = {"ply": self.job_dir / "scene.ply", "glb": self.job_dir / "scene.glb",
-                 "splats": self.job_dir / "scene_splats.ply"}
+        """The fused cloud as people download it (``JobFolder.write_scene_cloud``): ``{"ply", "glb", "splats"}``."""
+        files = self.folder.scene_files()
+        paths = {"ply": files.cloud, "glb": files.glb, "splats": files.splats}
         state = self.manifest["state"]["cache"]
-        if not (only_if_stale and self.manifest.get("cloud_written_for") == state and all(p.exists() for p in paths.values())):
-            outputs.write_point_cloud_ply(paths["ply"], self.cache.points, self.cache.colors)
-            self._write_viewer_clouds(paths["glb"], paths["splats"], keep=None)
+        if not (only_if_stale and self.manifest.get("cloud_written_for") == state
+                and all(p.exists() for p in paths.values())):
+            self.folder.write_scene_cloud(self.cache, scene_start.gltf_axes(self.manifest["kind"]))
             self.manifest["cloud_written_for"] = state
             self.folder.write_manifest(self.manifest)
         return paths
 
-    def viewer_confidence(self) -> torch.Tensor:
-        """Per-point confidence the viewers filter on (``engine.geometry.cache.viewer_confidence``)."""
-        return viewer_confidence(self.cache.points, self.cache.confidence, self.start_camera.centers[0],
-                                 float(self.manifest.get("median_depth") or 1.0))
-
-    def write_viewer_files(self, folder, min_confidence: float = 0.0, with_glb: bool = True,
-                           max_splats: Optional[int] = None) -> dict:
-        """What the browser's viewers show, into ``folder``: ``scene.glb`` and ``scene_splats.ply`` of the points
-        whose viewer confidence is at least ``min_confidence``. The splats are put in the splat viewer's frame
-        (y down, centred on the cloud's median point, scaled so 90% of the points lie within
-        ``VIEW_RADIUS``: splat viewers orbit the origin from a fixed distance), at most ``max_splats`` of them
-        (default ``MAX_VIEW_SPLATS``). ``with_glb=False`` writes the splats only. Refuses to hide everything."""
-        max_splats = MAX_VIEW_SPLATS if max_splats is None else int(max_splats)
-        if max_splats < 1:
-            raise SceneError(f"The splat view needs at least one splat; got {max_splats}.")
-        keep = self.viewer_confidence() >= float(min_confidence)
-        if not bool(keep.any()):
-            raise SceneError(f"No point has a confidence of {min_confidence:g} or more; lower the threshold.")
-        folder = Path(folder)
-        paths = {"glb": folder / "scene.glb" if with_glb else None, "splats": folder / "scene_splats.ply"}
-        self._write_viewer_clouds(paths["glb"], paths["splats"], keep=keep, view_frame=True, max_splats=max_splats)
-        return paths
-
-    def _write_viewer_clouds(self, glb: Optional[Path], splats: Path, keep: Optional[torch.Tensor],
-                             view_frame: bool = False, max_splats: int = MAX_VIEW_SPLATS) -> None:
-        points, colors = self.cache.points.cpu(), self.cache.colors.cpu()  # the cache may live on the GPU
-        # Splat sizes come from the whole cloud's spacing, so hiding points does not swell the rest.
-        scale = SPLAT_SIGMA * self.cache.spacing()
-        if keep is not None:
-            keep = keep.cpu()
-            points, colors, scale = points[keep], colors[keep], scale[keep.numpy()]
-        if glb is not None:
-            outputs.write_point_cloud_glb(glb, points, colors, axes=self.viewer_axes())
-        if view_frame:
-            p = points.double().numpy() @ (outputs.OPENGL_TO_OPENCV @ self.viewer_axes()).T
-            centre = np.median(p, axis=0)
-            radius = float(np.quantile(np.linalg.norm(p - centre, axis=1), 0.9)) or 1.0
-            points, scale = torch.from_numpy((p - centre) * (VIEW_RADIUS / radius)), scale * (VIEW_RADIUS / radius)
-            if len(points) > max_splats:
-                # Browsers sort and draw every splat each frame; a fixed random subset with splats grown to cover
-                # the same area keeps the view fluid (the download keeps every point).
-                pick = np.sort(np.random.default_rng(0).choice(len(points), max_splats, replace=False))
-                grow = np.sqrt(len(points) / max_splats)
-                points, colors, scale = points[pick], colors[torch.from_numpy(pick)], scale[pick] * grow
-        outputs.write_splat_ply(splats, points, colors, scale)
-
-    def viewer_axes(self):
-        """World-to-glTF axes for the viewer: photos live in the input camera's OpenCV frame (y down),
-        panoramas in the bank's z-up world."""
-        if self.manifest["kind"] == "panorama":
-            return outputs.ZUP_TO_OPENGL
-        return outputs.OPENCV_TO_OPENGL
-
     def export(self, progress: Optional[Progress] = None) -> dict:
-        """Write the scene-level outputs and the zip; returns their paths."""
+        """Write the scene-level outputs: the clouds, every camera and the 3DGS dataset (``JobFolder.write_dataset``),
+        the zip; returns their paths."""
         report = ensure(progress)
         report(0.0, "exporting the scene")
         paths = self.write_scene_cloud(only_if_stale=True)
-        cams = [self.start_camera]
-        images = [self.start_image_for(self.start_camera)[None]]
-        for clip in self.manifest["clips"]:
-            cams.append(Cameras.from_json(self.job_dir / clip["folder"] / "cameras.json")[1:])
-            images.append(self.folder.clip_frames(clip)[1:])
-        all_cams = Cameras.cat(cams)
-        outputs.write_cameras_json(self.job_dir / "cameras.json", all_cams)
         report(0.3, "writing the 3DGS dataset")
-        outputs.write_transforms_json(self.job_dir, torch.cat(images), all_cams, image_dir=DATASET_IMAGES)
-        # Frames of a removed clip (``revert``) must not linger in the dataset or the zip.
-        listed = {f["file_path"] for f in json.loads((self.job_dir / "transforms.json").read_text())["frames"]}
-        for stale in (self.job_dir / DATASET_IMAGES).glob("*"):
-            if f"{DATASET_IMAGES}/{stale.name}" not in listed and stale.is_file():
-                stale.unlink()
+        files = self.folder.write_dataset(self.manifest, self.start_camera, self.start_image_for(self.start_camera))
         report(0.8, "packing the zip")
-        # The zip is for people: internal resume state (cache versions, memory frames) stays out, and so do the
-        # clips' lossless frames (the dataset images hold them).
-        zip_path = outputs.zip_folder(self.job_dir, self.job_dir / "scene.zip",
-                                      exclude=("state/*", f"{CLIPS}/*/{MEMORY}/*", f"{CLIPS}/*/{FRAMES}/*"))
-        paths.update(cameras=self.job_dir / "cameras.json", transforms=self.job_dir / "transforms.json", zip=zip_path)
+        self.folder.write_zip()
+        paths.update(cameras=files.cameras, transforms=files.transforms, zip=files.zip)
         report(1.0, "export done")
         return paths
 

@@ -112,7 +112,7 @@ class PlaneTestDepth:
 
     def __new__(cls):
         from engine.depth import PlaneDepth
-        from engine.scene_init import DepthSource
+        from engine.depth import DepthSource
 
         return DepthSource(PlaneDepth(depth=2.0, fov_x=60.0), "test plane")
 

@@ -18,11 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import app  # noqa: E402
-from engine import scene_init  # noqa: E402
+from engine import generators  # noqa: E402
 
 FAULTS = {int(k): v for k, v in (item.split(":") for item in os.environ.get("WS_TEST_FAULTS", "").split(",") if item)}
 DELAY = float(os.environ.get("WS_TEST_CLIP_DELAY") or 0)
-_real_preview_clip = scene_init.preview_clip
+_real_preview_clip = generators.preview_clip
 _calls = 0
 _lock = threading.Lock()
 
@@ -43,7 +43,7 @@ def faulty_preview_clip(*args, **kwargs):
     return _real_preview_clip(*args, **kwargs)
 
 
-scene_init.preview_clip = faulty_preview_clip
+generators.preview_clip = faulty_preview_clip
 
 if __name__ == "__main__":
     sys.exit(app.main(sys.argv[1:]))

@@ -18,7 +18,7 @@ import time
 import torch
 
 from conftest import tiny_clip_inputs  # tests/ is this script's folder, first on sys.path
-from engine import distributed, scene_init
+from engine import distributed, generators
 from engine.settings import SceneSettings
 
 
@@ -47,7 +47,7 @@ def main(out_path: str) -> None:
     group = distributed.start_group(["cpu", "cpu"])
     worker = group.processes[0]
     started = set(_threads()) - set(before)  # the worker's watch, gloo's and the store's threads
-    generator = scene_init.clip_generator(SceneSettings(engine="tiny-random", device="cpu"), announce=lambda _: None)
+    generator = generators.clip_generator(SceneSettings(engine="tiny-random", device="cpu"), announce=lambda _: None)
     pipe = generator.pipeline
     frames = pipe(**args, references=refs, prompt="a room", seed=3).frames
     started |= {tid for tid, name in _threads().items() if tid not in before and name.startswith(GROUP_THREAD_PREFIXES)}

@@ -246,6 +246,16 @@ def _expected_plan(name, amount, frames) -> bool:
     return amount_ok and frames_ok
 
 
+@pytest.mark.parametrize("name", sorted(traj.PRESETS))
+def test_every_preset_plans_at_its_maximum_and_refuses_beyond_it(planned_scene, name):
+    """The edges the property test below may or may not draw, every time: the maximum plans, the float above it
+    is refused in one sentence."""
+    top = traj.PRESETS[name].max_amount
+    assert len(planned_scene.plan(TrajectoryRequest(name=name, amount=top))) == planned_scene.settings.frames
+    with pytest.raises(SceneError, match=r"^Trajectory .* takes an amount above 0 and at most .*\.$"):
+        planned_scene.plan(TrajectoryRequest(name=name, amount=math.nextafter(top, math.inf)))
+
+
 @settings(max_examples=200, deadline=3000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(sorted(traj.PRESETS)), data=st.data(), frames=st.one_of(st.none(), odd_frames))
 def test_trajectory_parameters_plan_or_refuse(planned_scene, name, data, frames):

@@ -379,7 +379,8 @@ def test_cache_on_cuda_matches_cpu():
 
 
 def test_viewer_confidence_is_stored_confidence_fading_beyond_the_far_radius():
-    from engine.geometry.cache import FAR_FACTOR, point_spacing, viewer_confidence
+    from demo.viewer import FAR_FACTOR, viewer_confidence
+    from engine.geometry.cache import point_spacing
 
     origin = torch.tensor([1.0, -2.0, 0.5])
     direction = torch.tensor([0.6, 0.0, 0.8])

@@ -30,7 +30,7 @@ def test_the_preview_path_does_not_import_the_networks():
     """A preview scene (CLI, photo bucket from the checkpoint config) runs without diffusers or transformers, which
     take seconds to import: ``engine.models`` imports nothing of its own, so its config module comes alone."""
     code = ("import sys; import engine.cli, engine.scene, engine.models.config;"
-            "from engine.scene_init import photo_size; from engine.settings import SceneSettings;"
+            "from engine.scene_start import photo_size; from engine.settings import SceneSettings;"
             "photo_size(720, 1080, SceneSettings(engine='preview'));"
             "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -84,6 +84,21 @@ def test_import_check_keeps_the_rooms_apart(tmp_path):
     (root / "engine/scene.py").write_text("import demo.ui\n")
     assert check.forbidden_imports(check.import_graph(root)) == [
         ("engine.geometry.cache", "engine.models"), ("engine.scene", "demo"), ("engine.scene", "demo.ui")]
+    assert check.main([str(root)]) == 1
+
+
+def test_import_check_keeps_the_viewers_names_out_of_the_engine(tmp_path):
+    """The engine writes the scene's files; what the page's views make of them (demo/viewer.py) it does not name."""
+    viewer = "from engine.scene import SPLATS\nMAX_SPLATS: int = 10\n\ndef write_views(scene):\n    return scene\n" \
+             "\nclass View:\n    pass\n"
+    root = _tree(tmp_path, {"engine/__init__.py": "", "demo/__init__.py": "", "demo/viewer.py": viewer,
+                            "engine/scene.py": "SPLATS = 3\n\ndef write_cloud(points):\n    return points\n"})
+    check = _load("check_imports")
+    assert check.main([str(root)]) == 0  # the viewer may use the engine's names
+    (root / "engine/scene.py").write_text("def write_cloud(points, max_splats=None):\n"
+                                          "    return points.write_views(View, MAX_SPLATS)\n")
+    assert check.viewer_names_in_engine(root) == [("engine.scene", "MAX_SPLATS"), ("engine.scene", "View"),
+                                                  ("engine.scene", "write_views")]
     assert check.main([str(root)]) == 1
 
 

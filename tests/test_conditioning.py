@@ -1,5 +1,5 @@
 """What reaches the transformer, against the golden tensors the official functions computed on the shared examples
-(``reference/golden``), analytic answers and independent float64 references."""
+(``../shared/reference/golden``), analytic answers and independent float64 references."""
 from __future__ import annotations
 
 import json
@@ -28,7 +28,7 @@ CASES = {  # golden case: (image, camera file, pre-rendered folder) under the sh
                 "perspective/stylized-outdoor-aquatic_landscape-069/camera.json", None),
     "corridor_view0_traj1": (f"{CORRIDOR}/start_frame.png", f"{CORRIDOR}/traj1/camera.json", f"{CORRIDOR}/traj1"),
 }
-CAMERA_TOL, PLUCKER_TOL, RENDER_TOL = 1e-5, 1e-4, 2 / 255  # golden/README.md
+CAMERA_TOL, PLUCKER_TOL, RENDER_TOL = 1e-5, 1e-4, 2 / 255  # ../shared/reference/golden/README.md
 MASK_PIXELS_OFF = 8  # "exact except a handful of pixels"
 
 
@@ -405,7 +405,7 @@ def _comb_fraction(holes: torch.Tensor) -> float:
 def test_splat_radius_follows_the_official_render_radius():
     from engine.geometry import trajectories as traj
     from engine.geometry.panorama import bank_cameras, look_rotation, panorama_points
-    from engine.scene_init import PANORAMA_CLOUD_HEIGHT
+    from engine.scene_start import PANORAMA_CLOUD_HEIGHT
 
     assert C.splat_radius(480, 768) == 2 and C.splat_radius(608, 608) == 2  # 0.008 NDC ~ 1.9-2.4 px
     assert C.splat_radius(240, 384) == 1 and C.splat_radius(80, 128) == 1

@@ -13,12 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from demo import callbacks as cb
+from demo import editing, generation
+from demo.context import AppContext
+from demo.generation import GenerationInputs
+from demo.downloads import show_clip
 from demo import jobs
 from engine import outputs
 from engine.engines import ENGINES, engine_status
 from engine.geometry.cameras import Cameras
 from engine.images import ImageInputError, load_image, save_image
+from engine.jobfolder import JobFolder
 
 PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"
 FRAMES = 3
@@ -39,15 +43,15 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    return cb.AppContext(output_dir=tmp_path_factory.mktemp("demo-out"), default_engine="preview", device="cpu")
+    return AppContext(output_dir=tmp_path_factory.mktemp("demo-out"), default_engine="preview", device="cpu")
 
 
 @pytest.fixture(scope="module")
 def run(ctx, examples):
     """One preview scene with two trajectories, generated through the Generate callback."""
-    inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=["left", "up"], frames=FRAMES)
+    inp = GenerationInputs(image=str(examples / PHOTO), trajectories=["left", "up"], frames=FRAMES)
     progress = Recorder()
-    updates = list(cb.generate(ctx, {}, inp, session="s1", progress=progress))
+    updates = list(generation.generate(ctx, {}, inp, session="s1", progress=progress))
     return inp, updates, progress
 
 
@@ -98,13 +102,13 @@ def test_planned_paths_are_drawn_at_the_planned_camera_centres(ctx, run):
     inp, updates, _ = run
     state = updates[0]["state"]
     scene = Scene.open(jobs.job_dir(ctx.output_dir, state["job"]) / "scene")
-    state2, glb, legend = cb.plan_paths(ctx, state, cb.GenerationInputs(image=inp.image, trajectories=["orbit"],
+    state2, glb, legend = generation.plan_paths(ctx, state, GenerationInputs(image=inp.image, trajectories=["orbit"],
                                                                          frames=7))
     assert state2["job"] == state["job"]  # an existing scene is reused for planning, not re-made
     assert "`orbit` (7 cameras)" in legend
     loaded = trimesh.load(glb, force="scene")
     pts = np.concatenate([np.asarray(g.vertices) for g in loaded.geometry.values()])
-    centres = scene.plan(cb.trajectory_requests(cb.GenerationInputs(image=inp.image, trajectories=["orbit"],
+    centres = scene.plan(generation.trajectory_requests(GenerationInputs(image=inp.image, trajectories=["orbit"],
                                                                     frames=7))[0]).centers.numpy()
     # The GLB is in glTF axes (y up, z back): the OpenCV world turned by diag(1, -1, -1).
     expected = centres @ np.diag([1.0, -1.0, -1.0])
@@ -115,39 +119,60 @@ def test_planned_paths_are_drawn_at_the_planned_camera_centres(ctx, run):
 def test_continue_adds_trajectories_to_the_same_scene(ctx, run):
     inp, updates, _ = run
     state = updates[0]["state"]
-    more = cb.GenerationInputs(image=inp.image, trajectories=["right"], frames=FRAMES)
-    out = list(cb.generate(ctx, state, more, session="s1", continue_scene=True))
+    more = GenerationInputs(image=inp.image, trajectories=["right"], frames=FRAMES)
+    out = list(generation.generate(ctx, state, more, session="s1", continue_scene=True))
     assert all(u.get("state", state)["job"] == state["job"] for u in out)
     manifest = json.loads((jobs.job_dir(ctx.output_dir, state["job"]) / "scene" / "manifest.json").read_text())
     assert [c["trajectory"] for c in manifest["clips"]] == ["left", "up", "right"]
-    clip, render, mask, depth = cb.show_clip(ctx, state, manifest["clips"][0]["name"])
+    clip, render, mask, depth = show_clip(ctx, state, manifest["clips"][0]["name"])
     assert Path(clip).is_file() and Path(mask).name == "render_mask.mp4"
 
 
 def test_cancel_stops_after_the_current_stage_and_keeps_finished_clips(ctx, examples):
     def cancel_in_second_clip(fraction, desc):
         if desc.startswith("clip 2/2"):
-            cb.cancel(ctx, "s2")
+            generation.cancel(ctx, "s2")
 
-    inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=["left", "right"], frames=FRAMES)
-    updates = list(cb.generate(ctx, {}, inp, session="s2", progress=Recorder(cancel_in_second_clip)))
+    inp = GenerationInputs(image=str(examples / PHOTO), trajectories=["left", "right"], frames=FRAMES)
+    updates = list(generation.generate(ctx, {}, inp, session="s2", progress=Recorder(cancel_in_second_clip)))
     assert "Cancelled" in updates[-1]["status"]
     job = updates[0]["state"]["job"]
     manifest = json.loads((jobs.job_dir(ctx.output_dir, job) / "scene" / "manifest.json").read_text())
     assert [c["trajectory"] for c in manifest["clips"]] == ["left"]
     assert "00_left.mp4" in [Path(p).name for p in updates[-1]["downloads"]]
-    assert "s2" not in ctx.cancel_flags  # the run's flag went with it: the next run starts uncancelled
-    cb.cancel(ctx, "idle")  # a cancel with no run in progress leaves nothing behind either
-    assert not ctx.cancel_flags
+    assert "s2" not in ctx.runs.cancel_flags  # the run's flag went with it: the next run starts uncancelled
+    generation.cancel(ctx, "idle")  # a cancel with no run in progress leaves nothing behind either
+    assert not ctx.runs.cancel_flags
 
     # Removing the finished clip keeps the cancelled run's unfinished trajectory resumable (it used to be dropped).
     job_root = jobs.job_dir(ctx.output_dir, job)
-    assert [r["name"] for r in jobs.pending_requests(job_root)] == ["right"]
-    cb.remove_last_clip(ctx, updates[0]["state"], session="s2")
-    assert [r["name"] for r in jobs.pending_requests(job_root)] == ["right"]
-    assert "Done in" in list(cb.resume(ctx, {}, job, session="s2"))[-1]["status"]
+    unfinished = JobFolder(job_root / "scene").unfinished
+    assert [r["name"] for r in unfinished()] == ["right"]
+    editing.remove_last_clip(ctx, updates[0]["state"], session="s2")
+    assert [r["name"] for r in unfinished()] == ["right"]
+    assert "Done in" in list(generation.resume(ctx, {}, job, session="s2"))[-1]["status"]
     manifest = json.loads((job_root / "scene" / "manifest.json").read_text())
-    assert [c["trajectory"] for c in manifest["clips"]] == ["right"] and not jobs.pending_requests(job_root)
+    assert [c["trajectory"] for c in manifest["clips"]] == ["right"] and not unfinished()
+
+
+def test_a_busy_scene_refuses_what_must_not_overlap_it_and_is_free_once_every_run_on_it_ends():
+    from demo.context import Runs
+
+    runs = Runs()
+    with runs.busy("a"):
+        with runs.busy("a"):  # a run inside a resume of the same scene
+            pass
+        with pytest.raises(gr.Error) as refused:
+            with runs.busy("a", refuse="in use"):
+                pass
+        assert refused.value.message == "in use"
+        with runs.busy("b", refuse="in use"):  # another scene is free
+            assert runs.busy_now() == ("a", "b")
+        assert runs.busy_now() == ("a",)
+    with pytest.raises(RuntimeError):
+        with runs.busy("a", refuse="in use"):  # free again; a failure inside frees it too
+            raise RuntimeError("boom")
+    assert runs.busy_now() == ()
 
 
 def test_engine_error_mid_run_is_one_sentence_and_keeps_earlier_clips(ctx, examples, monkeypatch):
@@ -164,16 +189,16 @@ def test_engine_error_mid_run_is_one_sentence_and_keeps_earlier_clips(ctx, examp
         return original(self, request, **kw)
 
     monkeypatch.setattr(Scene, "generate", failing_second)
-    inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=["left", "right"], frames=FRAMES)
+    inp = GenerationInputs(image=str(examples / PHOTO), trajectories=["left", "right"], frames=FRAMES)
     updates = []
     with pytest.raises(gr.Error) as err:
-        for u in cb.generate(ctx, {}, inp, session="s3"):
+        for u in generation.generate(ctx, {}, inp, session="s3"):
             updates.append(u)
     assert err.value.message.startswith("The 3D cache has no points in front of this trajectory; choose a smaller angle.")
     assert "\n" not in err.value.message and "Traceback" not in err.value.message
     assert "00_left.mp4" in [Path(p).name for p in updates[-1]["downloads"]]
     assert "Stopped" in updates[-1]["status"]
-    assert "s3" not in ctx.cancel_flags
+    assert "s3" not in ctx.runs.cancel_flags
 
 
 def test_unreadable_upload_gives_the_engines_sentence(tmp_path):
@@ -182,16 +207,16 @@ def test_unreadable_upload_gives_the_engines_sentence(tmp_path):
     with pytest.raises(ImageInputError) as expected:
         load_image(bad)
     with pytest.raises(gr.Error) as err:
-        cb.inspect_upload(str(bad))
+        generation.inspect_upload(str(bad))
     assert err.value.message == str(expected.value)
     assert "holiday.png" in err.value.message
 
 
 def test_generate_without_image_or_trajectory_says_what_to_do(ctx, examples):
     with pytest.raises(gr.Error, match="Upload a photo"):
-        list(cb.generate(ctx, {}, cb.GenerationInputs(image=None)))
+        list(generation.generate(ctx, {}, GenerationInputs(image=None)))
     with pytest.raises(gr.Error, match="at least one trajectory"):
-        list(cb.generate(ctx, {}, cb.GenerationInputs(image=str(examples / PHOTO), trajectories=[])))
+        list(generation.generate(ctx, {}, GenerationInputs(image=str(examples / PHOTO), trajectories=[])))
 
 
 def test_bad_camera_json_is_refused_with_the_camera_modules_sentence(ctx, examples, tmp_path):
@@ -202,13 +227,13 @@ def test_bad_camera_json_is_refused_with_the_camera_modules_sentence(ctx, exampl
     with pytest.raises(CameraFormatError) as expected:
         Cameras.from_json(bad)
     with pytest.raises(gr.Error) as err:
-        list(cb.generate(ctx, {}, cb.GenerationInputs(image=str(examples / PHOTO), camera_json=str(bad))))
+        list(generation.generate(ctx, {}, GenerationInputs(image=str(examples / PHOTO), camera_json=str(bad))))
     assert err.value.message == str(expected.value)
 
 
 def test_official_camera_json_becomes_one_request_with_its_cameras(examples):
     cam_file = examples / "perspective" / "photorealistic-indoor-dining_spaces-030" / "camera.json"
-    reqs = cb.trajectory_requests(cb.GenerationInputs(image="x", trajectories=["up"], camera_json=str(cam_file)))
+    reqs = generation.trajectory_requests(GenerationInputs(image="x", trajectories=["up"], camera_json=str(cam_file)))
     official = json.loads(cam_file.read_text())
     assert [r.name for r in reqs] == ["up", "camera_json"]
     assert len(reqs[1].cameras) == len(official["extrinsic"])
@@ -218,16 +243,16 @@ def test_official_camera_json_becomes_one_request_with_its_cameras(examples):
 def test_amounts_go_to_the_right_presets_and_are_capped(examples):
     from engine.geometry.trajectories import PRESETS
 
-    reqs = cb.trajectory_requests(cb.GenerationInputs(image="x", trajectories=["left", "forward", "up"], angle=500,
+    reqs = generation.trajectory_requests(GenerationInputs(image="x", trajectories=["left", "forward", "up"], angle=500,
                                                       distance=0.25, frames=9))
     by = {r.name: r for r in reqs}
     assert by["left"].amount == PRESETS["left"].max_amount  # 500 degrees is more than a left turn allows
     assert by["forward"].amount == 0.25 and by["up"].amount == PRESETS["up"].max_amount
     assert all(r.frames == 9 for r in reqs)
-    pano = cb.trajectory_requests(cb.GenerationInputs(image="x", panorama=True, trajectories=["forward"],
+    pano = generation.trajectory_requests(GenerationInputs(image="x", panorama=True, trajectories=["forward"],
                                                       views=["view0", "view2"]))
     assert [r.name for r in pano] == ["view0:forward", "view2:forward"]
-    default = cb.trajectory_requests(cb.GenerationInputs(image="x", trajectories=["left"], angle=0))
+    default = generation.trajectory_requests(GenerationInputs(image="x", trajectories=["left"], angle=0))
     assert default[0].amount is None  # 0 keeps the preset's own amount
 
 
@@ -236,8 +261,8 @@ def test_gpu_memory_option_reaches_the_scene_and_unknown_ones_are_refused(ctx, e
 
     from engine.scene import GenerationCancelled, Scene
 
-    inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=["up"], frames=FRAMES, offload="group")
-    state, _, _ = cb.plan_paths(ctx, {}, inp)  # a new scene, only planned
+    inp = GenerationInputs(image=str(examples / PHOTO), trajectories=["up"], frames=FRAMES, offload="group")
+    state, _, _ = generation.plan_paths(ctx, {}, inp)  # a new scene, only planned
     manifest = json.loads((jobs.job_dir(ctx.output_dir, state["job"]) / "scene" / "manifest.json").read_text())
     assert manifest["settings"]["offload"] == "group"
     # Generating the planned scene runs with the option chosen when Generate is pressed.
@@ -248,10 +273,10 @@ def test_gpu_memory_option_reaches_the_scene_and_unknown_ones_are_refused(ctx, e
         raise GenerationCancelled("stopped by the test")
 
     monkeypatch.setattr(Scene, "generate", stop)
-    updates = list(cb.generate(ctx, state, replace(inp, offload="model"), session="off"))
+    updates = list(generation.generate(ctx, state, replace(inp, offload="model"), session="off"))
     assert ran_with == ["model"] and updates[0]["state"]["job"] == state["job"]
     with pytest.raises(gr.Error, match="choose one of: none, text-encoder, model, group"):
-        cb.plan_paths(ctx, {}, replace(inp, offload="cpu"))
+        generation.plan_paths(ctx, {}, replace(inp, offload="cpu"))
 
 
 def test_the_page_offers_every_gpu_memory_option_with_its_help(ctx):
@@ -268,13 +293,13 @@ def test_upload_detects_panoramas_by_aspect(tmp_path):
     for (w, h), pano in (((256, 128), True), ((240, 160), False), ((128, 256), False)):
         path = tmp_path / f"img-{w}x{h}.png"
         save_image(path, torch.rand(3, h, w))
-        shown, is_pano, info = cb.inspect_upload(str(path))
+        shown, is_pano, info = generation.inspect_upload(str(path))
         assert shown == str(path) and is_pano is pano
         assert f"{w}×{h}" in info
 
 
 def test_engine_dropdown_names_why_an_engine_cannot_run():
-    labels = dict((value, label) for label, value in cb.engine_choices())
+    labels = dict((value, label) for label, value in generation.engine_choices())
     assert set(labels) == set(ENGINES)
     for name in ENGINES:
         ok, reason = engine_status(name)
@@ -284,16 +309,16 @@ def test_engine_dropdown_names_why_an_engine_cannot_run():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_unavailable_engine_falls_back_to_preview_with_a_warning(ctx):
     warnings = []
-    engine = cb.choose_engine("worldstereo-memory-dmd", cb.QUALITY, ctx, warn=warnings.append)
+    engine = generation.choose_engine("worldstereo-memory-dmd", generation.QUALITY, ctx, warn=warnings.append)
     assert engine == "preview"
     # The quality choice picked the 40-step variant, and the warning says why it cannot run.
     assert len(warnings) == 1 and warnings[0].startswith(engine_status("worldstereo-memory")[1])
 
 
 def test_banner_says_plainly_what_the_cheap_engines_are():
-    assert "no video model" in cb.banner_markdown("preview")
-    assert "noise" in cb.banner_markdown("tiny-random")
-    assert ENGINES["worldstereo-memory"].description in cb.banner_markdown("worldstereo-memory")
+    assert "no video model" in generation.banner_markdown("preview")
+    assert "noise" in generation.banner_markdown("tiny-random")
+    assert ENGINES["worldstereo-memory"].description in generation.banner_markdown("worldstereo-memory")
 
 
 # ---- path safety ------------------------------------------------------------------------------------
@@ -319,10 +344,10 @@ def test_show_clip_only_serves_clips_of_the_sessions_scene(ctx, run):
     _, updates, _ = run
     state = updates[0]["state"]
     with pytest.raises(gr.Error):
-        cb.show_clip(ctx, state, "../../manifest")
+        show_clip(ctx, state, "../../manifest")
     with pytest.raises(gr.Error):
-        cb.show_clip(ctx, {"job": "../" + state["job"]}, "00_left")
-    assert cb.show_clip(ctx, {}, "00_left") == (None, None, None, None)
+        show_clip(ctx, {"job": "../" + state["job"]}, "00_left")
+    assert show_clip(ctx, {}, "00_left") == (None, None, None, None)
 
 
 def test_old_job_folders_are_removed_by_age(tmp_path):
@@ -347,16 +372,16 @@ def test_examples_are_read_in_place(examples, tmp_path):
     from demo.examples import find_examples
 
     found = find_examples(examples)
-    ctx = cb.AppContext(output_dir=tmp_path, default_engine="preview", examples=found)
+    ctx = AppContext(output_dir=tmp_path, default_engine="preview", examples=found)
     photos = [e for e in found if not e.panorama]
     assert photos and all(e.image.is_relative_to(examples) for e in photos)
     index = found.index(photos[0])
-    path, pano, prompt, _ = cb.pick_example(ctx, index)
+    path, pano, prompt, _ = generation.pick_example(ctx, index)
     assert Path(path) == photos[0].image and pano is False
     assert prompt == json.loads((photos[0].image.parent / "prompt.json").read_text())["short caption"]
     assert any(e.panorama for e in found)  # the shared folder has a panorama bank to stitch
     with pytest.raises(gr.Error):
-        cb.pick_example(ctx, len(found))
+        generation.pick_example(ctx, len(found))
     assert not list(tmp_path.rglob("*.png"))  # nothing was copied
 
 

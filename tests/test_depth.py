@@ -18,7 +18,7 @@ from engine.depth import (
     DEFAULT_FOV_X,
     DEFAULT_PLANE_DEPTH,
     DepthEstimate,
-    DepthEstimator,
+    MoGeEstimator,
     DepthUnavailable,
     PlaneDepth,
     SphereDepth,
@@ -95,7 +95,7 @@ def _check_consistent(est: DepthEstimate, h: int, w: int) -> None:
 
 def test_tiny_moge_loads_and_estimates(tiny_moge):
     folder, reference_model = tiny_moge
-    est = DepthEstimator.from_pretrained(folder)  # a folder holding model.pt, like a hub snapshot
+    est = MoGeEstimator.from_pretrained(folder)  # a folder holding model.pt, like a hub snapshot
     assert est.source == "moge-2"
     for name, p in reference_model.state_dict().items():
         assert torch.equal(est.model.state_dict()[name], p), name
@@ -120,7 +120,7 @@ def test_tiny_moge_loads_and_estimates(tiny_moge):
 
 def test_tiny_moge_known_fov_and_batch(tiny_moge):
     folder, _ = tiny_moge
-    est = DepthEstimator.from_pretrained(folder / "model.pt", batch_size=2)
+    est = MoGeEstimator.from_pretrained(folder / "model.pt", batch_size=2)
     g = torch.Generator().manual_seed(2)
     imgs = torch.rand(3, 3, 28, 42, generator=g)
     out = est.estimate_batch(imgs, fov_x=[50.0, 70.0, 90.0])  # two chunks: 2 + 1
@@ -137,8 +137,8 @@ def test_tiny_moge_on_cuda_matches_cpu(tiny_moge):
     folder, _ = tiny_moge
     g = torch.Generator().manual_seed(3)
     img = torch.rand(3, 42, 56, generator=g)
-    cpu = DepthEstimator.from_pretrained(folder).estimate(img, fov_x=60.0)
-    gpu_est = DepthEstimator.from_pretrained(folder, device="cuda")
+    cpu = MoGeEstimator.from_pretrained(folder).estimate(img, fov_x=60.0)
+    gpu_est = MoGeEstimator.from_pretrained(folder, device="cuda")
     gpu = gpu_est.estimate(img.cuda(), fov_x=60.0)  # fp16 autocast on CUDA
     assert gpu.depth.device.type == "cuda"
     gpu = gpu.to("cpu")
@@ -164,21 +164,21 @@ def test_mismatched_checkpoint_refused(tiny_moge, tmp_path):
     ckpt["model"]["an_extra_key"] = torch.zeros(1)  # extra keys are ignored, as moge's loader does
     torch.save(ckpt, tmp_path / "model.pt")
     with pytest.raises(DepthUnavailable, match="1 missing") as e:
-        DepthEstimator.from_pretrained(tmp_path)
+        MoGeEstimator.from_pretrained(tmp_path)
     assert "\n" not in str(e.value)
     ckpt = torch.load(folder / "model.pt", weights_only=True)
     ckpt["model"].pop("encoder.image_mean")  # a constant the constructor rebuilds: not a reason to refuse
     torch.save(ckpt, tmp_path / "model.pt")
-    assert DepthEstimator.from_pretrained(tmp_path).source == "moge-2"
+    assert MoGeEstimator.from_pretrained(tmp_path).source == "moge-2"
     (tmp_path / "junk").mkdir()
     with pytest.raises(DepthUnavailable, match="no model.pt"):
-        DepthEstimator.from_pretrained(tmp_path / "junk")
+        MoGeEstimator.from_pretrained(tmp_path / "junk")
 
 
 def test_uncached_hub_repo_offline_is_quick_and_announced():
     t0 = time.perf_counter()
     with pytest.raises(DepthUnavailable, match="not in the Hugging Face cache"):
-        DepthEstimator.from_pretrained("nobody-here/no-such-moge", local_files_only=True)
+        MoGeEstimator.from_pretrained("nobody-here/no-such-moge", local_files_only=True)
     lines: list[str] = []
     est = load_depth_estimator("nobody-here/no-such-moge", announce=lines.append, local_files_only=True)
     assert isinstance(est, PlaneDepth)
@@ -192,7 +192,7 @@ def test_uncached_hub_repo_offline_is_quick_and_announced():
 def test_load_depth_estimator_dispatch(tiny_moge, tmp_path):
     folder, _ = tiny_moge
     lines: list[str] = []
-    assert isinstance(load_depth_estimator(folder, announce=lines.append), DepthEstimator)
+    assert isinstance(load_depth_estimator(folder, announce=lines.append), MoGeEstimator)
     assert isinstance(load_depth_estimator("plane", announce=lines.append), PlaneDepth)
     np.save(tmp_path / "d.npy", np.full((8, 8), 2.0))
     assert isinstance(load_depth_estimator(tmp_path / "d.npy", announce=lines.append), UserDepth)
@@ -206,13 +206,13 @@ def test_depth_model_loads_once_per_process(tiny_moge, tmp_path, monkeypatch):
 
     import engine.depth as depth_module
     from engine.settings import SceneSettings
-    from engine.scene_init import depth_source_for
+    from engine.scene_start import depth_source_for
 
     folder = tmp_path / "moge"
     shutil.copytree(tiny_moge[0], folder)
     loads = []
-    real = DepthEstimator.from_pretrained.__func__
-    monkeypatch.setattr(DepthEstimator, "from_pretrained",
+    real = MoGeEstimator.from_pretrained.__func__
+    monkeypatch.setattr(MoGeEstimator, "from_pretrained",
                         classmethod(lambda cls, *a, **kw: loads.append(a[0]) or real(cls, *a, **kw)))
     monkeypatch.setattr(depth_module, "_LOADED", {})
     settings = SceneSettings(depth=str(folder), device="cpu")

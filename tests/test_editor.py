@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from demo import callbacks as cb
+from demo import editing, generation
+from demo.context import AppContext, open_files
+from demo.generation import GenerationInputs
+from demo.viewer import set_confidence
 from demo import jobs
 from demo.editor import EditorBusy, EditorPool, routes
 from engine import outputs
@@ -234,12 +237,12 @@ def test_the_relay_refuses_other_origins_malformed_tokens_and_connections_over_t
 
 def test_an_editor_request_the_pool_refuses_prepares_nothing(tmp_path, examples):
     pool = EditorPool(max_editors=1)
-    context = cb.AppContext(output_dir=tmp_path / "out", default_engine="preview", device="cpu", editors=pool)
+    context = AppContext(output_dir=tmp_path / "out", default_engine="preview", device="cpu", editors=pool)
     try:
         pool.open("someone-else")  # the only editor is taken
-        inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=[], frames=FRAMES)
+        inp = GenerationInputs(image=str(examples / PHOTO), trajectories=[], frames=FRAMES)
         with pytest.raises(gr.Error, match="All 1 3D editors"):
-            cb.open_editor(context, {}, inp, session="late")
+            editing.open_editor(context, {}, inp, session="late")
         assert not (tmp_path / "out" / "jobs").exists() or not any((tmp_path / "out" / "jobs").iterdir())
         assert pool.get("late") is None
     finally:
@@ -248,7 +251,7 @@ def test_an_editor_request_the_pool_refuses_prepares_nothing(tmp_path, examples)
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    context = cb.AppContext(output_dir=tmp_path_factory.mktemp("editor-out"), default_engine="preview", device="cpu",
+    context = AppContext(output_dir=tmp_path_factory.mktemp("editor-out"), default_engine="preview", device="cpu",
                             editors=EditorPool(max_editors=2))
     yield context
     context.editors.close_all()
@@ -256,8 +259,8 @@ def ctx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def opened(ctx, examples):
-    inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=[], frames=FRAMES)
-    state, html, status = cb.open_editor(ctx, {}, inp, session="p1")
+    inp = GenerationInputs(image=str(examples / PHOTO), trajectories=[], frames=FRAMES)
+    state, html, status = editing.open_editor(ctx, {}, inp, session="p1")
     return state, html
 
 
@@ -265,13 +268,13 @@ def test_open_editor_prepares_the_scene_and_starts_at_the_start_view(ctx, opened
     state, html = opened
     editor = ctx.editors.get("p1")
     assert f'src="viser/{editor.token}/"' in html and editor.job == state["job"]
-    scene = cb._open_files(ctx, state)
+    scene = open_files(ctx, state)
     assert len(editor.keyframes) == 1
     np.testing.assert_allclose(editor.keyframes[0].c2w, scene.start_camera.c2w[0].numpy(), atol=1e-12)
     with pytest.raises(gr.Error, match="at least one keyframe"):
-        cb.preview_path(ctx, state, FRAMES, session="p1")
+        editing.preview_path(ctx, state, FRAMES, session="p1")
     with pytest.raises(gr.Error, match="Open the 3D editor first"):
-        cb.preview_path(ctx, state, FRAMES, session="someone-else")
+        editing.preview_path(ctx, state, FRAMES, session="someone-else")
 
 
 def _add_keyframes(editor, scene):
@@ -286,24 +289,24 @@ def _add_keyframes(editor, scene):
 def test_path_buttons_preview_save_load_generate_and_undo(ctx, opened, tmp_path):
     state, _ = opened
     editor = ctx.editors.get("p1")
-    scene = cb._open_files(ctx, state)
+    scene = open_files(ctx, state)
     _add_keyframes(editor, scene)
     expected = path_cameras(editor.snapshot(), FRAMES, scene.start_camera)
 
-    preview = cb.preview_path(ctx, state, FRAMES, session="p1")
+    preview = editing.preview_path(ctx, state, FRAMES, session="p1")
     frames = outputs.read_video(preview)
     rendered = scene.cache.render(expected, radius=scene.splat_radius(expected)).image
     assert frames.shape[0] == FRAMES and (frames - rendered[:, :, : frames.shape[2], : frames.shape[3]]).abs().mean() < 0.03
 
-    saved = Path(cb.save_editor_path(ctx, state, FRAMES, session="p1"))
+    saved = Path(editing.save_editor_path(ctx, state, FRAMES, session="p1"))
     assert torch.allclose(Cameras.from_json(saved).w2c, expected.w2c, atol=1e-12)
     editor.delete_keyframe(2)
     assert len(editor.keyframes) == 2
-    assert "Loaded 3 keyframes" in cb.load_editor_path(ctx, state, str(saved), session="p1")
+    assert "Loaded 3 keyframes" in editing.load_editor_path(ctx, state, str(saved), session="p1")
     for a, b in zip(editor.snapshot(), load_path(saved, scene.start_camera)):
         np.testing.assert_allclose(a.c2w, b.c2w, atol=1e-12)
 
-    updates = list(cb.generate_path(ctx, state, FRAMES, session="p1"))
+    updates = list(editing.generate_path(ctx, state, FRAMES, session="p1"))
     scene_dir = jobs.job_dir(ctx.output_dir, state["job"]) / "scene"
     manifest = json.loads((scene_dir / "manifest.json").read_text())
     assert [c["name"] for c in manifest["clips"]] == ["00_camera_path"]
@@ -314,27 +317,28 @@ def test_path_buttons_preview_save_load_generate_and_undo(ctx, opened, tmp_path)
     assert Path(last_clip["splats"]).name.startswith("scene_splats")
     assert any(Path(p).name == "00_camera_path.mp4" for p in updates[-1]["downloads"])
 
-    update = cb.remove_last_clip(ctx, state, session="p1")
+    update = editing.remove_last_clip(ctx, state, session="p1")
     assert "Removed clip `00_camera_path`" in update["status"]
     assert update["clip_choice"]["choices"] == [] and update["clip_video"] is None and update["downloads"] == []
     assert not (scene_dir / "clips" / "00_camera_path").exists()
     downloads = jobs.job_dir(ctx.output_dir, state["job"]) / "downloads"
     assert not downloads.exists() or not any(downloads.iterdir())
     with pytest.raises(gr.Error, match="no clip to remove"):
-        cb.remove_last_clip(ctx, state, session="p1")
+        editing.remove_last_clip(ctx, state, session="p1")
     assert len(editor.keyframes) == 3  # the path stays for another try
 
 
 def test_confidence_slider_keeps_exactly_the_points_at_or_above_it(ctx, examples):
     import trimesh
 
-    inp = cb.GenerationInputs(image=str(examples / PHOTO), trajectories=["left"], frames=FRAMES)
-    updates = list(cb.generate(ctx, {}, inp, session="c1"))
+    inp = GenerationInputs(image=str(examples / PHOTO), trajectories=["left"], frames=FRAMES)
+    updates = list(generation.generate(ctx, {}, inp, session="c1"))
     state = updates[0]["state"]
     scene_dir = jobs.job_dir(ctx.output_dir, state["job"]) / "scene"
     manifest = json.loads((scene_dir / "manifest.json").read_text())
     # Independently of the engine's code: the rule of the README from the cache file's confidence column.
-    from engine.geometry.cache import FAR_FACTOR, PointCache
+    from demo.viewer import FAR_FACTOR
+    from engine.geometry.cache import PointCache
 
     cache = PointCache.load_ply(scene_dir / manifest["state"]["cache"])
     centre = Cameras.from_json(scene_dir / "state" / "start.json").centers[0].float()
@@ -342,22 +346,22 @@ def test_confidence_slider_keeps_exactly_the_points_at_or_above_it(ctx, examples
     reach = FAR_FACTOR * manifest["median_depth"]
     conf = cache.confidence.double() * torch.clamp(reach / dist, max=1.0)
     assert bool((conf < 0.75).any()) and bool((conf >= 0.75).any())
-    state, glb, splats = cb.set_confidence(ctx, state, 0.75)
+    state, glb, splats = set_confidence(ctx, state, 0.75)
     points = sum(len(g.vertices) for g in trimesh.load(glb).geometry.values())
     assert points == int((conf >= 0.75).sum()) < len(cache)
     assert state["min_confidence"] == 0.75 and Path(splats).is_file()
-    state, glb, _ = cb.set_confidence(ctx, state, 0.0)
+    state, glb, _ = set_confidence(ctx, state, 0.0)
     assert Path(glb) == scene_dir / "scene.glb"
     # The splat view holds every shown point up to the server's --view-splats, a fixed subset beyond that.
     from conftest import read_vertex_ply
-    from engine.scene import MAX_VIEW_SPLATS
+    from demo.viewer import MAX_VIEW_SPLATS
 
     kept = int((conf >= 0.75).sum())
-    state, _, splats = cb.set_confidence(ctx, state, 0.75)
+    state, _, splats = set_confidence(ctx, state, 0.75)
     assert len(read_vertex_ply(splats)[1]) == min(kept, MAX_VIEW_SPLATS)
     ctx.view_splats = 500
     try:
-        state, _, splats = cb.set_confidence(ctx, state, 0.75)
+        state, _, splats = set_confidence(ctx, state, 0.75)
     finally:
         ctx.view_splats = None
     assert kept > 500 and len(read_vertex_ply(splats)[1]) == 500

@@ -26,7 +26,7 @@ from PIL import Image
 
 import engine.scene as scene_mod
 import engine.settings as settings_mod
-import engine.scene_init as scene_init
+import engine.generators as generators
 from engine.cli import main as cli_main
 from conftest import PlaneTestDepth
 from engine.scene import GenerationCancelled, Scene
@@ -150,7 +150,7 @@ def test_fault_mid_clip_keeps_everything_and_the_next_clip_succeeds(fault, templ
     job = tmp_path / "job"
     scene = _scene_with_one_clip(job, template)
     files, state = _tree(job), _in_memory_state(scene)
-    real = scene_init.preview_clip
+    real = generators.preview_clip
     made = []
 
     def failing(*args, **kwargs):
@@ -158,7 +158,7 @@ def test_fault_mid_clip_keeps_everything_and_the_next_clip_succeeds(fault, templ
         made.append(weakref.ref(frames))
         raise type(fault)(*fault.args)  # a fresh error: its traceback (and the frames in it) dies with it
 
-    monkeypatch.setattr(scene_init, "preview_clip", failing)
+    monkeypatch.setattr(generators, "preview_clip", failing)
     with pytest.raises(type(fault)) as info:
         scene.generate("left")
     del info  # the handled error goes away, as it does in the CLI and the UI
@@ -168,7 +168,7 @@ def test_fault_mid_clip_keeps_everything_and_the_next_clip_succeeds(fault, templ
     # Memory: once the error is handled, nothing of the failed clip stays referenced by the scene.
     gc.collect()
     assert made and made[0]() is None, "the failed clip's frames are still referenced"
-    monkeypatch.setattr(scene_init, "preview_clip", real)
+    monkeypatch.setattr(generators, "preview_clip", real)
     _resume_and_finish(job, scene, uninterrupted)
     _survived(f"mid-clip {type(fault).__name__}: {str(fault)[:40]}", "earlier clip, cache, manifest, bank unchanged; next clip done")
 
@@ -212,7 +212,7 @@ def test_cli_reports_out_of_memory_in_one_sentence_and_resumes(photo, tmp_path, 
     out = tmp_path / "job"
     argv = ["generate", "--image", str(photo), "--engine", "preview", "--depth", "plane", "--frames", "3",
             "--trajectories", "up,left", "--out", str(out)]
-    real = scene_init.preview_clip
+    real = generators.preview_clip
     calls = {"n": 0}
 
     def second_clip_oom(*args, **kwargs):
@@ -221,7 +221,7 @@ def test_cli_reports_out_of_memory_in_one_sentence_and_resumes(photo, tmp_path, 
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scene_init, "preview_clip", second_clip_oom)
+    monkeypatch.setattr(generators, "preview_clip", second_clip_oom)
     assert cli_main(argv) == 1
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
@@ -233,7 +233,7 @@ def test_cli_reports_out_of_memory_in_one_sentence_and_resumes(photo, tmp_path, 
     final = json.loads((out / "manifest.json").read_text())
     assert [c["trajectory"] for c in final["clips"]] == ["up", "left"]
     _assert_kept(files, _tree(out), keep=("clips/00_up/", "input.png", "state/start.json"), exact=False)
-    monkeypatch.setattr(scene_init, "preview_clip", real)
+    monkeypatch.setattr(generators, "preview_clip", real)
     whole = tmp_path / "whole"
     assert cli_main([*argv[:-1], str(whole)]) == 0
     assert_same_scene(out, whole)
@@ -391,7 +391,7 @@ def test_cancel_during_hole_filling_stops_the_clip(template, uninterrupted, tmp_
     scene = _scene_with_one_clip(job, template)
     files, state = _tree(job), _in_memory_state(scene)
     flag = {"cancel": False, "after": []}
-    real = scene_init.preview_clip
+    real = generators.preview_clip
 
     def filling(*args, **kwargs):
         flag["cancel"] = True  # the person presses cancel while holes are being filled
@@ -401,7 +401,7 @@ def test_cancel_during_hole_filling_stops_the_clip(template, uninterrupted, tmp_
         flag["after"].append("depth")
         return PlaneTestDepth()(image, camera)
 
-    monkeypatch.setattr(scene_init, "preview_clip", filling)
+    monkeypatch.setattr(generators, "preview_clip", filling)
     monkeypatch.setattr(scene, "depth_source", depth_after_cancel)
     with pytest.raises(GenerationCancelled):
         scene.generate("left", cancel=lambda: flag["cancel"])
@@ -409,7 +409,7 @@ def test_cancel_during_hole_filling_stops_the_clip(template, uninterrupted, tmp_
     _assert_kept(files, _tree(job))
     assert not _temp_leftovers(job)
     _same_memory(scene, state)
-    monkeypatch.setattr(scene_init, "preview_clip", real)
+    monkeypatch.setattr(generators, "preview_clip", real)
     monkeypatch.setattr(scene, "depth_source", PlaneTestDepth())
     scene.generate("left")  # the same scene goes on as if nothing had been cancelled
     assert_same_scene(job, uninterrupted)

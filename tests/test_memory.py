@@ -246,6 +246,30 @@ def test_input_view_retrieval_is_the_single_view_reference():
         bank.input_view_retrieval(targets, index=3)
 
 
+def test_a_clips_retrieval_is_the_input_view_on_a_photos_first_clip_and_the_rule_otherwise():
+    """``retrieve`` (what the scene loop runs): targets are the clip's frames after its start view; the first clip of
+    a photo gets the input photo itself at target 0 with the clip's own first camera, any other clip the bank frames
+    the rule picks (overlaps under 5% counting as none), each placed at the target it serves best."""
+    from engine.geometry.retrieval import retrieve
+
+    bank = bank_with([camera(0.0), camera(20.0), camera(180.0)])
+    clip = Cameras.cat([camera(1.0), camera(2.0), camera(19.0), camera(90.0, 0.0, fov=30.0)])
+    found, refs = retrieve(bank, clip, max_refs=8)
+    assert found.per_target.tolist() == [0, 1, -1]  # frame 3 looks where no bank frame does
+    assert found.refs == [0, 1] and found.ref_index == [0, 1]
+    assert torch.equal(refs.images, bank.images[[0, 1]]) and torch.equal(refs.cameras.w2c, bank.cameras.w2c[[0, 1]])
+    assert refs.ref_index.tolist() == [0, 1]
+    one, refs = retrieve(bank, clip, max_refs=1)
+    assert len(one.refs) == 1 and len(refs) == 1
+    photo = torch.rand(3, H, W)
+    first, refs = retrieve(bank, clip, max_refs=8, input_view=photo)
+    assert first.refs == [0] and first.ref_index == [0] and first.per_target.tolist() == [0, -1, -1]
+    assert torch.equal(refs.images, photo[None]) and torch.equal(refs.cameras.w2c, clip.w2c[0:1])
+    assert refs.ref_index.tolist() == [0]
+    nothing, refs = retrieve(bank, Cameras.cat([camera(0.0), camera(90.0, 0.0, fov=30.0)]))
+    assert nothing.refs == [] and refs is None
+
+
 def test_save_load_round_trip(tmp_path):
     bank = bank_with([camera(0.0), camera(40.0, 10.0, (0.1, 0.2, 0.3)), camera(-30.0)])
     # Images on the 8-bit grid survive PNG exactly.
@@ -302,8 +326,9 @@ def test_constant_depth_frame_is_still_retrieved_for_a_small_orbit():
     (5, 1, [4]),  # one step from frame 0 to the last
 ])
 def test_sample_align_nframe_keeps_the_releases_frames(n, k, frames):
-    """Expected values worked out by hand from the release's rule (src/general_utils.py): the n - 1 - k frames left
-    out are shared over k steps (the first from frame 0), ``(n - 1 - k) % k`` steps one longer, those first."""
+    """Expected values worked out by hand from the release's rule (release: src/general_utils.py): the n - 1 - k
+    frames left out are shared over k steps (the first from frame 0), ``(n - 1 - k) % k`` steps one longer, those
+    first."""
     from engine.geometry.memory import sample_align_nframe
 
     assert sample_align_nframe(n, k) == frames
@@ -325,7 +350,7 @@ def test_sample_align_nframe_shape_and_refusals():
 
 def test_sample_align_nframe_is_what_the_releases_bank_kept(examples):
     """The release's own memory bank on the shared corridor recorded the frames each 21-frame trajectory gave it
-    (``golden/corridor_retrieval.json``)."""
+    (``../shared/reference/golden/corridor_retrieval.json``)."""
     from engine.geometry.memory import sample_align_nframe
 
     golden = json.loads((examples.parent / "reference/golden/corridor_retrieval.json").read_text())

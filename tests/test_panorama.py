@@ -308,13 +308,13 @@ RELEASED_SCALE_MAP = [[480, 832], [480, 768], [512, 784], [512, 720], [576, 704]
 def test_bank_views_take_the_checkpoints_bucket(monkeypatch):
     from types import SimpleNamespace
 
-    from engine import scene_init
+    from engine import scene_start
     from engine.settings import SceneSettings
 
     settings = SceneSettings(engine="worldstereo-memory-dmd")
-    assert scene_init.photo_size(480, 832, settings) == (480, 768)  # no checkpoint here: the code's default map
-    monkeypatch.setattr(scene_init, "checkpoint_config", lambda *a: SimpleNamespace(scale_map=RELEASED_SCALE_MAP))
-    assert scene_init.photo_size(480, 832, settings) == (480, 832)
+    assert scene_start.photo_size(480, 832, settings) == (480, 768)  # no checkpoint here: the code's default map
+    monkeypatch.setattr(scene_start, "checkpoint_config", lambda *a: SimpleNamespace(scale_map=RELEASED_SCALE_MAP))
+    assert scene_start.photo_size(480, 832, settings) == (480, 832)
 
 
 def test_forward_move_on_a_small_panorama_has_solid_holes(monkeypatch):
@@ -323,13 +323,13 @@ def test_forward_move_on_a_small_panorama_has_solid_holes(monkeypatch):
     (this project before) left 30 % of the pixels uncovered here, 40 % of that in combs of one-pixel gaps."""
     from types import SimpleNamespace
 
-    from engine import conditioning, scene_init
+    from engine import conditioning, scene_start
     from engine.geometry.trajectories import make_trajectory
     from engine.settings import SceneSettings
 
-    monkeypatch.setattr(scene_init, "checkpoint_config", lambda *a: SimpleNamespace(scale_map=RELEASED_SCALE_MAP))
+    monkeypatch.setattr(scene_start, "checkpoint_config", lambda *a: SimpleNamespace(scale_map=RELEASED_SCALE_MAP))
     pano = room_colour(documented_directions(256, 512)).permute(2, 0, 1).float()
-    seed = scene_init.seed_panorama(pano, SceneSettings(engine="preview"), room_depth)
+    seed = scene_start.start_panorama(pano, SceneSettings(engine="preview"), room_depth)
     start = seed.start_camera
     assert (start.height, start.width) == (240, 416)  # the released configs' 480x832 bucket at the preview's scale
     assert seed.bank.size == (240, 416) and len(seed.bank) == 27

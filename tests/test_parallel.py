@@ -73,17 +73,17 @@ def test_two_way_ulysses_gives_the_one_process_transformer_output(tmp_path):
 
 def test_torchrun_generate_writes_the_single_process_clip_from_rank_0_only(tmp_path, examples, monkeypatch,
                                                                           one_thread):
-    from engine import cli, scene_init
+    from engine import cli, generators
 
     cache = {"WORLDSTEREO_CACHE": os.environ.get("WORLDSTEREO_CACHE", str(tmp_path / "cache"))}
     monkeypatch.setenv("WORLDSTEREO_CACHE", cache["WORLDSTEREO_CACHE"])
     # The one-process clip: `python -m engine generate` run in this process (one thread, as each rank), with a
     # pipeline of its own: one an earlier test left resident is let go before and after.
-    scene_init.resident_for("cpu").release()
+    generators.resident_for("cpu").release()
     try:
         assert cli.main(_generate_args(examples, str(tmp_path / "single"))[2:]) == 0
     finally:
-        scene_init.resident_for("cpu").release()
+        generators.resident_for("cpu").release()
     before, cached = set(os.listdir(tmp_path)), _files(Path(cache["WORLDSTEREO_CACHE"]))
     run = _torchrun(_generate_args(examples, "sp"), tmp_path, tmp_path / "logs", **cache)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -167,7 +167,9 @@ def test_app_gpus_without_cuda_is_refused_in_one_sentence(tmp_path):
 def test_one_pipeline_per_device_serves_clips_side_by_side(monkeypatch, one_thread):
     """The throughput mode's pool, with two CPU "devices": two clips at once land on different devices, each
     device loads its own pipeline once, and each clip is the one a plain pipeline makes."""
-    from engine import distributed, scene_init
+    from dataclasses import replace
+
+    from engine import generators
     from engine.conditioning import conditions_from_render
     from engine.settings import SceneSettings
 
@@ -176,15 +178,17 @@ def test_one_pipeline_per_device_serves_clips_side_by_side(monkeypatch, one_thre
                                   memory=True)
     loads = []
 
-    def load(settings):
-        loads.append(settings.device)
-        return scene_init.clip_generator(settings, lambda _: None, pooled=False)
+    tiny = generators.GENERATORS["tiny-random"]
 
-    pool = distributed.GpuPool(["cpu", "cpu:0"])
-    monkeypatch.setattr(distributed, "_POOL", pool)
-    pooled = distributed.pooled_generator(SceneSettings(engine="tiny-random", device="cpu"), load)
+    def load(settings, announce):
+        loads.append(settings.device)
+        return tiny.make(settings, announce)
+
+    monkeypatch.setitem(generators.GENERATORS, "tiny-random", replace(tiny, make=load))
+    monkeypatch.setattr(generators, "_POOL", generators.GpuPool(["cpu", "cpu:0"]))
+    pooled = generators.clip_generator(SceneSettings(engine="tiny-random", device="cpu"), lambda _: None)
     assert loads == ["cpu"]  # the first device at once (the scene asks it about memory), the others on first use
-    plain = load(SceneSettings(engine="tiny-random", device="cpu"))
+    plain = load(SceneSettings(engine="tiny-random", device="cpu"), lambda _: None)
     want = {seed: plain.generate(conditions=cond, prompt="p", seed=seed) for seed in (5, 6)}
 
     got, started = {}, threading.Barrier(2)
@@ -234,14 +238,14 @@ def test_check_degree_refuses_rank_counts_that_do_not_divide_every_head_count():
 def test_group_settings_are_refused_in_one_sentence(monkeypatch):
     """Inside a sequence-parallel group: a compiled or exported backend, whole-model offload and another device
     are refused; eager, the other offload options and the group's device run."""
-    from engine import distributed
+    from engine import distributed, generators
     from engine.settings import SceneSettings
 
-    distributed.check_settings(SceneSettings(engine="tiny-random", backend="compile"))  # no group: nothing to refuse
+    generators.check_group_settings(SceneSettings(engine="tiny-random", backend="compile"))  # no group: none refused
     group = SimpleNamespace(rank=0, world=2, device=torch.device("cpu"))  # what check_settings reads of a Group
     monkeypatch.setattr(distributed, "current", lambda: group)
     for ok in (dict(), dict(offload="text-encoder"), dict(offload="group"), dict(engine="preview", backend="compile")):
-        distributed.check_settings(SceneSettings(**{"engine": "tiny-random", **ok}))
+        generators.check_group_settings(SceneSettings(**{"engine": "tiny-random", **ok}))
     refused = {
         "backend": (dict(backend="onnxruntime"), "The 'onnxruntime' backend runs the transformer on one GPU; a "
                     "sequence-parallel group runs it eagerly, so drop --backend."),
@@ -252,7 +256,7 @@ def test_group_settings_are_refused_in_one_sentence(monkeypatch):
     }
     for what, (change, sentence) in refused.items():
         with pytest.raises(distributed.GroupError) as info:
-            distributed.check_settings(SceneSettings(engine="tiny-random", **change))
+            generators.check_group_settings(SceneSettings(engine="tiny-random", **change))
         assert str(info.value) == sentence, what
 
 
@@ -263,15 +267,16 @@ def test_group_settings_are_refused_in_one_sentence(monkeypatch):
 ])
 def test_gpus_flag_is_parsed_or_refused_in_one_sentence(monkeypatch, text, verdict):
     """`--gpus` on a machine with 4 GPUs: distinct indices among 0..3, comma-separated."""
+    import app
     from engine import distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     if isinstance(verdict, list):
-        assert distributed.parse_gpus(text) == verdict
+        assert app.parse_gpus(text) == verdict
         return
     with pytest.raises(distributed.GroupError) as info:
-        distributed.parse_gpus(text)
+        app.parse_gpus(text)
     assert str(info.value) == {
         "distinct": f"--gpus must name distinct GPUs among 0..3; got {text!r}.",
         "indices": f"--gpus takes comma-separated GPU indices such as 0,1; got {text!r}.",
@@ -279,4 +284,4 @@ def test_gpus_flag_is_parsed_or_refused_in_one_sentence(monkeypatch, text, verdi
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(distributed.GroupError, match=r"^--gpus and --workers-per-gpu need CUDA GPUs and this "
                                                      r"machine has none\.$"):
-        distributed.parse_gpus(text)
+        app.parse_gpus(text)

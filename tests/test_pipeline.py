@@ -56,6 +56,27 @@ def test_fixed_seed_is_deterministic_and_seeds_differ(pipes, inputs):
     assert not torch.allclose(a.latents, c.latents, atol=1e-3)
 
 
+@pytest.mark.parametrize("variant", ["worldstereo-memory-dmd", "worldstereo-memory"])
+def test_a_clip_from_given_latents_is_the_clip_of_the_generator_that_drew_them(pipes, inputs, variant):
+    """``latents=`` as diffusers takes them: the noise drawn here, independently, with a generator, given to the
+    pipeline, makes the clip that the same generator (or its seed) makes; other noise makes another clip, and noise
+    of the wrong shape is refused."""
+    pipe = pipes[variant]
+    shape = (1, 16, F, H // 8, W // 8)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(21))
+    given = run(pipe, inputs, references=inputs[1], latents=noise.clone())
+    drawn = run(pipe, inputs, references=inputs[1], generator=torch.Generator().manual_seed(21))
+    seeded = run(pipe, inputs, references=inputs[1], seed=21)
+    assert torch.equal(given.frames, drawn.frames) and torch.equal(given.latents, drawn.latents)
+    assert torch.equal(given.frames, seeded.frames)
+    other_noise = torch.randn(shape, generator=torch.Generator().manual_seed(22))
+    other = run(pipe, inputs, references=inputs[1], latents=other_noise)
+    assert not torch.allclose(other.latents, given.latents, atol=1e-3)
+    wrong = r"^latents must be \[1, 16, 3, 8, 8\] for this clip; got \[1, 16, 2, 8, 8\]\.$"
+    with pytest.raises(ClipInputError, match=wrong):
+        run(pipe, inputs, latents=noise[:, :, :2])
+
+
 @pytest.mark.parametrize("part", ["controlnet.proj_out.1.weight",
                                   "controlnet.controlnet_mask_embedding.mask_zero_proj.weight",
                                   "camera_embedding.4.weight"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import SafetensorsReads, tiny_clip_inputs
-from engine import scene_init
+from engine import generators
 from engine.models.tiny import write_tiny_weights
 from engine.pipeline import ClipPipeline
 from engine.settings import SceneSettings
@@ -26,7 +26,7 @@ def weights(tmp_path_factory):
 
 @pytest.fixture
 def resident():
-    slot = scene_init.resident_for("cpu")
+    slot = generators.resident_for("cpu")
     slot.release()
     yield slot
     slot.release()
@@ -63,11 +63,11 @@ def test_switching_variants_loads_shared_networks_once(weights, resident, monkey
                         (pipeline_module, "_load_transformer")):
         _count_calls(monkeypatch, owner, name, counts)
     settings = {v: SceneSettings(engine=v, weights=str(weights), device="cpu", steps=2) for v in (DMD, FULL)}
-    fast = scene_init.clip_generator(settings[DMD], announce=lambda _: None)
+    fast = generators.clip_generator(settings[DMD], announce=lambda _: None)
     cond = _conditions(resident.pipeline)
     first = fast.generate(conditions=cond, prompt="a red door", seed=1)
     dmd_transformer = weakref.ref(resident.pipeline.transformer)
-    quality = scene_init.clip_generator(settings[FULL], announce=lambda _: None)  # the Fast/Quality switch
+    quality = generators.clip_generator(settings[FULL], announce=lambda _: None)  # the Fast/Quality switch
     gc.collect()
     assert dmd_transformer() is None  # released, not kept beside the new one
     slow = quality.generate(conditions=cond, prompt="a red door", seed=1)
@@ -87,14 +87,14 @@ def test_switching_variants_loads_shared_networks_once(weights, resident, monkey
 
 
 def test_another_base_model_or_device_option_replaces_the_pipeline(weights, resident, tiny_packages):
-    dmd = scene_init.PipelineSpec("worldstereo-memory-dmd", str(weights / DMD), "cpu", "none", "eager", None,
+    dmd = generators.PipelineSpec("worldstereo-memory-dmd", str(weights / DMD), "cpu", "none", "eager", None,
                                   torch.float32)
     pipe = resident.acquire(dmd, announce=lambda _: None)
     assert resident.acquire(dmd) is pipe
-    elsewhere = scene_init.PipelineSpec(FULL, str(tiny_packages[FULL]), "cpu", "none", "eager", None, torch.float32)
+    elsewhere = generators.PipelineSpec(FULL, str(tiny_packages[FULL]), "cpu", "none", "eager", None, torch.float32)
     other = resident.acquire(elsewhere, announce=lambda _: None)  # its own base model folder: a new pipeline
     assert other is not pipe and other.components is not pipe.components
-    offloaded = resident.acquire(scene_init.PipelineSpec(FULL, str(tiny_packages[FULL]), "cpu", "model", "eager",
+    offloaded = resident.acquire(generators.PipelineSpec(FULL, str(tiny_packages[FULL]), "cpu", "model", "eager",
                                                          None, torch.float32), announce=lambda _: None)
     assert offloaded is not other and offloaded.offload == "model"
     with pytest.raises(ValueError, match="builds on"):

@@ -11,7 +11,7 @@ import torch
 from conftest import read_vertex_ply
 from engine.cli import main as cli_main
 from engine.outputs import SH_C0, SPLAT_OPACITY, depth_to_colors
-from engine.scene import SPLAT_SIGMA
+from engine.jobfolder import SPLAT_SIGMA
 from scenefolder import assert_same_scene, scene_files as _tree
 
 PHOTO = "perspective/photorealistic-indoor-dining_spaces-030/image.png"

@@ -183,7 +183,7 @@ def test_compile_backend_with_inductor_gives_the_eager_scene(tiny_packages, tmp_
     from torch._dynamo.utils import counters
 
     from conftest import PlaneTestDepth
-    from engine import scene_init
+    from engine import generators
     from engine.models.tiny import tiny_package_key
     from engine.scene import Scene
     from engine.settings import SceneSettings
@@ -194,7 +194,7 @@ def test_compile_backend_with_inductor_gives_the_eager_scene(tiny_packages, tmp_
     (tmp_path / "cache" / f"tiny-random-{variant}-{tiny_package_key(variant)}").symlink_to(tiny_packages[variant])
     photo = tmp_path / "photo.png"
     Image.fromarray((np.random.default_rng(3).random((96, 144, 3)) * 255).astype(np.uint8)).save(photo)
-    slot = scene_init.resident_for("cpu")
+    slot = generators.resident_for("cpu")
     frames = {}
     try:
         for backend in ("eager", "compile"):

@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 
 import engine.settings as settings_mod
 from conftest import PlaneTestDepth
-from engine import scene_init
+from engine import generators, scene_start
 from engine.cli import main as cli_main
 from engine.geometry import trajectories as traj
 from engine.geometry.cameras import Cameras, intrinsics_from_fov
@@ -165,13 +165,12 @@ def test_without_a_depth_model_generated_frames_continue_the_cached_surface(room
 def test_dataset_images_are_the_generated_frames_exactly(room, tmp_path, monkeypatch):
     """The 3DGS dataset's images are the generated frames pixel for pixel (kept losslessly in each clip, not
     decoded back from the H.264 clip, which would not pass this test)."""
-    from engine import scene_init
     from engine.images import to_uint8
     from engine.outputs import read_video
 
     folder, start = room
     generated = []
-    real_generator = scene_init.clip_generator
+    real_generator = generators.clip_generator
 
     class Recording:
         def __init__(self, inner):
@@ -181,7 +180,7 @@ def test_dataset_images_are_the_generated_frames_exactly(room, tmp_path, monkeyp
             generated.append(self.inner.generate(**kwargs))
             return generated[-1]
 
-    monkeypatch.setattr(scene_init, "clip_generator", lambda *a, **k: Recording(real_generator(*a, **k)))
+    monkeypatch.setattr(generators, "clip_generator", lambda *a, **k: Recording(real_generator(*a, **k)))
     job = tmp_path / "job"
     scene = Scene.create(job, folder / "room.png", settings=SceneSettings(engine="preview", frames=5, keep_frames=2),
                          depth_source=RoomDepth(start), announce=lambda m: None)
@@ -193,6 +192,75 @@ def test_dataset_images_are_the_generated_frames_exactly(room, tmp_path, monkeyp
         assert np.array_equal(iio.imread(job / rel), want), rel
     video = to_uint8(read_video(job / scene.clips[0]["folder"] / "clip.mp4"))
     assert not np.array_equal(video, to_uint8(generated[0]))  # the video is lossy: it could not have given them
+
+
+def test_the_state_a_clip_leaves_in_memory_is_the_state_its_files_reopen_to(room, tmp_path):
+    """After each clip the scene moves on in memory, without reading back what the clip wrote: its manifest is the
+    committed manifest.json, its 3D cache exactly the committed cache file as read back (colours in 8 bits, as
+    stored), and its memory bank the one a reopened folder rebuilds (images as stored, in 8 bits)."""
+    from engine.geometry.cache import PointCache
+
+    folder, start = room
+    job = tmp_path / "job"
+    scene = Scene.create(job, folder / "room.png", settings=SceneSettings(engine="preview", frames=5, keep_frames=2),
+                         depth_source=RoomDepth(start), announce=lambda m: None)
+    for trajectory in ("left", "up"):
+        scene.generate(trajectory)
+        assert scene.manifest == json.loads((job / "manifest.json").read_text())
+        stored = PointCache.load_ply(job / scene.manifest["state"]["cache"])
+        for name in ("points", "colors", "confidence", "source"):
+            assert torch.equal(getattr(scene.cache, name).cpu(), getattr(stored, name)), name
+        reopened = Scene.open(job, depth_source=RoomDepth(start), announce=lambda m: None)
+        assert (reopened.bank.frame_ids, reopened.bank.sources) == (scene.bank.frame_ids, scene.bank.sources)
+        assert torch.equal(reopened.bank.depths, scene.bank.depths)
+        assert torch.equal(reopened.bank.cameras.w2c, scene.bank.cameras.w2c)
+        assert torch.equal(reopened.bank.cameras.K, scene.bank.cameras.K)
+        assert float((reopened.bank.images - scene.bank.images).abs().max()) <= 0.5 / 255 + 1e-7
+
+
+def test_a_committed_cache_made_in_memory_equals_its_file_read_back(tmp_path):
+    """``as_committed`` against the PLY round trip it stands for, on colours at and between the 8-bit levels (the
+    halfway points too, where rounding decides) and at the ends."""
+    from engine.geometry.cache import PointCache
+    from engine.jobfolder import as_committed
+
+    g = torch.Generator().manual_seed(0)
+    levels = torch.arange(256, dtype=torch.float32) / 255
+    colours = torch.cat([levels, (torch.arange(255) + 0.5) / 255, torch.rand(3000, generator=g),
+                         torch.tensor([0.0, 1.0, 1e-9, 1 - 1e-7])])
+    colours = colours[torch.randperm(len(colours), generator=g)][: 3 * (len(colours) // 3)].reshape(-1, 3)
+    n = len(colours)
+    cache = PointCache(torch.randn(n, 3, generator=g), colours, torch.rand(n, generator=g),
+                       torch.randint(-1, 10**6, (n,), generator=g))
+    cache.save_ply(tmp_path / "cache.ply")
+    read, made = PointCache.load_ply(tmp_path / "cache.ply"), as_committed(cache)
+    for name in ("points", "colors", "confidence", "source"):
+        assert torch.equal(getattr(made, name), getattr(read, name)), name
+    made.save_ply(tmp_path / "again.ply")  # and saving it writes the same file
+    assert (tmp_path / "again.ply").read_bytes() == (tmp_path / "cache.ply").read_bytes()
+
+
+def test_a_request_comes_back_whole_from_the_resume_record(examples, tmp_path):
+    """``TrajectoryRequest.to_dict`` / ``from_dict`` through JSON: a camera file's cameras (read at the input's
+    size, which the file does not state), its pre-rendered folder, an amount and a frame count come back exactly."""
+    from engine.scene import TrajectoryRequest
+
+    official = examples / "perspective/photorealistic-indoor-dining_spaces-030"
+    data = json.loads((official / "camera.json").read_text())
+    assert "width" not in data  # the size comes from the reader, and must survive the record
+    (tmp_path / "camera.json").write_text(json.dumps(data))
+    cams = Cameras.from_json(tmp_path / "camera.json", width=1000, height=600)
+    for request in (TrajectoryRequest("traj0", cameras=cams, render_dir=str(official)),
+                    TrajectoryRequest("view2:left", amount=12.5, frames=9), TrajectoryRequest("up")):
+        back = TrajectoryRequest.from_dict(json.loads(json.dumps(request.to_dict())))
+        assert (back.name, back.amount, back.frames, back.render_dir) == (request.name, request.amount,
+                                                                          request.frames, request.render_dir)
+        if request.cameras is None:
+            assert back.cameras is None
+            continue
+        assert (back.cameras.width, back.cameras.height) == (1000, 600)
+        assert torch.equal(back.cameras.w2c, cams.w2c) and torch.equal(back.cameras.K, cams.K)
+        assert back.cameras.motion_list == cams.motion_list
 
 
 def test_cli_preview_writes_every_output(examples, tmp_path, capsys):
@@ -239,8 +307,8 @@ def test_resume_after_an_interruption_finishes_as_an_uninterrupted_run(examples,
     references)."""
     monkeypatch.setitem(settings_mod.ENGINE_SCALE, "preview", 0.25)  # small frames: the loop, not the pixels
     seeds = []
-    real_generate = scene_init.PreviewGenerator.generate
-    monkeypatch.setattr(scene_init.PreviewGenerator, "generate",
+    real_generate = generators.PreviewGenerator.generate
+    monkeypatch.setattr(generators.PreviewGenerator, "generate",
                         lambda self, **kw: seeds.append(kw["seed"]) or real_generate(self, **kw))
     planned = ["up", "left", "orbit"]  # the orbit takes references from both clips before it
     settings = SceneSettings(engine="preview", frames=5, keep_frames=2, seed=7)
@@ -374,7 +442,6 @@ def test_render_cli_on_official_trajectory(examples, tmp_path):
 
 
 def test_render_cli_on_a_job_folder_renders_its_cache_without_a_depth_model(room, tmp_path, monkeypatch):
-    from engine import scene_init
     from engine.geometry.render import render_points
 
     folder, start = room
@@ -385,7 +452,7 @@ def test_render_cli_on_a_job_folder_renders_its_cache_without_a_depth_model(room
     def no_model(*args, **kwargs):
         raise AssertionError("render loaded a depth model")
 
-    monkeypatch.setattr(scene_init, "depth_source_for", no_model)
+    monkeypatch.setattr(scene_start, "depth_source_for", no_model)
     out = tmp_path / "render"
     assert cli_main(["render", "--scene", str(job), "--trajectory", "left", "--frames", "5", "--out", str(out)]) == 0
     written = Cameras.from_json(out / "cameras.json")

@@ -242,15 +242,22 @@ def test_the_demo_never_reaches_a_shell():
 def test_paths_are_built_from_ids_and_checked_names_only():
     """Job folders are made only by ``jobs.job_dir`` (which accepts nothing but a random id), and no value taken
     from state, a manifest or a request (a subscript) is joined onto a path unless ``jobs.safe_path`` checks it."""
+    clip_file_functions = []
     for path in _sources():
         text = path.read_text()
         if path.name != "jobs.py":
             assert '"jobs"' not in text, f"{path.name} builds a jobs folder itself"
-        for node in ast.walk(ast.parse(text)):
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
             if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Subscript):
                 line = text.splitlines()[node.lineno - 1]
-                # The one exception: a name this code made itself from a digest two lines above.
-                assert 'job_root / record["cameras"]' in line, f"{path.name}:{node.lineno}: {line.strip()}"
-    text = (REPO / "demo" / "callbacks.py").read_text()
-    folder_lines = [line for line in text.splitlines() if 'clip["folder"]' in line]
-    assert folder_lines and all("jobs.safe_path(" in line for line in folder_lines)
+                raise AssertionError(f"{path.name}:{node.lineno}: {line.strip()}")
+        # A clip the manifest names is reached through the engine's paths (JobFolder.clip_files) in functions that
+        # check the result with jobs.safe_path, and only there.
+        for function in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            calls = {c.func.attr for c in ast.walk(function) if isinstance(c, ast.Call)
+                     and isinstance(c.func, ast.Attribute)}
+            if "clip_files" in calls:
+                clip_file_functions.append(f"{path.name}:{function.name}")
+                assert "safe_path" in calls, f"{path.name}: {function.name} reaches a clip's files unchecked"
+    assert clip_file_functions == ["downloads.py:clip_files"]

@@ -25,15 +25,6 @@ Voxel merging (``voxel_downsample``)
     which confidence and source would need, plus reading its trace back took 24 s), a budget search needs
     several counting passes (about 0.6 s each at 3M points), and this also runs on the GPU.
 
-Viewer confidence (``viewer_confidence``)
-    What the viewers' confidence slider compares against: a point's stored confidence (1 for points lifted
-    from estimated or given depth; 0.5 where the colour or the depth was a guess: the ``preview`` engine's
-    inpainted frames, depth filled into holes of the cache's render) times ``min(1, R / d)``, where ``d`` is
-    the point's distance from the start camera's centre and ``R = FAR_FACTOR`` times the input's median
-    depth. Far points count as low: depth errors grow with distance (relative depth error times depth), and
-    a monocular estimate's far field (sky, distant walls) is its least reliable part; at ``2R`` a point
-    keeps half its confidence.
-
 Splat scale (``point_spacing``)
     The Gaussian splats written for the viewers are isotropic with a standard deviation of the mean distance
     to a point's ``k`` nearest neighbours (``scipy.spatial.cKDTree``), so neighbouring splats overlap into a
@@ -57,7 +48,6 @@ from engine.plyio import PlyError, read_vertices, write_vertices
 PathLike = Union[str, Path]
 
 DEFAULT_EDGE_THRESHOLD = 0.05
-FAR_FACTOR = 4.0  # viewer confidence: points beyond FAR_FACTOR x the median depth count less (module notes)
 SPACING_NEIGHBOURS = 4
 
 
@@ -269,16 +259,6 @@ def point_spacing(points: torch.Tensor, k: int = SPACING_NEIGHBOURS) -> np.ndarr
     positive = spacing[spacing > 0]
     floor = positive.min() if positive.size else 1.0
     return np.where(spacing > 0, spacing, floor)
-
-
-def viewer_confidence(points: torch.Tensor, confidence: torch.Tensor, origin, median_depth: float,
-                      far_factor: float = FAR_FACTOR) -> torch.Tensor:
-    """Confidence ``[P]`` the viewers filter on (module notes): stored confidence times ``min(1, R / d)``."""
-    origin = torch.as_tensor(origin, dtype=torch.float64).reshape(1, 3)
-    d = (points.detach().cpu().double() - origin).norm(dim=1)
-    reach = far_factor * float(median_depth)
-    far = torch.where(d > reach, reach / d.clamp(min=1e-12), torch.ones_like(d))
-    return (confidence.detach().cpu().double() * far).float()
 
 
 # ---- the cache -------------------------------------------------------------------------------------

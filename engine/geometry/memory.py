@@ -1,7 +1,7 @@
 """The memory bank of the spatial-stereo memory (SSM): the frames a scene has seen, with cameras and depth, kept
 in memory and in a folder.
 
-Which frames serve a clip as references is ``engine.geometry.retrieval``'s rule; the bank gives it the frames'
+Which frames serve a clip as references is ``engine.geometry.retrieval.retrieve``; the bank gives it the frames'
 cameras and depth ranges (``MemoryBank.retrieve``). Saved form (``MemoryBank.save``, one folder, replaced as a
 whole)::
 
@@ -26,7 +26,8 @@ from PIL import Image
 from engine.atomicio import atomic_folder, atomic_write_json
 from engine.constants import MAX_REFERENCES
 from engine.geometry.cameras import Cameras, CameraFormatError
-from engine.geometry.retrieval import DEFAULT_SAMPLES, Retrieval, closeness, overlap_matrix, select_references
+from engine.geometry.retrieval import (DEFAULT_SAMPLES, MIN_OVERLAP, TIE_TOLERANCE, Retrieval, closeness,
+                                       overlap_matrix, select_references)
 
 PathLike = Union[str, Path]
 
@@ -171,11 +172,11 @@ class MemoryBank:
         near, far = self.depth_ranges()
         return overlap_matrix(targets, self.cameras, near, far, samples)
 
-    def retrieve(self, targets: Cameras, max_refs: int = MAX_REFERENCES, min_overlap: float = 0.05,
-                 exclude: Optional[Iterable[int]] = None, tie_tolerance: float = 0.02,
+    def retrieve(self, targets: Cameras, max_refs: int = MAX_REFERENCES, min_overlap: float = MIN_OVERLAP,
+                 exclude: Optional[Iterable[int]] = None, tie_tolerance: float = TIE_TOLERANCE,
                  samples: int = DEFAULT_SAMPLES) -> Retrieval:
-        """One reference per target camera, at most ``max_refs`` distinct ones (the rule of
-        ``engine.geometry.retrieval``)."""
+        """One reference per target camera, at most ``max_refs`` distinct ones: the retrieval rule of
+        ``engine.geometry.retrieval`` over this bank's frames (what a clip runs is ``retrieval.retrieve``)."""
         try:
             limit = operator.index(max_refs)
         except TypeError:
@@ -195,8 +196,9 @@ class MemoryBank:
         return select_references(o, cost, max_refs, min_overlap, tie_tolerance)
 
     def input_view_retrieval(self, targets: Cameras, index: int = 0) -> Retrieval:
-        """The first clip of a photo as the release runs it (``load_single_view_data``): bank frame ``index``, the
-        input view, is the only reference, placed at target 0 whatever the overlaps say."""
+        """The record of a photo's first clip as the release runs it (``load_single_view_data``;
+        ``retrieval.retrieve``): bank frame ``index``, the input view, is the only reference, placed at target 0
+        whatever the overlaps say."""
         if not 0 <= index < len(self):
             raise MemoryBankError(f"Memory bank frame {index} does not exist (the bank has {len(self)} frames).")
         t_n = len(targets)

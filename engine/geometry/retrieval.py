@@ -1,5 +1,10 @@
-"""Reference retrieval of the spatial-stereo memory (SSM): how much of a target camera's view a memory frame
-covers (frustum overlap), and which frames serve which targets (the retrieval rule).
+"""Reference retrieval of the spatial-stereo memory (SSM): which memory frames a clip is given as references.
+
+What the scene loop runs is ``retrieve`` (the first function below), with its constants beside it: a photo's first
+clip takes the input view alone, every other clip the retrieval rule. The rest of this module is how the rule
+measures and chooses: how much of a target camera's view a memory frame covers (frustum overlap), and which
+frames serve which targets; and the release's own rule (``retrieve_as_release``), which ``retrieve`` will run
+instead once the loop adopts it.
 
 Frustum overlap (``overlap_matrix``)
     ``overlap(a, b, near, far)`` is the fraction of the *volume* of camera ``a``'s frustum between
@@ -15,7 +20,7 @@ Frustum overlap (``overlap_matrix``)
     cost, and the result is deterministic. The remaining error is the image grid's (shrinks as
     ``1/sqrt(samples)`` at the frustum's silhouette edges).
 
-Retrieval rule (``MemoryBank.retrieve``), for target cameras ``t`` and bank frames ``m``:
+The retrieval rule (``MemoryBank.retrieve``), for target cameras ``t`` and bank frames ``m``:
     1. ``O[t, m] = overlap(target t, bank frame m, near_m, far_m)`` where ``(near_m, far_m)`` is
        frame ``m``'s depth range (5th / 95th percentile of its valid depth): the targets have no depth of
        their own, and the bank frame's depth says where the scene it holds actually is. Overlaps below
@@ -36,8 +41,8 @@ Retrieval rule (``MemoryBank.retrieve``), for target cameras ``t`` and bank fram
        largest overlap (earliest on ties) — the released model places a reference at the time index of
        one target frame — and ``refs`` are ordered by ``ref_index`` then bank index.
 
-The release's rule (``retrieve_as_release``; it replaces the rule above once the scene loop adopts it), as
-release: src/retrieval_wm.py computes it (``SimpleMemoryBank.retrieval``, ``find_closest_camera_in_view``,
+The release's rule (``retrieve_as_release``; ``retrieve`` runs it instead of the rule above once the loop adopts
+it), as release: src/retrieval_wm.py computes it (``SimpleMemoryBank.retrieval``, ``find_closest_camera_in_view``,
 ``calculate_fov_overlap``, ``calculate_frustum_volume_overlap``, ``CameraSelector``), in float32 as there:
     1. Targets: the request's cameras, or every ``RETRIEVAL_STRIDE``-th of them when there are more than
        ``nframe`` (``retrieval_targets``). Target 0 is the start view and takes nothing; targets 1..T-1 do.
@@ -66,11 +71,69 @@ from scipy.spatial.transform import Rotation
 from engine.constants import KEYFRAMES, MAX_REFERENCES
 from engine.geometry.cameras import Cameras
 
-DEFAULT_SAMPLES = 1024
+DEFAULT_SAMPLES = 1024  # rays per target camera in the overlap estimate
 
 
 class RetrievalError(ValueError):
     """Cameras or depth ranges that overlaps cannot be measured for; the message is one readable sentence."""
+
+
+# ---- what runs as retrieval ------------------------------------------------------------------------
+
+MIN_OVERLAP = 0.05  # overlaps below this count as none (the rule's step 1)
+TIE_TOLERANCE = 0.02  # overlaps this close to a target's best count as equally good; the closest frame wins (step 2)
+INPUT_VIEW = 0  # the memory bank's frame of a photo's input view
+
+
+@dataclass
+class References:
+    """The memory views given to one clip, in the engine's convention.
+
+    ``images [R,3,H,W]`` in [0,1]; ``ref_index[r] = k``: reference r serves target frame k + 1 (frame 0 is the input
+    view, which needs none). ``pointmaps`` world XYZ ``[R,3,H,W]`` (the paper's branch-form memory only).
+    """
+
+    images: torch.Tensor
+    cameras: Cameras
+    ref_index: torch.Tensor
+    pointmaps: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def input_view_references(image: torch.Tensor, cameras: Cameras) -> References:
+    """The first clip of a photo: the only reference is the input view itself at target camera 0, serving target
+    0 (release: ``load_single_view_data``: reference_video = the image, ref_index [0], reference camera
+    = w2cs[0:1])."""
+    return References(images=image[None], cameras=cameras[0:1], ref_index=torch.tensor([0]))
+
+
+def retrieve(bank, cameras: Cameras, *, max_refs: int = MAX_REFERENCES,
+             input_view: Optional[torch.Tensor] = None) -> tuple["Retrieval", Optional[References]]:
+    """What runs as retrieval for one clip: which frames of the memory bank serve it as references.
+
+    Args:
+        bank: The scene's ``engine.geometry.memory.MemoryBank``.
+        cameras: The clip's cameras; frame 0 is the start view, frames 1..F-1 are the targets. [F]
+        max_refs: Most distinct references.
+        input_view: The input photo [3,H,W] on a photo's first clip, which the release conditions on the input view
+            alone (``input_view_references``: bank frame ``INPUT_VIEW``, at target 0, with the clip's own first
+            camera); None for every other clip, which takes the retrieval rule (module doc), overlaps below
+            ``MIN_OVERLAP`` counting as none and overlaps within ``TIE_TOLERANCE`` of the best as equally good.
+
+    Returns:
+        The retrieval record (bank indices per target, the references, the overlaps) and the references' frames
+        (None when no frame serves the clip).
+    """
+    targets = cameras[1:]
+    if input_view is not None:
+        return bank.input_view_retrieval(targets, INPUT_VIEW), input_view_references(input_view, cameras)
+    found = bank.retrieve(targets, max_refs=max_refs, min_overlap=MIN_OVERLAP, tie_tolerance=TIE_TOLERANCE)
+    if not found.refs:
+        return found, None
+    return found, References(images=bank.images[found.refs], cameras=bank.cameras[found.refs],
+                             ref_index=torch.as_tensor(found.ref_index, dtype=torch.long))
 
 
 # ---- frustum overlap ---------------------------------------------------------------------------------
@@ -288,7 +351,7 @@ def select_references(o: torch.Tensor, cost: torch.Tensor, max_refs: int, min_ov
                      ref_index=[i for i, _ in refs_info], overlaps=overlaps.double())
 
 
-# ---- the release's rule (module doc); it replaces MemoryBank.retrieve / select_references once the loop adopts it
+# ---- the release's rule (module doc); ``retrieve`` runs it instead of the rule above once the loop adopts it
 
 RELEASE_NEAR = 0.1  # frustum corners along the unit corner rays, world units (release: retrieval 815-816)
 RELEASE_FAR = 10.0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import html
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 
 from engine.constants import TEXT_TOKENS
-from engine.hub import BASE_COMPONENT_FOLDERS
+from engine.hub import BASE_COMPONENT_FOLDERS, hub_offline
 from engine.offload import IMAGE_ENCODER, TEXT_ENCODER, VAE, Placement
 
 PathLike = Union[str, Path]
@@ -36,7 +35,7 @@ class ComponentLoadError(ValueError):
 
 
 def prompt_clean(text: str) -> str:
-    """The release's ``prompt_clean`` (models/pipelines/pipeline_dmd_keyframe.py): ftfy's fix, HTML entities
+    """The release's ``prompt_clean`` (release: models/pipelines/pipeline_dmd_keyframe.py): ftfy's fix, HTML entities
     unescaped twice, runs of whitespace collapsed to one space, ends stripped."""
     import ftfy
 
@@ -95,7 +94,8 @@ class Components:
     # ---------------------------------------------------------------- image
     def clip_pixels(self, images: Union[Image.Image, Sequence[Image.Image]]) -> torch.Tensor:
         """CLIP ``pixel_values`` of uint8 PIL images as the release makes them: its ``CLIPImageProcessor`` is
-        loaded with ``do_rescale=False`` (models/worldstereo_wrapper.py), so 0-255 values reach the normalisation."""
+        loaded with ``do_rescale=False`` (release: models/worldstereo_wrapper.py), so 0-255 values reach the
+        normalisation."""
         images = [images] if isinstance(images, Image.Image) else list(images)
         return self.image_processor(images=images, do_rescale=False, return_tensors="pt").pixel_values
 
@@ -132,7 +132,8 @@ class Components:
 
     def encode_keyframes(self, video: torch.Tensor, chunk: int = 8) -> torch.Tensor:
         """Keyframes ``[1,3,F,H,W]`` in [-1,1] -> normalised latents ``[1,16,F,H/8,W/8]``, every frame encoded as its
-        own one-frame video with the latent distribution's ``mode`` (``keyframe_vae_encode``, src/vae_utils.py)."""
+        own one-frame video with the latent distribution's ``mode`` (``keyframe_vae_encode``,
+        release: src/vae_utils.py)."""
         dev = self.device
         vae_dtype = next(self.vae.parameters()).dtype
         frames = video[0].transpose(0, 1)  # [F,3,H,W]
@@ -211,8 +212,7 @@ def load_components(base_model: PathLike, placement: Optional[Placement] = None,
         image_processor = CLIPImageProcessor.from_pretrained(src, subfolder="image_processor", **kw)
         scheduler_config = dict(UniPCMultistepScheduler.load_config(src, subfolder="scheduler", **kw))
     except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = " (offline: download it first or pass a local folder)" if offline and not local else ""
+        hint = " (offline: download it first or pass a local folder)" if hub_offline() and not local else ""
         raise ComponentLoadError(f"Could not load the base model parts from {src}{hint}: {str(e).splitlines()[0]}") from e
     return assemble_components(vae, text_encoder, tokenizer, image_encoder, image_processor, placement, dtype,
                                scheduler_config, source=src)

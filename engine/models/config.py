@@ -18,6 +18,17 @@ MEMORY_MODES = ("stitched", "branch")
 VARIANTS = ("worldstereo-camera", "worldstereo-memory", "worldstereo-memory-dmd")
 
 
+def variant_has_memory(variant: str) -> bool:
+    """Whether a checkpoint variant was trained with references (the camera-only variant was not): decided by the
+    variant's name, as the official loader decides it from its model type."""
+    return "memory" in variant
+
+
+def variant_is_distilled(variant: str) -> bool:
+    """Whether a checkpoint variant samples with the few-step DMD student (its name says so)."""
+    return variant.endswith("-dmd")
+
+
 class ConfigError(ValueError):
     """A config.json that cannot describe a WorldStereo model; the message says what to fix."""
 
@@ -182,6 +193,6 @@ class WorldStereoConfig:
         falls back to those flags.
         """
         if self.variant is not None:
-            return "memory" in self.variant
+            return variant_has_memory(self.variant)
         c = self.controlnet_cfg
         return self.memory_mode == "branch" or c.ref_embedding or c.main_camera_embedding

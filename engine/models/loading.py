@@ -34,10 +34,11 @@ from engine.constants import KEYFRAMES, TINY_FRAME_SCALE
 from engine.hub import HUB_REPO, looks_like_repo_id
 from engine.progress import Progress, ensure, span
 
-from .config import VARIANTS, ConfigError, ControlNetConfig, WorldStereoConfig
+from .config import (VARIANTS, ConfigError, ControlNetConfig, WorldStereoConfig, variant_has_memory,
+                     variant_is_distilled)
 from .transformer import WorldStereoTransformer
-from .weightfiles import (TensorInfo, WeightFolder, WeightsNotFoundError, base_transformer, download_hint, hub_file,
-                          human_bytes, human_count)
+from .weightfiles import (TensorInfo, WeightFolder, WeightsNotFoundError, base_transformer, download_hint,
+                          hub_weights_file, human_bytes, human_count)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -59,7 +60,7 @@ class CheckpointMismatchError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- tiny configs
-# The numbers of reference/official_state_dict_tiny.json (the official code built at a tiny size), except
+# The numbers of ../shared/reference/official_state_dict_tiny.json (the official code built at a tiny size), except
 # mask_downsample: 1 as in the released configs (with one render-mask frame per keyframe, 21 of them, the release's
 # mask embedding takes no other value: a temporal kernel of 4 after 3 padded frames would give 6 token frames).
 _TINY_BASE = {
@@ -84,12 +85,12 @@ def tiny_transformer_config(variant: str = "worldstereo-memory", base_model: str
     if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
     cn = dict(_TINY_CONTROLNET)
-    memory = variant != "worldstereo-camera"
+    memory = variant_has_memory(variant)
     cn["ref_embedding"] = cn["main_camera_embedding"] = memory
     if memory_mode == "branch":
         cn["ref_embedding"] = False  # the paper's branch positions references by pairing, not by an index table
     extra: dict[str, Any] = {}
-    if variant == "worldstereo-memory-dmd":
+    if variant_is_distilled(variant):
         # Sampler settings of the DMD variant; the shift value is a plausible stand-in (the tiny model is random).
         extra = {"gen_shift": 5.0, "dmd_steps": 4, "dmd_start_steps": 250, "dmd_end_steps": 1000}
     from engine.conditioning import DEFAULT_SCALE_MAP, scale_bucket
@@ -129,7 +130,7 @@ def full_size_transformer_config(variant: str = "worldstereo-memory-dmd") -> tup
     """(checkpoint config, backbone config) at the real 14B size, for benchmarks with random weights."""
     cfg, _ = tiny_transformer_config(variant)
     cn = dict(_FULL_CONTROLNET)
-    cn["ref_embedding"] = cn["main_camera_embedding"] = variant != "worldstereo-camera"
+    cn["ref_embedding"] = cn["main_camera_embedding"] = variant_has_memory(variant)
     cfg.controlnet_cfg = ControlNetConfig.from_dict(cn)
     cfg.nframe, cfg.scale_map = KEYFRAMES, None
     return cfg, {"_class_name": "WanTransformer3DModel", **_FULL_BASE}
@@ -208,7 +209,7 @@ def resolve_checkpoint(checkpoint_dir_or_repo: PathLike, variant: Optional[str] 
                                    f"like {HUB_REPO}.")
     prefix = f"{variant}/" if variant else ""
     hint = download_hint(src, include)
-    return hub_file(src, prefix + CONFIG_NAME, hint), hub_file(src, prefix + WEIGHTS_NAME, hint)
+    return hub_weights_file(src, prefix + CONFIG_NAME, hint), hub_weights_file(src, prefix + WEIGHTS_NAME, hint)
 
 
 def read_checkpoint_config(config_path: Path, variant: Optional[str] = None) -> WorldStereoConfig:

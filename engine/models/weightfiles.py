@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from engine.hub import HUB_REPO, local_files_only, looks_like_repo_id
+from engine.hub import HUB_REPO, HubFileUnavailable, hub_file, local_files_only, looks_like_repo_id
 
 INDEX_SUFFIX = ".safetensors.index.json"
 ETAG_TIMEOUT_S = 5.0
@@ -67,24 +67,18 @@ def file_tensors(path: PathLike) -> dict[str, TensorInfo]:
                                    "download it again.") from e
 
 
-def hub_file(repo: str, filename: str, how_to_get: str) -> Path:
-    """A file of a hub repository from the cache, or downloaded with a short timeout unless offline."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HFValidationError
-
-    attempts = [True] if local_files_only() else [False, True]
-    last: Optional[Exception] = None
-    for local_only in attempts:
-        try:
-            return Path(hf_hub_download(repo, filename, local_files_only=local_only, etag_timeout=ETAG_TIMEOUT_S))
-        except HFValidationError as e:
+def hub_weights_file(repo: str, filename: str, how_to_get: str) -> Path:
+    """A file of a hub repository (``engine.hub.hub_file``: the cache's copy, else a download unless offline), or
+    the one sentence that says why it is not here and ``how_to_get`` it."""
+    try:
+        return hub_file(repo, filename, timeout=ETAG_TIMEOUT_S)
+    except HubFileUnavailable as e:
+        if e.why == "invalid":
             raise WeightsNotFoundError(f"{repo!r} is neither an existing folder nor a valid Hugging Face repo id; "
                                        f"pass the checkpoint folder or a repo id like {HUB_REPO}.") from e
-        except Exception as e:  # network errors, missing entries, gated repos: all end in the same advice
-            last = e
-    where = ("the Hugging Face cache (the hub is switched off or unreachable)" if local_files_only()
-             else "the Hugging Face hub or its local cache")
-    raise WeightsNotFoundError(f"{repo}/{filename} is not available from {where}; {how_to_get}.") from last
+        where = ("the Hugging Face cache (the hub is switched off or unreachable)" if e.why == "offline"
+                 else "the Hugging Face hub or its local cache")
+        raise WeightsNotFoundError(f"{repo}/{filename} is not available from {where}; {how_to_get}.") from e
 
 
 def download_hint(repo: str, include: Optional[str] = None) -> str:
@@ -129,7 +123,7 @@ class WeightFolder:
             if not p.is_file():
                 raise WeightsNotFoundError(f"{self.where} has no {name}; {self._hint()}.")
             return p
-        return hub_file(self.root, self._name(name), self._hint())
+        return hub_weights_file(self.root, self._name(name), self._hint())
 
     def cached(self, name: str) -> Optional[Path]:
         """The local path of ``name`` when it is here (a local folder, or the hub cache), else None."""

@@ -3,10 +3,12 @@ the few helpers all callbacks share.
 
 The demo's callbacks are plain functions over an ``AppContext``, split by concern: ``demo.generation`` (inputs,
 engine choice, Generate, Resume, Cancel), ``demo.downloads`` (clip players and downloads), ``demo.viewer`` (the 3D
-views) and ``demo.editing`` (the 3D path editor and undo). Nothing there draws a widget: ``demo/ui.py`` binds them
-to components. Every callback takes plain values (file paths, lists, numbers) and returns plain values or yields
-dicts keyed by ``demo.generation.OUTPUT_KEYS``, so the tests call them without a browser. All scene work goes
-through ``engine.scene``; errors a person can cause come back as ``gr.Error`` with the engine's one sentence.
+views), ``demo.editing`` (the 3D path editor and undo) and ``demo.evaluation`` (Evaluate and its panel). Nothing
+there draws a widget: ``demo/ui.py`` binds them to components. Every callback takes plain values (file paths, lists,
+numbers) and returns plain values or yields dicts keyed by ``demo.generation.OUTPUT_KEYS`` (``demo.evaluation``:
+``EVALUATION_KEYS``), so the tests call them without a browser. All scene work goes through ``engine.scene`` (the
+evaluation through ``engine.evaluate``); errors a person can cause come back as ``gr.Error`` with the engine's one
+sentence.
 """
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ def zip_dataset(scene_dir: Path, target: Path) -> Path:
 
 
 def downloads_for(scene_dir: Path, downloads_dir: Path, clips: Sequence[dict], exported: bool) -> list[str]:
-    """Readable file names for everything downloadable now (clips first, then the scene-level files)."""
+    """Readable file names for everything downloadable now (clips first, then the scene-level files, the scene's
+    evaluation last when it has one)."""
     out = []
     for clip in clips:
         src = clip_files(scene_dir, clip).video
@@ -48,6 +49,8 @@ def downloads_for(scene_dir: Path, downloads_dir: Path, clips: Sequence[dict], e
             out.append(str(jobs.link_or_copy(src, downloads_dir / src.name)))
     if exported and files.transforms.is_file():
         out.append(str(zip_dataset(scene_dir, downloads_dir / "nerfstudio-dataset.zip")))
+    if files.evaluation.is_file():
+        out.append(str(jobs.link_or_copy(files.evaluation, downloads_dir / files.evaluation.name)))
     return out
 
 

@@ -148,8 +148,8 @@ def remove_last_clip(ctx: AppContext, state: dict, session: str = "-") -> dict:
     state = dict(state or {})
     if not state.get("job"):
         raise gr.Error("There is no scene yet, so there is no clip to remove.")
-    with ctx.runs.busy(state["job"], refuse="This scene is being generated right now; cancel or wait before "
-                                            "removing a clip."):
+    with ctx.runs.busy(state["job"], refuse="This scene is being generated or evaluated right now; cancel or wait "
+                                            "before removing a clip."):
         scene = open_files(ctx, state)
         job_root = jobs.job_dir(ctx.output_dir, state["job"])
         unfinished = scene.unfinished()

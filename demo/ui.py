@@ -1,12 +1,12 @@
 """The page: input column (image, trajectories, settings, buttons) and result column (status; point cloud,
-splats and the 3D camera-path editor; clip / GGM render / hole mask / depth videos; undo; downloads).
-Behaviour lives in the callbacks: ``demo.generation``, ``demo.downloads``, ``demo.viewer``, ``demo.editing``
-(``demo.context`` says what they share)."""
+splats and the 3D camera-path editor; clip / GGM render / hole mask / depth videos; undo; evaluation; downloads).
+Behaviour lives in the callbacks: ``demo.generation``, ``demo.downloads``, ``demo.viewer``, ``demo.editing``,
+``demo.evaluation`` (``demo.context`` says what they share)."""
 from __future__ import annotations
 
 import gradio as gr
 
-from demo import context, editing, generation, viewer
+from demo import context, editing, evaluation, generation, viewer
 from demo.downloads import show_clip
 from demo.generation import GenerationInputs
 from engine.constants import KEYFRAMES
@@ -132,6 +132,12 @@ def build_demo(ctx: context.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                 with gr.Row():
                     clip_choice = gr.Dropdown([], label="Show clip", elem_id="clip-choice", scale=3)
                     undo_btn = gr.Button("Remove last clip", elem_id="undo", scale=1)
+                    evaluate_btn = gr.Button("Evaluate", elem_id="evaluate", scale=1)
+                evaluation_status = gr.Markdown(elem_id="evaluation-status")
+                evaluation_table = gr.Dataframe(label="Camera accuracy per clip", interactive=False, visible=False,
+                                                elem_id="evaluation-table")
+                evaluation_plot = gr.Image(label="Asked vs recovered camera paths", show_label=False, type="filepath",
+                                           interactive=False, visible=False, elem_id="evaluation-plot")
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
 
         inputs = [state, image, panorama, presets, views, angle, distance, frames, camera_json, prompt, seed, engine,
@@ -224,6 +230,17 @@ def build_demo(ctx: context.AppContext, max_concurrent: int = 1) -> gr.Blocks:
         def on_confidence(st, value):
             return viewer.set_confidence(ctx, st, value)
 
+        evaluation_panel = [evaluation_status, evaluation_table, evaluation_plot]
+
+        @context.logged
+        def on_evaluate(st, progress=gr.Progress()):
+            update = evaluation.evaluate(ctx, st, progress=progress)
+            return tuple(update[k] for k in evaluation.EVALUATION_KEYS)
+
+        def on_scene_change(st):
+            update = evaluation.evaluation_panel(ctx, st)
+            return tuple(update[k] for k in evaluation.PANEL_KEYS)
+
         def on_unload(request: gr.Request):
             editing.close_session(ctx, session_of(request))
 
@@ -267,6 +284,11 @@ def build_demo(ctx: context.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                        api_name="remove_last_clip")
         confidence.release(on_confidence, [state, confidence], [state, model3d, splats], **checks,
                            api_name="set_confidence")
+        evaluate_btn.click(on_evaluate, [state], evaluation_panel + [downloads],
+                           concurrency_id=evaluation.EVALUATE_QUEUE, concurrency_limit=evaluation.EVALUATIONS_AT_ONCE,
+                           api_name="evaluate")
+        # Every run and undo writes the status line: the panel then says what the evaluation judged of the scene now.
+        status.change(on_scene_change, [state], evaluation_panel, concurrency_limit=None, show_progress="hidden")
         demo.unload(on_unload)
     demo.queue(default_concurrency_limit=max_concurrent)
     return demo

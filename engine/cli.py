@@ -186,8 +186,7 @@ def cmd_render(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from engine.evaluate import EvaluationError, evaluate_scene, table, write_evaluation
-    from engine.jobfolder import EVALUATION_JSON, EVALUATION_PNG
+    from engine.evaluate import EvaluationError, evaluate_scene, table, write_evaluation, write_scene_evaluation
 
     if args.threads < 1:
         raise EvaluationError(f"--threads must be at least 1; got {args.threads}.")
@@ -205,9 +204,10 @@ def cmd_evaluate(args) -> int:
     finally:
         for bar in bars:
             bar.close()
-    json_path = Path(args.json) if args.json else Path(args.out) / EVALUATION_JSON
-    png_path = json_path.with_suffix(".png") if args.json else Path(args.out) / EVALUATION_PNG
-    write_evaluation(report, json_path, png_path)
+    if args.json:
+        json_path, png_path = write_evaluation(report, args.json, Path(args.json).with_suffix(".png"))
+    else:  # the scene's own evaluation: its zip, when it has one, is written again to hold it
+        json_path, png_path = write_scene_evaluation(args.out, report)
     print(table(report))
     print(f"Wrote {json_path} and {png_path}")
     return 0

@@ -495,18 +495,24 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def table(report: dict) -> str:
-    """The report as a plain-text table (what the CLI prints and the README shows)."""
-    rows = [("clip", "registered", "RotErr (deg)", "TransErr", "ATE", "mapper")]
+TABLE_HEADER = ("clip", "registered", "RotErr (deg)", "TransErr", "ATE", "mapper")
+
+
+def table_rows(report: dict) -> list[tuple[str, ...]]:
+    """The rows of the report's table under ``TABLE_HEADER``: one per clip, then the scene's means (``mean``);
+    figures with 3 decimals, ``-`` where there is none."""
+    rows = []
     for c in report["clips"]:
         rows.append((c["name"], f"{c['registered']}/{c['frames']}", _fmt(c["rot_err_deg"]), _fmt(c["trans_err"]),
                      _fmt(c["ate"]), c["mapper"]))
     s = report["scene"]
     rows.append(("mean", f"{s['registered']}/{s['frames']}", _fmt(s["rot_err_deg"]), _fmt(s["trans_err"]),
                  _fmt(s["ate"]), ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return rows
+
+
+def table_notes(report: dict) -> list[str]:
+    """What the table leaves out, one line each: the clips' notes (frames not registered) and the reconstruction."""
     notes = [f"{c['name']}: {c['note']}" for c in report["clips"] if c["note"]]
     rec = report.get("reconstruction")
     if rec:
@@ -515,7 +521,16 @@ def table(report: dict) -> str:
         notes.append(f"reconstruction vs {reference}{aligned} at T = {rec['threshold']:.4g}: "
                      f"precision {100 * rec['precision']:.2f}, recall {100 * rec['recall']:.2f}, "
                      f"F1 {100 * rec['f1']:.2f}, AUC {100 * rec['auc']:.2f} (%)")
-    return "\n".join(lines + notes)
+    return notes
+
+
+def table(report: dict) -> str:
+    """The report as a plain-text table and its notes (what the CLI prints and the README shows)."""
+    rows = [TABLE_HEADER] + table_rows(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines + table_notes(report))
 
 
 def up_direction(cameras: Sequence[Cameras]) -> dict:
@@ -576,3 +591,40 @@ def write_evaluation(report: dict, json_path: PathLike, png_path: PathLike) -> t
 
     atomic_write_json(json_path, report)
     return Path(json_path), plot(report, png_path)
+
+
+# ---- the scene's own evaluation ------------------------------------------------------------------------------------
+def write_scene_evaluation(job_dir: PathLike, report: dict) -> tuple[Path, Path]:
+    """Write ``report`` as the scene's evaluation (``SceneFiles.evaluation``, ``evaluation_plot``) and, when the
+    scene has a zip (it was exported), the zip again, so that it holds them. Returns both paths."""
+    from engine.jobfolder import JobFolder
+
+    folder = JobFolder(job_dir)
+    files = folder.scene_files()
+    paths = write_evaluation(report, files.evaluation, files.evaluation_plot)
+    if files.zip.is_file():
+        folder.write_zip()
+    return paths
+
+
+@dataclass
+class SceneEvaluation:
+    """The scene's evaluation as it stands: its ``report`` and the scene's committed clips it does not judge
+    (``unjudged``: added after it, or left out by ``--clips``). Removing a clip it judged removed it
+    (``JobFolder.remove_evaluation_of``), so every clip it names is still the scene's."""
+
+    report: dict
+    unjudged: list[str]
+
+
+def read_scene_evaluation(job_dir: PathLike) -> Optional[SceneEvaluation]:
+    """The evaluation of the scene in ``job_dir`` (``write_scene_evaluation``); None when it has none, or one that
+    cannot be read."""
+    from engine.jobfolder import JobFolder
+
+    folder = JobFolder(job_dir)
+    report = folder.read_evaluation()
+    if report is None:
+        return None
+    judged = {clip["name"] for clip in report["clips"]}
+    return SceneEvaluation(report, [c["name"] for c in folder.read_manifest()["clips"] if c["name"] not in judged])

@@ -16,6 +16,9 @@ Layout (every file written atomically, ``engine.atomicio``; ``manifest.json`` is
                              cameras.json, references.json, frames/NNNN.png (the generated frames, lossless), memory/
     scene.ply, scene.glb, scene_splats.ply                             (after every clip)
     cameras.json, transforms.json + images/, scene.zip                 (``export``)
+    evaluation.json, evaluation.png   the last evaluation of the scene's clips (``engine.evaluate``); it names the
+                                      clips it judged: a clip added later is not in it, and removing a clip it
+                                      judged removes it (``remove_last_clip``)
 
 A clip is written into a temporary folder and renamed into place (``write_clip``), then the new cache file, then
 the manifest (``commit_clip``): a crash at any point leaves the last committed state intact, and reopening the folder
@@ -98,13 +101,16 @@ class SceneFiles:
     cameras: Path  # cameras.json: the input view and every clip's cameras after it (official camera file)
     transforms: Path  # transforms.json + images/: the nerfstudio dataset
     images: Path
-    zip: Path  # scene.zip: everything a person downloads
+    zip: Path  # scene.zip: everything a person downloads (the evaluation too, when there is one)
+    evaluation: Path  # evaluation.json: the last evaluation of the scene's clips (``engine.evaluate``)
+    evaluation_plot: Path  # evaluation.png: its asked vs recovered camera paths
 
     @classmethod
     def under(cls, folder: Path) -> "SceneFiles":
         folder = Path(folder)
         return cls(folder / "scene.ply", folder / "scene.glb", folder / "scene_splats.ply", folder / "cameras.json",
-                   folder / "transforms.json", folder / DATASET_IMAGES, folder / "scene.zip")
+                   folder / "transforms.json", folder / DATASET_IMAGES, folder / "scene.zip",
+                   folder / EVALUATION_JSON, folder / EVALUATION_PNG)
 
     def outputs(self) -> tuple[Path, ...]:
         """The files (not the dataset's images folder)."""
@@ -419,13 +425,37 @@ class JobFolder:
         return previous
 
     def remove_last_clip(self, manifest: dict, previous: dict) -> None:
-        """Go back from ``manifest`` to ``previous`` (``manifest_before_last``): the manifest first (the commit
-        point), then the last clip's folder, cache file and kept manifest."""
+        """Go back from ``manifest`` to ``previous`` (``manifest_before_last``): an evaluation that judged the last
+        clip goes first (``remove_evaluation_of``; stopped after it, the scene just has no evaluation), then the
+        manifest (the commit point), then the last clip's folder, cache file and kept manifest."""
+        self.remove_evaluation_of(manifest["clips"][-1]["name"])
         self.write_manifest(previous)
         shutil.rmtree(self.clip_files(manifest["clips"][-1]["name"]).folder, ignore_errors=True)
         if previous["state"]["cache"] != manifest["state"]["cache"]:
             (self.path / manifest["state"]["cache"]).unlink(missing_ok=True)
         (self.path / snapshot_file(len(manifest["clips"]))).unlink(missing_ok=True)
+
+    # ---- the evaluation -------------------------------------------------------------------------------
+    def read_evaluation(self) -> Optional[dict]:
+        """The scene's evaluation report (``evaluation.json``, as ``engine.evaluate`` writes it); None when there is
+        none, or one that cannot be read (damaged: no better than none)."""
+        try:
+            report = json.loads(self.scene_files().evaluation.read_text(encoding="utf-8"))
+            if all(isinstance(clip["name"], str) for clip in report["clips"]):
+                return report
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+        return None
+
+    def remove_evaluation_of(self, name: str) -> None:
+        """Remove the scene's evaluation (both files) if it judged the clip ``name`` or cannot be read: its figures,
+        means and picture would show a clip the scene no longer has. An evaluation of other clips only stays. A clip's
+        name is only used again after that clip was removed, so a name always means the clip the evaluation judged."""
+        report = self.read_evaluation()
+        if report is None or name in {clip["name"] for clip in report["clips"]}:
+            files = self.scene_files()
+            files.evaluation.unlink(missing_ok=True)
+            files.evaluation_plot.unlink(missing_ok=True)
 
     def remove_scene_outputs(self) -> None:
         """Remove the scene-level files and the dataset images (a scene without clips has none, as after

@@ -1,9 +1,9 @@
 """The demo in a real browser: Debian's chromium driven by Playwright against `python app.py --engine preview`.
 
 The server is started on a free loopback port with a temporary output folder; the tests use the page the way
-a person does (upload, tick trajectories, move the frame slider, press Generate, download, look at the splats;
-a panorama with its start views, planned paths, Continue, Show clip and the confidence slider; an example, Cancel
-and Resume; place camera keyframes in the 3D editor, generate that path, remove the clip again, load a camera
+a person does (upload, tick trajectories, move the frame slider, press Generate, download, Evaluate, look at the
+splats; a panorama with its start views, planned paths, Continue, Show clip and the confidence slider; an example,
+Cancel and Resume; place camera keyframes in the 3D editor, generate that path, remove the clip again, load a camera
 file into the editor). What the page did is checked in the scene folders the server wrote. The file shares one
 server and one browser page (each test starts by loading the page afresh).
 
@@ -13,6 +13,7 @@ palette, so they stay small).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import socket
@@ -180,6 +181,20 @@ def _generate_and_download(page, examples, artifacts, tmp_path):
     shot = artifacts / "demo.png"
     page.screenshot(path=str(shot), full_page=True)
     _update_docs_picture(shot, "screenshot.png", width=1000)
+
+    # Evaluate: the per-clip table (what evaluation.json says, clip by clip) and the camera paths' picture.
+    page.locator("#evaluate").click()
+    table = page.locator("#evaluation-table")
+    table.get_by_text("mean").wait_for(timeout=180_000)
+    page.locator("#evaluation-plot img").wait_for()
+    with page.expect_download() as info:
+        downloads.locator('a[download="evaluation.json"]').click()
+    report = json.loads(Path(info.value.path()).read_text())
+    shown = " ".join(table.inner_text().split())
+    assert "RotErr (deg)" in shown and [c["name"] for c in report["clips"]] == ["00_right", "01_up"]
+    for clip in report["clips"]:
+        assert re.search(rf"{clip['name']} {clip['registered']}/{clip['frames']} ", shown), (clip["name"], shown)
+    page.screenshot(path=str(artifacts / "demo-evaluated.png"), full_page=True)
 
     # The splats: the viewer draws them (not a blank canvas). Last, as the page closes right after: once shown,
     # the splat view keeps software WebGL drawing whichever tab is in front.

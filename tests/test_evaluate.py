@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from engine.evaluate import (
     evaluate_clip,
     evaluate_reconstruction,
     judge_poses,
+    read_scene_evaluation,
     recover_poses,
     similarity,
 )
@@ -282,6 +284,9 @@ def test_cli_writes_the_report_and_the_picture(preview_scene, tmp_path, capsys):
     assert report["up"] == {"axis": 1, "sign": -1.0}  # photo scenes: the input camera's frame, y down
     with Image.open(out / "evaluation.png") as im:
         assert im.format == "PNG" and im.width >= 800 and len(set(im.convert("RGB").getdata())) > 20
+    with zipfile.ZipFile(out / "scene.zip") as zf:  # the exported scene's zip was written again to hold them
+        for name in ("evaluation.json", "evaluation.png"):
+            assert zf.read(name) == (out / name).read_bytes(), name
 
 
 def test_cli_reconstruction_against_a_moved_copy_of_the_scene(preview_scene, tmp_path, capsys):
@@ -316,6 +321,43 @@ def test_cli_noise_frames_are_reported_not_raised(preview_scene, tmp_path, capsy
     assert judged["registered"] == 0 and judged["rot_err_deg"] is None and "no frame registered" in judged["note"]
     assert "0/5" in printed and "no frame registered" in printed
     assert (out / "evaluation.png").is_file()
+
+
+def _zip_names(folder: Path) -> set:
+    with zipfile.ZipFile(folder / "scene.zip") as zf:
+        return set(zf.namelist())
+
+
+def test_revert_keeps_an_evaluation_of_other_clips_and_removes_one_of_the_removed_clip(preview_scene, tmp_path):
+    evaluation = ("evaluation.json", "evaluation.png")
+    # Judged: 00_up only. Removing 01_left leaves it as it was, in the folder and in the zip written again.
+    kept = tmp_path / "kept"
+    shutil.copytree(preview_scene, kept)
+    assert cli_main(["evaluate", str(kept), "--clips", "00_up", "--threads", "1"]) == 0
+    before = {name: (kept / name).read_bytes() for name in evaluation}
+    assert read_scene_evaluation(kept).unjudged == ["01_left"]
+    assert cli_main(["revert", str(kept)]) == 0
+    assert {name: (kept / name).read_bytes() for name in evaluation} == before
+    assert set(evaluation) <= _zip_names(kept)
+    state = read_scene_evaluation(kept)
+    assert [c["name"] for c in state.report["clips"]] == ["00_up"] and state.unjudged == []
+
+    # Judged: both clips. Removing 01_left removes the evaluation, from the folder and the zip.
+    judged = tmp_path / "judged"
+    shutil.copytree(preview_scene, judged)
+    assert cli_main(["evaluate", str(judged), "--threads", "1"]) == 0
+    assert read_scene_evaluation(judged).unjudged == []
+    assert cli_main(["revert", str(judged)]) == 0
+    assert not any((judged / name).exists() for name in evaluation)
+    assert not set(evaluation) & _zip_names(judged) and read_scene_evaluation(judged) is None
+
+    # A damaged evaluation names nothing that can be trusted: it goes too.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(preview_scene, damaged)
+    (damaged / "evaluation.json").write_text('{"clips": [{"na')
+    assert read_scene_evaluation(damaged) is None
+    assert cli_main(["revert", str(damaged)]) == 0
+    assert not (damaged / "evaluation.json").exists()
 
 
 @pytest.mark.parametrize("extra, words", [

@@ -152,9 +152,9 @@ def trajectory_requests(inp: GenerationInputs, official: Optional[Path] = None):
     scene's trajectories (``official``), each with its prompt from ``inp.trajectory_prompts``."""
     from engine.scene import parse_trajectory_prompts, with_trajectory_prompts
 
+    requests = _chosen_requests(inp, official)
     try:
-        prompts = parse_trajectory_prompts((inp.trajectory_prompts or "").splitlines())
-        return with_trajectory_prompts(_chosen_requests(inp, official), prompts)
+        return with_trajectory_prompts(requests, parse_trajectory_prompts((inp.trajectory_prompts or "").splitlines()))
     except user_errors() as e:
         raise gr.Error(str(e)) from None
 
@@ -165,7 +165,10 @@ def _chosen_requests(inp: GenerationInputs, official: Optional[Path]):
     from engine.scene import TrajectoryRequest
 
     if official is not None:
-        return [TrajectoryRequest.official(t) for t in read_official_scene(official).trajectories]
+        try:
+            return [TrajectoryRequest.official(t) for t in read_official_scene(official).trajectories]
+        except user_errors() as e:
+            raise gr.Error(str(e)) from None
     frames = int(inp.frames) if inp.frames else None
     out = []
     for preset in inp.trajectories or ():

@@ -164,6 +164,48 @@ def resume_forgets_the_clips_memory(mp):
     mp.setattr(jobfolder.JobFolder, "load_state", load_state)
 
 
+# ---- the memory from the second clip on (the release's rule, official scenes) ------------------------------------
+@mutant("test_official_scene.py::test_corridor_runs_as_the_release_runs_it",
+        "test_retrieval_release.py::test_ref_index_is_the_first_target_that_took_each_frame")
+def ref_index_by_last_pick(mp):
+    """A reference is placed at the last target that took it instead of the first (the release's ref_index)."""
+    from engine.geometry import retrieval
+
+    def last_picks(scores):
+        picks = [int(j) for j in scores.argmax(dim=1).tolist()]
+        last = {}
+        for row, j in enumerate(picks):
+            last[j] = row
+        first = list(dict.fromkeys(picks))
+        return picks, first, [last[j] for j in first]
+
+    mp.setattr(retrieval, "_argmax_picks", last_picks)
+
+
+@mutant("test_official_scene.py::test_an_official_scene_resumes_and_reverts_as_any_scene")
+def resume_forgets_the_bank_labels(mp):
+    """A reopened memory bank names its frames by the clip that added them, losing the labels the shortcut rules read."""
+    from engine.geometry.memory import MemoryBank
+
+    real = MemoryBank.load.__func__
+
+    def load(cls, folder):
+        bank = real(cls, folder)
+        bank.labels = list(bank.sources)
+        return bank
+
+    mp.setattr(MemoryBank, "load", classmethod(load))
+
+
+@mutant("test_official_scene.py::test_each_trajectory_is_generated_with_its_own_prompt",
+        "test_official_scene.py::test_corridor_runs_as_the_release_runs_it")
+def trajectory_prompts_ignored(mp):
+    """Every trajectory is generated with the scene's prompt, not its own (an official trajectory's caption)."""
+    from engine.scene import Scene
+
+    mp.setattr(Scene, "clip_prompt", lambda self, request: self.settings.prompt)
+
+
 # ---- running them --------------------------------------------------------------------------------------------------
 def plant(name: str, mp) -> None:
     """Plant mutant ``name`` with the MonkeyPatch ``mp`` (called by tests/conftest.py when WORLDSTEREO_MUTANT is

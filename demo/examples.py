@@ -2,7 +2,9 @@
 
 Photos are used as they are. The panorama example is an equirectangular image the app makes itself by
 stitching the official 27-view bank (``engine.geometry.panorama.perspective_to_equirect``); it is made on
-first use and kept in the app's output folder.
+first use and kept in the app's output folder. A panorama example folder that holds official trajectories
+(``view*/traj*/camera.json``) can also run as the release runs it (``Example.scene``:
+``engine.scene.Scene.create_official``).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class Example:
     image: Optional[Path] = None  # the input photo; None for a panorama made on demand
     bank: Optional[Path] = None  # the pano_bank folder a panorama is stitched from
     camera_json: Optional[Path] = None
+    scene: Optional[Path] = None  # an official scene folder (pano_bank + trajectories) the example can run as is
 
 
 def default_examples_dir() -> Path:
@@ -59,8 +62,9 @@ def find_examples(examples_dir: Optional[Path]) -> list[Example]:
         bank = folder / "pano_bank"
         first = bank / "images" / "0000.png"
         if (bank / "cameras.json").is_file() and first.is_file():
+            official = folder if any(folder.glob("*/traj*/camera.json")) else None
             found.append(Example(folder.name, f"360° panorama: {folder.name.replace('-', ' ')}", first, True,
-                                 "", bank=bank))
+                                 "", bank=bank, scene=official))
     return found
 
 

@@ -52,6 +52,8 @@ class GenerationInputs:
     engine: Optional[str] = None
     quality: str = FAST
     offload: str = OFFLOAD_CHOICES[0]  # GPU memory (engine.offload) of a new scene
+    official: str = ""  # an example's name: run its official scene as the release does (``official_scene``)
+    trajectory_prompts: str = ""  # one ``NAME=TEXT`` per line: a trajectory's own prompt (engine.scene)
 
 
 # ---- engines and the banner ---------------------------------------------------------------------------
@@ -116,11 +118,57 @@ def pick_example(ctx: AppContext, index: int) -> tuple[str, bool, str, Optional[
     return str(example_input(ex, ctx.output_dir)), ex.panorama, ex.prompt, None
 
 
-def trajectory_requests(inp: GenerationInputs):
-    """The engine's ``TrajectoryRequest`` list for the chosen presets, amounts, frames and camera file."""
+OFFICIAL_CHOICE = "As the release runs it: the example's official trajectories, each with its own caption"
+OWN_CHOICE = "The camera paths chosen here"
+
+
+def example_run_choices(ctx: AppContext, index: int) -> tuple[list[tuple[str, str]], bool]:
+    """How the ``index``-th example can run: ``([(label, value)], offered)``; an example holding an official scene
+    offers the release's run (value: the example's name, ``official_scene``) beside the paths chosen on the page."""
+    ex: Example = ctx.examples[int(index)]
+    if ex.scene is None:
+        return [(OWN_CHOICE, "")], False
+    return [(OWN_CHOICE, ""), (OFFICIAL_CHOICE, ex.name)], True
+
+
+def all_run_choices(ctx: AppContext) -> list[tuple[str, str]]:
+    """Every way an example may run (``example_run_choices`` shows one example's), so the page accepts each."""
+    return [(OWN_CHOICE, "")] + [(f"{OFFICIAL_CHOICE} ({ex.name})", ex.name) for ex in ctx.examples if ex.scene]
+
+
+def official_scene(ctx: AppContext, inp: GenerationInputs) -> Optional[Path]:
+    """The official scene folder the run is asked to run as the release does (an example's, by its name), or
+    None."""
+    if not inp.official:
+        return None
+    for ex in ctx.examples:
+        if ex.name == inp.official and ex.scene is not None:
+            return ex.scene
+    raise gr.Error("That example cannot run as the release does here; choose it again from the examples.")
+
+
+def trajectory_requests(inp: GenerationInputs, official: Optional[Path] = None):
+    """The engine's ``TrajectoryRequest`` list for the chosen presets, amounts, frames and camera file, or the official
+    scene's trajectories (``official``), each with its prompt from ``inp.trajectory_prompts``."""
+    from engine.scene import parse_trajectory_prompts, with_trajectory_prompts
+
+    requests = _chosen_requests(inp, official)
+    try:
+        return with_trajectory_prompts(requests, parse_trajectory_prompts((inp.trajectory_prompts or "").splitlines()))
+    except user_errors() as e:
+        raise gr.Error(str(e)) from None
+
+
+def _chosen_requests(inp: GenerationInputs, official: Optional[Path]):
     from engine.geometry.cameras import Cameras
+    from engine.official_scene import read_official_scene
     from engine.scene import TrajectoryRequest
 
+    if official is not None:
+        try:
+            return [TrajectoryRequest.official(t) for t in read_official_scene(official).trajectories]
+        except user_errors() as e:
+            raise gr.Error(str(e)) from None
     frames = int(inp.frames) if inp.frames else None
     out = []
     for preset in inp.trajectories or ():
@@ -150,9 +198,9 @@ def _file_sha(path: Optional[str]) -> str:
 
 
 def scene_key(inp: GenerationInputs, engine: str) -> str:
-    """What fixes a scene's start (input, panorama, start camera, engine, seed, prompt)."""
+    """What fixes a scene's start (input, panorama, start camera, engine, seed, prompt, an official scene run)."""
     parts = [_file_sha(inp.image), str(bool(inp.panorama)), _file_sha(inp.camera_json), engine, str(int(inp.seed or 0)),
-             (inp.prompt or "").strip()]
+             (inp.prompt or "").strip(), inp.official or ""]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
@@ -182,10 +230,14 @@ def open_or_create(ctx: AppContext, state: dict, inp: GenerationInputs, engine: 
     settings = SceneSettings(engine=engine, seed=int(inp.seed or 0), prompt=(inp.prompt or "").strip() or None,
                              frames=int(inp.frames or KEYFRAMES), device=ctx.device, weights=ctx.weights,
                              offload=offload)
+    official = official_scene(ctx, inp)
     with ctx.runs.busy(job_id):  # a folder being made is not cleaned up meanwhile
         jobs.cleanup_old_jobs(ctx.output_dir, ctx.max_age_s, keep=ctx.runs.busy_now())
-        scene = Scene.create(scene_dir, inp.image, panorama=bool(inp.panorama), settings=settings,
-                             camera_json=inp.camera_json or None, progress=report, announce=announce)
+        if official is not None:
+            scene = Scene.create_official(scene_dir, official, settings=settings, progress=report, announce=announce)
+        else:
+            scene = Scene.create(scene_dir, inp.image, panorama=bool(inp.panorama), settings=settings,
+                                 camera_json=inp.camera_json or None, progress=report, announce=announce)
     return {"job": job_id, "key": key}, scene
 
 
@@ -212,7 +264,7 @@ def plan_paths(ctx: AppContext, state: dict, inp: GenerationInputs,
     progress = progress or (lambda *a, **k: None)
     announce = Announcements()
     engine = choose_engine(inp.engine, inp.quality, ctx, warn=announce)
-    requests = trajectory_requests(inp)
+    requests = trajectory_requests(inp, official_scene(ctx, inp))
     try:
         state, scene = open_or_create(ctx, state, inp, engine, lambda f, m: progress(f, desc=m), announce,
                                       fresh=False)
@@ -244,7 +296,7 @@ def _generate(ctx: AppContext, state: dict, inp: GenerationInputs, flag, continu
     progress = progress or (lambda *a, **k: None)
     announce = Announcements()
     warnings = Announcements()
-    requests = list(requests) if requests is not None else trajectory_requests(inp)
+    requests = list(requests) if requests is not None else trajectory_requests(inp, official_scene(ctx, inp))
     if continue_scene:
         if not (state or {}).get("job"):
             raise gr.Error("There is no scene to continue yet; press Generate first.")

@@ -51,6 +51,9 @@ def build_demo(ctx: context.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                     gallery = gr.Gallery(value=[(str(e.thumbnail), e.label) for e in ctx.examples], label="Examples",
                                          columns=len(ctx.examples), height=140, allow_preview=False,
                                          elem_id="examples")
+                # Offered by an example that holds an official scene (demo.generation.example_run_choices).
+                run_as = gr.Radio(generation.all_run_choices(ctx), value="", visible=False, label="Run this example",
+                                  elem_id="run-as")
                 presets = gr.CheckboxGroup(list(traj.PRESETS), value=DEFAULT_TRAJECTORIES, label="Camera paths",
                                            elem_id="trajectories")
                 views = gr.CheckboxGroup(list(generation.PANORAMA_VIEWS), value=["view0"], visible=False,
@@ -66,6 +69,8 @@ def build_demo(ctx: context.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                     plan_btn = gr.Button("Show planned paths", elem_id="plan")
                     gr.Markdown(_trajectory_help())
                 prompt = gr.Textbox(label="Prompt (optional)", lines=1, elem_id="prompt")
+                traj_prompts = gr.Textbox(label="Prompt per trajectory (optional): one NAME=TEXT per line, e.g. "
+                                          "left=a corridor seen from the left", lines=2, elem_id="trajectory-prompts")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, elem_id="seed")
                     engine = gr.Dropdown(generation.engine_choices(ctx.weights), value=ctx.default_engine,
@@ -136,17 +141,19 @@ def build_demo(ctx: context.AppContext, max_concurrent: int = 1) -> gr.Blocks:
                 downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
 
         inputs = [state, image, panorama, presets, views, angle, distance, frames, camera_json, prompt, seed, engine,
-                  quality, offload]
+                  quality, offload, run_as, traj_prompts]
         by_key = {"state": state, "status": status, "banner": banner, "model3d": model3d, "splats": splats,
                   "clip_video": clip_video, "render_video": render_video, "mask_video": mask_video,
                   "depth_video": depth_video, "clip_choice": clip_choice, "downloads": downloads}
         outputs = [by_key[k] for k in generation.OUTPUT_KEYS]
 
-        def gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off) -> tuple[dict, GenerationInputs]:
+        def gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, ra,
+                   tp) -> tuple[dict, GenerationInputs]:
             return st or {}, GenerationInputs(image=img, panorama=bool(pano), trajectories=pre or [], views=vw or [],
                                               angle=ang or 0, distance=dist or 0, frames=int(fr or KEYFRAMES),
                                               camera_json=cj, prompt=pr or "", seed=int(sd or 0), engine=eng,
-                                              quality=q or generation.FAST, offload=off or OFFLOAD_CHOICES[0])
+                                              quality=q or generation.FAST, offload=off or OFFLOAD_CHOICES[0],
+                                              official=ra or "", trajectory_prompts=tp or "")
 
         def as_tuple(update: dict) -> tuple:
             return tuple(update.get(k, gr.skip()) for k in generation.OUTPUT_KEYS)
@@ -157,9 +164,9 @@ def build_demo(ctx: context.AppContext, max_concurrent: int = 1) -> gr.Blocks:
         def run(continue_scene: bool):
             # Explicit parameters: gradio injects Request / Progress by signature, which *args would hide.
             @context.logged
-            def handler(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, request: gr.Request,
+            def handler(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, ra, tp, request: gr.Request,
                         progress=gr.Progress()):
-                st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off)
+                st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, ra, tp)
                 for update in generation.generate(ctx, st, inp, session=session_of(request),
                                                   continue_scene=continue_scene, progress=progress):
                     yield as_tuple(update)
@@ -174,8 +181,8 @@ def build_demo(ctx: context.AppContext, max_concurrent: int = 1) -> gr.Blocks:
             return gr.update(visible=bool(pano))
 
         @context.logged
-        def on_plan(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, progress=gr.Progress()):
-            st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off)
+        def on_plan(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, ra, tp, progress=gr.Progress()):
+            st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, ra, tp)
             st, glb, legend = generation.plan_paths(ctx, st, inp, progress=progress)
             return st, glb, legend
 
@@ -192,9 +199,9 @@ def build_demo(ctx: context.AppContext, max_concurrent: int = 1) -> gr.Blocks:
             return show_clip(ctx, st, name)
 
         @context.logged
-        def on_editor(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, request: gr.Request,
+        def on_editor(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, ra, tp, request: gr.Request,
                       progress=gr.Progress()):
-            st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off)
+            st, inp = gather(st, img, pano, pre, vw, ang, dist, fr, cj, pr, sd, eng, q, off, ra, tp)
             return editing.open_editor(ctx, st, inp, session=session_of(request), progress=progress)
 
         @context.logged
@@ -247,9 +254,13 @@ def build_demo(ctx: context.AppContext, max_concurrent: int = 1) -> gr.Blocks:
             @context.logged
             def on_example(evt: gr.SelectData):
                 path, pano, text, cam = generation.pick_example(ctx, evt.index)
-                return path, pano, text
+                choices, offered = generation.example_run_choices(ctx, evt.index)
+                return path, pano, text, gr.update(choices=choices, value="", visible=offered)
 
-            gallery.select(on_example, None, [image, panorama, prompt], concurrency_limit=None)
+            gallery.select(on_example, None, [image, panorama, prompt, run_as], concurrency_limit=None)
+        # A file of one's own runs the paths chosen here, never an example's official scene.
+        image.upload(lambda: gr.update(choices=[(generation.OWN_CHOICE, "")], value="", visible=False), None, [run_as],
+                     concurrency_limit=None)
         # Explicit api_names: the endpoints scripts (gradio_client) and the server tests call by name.
         plan_btn.click(on_plan, inputs, [state, model3d, status], concurrency_id=ENGINE_QUEUE,
                        concurrency_limit=max_concurrent, api_name="plan")

@@ -56,20 +56,29 @@ def cmd_generate(args) -> int:
     from engine import conditioning
     from engine.geometry import trajectories as traj
     from engine.geometry.cameras import Cameras
-    from engine.jobfolder import CLIPS, JobFolder
-    from engine.scene import Scene, TrajectoryRequest
+    from engine.jobfolder import CLIPS, JobFolder, check_same_input
+    from engine.official_scene import is_official_scene, read_official_scene
+    from engine.scene import (Scene, TrajectoryRequest, check_trajectory_prompts, default_trajectory_names,
+                              parse_trajectory_prompts, with_trajectory_prompts)
     from engine.settings import SceneError, SceneSettings, check_frames
 
-    if bool(args.image) == bool(args.panorama):
-        raise SceneError("Give exactly one input: --image PATH or --panorama PATH.")
-    if args.render_dir and args.panorama:
-        raise SceneError("--render-dir goes with --image (the trajectory's start frame), not with --panorama.")
+    official, render_arg = args.official_scene, args.render_dir
+    if render_arg and is_official_scene(render_arg):  # a scene root: run it as the release runs it
+        if official and Path(official).resolve() != Path(render_arg).resolve():
+            raise SceneError("--render-dir names another official scene than --official-scene; give one of them.")
+        official, render_arg = render_arg, None
+    if sum(bool(x) for x in (args.image, args.panorama, official)) != 1:
+        raise SceneError("Give exactly one input: --image PATH, --panorama PATH or --official-scene DIR.")
+    if render_arg and not args.image:
+        raise SceneError("--render-dir goes with --image (the trajectory's start frame), or names an official scene "
+                         "folder (with pano_bank/).")
     names = [t.strip() for t in args.trajectories.split(",") if t.strip()] if args.trajectories else None
     for name in names or []:
         preset = name.split(":", 1)[-1]
         if preset not in traj.PRESETS:
             raise SceneError(f"Unknown trajectory '{preset}'; choose from: {', '.join(traj.PRESETS)}.")
-    render_dir = conditioning.check_render_dir(args.render_dir) if args.render_dir else None
+    prompts = parse_trajectory_prompts(args.trajectory_prompt or [])
+    render_dir = conditioning.check_render_dir(render_arg) if render_arg else None
     camera_files = [(Path(args.camera_json).stem, Path(args.camera_json), None)] if args.camera_json else []
     if render_dir is not None:  # the official example's trajectory is the first clip
         camera_files.insert(0, (render_dir.name, render_dir / "camera.json", render_dir))
@@ -78,10 +87,14 @@ def cmd_generate(args) -> int:
     engine = resolve_engine(args.engine, Path(args.weights) if args.weights else None, announce=print,
                             device=args.device)
     out = Path(args.out)
+    kind = "official" if official else "panorama" if args.panorama else "photo"
+    source = official or args.image or args.panorama
+    if prompts and not JobFolder(out).holds_scene():  # a prompt for no trajectory of the run: refused before starting
+        planned = ([t.label for t in read_official_scene(official).trajectories] if official else [])
+        planned += [label for label, _, _ in camera_files] + (names or [])
+        check_trajectory_prompts(prompts, planned or default_trajectory_names(kind))
     if JobFolder(out).holds_scene():
-        from engine.jobfolder import check_same_input
-
-        check_same_input(out, args.image or args.panorama, panorama=bool(args.panorama))
+        check_same_input(out, source, kind)
         scene = Scene.open(out, settings_override={"backend": args.backend, "graphs": args.graphs})
         print(f"Resuming the scene in {out} ({len(scene.clips)} clip(s) already done).")
     else:
@@ -94,19 +107,26 @@ def cmd_generate(args) -> int:
                                  steps=args.steps, backend=args.backend, graphs=args.graphs, offload=args.offload)
         bar = _Bar("preparing")
         try:
-            scene = Scene.create(out, args.image or args.panorama, panorama=bool(args.panorama), settings=settings,
-                                 camera_json=camera_files[0][1] if camera_files else None, progress=bar)
+            if official:
+                scene = Scene.create_official(out, official, settings=settings, progress=bar)
+            else:
+                scene = Scene.create(out, source, panorama=bool(args.panorama), settings=settings,
+                                     camera_json=camera_files[0][1] if camera_files else None, progress=bar)
         finally:
             bar.close()
     files = {path: TrajectoryRequest(name=label, cameras=scene.read_camera_file(path),
                                      render_dir=str(folder) if folder is not None else None)
              for label, path, folder in camera_files}
-    # The pre-rendered trajectory is the first clip (its renders are of the start frame alone), a camera file last.
-    requests = [r for r in files.values() if r.render_dir] + (names or []) + [r for r in files.values() if not r.render_dir]
+    # An official scene's trajectories come first (as the release runs them), then the pre-rendered trajectory (its
+    # renders are of the start frame alone), the presets, a camera file last.
+    requests = (scene.official_requests() + [r for r in files.values() if r.render_dir]
+                + [TrajectoryRequest.parse(n) for n in names or []] + [r for r in files.values() if not r.render_dir])
+    requests = with_trajectory_prompts(
+        requests or [TrajectoryRequest.parse(t) for t in scene.default_trajectories()], prompts)
     bar = _Bar("generating")
     t0 = time.perf_counter()
     try:
-        scene.run(requests or None, progress=bar)
+        scene.run(requests, progress=bar)
     finally:
         bar.close()
     print(f"Done in {time.perf_counter() - t0:.1f} s with the '{scene.settings.engine}' engine. Written to {out}:")
@@ -123,8 +143,22 @@ def _listing(folder: Path, skip: Sequence[str] = ()) -> str:
 
 
 def cmd_conditions(args) -> int:
-    from engine.render_cli import write_conditions
+    from engine.render_cli import RenderInputError, write_conditions, write_scene_conditions
 
+    if bool(args.image) == bool(args.scene):
+        raise RenderInputError("Give exactly one of --image PHOTO (its first clip) or --scene OUT (a scene's next "
+                               "clip).")
+    if args.scene:
+        if args.render_dir or args.depth:
+            raise RenderInputError("--render-dir and --depth go with --image; a scene's next clip uses the scene's "
+                                   "own renders and depth.")
+        cond, found = write_scene_conditions(args.scene, args.out, trajectory=args.trajectory,
+                                             camera_json=args.camera_json, engine=args.engine, weights=args.weights,
+                                             stride=args.stride)
+        keys = ", ".join(f"{k} {list(v.shape)}" for k, v in cond.tensors().items())
+        ids = f", ref_ids {found.references}" if cond.ref_index is not None else ""
+        print(f"Wrote {args.out}: {keys}{ids}")
+        return 0
     cond = write_conditions(args.image, args.out, camera_json=args.camera_json, trajectory=args.trajectory,
                             render_dir=args.render_dir, engine=args.engine, weights=args.weights, stride=args.stride,
                             depth=args.depth, announce=print)
@@ -204,10 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trajectories", help="comma-separated presets, e.g. up,left,right,orbit (panorama: view0:forward,…)")
     g.add_argument("--camera-json", help="an official camera.json trajectory to generate as well")
     g.add_argument("--render-dir", help="an official pre-rendered trajectory folder (camera.json, render.mp4, "
-                   "render_mask.mp4): the first clip, conditioned on its renders")
+                   "render_mask.mp4): the first clip, conditioned on its renders; given an official scene folder "
+                   "(with pano_bank/), the same as --official-scene")
+    g.add_argument("--official-scene", help="an official scene folder (pano_bank/ + view*/traj*/): run as the release "
+                   "runs it (its bank, its trajectories in the release's order, each with its own caption)")
+    g.add_argument("--trajectory-prompt", action="append", metavar="NAME=TEXT",
+                   help="the prompt of one trajectory of this run (repeatable; NAME as the run names it: left, "
+                   "view0:forward, view0/traj1, a camera file's name); others use --prompt or their own caption")
     g.add_argument("--engine", choices=list(ENGINES), help="default: worldstereo-memory-dmd on a GPU with weights, else preview")
     g.add_argument("--weights", help="local folder with the checkpoints (else the Hugging Face cache)")
-    g.add_argument("--prompt", help="text prompt (default: the example's traj_caption.json or prompt.json caption)")
+    g.add_argument("--prompt", help="the scene's text prompt (default: the example's traj_caption.json or "
+                   "prompt.json caption; an official scene's trajectories keep their own captions)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--frames", type=int, help=f"keyframes per clip (default {KEYFRAMES})")
     g.add_argument("--depth", help="depth model folder/repo, or a depth map (.npy metres / 16-bit PNG) for the input")
@@ -235,10 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-side", type=int, default=768, help="longest image side of the renders")
     r.set_defaults(func=cmd_render)
 
-    c = sub.add_parser("conditions", help="write a photo's first-clip model conditioning (safetensors, no weights needed)")
-    c.add_argument("--image", required=True, help="input photo")
+    c = sub.add_parser("conditions", help="write a photo's first-clip model conditioning, or a scene's next clip's "
+                       "(safetensors, no weights needed)")
+    c.add_argument("--image", help="input photo (its first clip)")
+    c.add_argument("--scene", help="a scene's job folder (generate --out): its next clip, with the references' "
+                   "memory-bank indices (ref_ids)")
     c.add_argument("--camera-json", help="an official camera.json trajectory")
-    c.add_argument("--trajectory", help="a preset trajectory name instead of a camera file")
+    c.add_argument("--trajectory", help="a preset trajectory name instead of a camera file (with --scene also "
+                   "view<k>:preset, an official scene's view0/traj1, or an unfinished trajectory of the last run)")
     c.add_argument("--render-dir", help="an official pre-rendered trajectory folder instead of rendering the cache")
     c.add_argument("--engine", choices=list(ENGINES), default="worldstereo-memory-dmd",
                    help="whose conditioning (size, keyframes, memory inputs); default worldstereo-memory-dmd")

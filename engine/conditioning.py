@@ -384,16 +384,18 @@ class ClipConditions:
             out["ref_index"] = self.ref_index.long()
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
-    def save(self, path: PathLike) -> Path:
-        """Write ``tensors()`` to a safetensors file (atomically; metadata: the full height and width, the stride)."""
+    def save(self, path: PathLike, extra: Optional[dict] = None) -> Path:
+        """Write ``tensors()`` and the ``extra`` named tensors to a safetensors file (atomically; metadata: the full
+        height and width, the stride)."""
         from safetensors.torch import save_file
 
         from engine.atomicio import atomic_path
 
         path = Path(path)
         meta = {"height": str(self.size[0]), "width": str(self.size[1]), "stride": str(self.stride)}
+        tensors = {**self.tensors(), **{k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()}}
         with atomic_path(path, suffix=".safetensors") as tmp:
-            save_file(self.tensors(), str(tmp), metadata=meta)
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
 

@@ -172,6 +172,9 @@ class DepthEstimator:
 
     source: str = ""
     fallback = False  # True for the stand-ins used when no depth model is available (module notes)
+    # Whether a scene's depth door (``DepthSource``) gives the estimator the camera's field of view: the stand-ins
+    # draw their surface through it; a depth model estimates its own.
+    takes_camera_fov = True
 
     def estimate(self, image: torch.Tensor, fov_x: Optional[float] = None) -> DepthEstimate:  # pragma: no cover
         raise NotImplementedError
@@ -211,7 +214,14 @@ def resolve_moge_checkpoint(repo_or_dir: PathLike, local_files_only: Optional[bo
 
 
 class MoGeEstimator(DepthEstimator):
-    """MoGe (v2, or v1) wrapped to return ``DepthEstimate`` in pixel intrinsics."""
+    """MoGe (v2, or v1) wrapped to return ``DepthEstimate`` in pixel intrinsics.
+
+    A scene lets MoGe estimate its own field of view, as the release calls it (``infer`` with defaults; release:
+    src/data_utils.py ``load_single_view_data``), and places its z-depth along the rays of the scene's camera
+    (``DepthSource``): ``estimate(image, fov_x)`` forces a field of view only when asked directly.
+    """
+
+    takes_camera_fov = False
 
     def __init__(self, model: torch.nn.Module, version: str = "v2", resolution_level: int = 9, batch_size: int = 4):
         self.model = model.eval()
@@ -406,8 +416,11 @@ class UserDepth(DepthEstimator):
 class DepthSource:
     """``(image [3,H,W], camera or None) -> (depth [H,W], valid [H,W], K [3,3])``: a scene's one depth door.
 
-    Wraps an estimator (MoGe-2 or an announced fallback), asking it for the camera's field of view. ``K`` is the
-    estimator's own intrinsics guess, used only for the input photo when no camera file gives them.
+    Wraps an estimator (MoGe-2 or an announced fallback). MoGe estimates the image's field of view itself and its
+    z-depth is unprojected with the camera's K by the caller, as the release does; the stand-ins (plane, sphere, a
+    person's map) are given the camera's field of view (``DepthEstimator.takes_camera_fov``), so the sphere stays
+    a sphere seen through that camera. ``K`` is the estimator's own intrinsics, used only for the input photo when
+    no camera file gives them.
     """
 
     def __init__(self, estimator: DepthEstimator, note: str):
@@ -416,7 +429,7 @@ class DepthSource:
 
     def __call__(self, image: torch.Tensor, camera: Optional[Cameras] = None):
         fov_x = None
-        if camera is not None:
+        if camera is not None and self.estimator.takes_camera_fov:
             fov_x = math.degrees(2 * math.atan(camera.width / (2 * float(camera.K[0, 0, 0]))))
         est = self.estimator.estimate(image, fov_x=fov_x)
         return est.depth.float(), est.mask.bool(), est.intrinsics.double()

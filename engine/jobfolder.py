@@ -205,13 +205,17 @@ def package_versions(packages=VERSIONED_PACKAGES) -> dict:
 
 
 def new_manifest(*, kind: str, input_path: Path, settings: SceneSettings, engine_note: str, size, input_size,
-                 median_depth: float, start_views: list, depth_note: str) -> dict:
-    """The manifest of a scene with no clip yet (its schema: every key a reopened scene reads)."""
+                 median_depth: float, start_views: list, depth_note: str, input_sha256: Optional[str] = None) -> dict:
+    """The manifest of a scene with no clip yet (its schema: every key a reopened scene reads). ``kind``: "photo",
+    "panorama" or "official" (``input_path`` is then the official scene folder, ``input_sha256`` its digest, and the
+    manifest keeps its path: its trajectories are the scene's default run)."""
     versions = package_versions()
     return {
         "format": FORMAT_VERSION,
         "kind": kind,
-        "input": {"name": input_path.name, "sha256": file_sha256(input_path)},
+        "input": {"name": input_path.name,
+                  "sha256": file_sha256(input_path) if input_sha256 is None else input_sha256},
+        "official_scene": str(Path(input_path).resolve()) if kind == "official" else None,
         "engine": settings.engine,
         "engine_note": engine_note,
         "settings": asdict(settings),
@@ -228,15 +232,21 @@ def new_manifest(*, kind: str, input_path: Path, settings: SceneSettings, engine
     }
 
 
-def check_same_input(job_dir: PathLike, image: PathLike, panorama: bool) -> None:
-    """Refuse to continue the scene in ``job_dir`` from an input other than the one it was made from."""
+def check_same_input(job_dir: PathLike, image: PathLike, kind: str) -> None:
+    """Refuse to continue the scene in ``job_dir`` from an input other than the one it was made from: an image
+    (``kind`` "photo" or "panorama") or an official scene folder ("official", compared by its digest)."""
     folder, image = JobFolder(job_dir), Path(image)
     manifest = folder.read_manifest()
-    if not image.is_file():
+    if kind == "official":
+        from engine.official_scene import read_official_scene
+
+        digest = read_official_scene(image).digest()
+    elif image.is_file():
+        digest = file_sha256(image)
+    else:
         raise SceneError(f"Input {image.name} does not exist or is not a file.")
     recorded = manifest.get("input", {})
-    kind = "panorama" if panorama else "photo"
-    if recorded.get("sha256") != file_sha256(image) or manifest.get("kind") != kind:
+    if recorded.get("sha256") != digest or manifest.get("kind") != kind:
         raise SceneError(f"{folder.path} holds a scene made from another input ({recorded.get('name', 'unknown')}, "
                          f"a {manifest.get('kind', 'photo')}); choose another --out, or give that input to continue it.")
 
@@ -308,8 +318,7 @@ class JobFolder:
         cache = PointCache.load_ply(self.path / manifest["state"]["cache"])
         bank = MemoryBank.load(self.path / BANK_START)
         for clip in manifest["clips"]:
-            part = MemoryBank.load(self.clip_files(clip["name"]).memory)
-            bank.add(part.images, part.cameras, part.depths, frame_ids=part.frame_ids, source=clip["name"])
+            bank.extend(MemoryBank.load(self.clip_files(clip["name"]).memory))
         return image, start, cache, bank
 
     # ---- writing and committing a clip ------------------------------------------------------------------

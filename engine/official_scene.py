@@ -22,6 +22,7 @@ trajectory when its folder holds ``render.mp4`` (it reads its renders from the f
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from typing import Optional, Sequence, Union
 import torch
 from PIL import Image
 
+from engine.atomicio import file_sha256
+from engine.conditioning import RENDER_FILES
 from engine.geometry.cameras import CameraFormatError, Cameras, load_camera_bank
 from engine.geometry.retrieval import shortcut_bonus
 from engine.images import load_image
@@ -65,6 +68,11 @@ class OfficialTrajectory:
         """``"<view>/<traj>"``: how the bank names the frames this trajectory adds (``shortcut_bonus``)."""
         return f"{self.view}/{self.traj}"
 
+    @property
+    def rendered(self) -> bool:
+        """Whether the folder holds the release's pre-rendered GGM inputs (``engine.conditioning.RENDER_FILES``)."""
+        return all((self.folder / name).is_file() for name in RENDER_FILES)
+
     def bonus(self, bank_labels: Sequence[str], n_targets: int) -> dict[int, set[int]]:
         """The release's shortcut bonus of this trajectory (``engine.geometry.retrieval.shortcut_bonus``)."""
         return shortcut_bonus(self.view, self.traj, bank_labels, n_targets)
@@ -92,6 +100,16 @@ class OfficialScene:
     def bank_images(self) -> torch.Tensor:
         """The bank's views ``[N,3,H,W]`` float in [0,1]."""
         return torch.stack([load_image(p) for p in self.bank_files])
+
+    def digest(self) -> str:
+        """A sha256 of what the scene starts from and runs (the bank's cameras and views, every trajectory's camera
+        file): a job folder made from this scene is continued only with the same."""
+        files = [self.root / BANK_DIR / "cameras.json", *self.bank_files, *(t.folder / CAMERA_FILE for t in
+                                                                         self.trajectories)]
+        h = hashlib.sha256()
+        for path in files:
+            h.update(f"{path.relative_to(self.root).as_posix()}:{file_sha256(path)}\n".encode())
+        return h.hexdigest()
 
 
 def is_official_scene(root: PathLike) -> bool:

@@ -6,7 +6,9 @@ a job folder (its current cache is rendered) or an example-style folder holding 
 ``start_frame.png``, any real format) and optionally its official ``camera.json``.
 
 ``conditions``: the conditioning of a photo's first clip exactly as the transformer would receive it, before any
-VAE encoding (``engine.conditioning.ClipConditions``), at the engine's real size, written as safetensors.
+VAE encoding (``engine.conditioning.ClipConditions``), at the engine's real size, written as safetensors; or, given a
+job folder (``write_scene_conditions``), the conditioning of that scene's next clip along a trajectory, with the
+memory-bank indices of its references (``ref_ids``) beside ``ref_index`` and ``camera_qt_ref``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from engine import conditioning, outputs
 from engine.constants import KEYFRAMES
 from engine.geometry import trajectories as traj
 from engine.geometry.cameras import Cameras
-from engine.geometry.retrieval import input_view_references
+from engine.geometry.memory import MemoryBank
+from engine.geometry.retrieval import References, retrieve
 from engine.jobfolder import JobFolder
 
 IMAGE_NAMES = ("image.png", "image.jpg", "image.jpeg", "image.webp", "start_frame.png")
@@ -67,6 +70,14 @@ def photo_first_clip(image: torch.Tensor, camera_file: Optional[Path], preset: O
     else:
         cams = traj.make_trajectory(preset, start.start_camera, start.median_depth, frames=frames)
     return start, cams
+
+
+def single_view_references(image: torch.Tensor, cameras: Cameras) -> References:
+    """A photo's first clip: a bank holding the photo (``image [3,H,W]``) alone at the clip's start camera, so the
+    retrieval rule gives it as the one reference at target 0 (``engine.geometry.retrieval`` module doc)."""
+    bank = MemoryBank()
+    bank.add(image[None], cameras[0:1], torch.zeros(1, *image.shape[-2:]), source="input")
+    return retrieve(bank, cameras)[1]
 
 
 def render_scene(scene: str, out: str, trajectory: Optional[str] = None, depth: Optional[str] = None,
@@ -144,16 +155,85 @@ def write_conditions(image_path: str, out: str, camera_json: Optional[str] = Non
         bucket_image = conditioning.pil_to_tensor(conditioning.stretch_to_bucket(image, size))
         cams = conditioning.official_cameras(Cameras.from_json(folder / "camera.json", w0, h0), (h0, w0), size,
                                              nframe)
-        refs = input_view_references(bucket_image, cams) if memory else None
+        refs = single_view_references(bucket_image, cams) if memory else None
         cond = conditioning.conditions_from_render_dir(folder, bucket_image, cams, nframe, refs, memory=memory,
                                                        stride=stride)
     else:
         start, cams = photo_first_clip(image, Path(camera_json) if camera_json else None, trajectory, size, nframe,
                                       depth, announce)
         render = start.cache.render(cams, radius=conditioning.splat_radius(*size))
-        refs = input_view_references(start.image, cams) if memory else None
+        refs = retrieve(start.bank, cams)[1] if memory else None
         cond = conditioning.conditions_from_render(start.image, cams, render.image, render.mask, refs, memory=memory,
                                                    stride=stride)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     cond.save(out)
     return cond
+
+
+class _ConditionsOnly:
+    """What ``Scene.build_conditions`` asks of a generator, for conditions written without one."""
+
+    uses_pointmaps = False
+
+    def __init__(self, has_memory: bool):
+        self.has_memory = has_memory
+
+
+def scene_request(scene, trajectory: Optional[str] = None, camera_json: Optional[str] = None):
+    """The ``TrajectoryRequest`` a scene's next clip would run for ``trajectory`` (an unfinished request of the
+    scene's last run, an official scene's trajectory, or a preset, ``view<k>:`` prefixed for panoramas) or for a
+    camera file."""
+    from engine.scene import TrajectoryRequest
+
+    if camera_json is not None:
+        return TrajectoryRequest(name=Path(camera_json).stem, cameras=scene.read_camera_file(camera_json))
+    for request in scene.unfinished() + scene.official_requests():
+        if request.name == trajectory:
+            return request
+    return TrajectoryRequest(name=trajectory)
+
+
+def write_scene_conditions(scene_dir: str, out: str, trajectory: Optional[str] = None,
+                           camera_json: Optional[str] = None, engine: str = "worldstereo-memory-dmd",
+                           weights: Optional[str] = None, stride: int = 1):
+    """Write the conditioning of the next clip of the scene in ``scene_dir`` along ``trajectory`` or ``camera_json``
+    (``scene_request``) to ``out``, as ``Scene.generate`` would build it now: the scene's size and keyframes, its
+    current cache rendered along the cameras (or the request's pre-rendered folder), the references the scene's
+    memory bank gives (their bank indices as the int64 tensor ``ref_ids``). No network is loaded.
+
+    Returns:
+        The conditions and the retrieval record (``engine.geometry.retrieval.Retrieval``).
+    """
+    from engine.engines import ENGINES, unknown_engine
+    from engine.generators import registration
+    from engine.jobfolder import clip_name
+    from engine.scene import Clip, open_for_files
+    from engine.scene_start import checkpoint_config
+
+    if engine not in ENGINES:
+        raise RenderInputError(unknown_engine(engine))
+    if not registration(engine).network:
+        raise RenderInputError("The preview engine runs no network, so it has no model conditioning; choose "
+                               "worldstereo-memory-dmd, worldstereo-memory, worldstereo-camera or tiny-random.")
+    if (trajectory is None) == (camera_json is None):
+        raise RenderInputError("Give exactly one trajectory of the scene's next clip: --trajectory NAME or "
+                               "--camera-json FILE.")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise RenderInputError(f"The stride must be a whole number of pixels from 1 up; got {stride!r:.40}.")
+    if not JobFolder(scene_dir).holds_scene():
+        raise RenderInputError(f"{Path(scene_dir).name} holds no scene (no manifest.json); give a generate --out "
+                               "folder.")
+    config = checkpoint_config(engine, weights)
+    memory = config.has_memory if config is not None else registration(engine).memory
+    scene = open_for_files(scene_dir)
+    request = scene_request(scene, trajectory, camera_json)
+    cams = scene.plan(request)
+    index = len(scene.clips)
+    clip = Clip(request, index, clip_name(index, request.name), cams)
+    clip.render = scene.render_cache(cams)
+    clip.retrieval, clip.references = scene.retrieve(clip)
+    cond = scene.build_conditions(clip, _ConditionsOnly(memory), stride=stride)
+    extra = {"ref_ids": torch.tensor(clip.retrieval.references, dtype=torch.long)} if memory else {}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    cond.save(out, extra=extra)
+    return cond, clip.retrieval

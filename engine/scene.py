@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +35,17 @@ from engine.geometry.cache import PointCache
 from engine.geometry.cameras import Cameras
 from engine.geometry.memory import MemoryBank, sample_align_nframe
 from engine.geometry.render import RenderResult
-from engine.geometry.retrieval import References, Retrieval, retrieve
+from engine.geometry.retrieval import References, Retrieval, retrieve, shortcut_bonus
 from engine.images import load_image
 from engine.jobfolder import (ClipContent, ClipRecord, JobFolder, clip_folder, clip_name, new_manifest, snapshot_file,
                               unfinished_requests, with_run)
 from engine.progress import Progress, ensure, span
 from engine.sampling import SamplingCancelled
-from engine.settings import SceneError, SceneSettings, check_frames, engine_device
+from engine.scene_start import PANORAMA_KINDS, PANORAMA_START_YAWS
+from engine.settings import SceneError, SceneSettings, check_frames, check_prompt, engine_device
 
-__all__ = ["GenerationCancelled", "Scene", "TrajectoryRequest", "open_for_files", "revert"]
+__all__ = ["GenerationCancelled", "Scene", "TrajectoryRequest", "check_trajectory_prompts", "default_trajectory_names",
+           "open_for_files", "parse_trajectory_prompts", "revert", "with_trajectory_prompts"]
 
 DEFAULT_PHOTO_TRAJECTORIES = ("up", "left", "right", "orbit")  # the paper's benchmark set
 CANCELLED = "Generation was cancelled; the scene keeps every finished clip."
@@ -74,6 +77,10 @@ class TrajectoryRequest:
     ``cameras`` (an official camera file's, intrinsics in pixels of the input image) are subsampled to the clip's
     keyframe count as the release does. ``render_dir``: an official pre-rendered trajectory folder whose
     ``render.mp4`` / ``render_mask.mp4`` are this clip's GGM inputs (``cameras`` are then its ``camera.json``).
+    ``prompt``: this trajectory's own prompt (None: the scene's). ``label``: ``"<view>/<traj>"`` of an official
+    scene's trajectory (``official``): the memory bank names the frames it adds so, and its retrieval follows the
+    release's shortcut rules; None: the frames are named by ``name`` and no shortcut applies. ``start_frame``: the
+    image the trajectory starts from (an official group's ``start_frame.png``) instead of the scene's start view.
     """
 
     name: str
@@ -81,6 +88,9 @@ class TrajectoryRequest:
     amount: Optional[float] = None
     frames: Optional[int] = None
     render_dir: Optional[str] = None
+    prompt: Optional[str] = None
+    label: Optional[str] = None
+    start_frame: Optional[str] = None
 
     @classmethod
     def parse(cls, spec: Union[str, "TrajectoryRequest"]) -> "TrajectoryRequest":
@@ -93,7 +103,7 @@ class TrajectoryRequest:
         if self.cameras is not None:
             cameras = {**self.cameras.to_json_dict(), "width": self.cameras.width, "height": self.cameras.height}
         return {"name": self.name, "amount": self.amount, "frames": self.frames, "render_dir": self.render_dir,
-                "cameras": cameras}
+                "cameras": cameras, "prompt": self.prompt, "label": self.label, "start_frame": self.start_frame}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrajectoryRequest":
@@ -101,7 +111,64 @@ class TrajectoryRequest:
         cameras = None if cams is None else Cameras.from_json_dict(cams, cams.get("width"), cams.get("height"),
                                                                     source=f"The cameras of '{data['name']}'")
         return cls(name=str(data["name"]), cameras=cameras, amount=data.get("amount"), frames=data.get("frames"),
-                   render_dir=data.get("render_dir"))
+                   render_dir=data.get("render_dir"), prompt=data.get("prompt"), label=data.get("label"),
+                   start_frame=data.get("start_frame"))
+
+    @classmethod
+    def official(cls, trajectory) -> "TrajectoryRequest":
+        """An official scene's trajectory (``engine.official_scene.OfficialTrajectory``) as the release runs it: its
+        camera file, its start frame, its own caption, its label for the shortcut rules, and its pre-rendered GGM
+        inputs when the folder holds them (else the scene's cache is rendered along it, as for any trajectory)."""
+        if trajectory.start_frame is None:
+            raise SceneError(f"{trajectory.label} starts from the last frame of a generated clip, which this project "
+                             "does not run yet; move that trajectory folder out of the scene to run the others.")
+        return cls(name=trajectory.label, cameras=trajectory.cameras, prompt=trajectory.prompt,
+                   render_dir=str(trajectory.folder) if trajectory.rendered else None, label=trajectory.label,
+                   start_frame=str(trajectory.start_frame))
+
+
+def parse_trajectory_prompts(specs: Sequence[str]) -> dict[str, str]:
+    """Per-trajectory prompts given as ``NAME=TEXT`` (the CLI's ``--trajectory-prompt``, the page's lines) as
+    ``{NAME: TEXT}``, each prompt checked (``check_prompt``); blank specs are skipped."""
+    prompts = {}
+    for spec in specs:
+        if not spec.strip():
+            continue
+        name, sep, text = spec.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or not name or not text:
+            raise SceneError(f"A trajectory prompt is NAME=TEXT (e.g. left=a corridor seen from the left); got "
+                             f"'{spec.strip()[:40]}'.")
+        if name in prompts:
+            raise SceneError(f"Trajectory '{name[:40]}' is given two prompts; give each trajectory one.")
+        check_prompt(text)
+        prompts[name] = text
+    return prompts
+
+
+def check_trajectory_prompts(prompts: dict[str, str], names: Sequence[str]) -> None:
+    """Refuse a prompt (``parse_trajectory_prompts``) for a trajectory not among ``names``, the run's: it would change
+    nothing."""
+    unknown = [n for n in prompts if n not in names]
+    if unknown:
+        raise SceneError(f"A prompt is given for trajectory '{unknown[0][:40]}', which this run does not generate; "
+                         f"its trajectories are: {', '.join(names)[:300] or 'none'}.")
+
+
+def with_trajectory_prompts(requests: Sequence[TrajectoryRequest], prompts: dict[str, str]) -> list[TrajectoryRequest]:
+    """``requests`` with ``prompts`` (``parse_trajectory_prompts``) set on the trajectories they name, each of which
+    must be one of them (``check_trajectory_prompts``)."""
+    check_trajectory_prompts(prompts, [r.name for r in requests])
+    return [dataclasses.replace(r, prompt=prompts[r.name]) if r.name in prompts else r for r in requests]
+
+
+def default_trajectory_names(kind: str) -> list[str]:
+    """The trajectories a photo or panorama scene runs when none are asked for: a photo's
+    ``DEFAULT_PHOTO_TRAJECTORIES``, a panorama's forward move from each start view (an official scene runs its own,
+    ``Scene.official_requests``)."""
+    if kind == "panorama":
+        return [f"view{k}:forward" for k in range(len(PANORAMA_START_YAWS))]
+    return list(DEFAULT_PHOTO_TRAJECTORIES) if kind == "photo" else []
 
 
 @dataclass
@@ -158,9 +225,7 @@ class Scene:
         settings = settings or SceneSettings()
         settings.validate()
         user_depth = scene_start.user_depth_for(settings, panorama)  # read and checked before a depth model loads
-        folder = JobFolder(job_dir)
-        if folder.holds_scene():
-            raise SceneError(f"{folder.path} already holds a scene; open it to continue, or choose another folder.")
+        folder = cls._new_folder(job_dir)
         report = ensure(progress)
         image_path = Path(image)
         img = load_image(image_path)
@@ -172,12 +237,55 @@ class Scene:
         else:
             size = scene_start.photo_size(img.shape[-2], img.shape[-1], settings)
             start = scene_start.start_photo(img, depth_source, camera_json, size, user_depth, span(report, 0.2, 0.9))
-        # Nothing is written before the input has been fully understood: a refused input leaves no folder.
         manifest = new_manifest(
             kind="panorama" if panorama else "photo", input_path=image_path, settings=settings,
             engine_note=generators.engine_note(settings.engine), size=start.image.shape[-2:],
             input_size=img.shape[-2:], median_depth=start.median_depth, start_views=start.start_views,
             depth_note=start.depth_note)
+        return cls._begin(folder, manifest, start, settings, depth_source, announce, report)
+
+    @classmethod
+    def create_official(cls, job_dir, root: Union[str, Path], *, settings: Optional[SceneSettings] = None,
+                        depth_source=None, progress: Optional[Progress] = None,
+                        announce: Callable[[str], None] = print) -> "Scene":
+        """Start a new scene from an official scene folder (``engine.official_scene``) as the release runs one: the
+        memory bank and the first cache are its ``pano_bank`` views (``scene_start.start_official``), and its
+        trajectories, in the release's order with their own captions, are the scene's default run
+        (``default_trajectories``)."""
+        from engine.official_scene import read_official_scene
+
+        settings = settings or SceneSettings()
+        settings.validate()
+        scene_start.user_depth_for(settings, panorama=True)  # a depth file is refused: the bank has 27 views
+        folder = cls._new_folder(job_dir)
+        official = read_official_scene(root)
+        for trajectory in official.trajectories:
+            TrajectoryRequest.official(trajectory)  # what cannot run is refused before any model loads
+        report = ensure(progress)
+        report(0.05, "loading depth model")
+        depth_source = depth_source or scene_start.depth_source_for(settings, True, announce)
+        report(0.2, "depth of the bank views")
+        start = scene_start.start_official(official, settings, depth_source, span(report, 0.2, 0.9))
+        bank = official.bank_cameras
+        manifest = new_manifest(
+            kind="official", input_path=official.root, input_sha256=official.digest(), settings=settings,
+            engine_note=generators.engine_note(settings.engine), size=start.bank.size, input_size=(bank.height,
+                                                                                                     bank.width),
+            median_depth=start.median_depth, start_views=start.start_views, depth_note=start.depth_note)
+        return cls._begin(folder, manifest, start, settings, depth_source, announce, report)
+
+    @staticmethod
+    def _new_folder(job_dir) -> JobFolder:
+        folder = JobFolder(job_dir)
+        if folder.holds_scene():
+            raise SceneError(f"{folder.path} already holds a scene; open it to continue, or choose another folder.")
+        return folder
+
+    @classmethod
+    def _begin(cls, folder: JobFolder, manifest: dict, start: scene_start.SceneStart, settings: SceneSettings,
+               depth_source, announce: Callable[[str], None], report: Progress) -> "Scene":
+        """Write a new scene's start (``JobFolder.create``) and open it. Nothing is written before the input has been
+        fully understood: a refused input leaves no folder."""
         folder.create(manifest, start.image, start.start_camera, start.bank, start.cache)
         report(1.0, "scene ready")
         return cls(folder.path, settings, manifest, start.image, start.start_camera, start.cache, start.bank,
@@ -192,7 +300,8 @@ class Scene:
         settings = SceneSettings.from_dict({**manifest["settings"], **(settings_override or {})})
         folder.clean_debris(manifest)
         image, start, cache, bank = folder.load_state(manifest)
-        depth_source = depth_source or scene_start.depth_source_for(settings, manifest["kind"] == "panorama", announce)
+        depth_source = depth_source or scene_start.depth_source_for(settings, manifest["kind"] in PANORAMA_KINDS,
+                                                                    announce)
         scene = cls(folder.path, settings, manifest, image, start, cache, bank, depth_source, announce)
         scene._finish_last_commit()
         return scene
@@ -210,10 +319,20 @@ class Scene:
     def clips(self) -> list[dict]:
         return list(self.manifest["clips"])
 
-    def default_trajectories(self) -> list[str]:
-        if self.manifest["kind"] == "panorama":
-            return [f"view{k}:forward" for k in range(len(self.manifest["start_views"]))]
-        return list(DEFAULT_PHOTO_TRAJECTORIES)
+    def default_trajectories(self) -> list[Union[str, TrajectoryRequest]]:
+        """What a run without trajectories generates: an official scene's trajectories as the release runs them, a
+        panorama's forward move from each start view, a photo's ``DEFAULT_PHOTO_TRAJECTORIES``."""
+        if self.manifest["kind"] == "official":
+            return self.official_requests()
+        return default_trajectory_names(self.manifest["kind"])
+
+    def official_requests(self) -> list[TrajectoryRequest]:
+        """An official scene's trajectories (``TrajectoryRequest.official``), in the release's order; none for any
+        other scene."""
+        from engine.official_scene import read_official_scene
+
+        root = self.manifest.get("official_scene")
+        return [TrajectoryRequest.official(t) for t in read_official_scene(root).trajectories] if root else []
 
     def _start_for(self, name: str) -> tuple[Cameras, str]:
         """The start camera of a trajectory: the input view, or ``view<k>:`` of a panorama."""
@@ -239,6 +358,7 @@ class Scene:
     def plan(self, request: Union[str, TrajectoryRequest]) -> Cameras:
         """The cameras a trajectory will use (for drawing the path before generating)."""
         req = TrajectoryRequest.parse(request)
+        check_prompt(req.prompt)
         frames = self.settings.frames if req.frames is None else req.frames
         if req.cameras is not None:
             check_frames(len(req.cameras), f"Trajectory '{req.name[:40]}'")  # the file's own size bound
@@ -312,7 +432,7 @@ class Scene:
         stop_if_cancelled()
         with clip.step("retrieve"):
             report(0.05, f"{clip.name}: retrieving references")
-            clip.retrieval, clip.references = self.retrieve(clip.cameras)
+            clip.retrieval, clip.references = self.retrieve(clip)
         stop_if_cancelled()
         with clip.step("generate"):
             clip.conditions = self.build_conditions(clip, generator)
@@ -328,17 +448,32 @@ class Scene:
         """The 3D cache seen along ``cameras``: colour, covered pixels, depth (and world points for ``pointmaps``)."""
         return self.cache.render(cameras, radius=self.splat_radius(cameras), pointmaps=pointmaps)
 
-    def retrieve(self, cameras: Cameras) -> tuple[Retrieval, Optional[References]]:
-        """The memory frames that serve a clip along ``cameras`` (``engine.geometry.retrieval.retrieve``)."""
-        first_photo_clip = self.manifest["kind"] == "photo" and not self.manifest["clips"]
-        return retrieve(self.bank, cameras, max_refs=self.settings.max_refs,
-                        input_view=self.start_image if first_photo_clip else None)
+    def retrieve(self, clip: Clip) -> tuple[Retrieval, References]:
+        """The memory frames that serve the clip (``engine.geometry.retrieval.retrieve``: the release's rule, with its
+        shortcut rules for an official scene's trajectory). More than ``max_refs`` picked frames are narrowed by the
+        release's selector on DINOv2 features from the Hugging Face cache, or on pose and quality alone with one line
+        to ``announce`` (``engine.frame_features``)."""
+        from engine.frame_features import load_frame_describer
 
-    def build_conditions(self, clip: Clip, generator: generators.ClipGenerator) -> conditioning.ClipConditions:
+        label = clip.request.label
+        bonus = None
+        if label is not None and "/" in label:
+            view, name = label.split("/", 1)
+            bonus = shortcut_bonus(view, name, self.bank.labels, len(clip.cameras))
+
+        def frame_features(images: torch.Tensor):
+            return load_frame_describer(device=engine_device(self.settings), announce=self.announce)(images)
+
+        return retrieve(self.bank, clip.cameras, bonus=bonus, frame_features=frame_features,
+                        max_refs=self.settings.max_refs)
+
+    def build_conditions(self, clip: Clip, generator: generators.ClipGenerator,
+                         stride: int = 1) -> conditioning.ClipConditions:
         """The clip's official conditions: the cache render (or the request's pre-rendered folder) along its cameras,
-        and for memory models the retrieved references."""
+        and for memory models the retrieved references (``stride`` > 1: per-pixel maps at every ``stride``-th pixel,
+        for inspection)."""
         cams = clip.cameras
-        start_image = self.start_image_for(cams[0:1])
+        start_image = self.clip_start_image(clip)
         refs = clip.references if generator.has_memory else None
         if refs is not None and generator.uses_pointmaps:
             refs.pointmaps = self.cache.render(refs.cameras, pointmaps=True).pointmap.permute(0, 3, 1, 2)
@@ -346,15 +481,15 @@ class Scene:
         memory = generator.has_memory
         if clip.request.render_dir is not None:
             return conditioning.conditions_from_render_dir(clip.request.render_dir, start_image, cams, len(cams), refs,
-                                                           pointmaps, memory)
+                                                           pointmaps, memory, stride)
         return conditioning.conditions_from_render(start_image, cams, clip.render.image, clip.render.mask, refs,
-                                                   pointmaps, memory)
+                                                   pointmaps, memory, stride)
 
     def generate_frames(self, clip: Clip, generator: generators.ClipGenerator, progress: Progress,
                         cancel: Optional[Callable[[], bool]]) -> torch.Tensor:
         """The clip's frames ``[F,3,H,W]`` from its conditions, its noise drawn from ``clip_seed``."""
         try:
-            return generator.generate(conditions=clip.conditions, prompt=self.settings.prompt,
+            return generator.generate(conditions=clip.conditions, prompt=self.clip_prompt(clip.request),
                                       seed=clip_seed(self.settings.seed, clip.index), progress=progress, cancel=cancel)
         except SamplingCancelled:  # one cancellation type for callers, whichever stage noticed the flag
             raise GenerationCancelled() from None
@@ -392,11 +527,11 @@ class Scene:
             self.folder.write_clip(clip.name, content)
         clip.seconds["total"] = time.perf_counter() - t0
         record = ClipRecord(name=clip.name, folder=clip_folder(clip.name), trajectory=clip.request.name,
-                            frames=len(clip.cameras), references=len(clip.retrieval.refs), seconds=clip.seconds)
+                            frames=len(clip.cameras), references=len(clip.retrieval.references),
+                            seconds=clip.seconds)
         self.manifest, self.cache = self.folder.commit_clip(self.manifest, record, clip.cache)
         # The previous cache file stays: ``revert`` goes back to it.
-        memory = content.memory
-        self.bank.add(memory.images, memory.cameras, memory.depths, frame_ids=memory.frame_ids, source=clip.name)
+        self.bank.extend(content.memory)
         self.write_scene_cloud()
         self.folder.snapshot(self.manifest)
         report(1.0, f"{clip.name}: done")
@@ -409,10 +544,16 @@ class Scene:
         seen = clip.cache.render(clip.cameras, radius=self.splat_radius(clip.cameras))
         render, covered = clip.conditions.render_frames()
         references = clip.retrieval.to_json()
-        references["bank_frames"] = [self.bank.sources[i] + f"#{self.bank.frame_ids[i]}" for i in clip.retrieval.refs]
+        references["bank_frames"] = [f"{self.bank.sources[i]}#{self.bank.frame_ids[i]}" for i in
+                                     clip.retrieval.references]
+        references["bank_labels"] = [self.bank.labels[i] for i in clip.retrieval.references]
         memory = MemoryBank()
-        memory.add(clip.frames[clip.kept], clip.cameras[clip.kept], clip.kept_depths,
-                   frame_ids=[frame_id(clip.index, i) for i in clip.kept], source=clip.name)
+        # The kept frames exactly as the clip's files hold them (8-bit, lossless), so a resumed scene's bank is this
+        # one; each labelled as the shortcut rules read it.
+        kept = torch.round(clip.frames[clip.kept].detach().cpu().float().clamp(0, 1) * 255) / 255
+        memory.add(kept, clip.cameras[clip.kept], clip.kept_depths.cpu(),
+                   frame_ids=[frame_id(clip.index, i) for i in clip.kept], source=clip.name,
+                   labels=[clip.request.label or clip.request.name] * len(clip.kept))
         return ClipContent(frames=clip.frames, cameras=clip.cameras, render=render, covered=covered,
                            depth=(seen.depth, seen.mask), references=references, memory=memory)
 
@@ -425,11 +566,26 @@ class Scene:
 
     def start_image_for(self, camera: Cameras) -> torch.Tensor:
         """The start frame as ``camera`` sees it: the input photo, or the panorama cut to that view."""
-        if self.manifest["kind"] == "panorama":
+        if self.manifest["kind"] in PANORAMA_KINDS:
             from engine.geometry.panorama import equirect_to_perspective
 
             return equirect_to_perspective(self.start_image, camera[0:1])[0]
         return self.start_image
+
+    def clip_start_image(self, clip: Clip) -> torch.Tensor:
+        """The clip's start frame ``[3,H,W]`` at the scene's size: the request's own (an official group's
+        ``start_frame.png``, stretched to the bucket as the release does), else the scene's start view seen by the
+        clip's first camera (``start_image_for``)."""
+        if clip.request.start_frame is None:
+            return self.start_image_for(clip.cameras[0:1])
+        from engine.conditioning import pil_to_tensor, stretch_to_bucket
+
+        h, w = self.manifest["size"]
+        return pil_to_tensor(stretch_to_bucket(load_image(clip.request.start_frame), (h, w)))
+
+    def clip_prompt(self, request: TrajectoryRequest) -> Optional[str]:
+        """The prompt a trajectory is generated with: its own (``TrajectoryRequest.prompt``), else the scene's."""
+        return self.settings.prompt if request.prompt is None else request.prompt
 
     def _kept_indices(self, n: int) -> list[int]:
         """The frames of an ``n``-frame clip that grow the cache and the memory bank: the release's

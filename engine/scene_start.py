@@ -1,5 +1,6 @@
 """How a scene starts: depth of the input, the frame size, the first 3D cache and memory bank (a photo:
-``start_photo``; a panorama: ``start_panorama``), and the world frame each start gives.
+``start_photo``; a panorama: ``start_panorama``; an official scene folder: ``start_official``), and the world frame
+each start gives.
 
 Kept apart from ``scene.py`` so the loop itself reads as the paper's algorithm; everything here runs once per scene.
 """
@@ -15,13 +16,17 @@ import torch.nn.functional as F
 from engine.geometry.cameras import Cameras
 from engine.geometry.cache import PointCache
 from engine.geometry.memory import MemoryBank
-from engine.progress import Progress, ensure
+from engine.progress import Progress, ensure, span
 from engine.settings import SceneError, bucket_size, engine_device
 from engine.user_depth import is_user_depth_file
 
 PANORAMA_MAX_WIDTH = 2048
 PANORAMA_START_YAWS = (0.0, 90.0, 180.0, 270.0)  # exploration starts: the four horizontal directions
 PANORAMA_CLOUD_HEIGHT = 512  # rows of the stitched distance map the views' depths are scaled to agree on
+OFFICIAL_PANORAMA_SIZE = (1024, 2048)  # (rows, columns) of the panorama an official scene's bank views are stitched to
+# Scene kinds whose world is a panorama's (z up, trajectories from start views at its centre): an equirectangular
+# input, or an official scene folder (its pano_bank).
+PANORAMA_KINDS = ("panorama", "official")
 
 
 @dataclass
@@ -122,14 +127,9 @@ def start_photo(image: torch.Tensor, depth_source, camera_json, size: tuple[int,
 
 def start_panorama(pano: torch.Tensor, settings, depth_source, progress: Optional[Progress] = None) -> SceneStart:
     """Start from an equirectangular panorama: cut the official 27-view bank at the checkpoint's bucket for an
-    832x480 view (``photo_size``), give every view depth, scale each view's depth to agree with the views before it
-    (on a stitched panoramic distance map), and lift every view at its full resolution into the first 3D cache
-    (``engine.geometry.panorama.bank_points``); trajectories start from the horizontal views."""
-    from engine.geometry.align import align_depth
-    from engine.geometry.panorama import (BANK_HEIGHT, BANK_WIDTH, bank_cameras, bank_points, equirect_to_perspective,
-                                          is_equirect, look_rotation, views_to_panorama_depth)
+    832x480 view (``photo_size``) and start from those views (``start_from_views``)."""
+    from engine.geometry.panorama import BANK_HEIGHT, BANK_WIDTH, bank_cameras, equirect_to_perspective, is_equirect
 
-    report = ensure(progress)
     hp, wp = pano.shape[-2:]
     if not is_equirect(wp, hp):
         raise SceneError(f"A panorama must be equirectangular with a 2:1 aspect; this image is {wp}x{hp}.")
@@ -139,7 +139,41 @@ def start_panorama(pano: torch.Tensor, settings, depth_source, progress: Optiona
     # (stretched to the same 120 x 90 degrees).
     height, width = photo_size(BANK_HEIGHT, BANK_WIDTH, settings)
     views = bank_cameras(width=width, height=height)
-    images = equirect_to_perspective(pano, views)
+    return start_from_views(pano, equirect_to_perspective(pano, views), views, settings, depth_source, progress)
+
+
+def start_official(scene, settings, depth_source, progress: Optional[Progress] = None) -> SceneStart:
+    """Start from an official scene folder (``engine.official_scene.OfficialScene``) as the release does: its
+    ``pano_bank`` views with their own cameras are the memory bank (each view stretched to the checkpoint's bucket
+    with PIL bicubic, as the release stretches every frame it conditions on; labelled ``"<scene>/pano_bank"`` for
+    the shortcut rules), lifted into the first 3D cache as a panorama's views are (``start_from_views``). The start
+    image is the views stitched back into an equirectangular panorama (``OFFICIAL_PANORAMA_SIZE``): presets started
+    from the scene's views and the 3DGS dataset's first frame are cut from it."""
+    from engine.conditioning import pil_to_tensor, stretch_to_bucket
+    from engine.geometry.panorama import perspective_to_equirect
+    report = ensure(progress)
+    cams = scene.bank_cameras
+    views_as_given = scene.bank_images()
+    report(0.05, "stitching the bank views")
+    pano, _ = perspective_to_equirect(views_as_given, cams, *OFFICIAL_PANORAMA_SIZE)
+    height, width = photo_size(cams.height, cams.width, settings)
+    images = torch.stack([pil_to_tensor(stretch_to_bucket(view, (height, width))) for view in views_as_given])
+    return start_from_views(pano, images, cams.resized(width, height), settings, depth_source,
+                            span(report, 0.1, 1.0), labels=scene.bank_labels)
+
+
+def start_from_views(pano: torch.Tensor, images: torch.Tensor, views: Cameras, settings, depth_source,
+                     progress: Optional[Progress] = None, labels: Optional[list] = None) -> SceneStart:
+    """A panorama's start from its bank views (``images [N,3,H,W]`` seen by ``views``, all from the panorama's
+    centre): give every view depth, scale each view's depth to agree with the views before it (on a stitched
+    panoramic distance map), lift every view at its full resolution into the first 3D cache
+    (``engine.geometry.panorama.bank_points``), and keep the views as the memory bank's first frames (``labels``:
+    theirs for the shortcut rules, default "panorama"); trajectories start from the horizontal views."""
+    from engine.geometry.align import align_depth
+    from engine.geometry.panorama import bank_points, look_rotation, views_to_panorama_depth
+
+    report = ensure(progress)
+    height, width = images.shape[-2:]
     hd = min(pano.shape[-2], PANORAMA_CLOUD_HEIGHT)
     distance = torch.zeros(hd, 2 * hd)
     depths = []
@@ -164,7 +198,7 @@ def start_panorama(pano: torch.Tensor, settings, depth_source, progress: Optiona
     cache.add_points(points.float(), colours.float(), frame_id=0)
     cache.downsample(settings.point_budget)
     bank = MemoryBank()
-    bank.add(images, views, depths, frame_ids=list(range(len(views))), source="panorama")
+    bank.add(images, views, depths, frame_ids=list(range(len(views))), source="panorama", labels=labels)
     start_views = []
     for yaw in PANORAMA_START_YAWS:
         w2c = torch.eye(4, dtype=torch.float64)
@@ -180,4 +214,4 @@ def gltf_axes(kind: str):
     input camera's OpenCV frame (y down), a panorama's the bank's z-up world."""
     from engine import outputs
 
-    return outputs.ZUP_TO_OPENGL if kind == "panorama" else outputs.OPENCV_TO_OPENGL
+    return outputs.ZUP_TO_OPENGL if kind in PANORAMA_KINDS else outputs.OPENCV_TO_OPENGL

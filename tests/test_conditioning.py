@@ -336,7 +336,7 @@ def test_scene_feeds_a_photos_first_clip_the_input_view_alone(tmp_path):
     assert torch.equal(first.render_mask[0, 0, 1:], (render.index[1:] == -1).float())
     assert (first.render_mask[0, 0, 0] == 0).all()
     refs = json.loads((tmp_path / "job" / scene.clips[1]["folder"] / "references.json").read_text())
-    assert second.ref_index.tolist() == refs["ref_index"] and second.num_references == len(refs["refs"])
+    assert second.ref_index.tolist() == refs["ref_index"] and second.num_references == len(refs["references"])
 
 
 # ---- the official examples run as released ----------------------------------------------------------

@@ -434,3 +434,44 @@ def test_plan_view_drawing_is_sized_by_point_count_not_by_scene_scale():
     polyline = near[np.abs(near[:, 1]) + np.abs(near[:, 2]) == 0]  # the points on the x axis
     gaps = np.diff(np.sort(polyline[:, 0]))
     assert gaps.max() <= 1.0 / 150 + 1e-12  # the usual density: a point every 1/150 of the median depth
+
+
+def test_the_corridor_example_runs_as_the_release_runs_it(examples, tmp_path, monkeypatch):
+    """Choosing the shared corridor example offers its official run: its three trajectories in the release's order,
+    each with its own caption unless the page gives that trajectory a prompt, and the release's references."""
+    from dataclasses import replace
+
+    from demo.examples import find_examples
+    from engine import scene_start
+    from engine import settings as settings_mod
+
+    monkeypatch.setattr(scene_start, "OFFICIAL_PANORAMA_SIZE", (128, 256))  # small: the run, not the pixels
+    monkeypatch.setitem(settings_mod.ENGINE_SCALE, "preview", 1 / 8)
+    found = find_examples(examples)
+    ctx = AppContext(output_dir=tmp_path, default_engine="preview", examples=found)
+    corridor = next(i for i, e in enumerate(found) if e.scene is not None)
+    photo = next(i for i, e in enumerate(found) if not e.panorama)
+    choices, offered = generation.example_run_choices(ctx, corridor)
+    assert offered and [v for _, v in choices] == ["", found[corridor].name]
+    assert {v for _, v in choices} <= {v for _, v in generation.all_run_choices(ctx)}  # the page accepts each
+    assert generation.example_run_choices(ctx, photo) == ([(generation.OWN_CHOICE, "")], False)
+    path, pano, _, _ = generation.pick_example(ctx, corridor)
+    inp = GenerationInputs(image=path, panorama=pano, trajectories=["left"], official=found[corridor].name,
+                           trajectory_prompts="view0/traj0 = the corridor, seen anew\n")
+    updates = list(generation.generate(ctx, {}, inp))
+    scene_dir, _ = ctx.job_paths(updates[0]["state"]["job"])
+    manifest = json.loads((scene_dir / "manifest.json").read_text())
+    golden = json.loads((examples.parent / "reference/golden/corridor_retrieval.json").read_text())["trajectories"]
+    assert manifest["kind"] == "official"
+    assert [c["trajectory"] for c in manifest["clips"]] == [g["trajectory"] for g in golden]
+    for clip, expected in zip(manifest["clips"], golden):
+        refs = json.loads((scene_dir / clip["folder"] / "references.json").read_text())
+        assert (refs["references"], refs["ref_index"]) == (expected["references"], expected["ref_index"])
+    caption = {t: json.loads((found[corridor].scene / "view0" / t / "traj_caption.json").read_text())["prompt"]
+               for t in ("traj2", "traj1")}
+    assert [r["prompt"] for r in manifest["run"]["requests"]] == [caption["traj2"], "the corridor, seen anew",
+                                                                  caption["traj1"]]
+    with pytest.raises(gr.Error, match="cannot run as the release"):
+        generation.official_scene(ctx, replace(inp, official="no-such-example"))
+    with pytest.raises(gr.Error, match="does not generate"):
+        generation.trajectory_requests(replace(inp, trajectory_prompts="left=x"), found[corridor].scene)

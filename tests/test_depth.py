@@ -132,6 +132,48 @@ def test_tiny_moge_known_fov_and_batch(tiny_moge):
     torch.testing.assert_close(single.depth, out.depth[1], atol=1e-4, rtol=1e-4)
 
 
+def test_a_scene_lets_moge_estimate_its_own_field_of_view(tiny_moge, tmp_path):
+    """As the release runs MoGe (``infer`` with its defaults) and unprojects its z-depth with the camera file's K: the
+    scene's depth door asks MoGe with no field of view whatever the camera's, a photo started from a camera file is
+    lifted along that file's rays, and the stand-ins still draw their surface through the camera's field of view."""
+    from engine.depth import DepthSource
+    from engine.geometry.cameras import Cameras, intrinsics_from_fov
+    from engine.scene_start import start_photo
+
+    folder, reference_model = tiny_moge
+    est = MoGeEstimator.from_pretrained(folder)
+    img = torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(4))
+    w2c = torch.eye(4, dtype=torch.float64)
+    w2c[:3, 3] = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    camera = Cameras(w2c, intrinsics_from_fov(64, 48, 100.0), 64, 48)
+    depth, valid, _ = DepthSource(est, "moge-2")(img, camera)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="In CPU autocast")
+        ref = reference_model.infer(img[None], resolution_level=9, apply_mask=False, use_fp16=False)  # no fov_x
+    torch.testing.assert_close(depth[valid], ref["depth"][0][valid])
+    forced = est.estimate(img, fov_x=100.0)
+    both = valid & forced.mask
+    assert (forced.depth[both] - depth[both]).abs().max() > 1e-3  # forcing the camera's field of view changes depth
+
+    camera.save_json(tmp_path / "camera.json")
+    start = start_photo(img, DepthSource(est, "moge-2"), tmp_path / "camera.json", (48, 64))
+    z, ok, _ = DepthSource(est, "moge-2")(start.image, start.start_camera)
+    points = start.cache.points.double()
+    cam = points @ w2c[:3, :3].T + w2c[:3, 3]
+    k = camera.K[0]
+    u, v = k[0, 0] * cam[:, 0] / cam[:, 2] + k[0, 2], k[1, 1] * cam[:, 1] / cam[:, 2] + k[1, 2]
+    assert len(points) > 1000
+    torch.testing.assert_close(u - u.floor(), torch.full_like(u, 0.5), atol=1e-3, rtol=0)  # on the file's pixel rays
+    torch.testing.assert_close(v - v.floor(), torch.full_like(v, 0.5), atol=1e-3, rtol=0)
+    torch.testing.assert_close(cam[:, 2], z[v.long(), u.long()].double(), atol=1e-4, rtol=1e-4)  # MoGe's own z
+    assert bool(ok[v.long(), u.long()].all())
+
+    sphere, _, _ = DepthSource(SphereDepth(radius=4.0), "sphere")(img, camera)
+    rays = camera.ray_directions_camera()[0]
+    torch.testing.assert_close((sphere.double() * rays.norm(dim=-1)), torch.full((48, 64), 4.0, dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+
+
 @pytest.mark.gpu
 def test_tiny_moge_on_cuda_matches_cpu(tiny_moge):
     folder, _ = tiny_moge

@@ -242,7 +242,8 @@ def test_a_committed_cache_made_in_memory_equals_its_file_read_back(tmp_path):
 
 def test_a_request_comes_back_whole_from_the_resume_record(examples, tmp_path):
     """``TrajectoryRequest.to_dict`` / ``from_dict`` through JSON: a camera file's cameras (read at the input's
-    size, which the file does not state), its pre-rendered folder, an amount and a frame count come back exactly."""
+    size, which the file does not state), its pre-rendered folder, an amount, a frame count, its own prompt, its
+    official label and start frame come back exactly."""
     from engine.scene import TrajectoryRequest
 
     official = examples / "perspective/photorealistic-indoor-dining_spaces-030"
@@ -250,11 +251,12 @@ def test_a_request_comes_back_whole_from_the_resume_record(examples, tmp_path):
     assert "width" not in data  # the size comes from the reader, and must survive the record
     (tmp_path / "camera.json").write_text(json.dumps(data))
     cams = Cameras.from_json(tmp_path / "camera.json", width=1000, height=600)
-    for request in (TrajectoryRequest("traj0", cameras=cams, render_dir=str(official)),
+    for request in (TrajectoryRequest("view0/traj0", cameras=cams, render_dir=str(official), prompt="a room «é»",
+                                      label="view0/traj0", start_frame=str(official / "image.png")),
                     TrajectoryRequest("view2:left", amount=12.5, frames=9), TrajectoryRequest("up")):
         back = TrajectoryRequest.from_dict(json.loads(json.dumps(request.to_dict())))
-        assert (back.name, back.amount, back.frames, back.render_dir) == (request.name, request.amount,
-                                                                          request.frames, request.render_dir)
+        fields = ("name", "amount", "frames", "render_dir", "prompt", "label", "start_frame")
+        assert [getattr(back, f) for f in fields] == [getattr(request, f) for f in fields]
         if request.cameras is None:
             assert back.cameras is None
             continue
@@ -283,7 +285,7 @@ def test_cli_preview_writes_every_output(examples, tmp_path, capsys):
         assert torch.allclose(written.w2c, expected.w2c, atol=1e-6, rtol=0)
         assert torch.allclose(written.K, expected.K, atol=1e-6, rtol=0)
         refs = json.loads((folder / "references.json").read_text())
-        assert len(refs["refs"]) <= 8
+        assert 1 <= len(refs["references"]) <= 8
     import open3d as o3d
 
     pcd = o3d.io.read_point_cloud(str(out / "scene.ply"))
@@ -488,7 +490,7 @@ def test_cli_tiny_random_runs_the_network_loop(examples, tmp_path, capsys, monke
     for clip in manifest["clips"]:
         assert _frames(out / clip["folder"] / "clip.mp4") == 5
         refs = json.loads((out / clip["folder"] / "references.json").read_text())
-        assert 1 <= len(refs["refs"]) <= 8  # the memory variant was given references from the bank
+        assert 1 <= len(refs["references"]) <= 8  # the memory variant was given references from the bank
     assert renders and not any(renders)  # the released (stitched) memory reads no pointmaps: none were made
     h, w = manifest["size"]
     assert len(noise) == 2

@@ -46,9 +46,10 @@ def sha256(path: Path) -> str:
 
 def generate_args(image: Path, trajectories, frames: int = FRAMES) -> list:
     # The Generate endpoint's inputs in ui.py's order (image, panorama, presets, views, angle, distance, frames,
-    # camera.json, prompt, seed, engine, quality, GPU memory); the session State is kept by the server.
+    # camera.json, prompt, seed, engine, quality, GPU memory, how an example runs, prompts per trajectory); the
+    # session State is kept by the server.
     return [handle_file(str(image)), False, list(trajectories), ["view0"], 0, 0, frames, None, "", 0, "preview", "fast",
-            "none"]
+            "none", "", ""]
 
 
 def manifest(output_dir: Path, job_id: str) -> dict:

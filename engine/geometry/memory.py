@@ -1,11 +1,12 @@
-"""The memory bank of the spatial-stereo memory (SSM): the frames a scene has seen, with cameras and depth, kept
-in memory and in a folder.
+"""The memory bank of the spatial-stereo memory (SSM): the frames a scene has seen, with cameras, depth and labels,
+kept in memory and in a folder.
 
-Which frames serve a clip as references is ``engine.geometry.retrieval.retrieve``; the bank gives it the frames'
-cameras and depth ranges (``MemoryBank.retrieve``). Saved form (``MemoryBank.save``, one folder, replaced as a
-whole)::
+Which frames serve a clip as references is ``engine.geometry.retrieval.retrieve``; each frame's label says where it
+came from as the release's shortcut rules read it (``"<view>/<trajectory>"`` for an official scene's trajectory,
+``"<scene>/pano_bank"`` for its panorama views; release: src/retrieval_wm.py ``fnames``). Saved form
+(``MemoryBank.save``, one folder, replaced as a whole)::
 
-    index.json        version, frames (image, depth, frame_id, source), width, height, cameras
+    index.json        version, frames (image, depth, frame_id, source, label), width, height, cameras
     camera.json       the frames' cameras (official camera.json)
     images/NNNN.png   8-bit RGB
     depths/NNNN.npy   float32 depth
@@ -13,10 +14,9 @@ whole)::
 from __future__ import annotations
 
 import json
-import math
 import operator
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,16 +24,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.atomicio import atomic_folder, atomic_write_json
-from engine.constants import MAX_REFERENCES
 from engine.geometry.cameras import Cameras, CameraFormatError
-from engine.geometry.retrieval import (DEFAULT_SAMPLES, MIN_OVERLAP, TIE_TOLERANCE, Retrieval, closeness,
-                                       overlap_matrix, select_references)
 
 PathLike = Union[str, Path]
 
-DEPTH_PERCENTILES = (5.0, 95.0)
-MIN_DEPTH_RATIO = 1.5  # far / near of a bank frame's depth range is at least this
-FALLBACK_DEPTH_RANGE = (0.1, 10.0)  # only for a bank with no valid depth at all
 INDEX_FILE = "index.json"
 CAMERA_FILE = "camera.json"
 INDEX_VERSION = 1
@@ -64,22 +58,9 @@ def sample_align_nframe(n: int, k: int) -> list[int]:
     return frames
 
 
-def _valid_depth_range(depth: torch.Tensor) -> Optional[tuple[float, float]]:
-    d = depth[torch.isfinite(depth) & (depth > 0)].double()
-    if d.numel() == 0:
-        return None
-    q = torch.quantile(d, torch.tensor([p / 100 for p in DEPTH_PERCENTILES], dtype=torch.float64))
-    near, far = float(q[0]), float(q[1])
-    if far < near * MIN_DEPTH_RATIO:
-        # A nearly constant depth (a wall, the plane fallback) would make a sliver that any other camera's
-        # sliver only crosses in a line: widen it about its geometric mean so overlap measures shared view.
-        mid, half = math.sqrt(max(near, 1e-9) * far), math.sqrt(MIN_DEPTH_RATIO)
-        near, far = mid / half, mid * half
-    return near, far
-
-
 class MemoryBank:
-    """Frames the scene has seen (input, panorama views, kept frames of generated clips), with cameras and depth.
+    """Frames the scene has seen (input, panorama views, kept frames of generated clips), with cameras, depth and
+    labels (module doc).
 
     ``images [M,3,H,W]`` float32 in [0,1] and ``depths [M,H,W]`` float32 live on the CPU; ``cameras`` is a
     float64 ``Cameras`` of length M (``None`` while the bank is empty). All frames share one image size, set
@@ -92,8 +73,8 @@ class MemoryBank:
         self.depths = torch.zeros(0, 0, 0)
         self.cameras: Optional[Cameras] = None
         self.frame_ids: list[int] = []
-        self.sources: list[str] = []
-        self._ranges: list[Optional[tuple[float, float]]] = []
+        self.sources: list[str] = []  # the scene part that added each frame ("input", "panorama", a clip's name)
+        self.labels: list[str] = []  # what the shortcut rules read (module doc)
 
     def __len__(self) -> int:
         return len(self.frame_ids)
@@ -109,8 +90,10 @@ class MemoryBank:
 
     # ---- adding -----------------------------------------------------------------------------------
     def add(self, images: torch.Tensor, cameras: Cameras, depths: torch.Tensor,
-            frame_ids: Optional[Sequence[int]] = None, source: str = "") -> list[int]:
-        """Append frames; returns their bank indices. ``frame_ids`` default to the new bank indices."""
+            frame_ids: Optional[Sequence[int]] = None, source: str = "",
+            labels: Optional[Sequence[str]] = None) -> list[int]:
+        """Append frames; returns their bank indices. ``frame_ids`` default to the new bank indices, ``labels`` to
+        ``source`` for every frame."""
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
             raise MemoryBankError(f"Memory bank images must be a tensor [F,3,H,W]; got {tuple(getattr(images, 'shape', ()))}.")
         f, _, h, w = images.shape
@@ -122,6 +105,9 @@ class MemoryBank:
         ids = list(range(len(self), len(self) + f)) if frame_ids is None else [int(i) for i in frame_ids]
         if len(ids) != f:
             raise MemoryBankError(f"Memory bank got {len(ids)} frame ids for {f} frames; pass one id per frame.")
+        names = [str(source)] * f if labels is None else [str(n) for n in labels]
+        if len(names) != f:
+            raise MemoryBankError(f"Memory bank got {len(names)} labels for {f} frames; pass one label per frame.")
         if f == 0:
             return []
         images = images.detach().to("cpu", torch.float32).clamp(0, 1)
@@ -145,69 +131,16 @@ class MemoryBank:
             self.cameras = Cameras.cat([self.cameras, cams])
         self.frame_ids.extend(ids)
         self.sources.extend([str(source)] * f)
-        self._ranges.extend(_valid_depth_range(depths[i]) for i in range(f))
+        self.labels.extend(names)
         return list(range(start, start + f))
 
-    # ---- depth ranges -----------------------------------------------------------------------------
-    def depth_range(self, i: int) -> tuple[float, float]:
-        """``(near, far)`` of frame ``i``: the 5th and 95th percentile of its valid (finite, positive) depth.
-        A frame without valid depth borrows the range of all the bank's depth."""
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"Memory bank frame {i} does not exist (the bank has {len(self)} frames).")
-        r = self._ranges[i]
-        if r is None:
-            r = _valid_depth_range(self.depths) or FALLBACK_DEPTH_RANGE
-        return r
-
-    def depth_ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self.depth_range(i) for i in range(len(self))]
-        return (torch.tensor([p[0] for p in pairs], dtype=torch.float64),
-                torch.tensor([p[1] for p in pairs], dtype=torch.float64))
-
-    # ---- retrieval --------------------------------------------------------------------------------
-    def overlaps(self, targets: Cameras, samples: int = DEFAULT_SAMPLES) -> torch.Tensor:
-        """``[T, M]`` frustum overlap of every target camera with every bank frame (its own depth range)."""
-        if len(self) == 0:
-            return torch.zeros(len(targets), 0, dtype=torch.float64)
-        near, far = self.depth_ranges()
-        return overlap_matrix(targets, self.cameras, near, far, samples)
-
-    def retrieve(self, targets: Cameras, max_refs: int = MAX_REFERENCES, min_overlap: float = MIN_OVERLAP,
-                 exclude: Optional[Iterable[int]] = None, tie_tolerance: float = TIE_TOLERANCE,
-                 samples: int = DEFAULT_SAMPLES) -> Retrieval:
-        """One reference per target camera, at most ``max_refs`` distinct ones: the retrieval rule of
-        ``engine.geometry.retrieval`` over this bank's frames (what a clip runs is ``retrieval.retrieve``)."""
-        try:
-            limit = operator.index(max_refs)
-        except TypeError:
-            limit = -1
-        if not 0 <= limit <= MAX_REFERENCES:
-            raise MemoryBankError(f"max_refs must be an integer from 0 to {MAX_REFERENCES}; got {max_refs!r}.")
-        max_refs = limit
-        t_n = len(targets)
-        if max_refs == 0 or len(self) == 0:
-            return Retrieval(per_target=torch.full((t_n,), -1, dtype=torch.int64), overlaps=torch.zeros(t_n, dtype=torch.float64))
-        o = self.overlaps(targets, samples)
-        if exclude is not None:
-            ex = [int(i) for i in exclude if -len(self) <= int(i) < len(self)]
-            o[:, ex] = 0.0
-        near, far = self.depth_ranges()
-        cost = closeness(targets, self.cameras, torch.sqrt(near * far))
-        return select_references(o, cost, max_refs, min_overlap, tie_tolerance)
-
-    def input_view_retrieval(self, targets: Cameras, index: int = 0) -> Retrieval:
-        """The record of a photo's first clip as the release runs it (``load_single_view_data``;
-        ``retrieval.retrieve``): bank frame ``index``, the input view, is the only reference, placed at target 0
-        whatever the overlaps say."""
-        if not 0 <= index < len(self):
-            raise MemoryBankError(f"Memory bank frame {index} does not exist (the bank has {len(self)} frames).")
-        t_n = len(targets)
-        per_target = torch.full((t_n,), -1, dtype=torch.int64)
-        overlaps = torch.zeros(t_n, dtype=torch.float64)
-        if t_n:
-            per_target[0] = index
-            overlaps[0] = self.overlaps(targets[0:1])[0, index]
-        return Retrieval(per_target=per_target, refs=[index], ref_index=[0], overlaps=overlaps)
+    def extend(self, other: "MemoryBank") -> list[int]:
+        """Append every frame of ``other`` with its frame id, source and label; returns their bank indices."""
+        if len(other) == 0:
+            return []
+        added = self.add(other.images, other.cameras, other.depths, frame_ids=other.frame_ids, labels=other.labels)
+        self.sources[added[0]:] = other.sources
+        return added
 
     # ---- persistence ------------------------------------------------------------------------------
     def save(self, folder: PathLike) -> Path:
@@ -223,7 +156,7 @@ class MemoryBank:
                 Image.fromarray(pixels[i]).save(tmp / "images" / f"{name}.png", format="PNG", compress_level=1)
                 np.save(tmp / "depths" / f"{name}.npy", self.depths[i].numpy().astype(np.float32))
                 frames.append({"image": f"images/{name}.png", "depth": f"depths/{name}.npy",
-                               "frame_id": self.frame_ids[i], "source": self.sources[i]})
+                               "frame_id": self.frame_ids[i], "source": self.sources[i], "label": self.labels[i]})
             index = {"version": INDEX_VERSION, "frames": frames}
             if self.cameras is not None:
                 self.cameras.save_json(tmp / CAMERA_FILE)
@@ -264,6 +197,8 @@ class MemoryBank:
             if isinstance(e, CameraFormatError):
                 raise MemoryBankError(f"The memory bank in {folder} has unusable cameras: {e}") from None
             raise MemoryBankError(f"The memory bank in {folder} is damaged or incomplete ({e.__class__.__name__}).") from None
-        bank.add(images_t, cams, depths_t, frame_ids=[int(fr["frame_id"]) for fr in frames])
-        bank.sources = [str(fr.get("source", "")) for fr in frames]
+        sources = [str(fr.get("source", "")) for fr in frames]
+        bank.add(images_t, cams, depths_t, frame_ids=[int(fr["frame_id"]) for fr in frames],
+                 labels=[str(fr.get("label", src)) for fr, src in zip(frames, sources)])  # banks saved before labels
+        bank.sources = sources
         return bank

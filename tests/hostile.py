@@ -369,12 +369,26 @@ def limit_address_space(gib: float) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def own_peak_rss_mib() -> float:
+    """This process's own peak resident memory. ``VmHWM`` belongs to the process's address space since its exec;
+    ``ru_maxrss`` on Linux keeps the parent's high-water mark across fork and exec (a pytest worker that grew to
+    2 GB would be reported as the child's peak), so it is only the fallback where /proc is missing."""
+    import resource
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_cli_cases(spec_path: Path, result_path: Path) -> None:
     """Run ``python -m engine`` argument lists in this process (``spec_path``: ``[{"name", "argv"}]``) and write
     each one's exit code, stderr, seconds and the process's peak resident memory so far to ``result_path``.
     Importing torch once, not once per command, keeps a corpus of ~100 commands to seconds."""
     import contextlib
-    import resource
     import time
     import traceback
 
@@ -393,7 +407,7 @@ def run_cli_cases(spec_path: Path, result_path: Path) -> None:
                 rc = "crash"
                 err.write(traceback.format_exc())
         results.append({"name": case["name"], "rc": rc, "stderr": err.getvalue(), "seconds": time.perf_counter() - t0,
-                        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                        "peak_rss_mib": own_peak_rss_mib()})
     Path(result_path).write_text(json.dumps(results, indent=1))
 
 

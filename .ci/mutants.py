@@ -206,6 +206,21 @@ def trajectory_prompts_ignored(mp):
     mp.setattr(Scene, "clip_prompt", lambda self, request: self.settings.prompt)
 
 
+# ---- the clip writer behind the loop (engine.scene.ClipWriter) ----------------------------------------------------
+@mutant("test_background_writer.py::test_a_failed_write_mid_scene_ends_in_one_sentence_and_resumes")
+def clip_committed_before_its_files(mp):
+    """The writer commits a clip (its cache file and the manifest) before the clip's files are written."""
+    from engine.scene import ClipWriter
+
+    def commit_first(self, clip):
+        folder = self.scene.folder
+        self.manifest = folder.commit_clip(self.manifest, clip.record(), clip.committed_cache)
+        folder.write_clip(clip.name, self.scene.clip_content(clip))
+        self.records.append(clip.record())
+
+    mp.setattr(ClipWriter, "_commit", commit_first)
+
+
 # ---- running them --------------------------------------------------------------------------------------------------
 def plant(name: str, mp) -> None:
     """Plant mutant ``name`` with the MonkeyPatch ``mp`` (called by tests/conftest.py when WORLDSTEREO_MUTANT is

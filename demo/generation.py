@@ -3,7 +3,11 @@ the engine a run gets and its banner, the session's scene (reused or made), the 
 run itself, streaming an update after the scene is ready and after every clip (``OUTPUT_KEYS``)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
+import queue
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -346,23 +350,17 @@ def _run(ctx: AppContext, state: dict, scene, engine: str, requests: list, flag,
     n = len(requests)
     t_run = time.perf_counter()
     try:
-        for i, req in enumerate(requests):
-            if flag.is_set():
-                raise GenerationCancelled()
-            lo, hi = 0.08 + 0.84 * i / n, 0.08 + 0.84 * (i + 1) / n
-
-            def report(f, m, lo=lo, hi=hi, i=i):
-                progress(lo + (hi - lo) * min(max(f, 0.0), 1.0), desc=f"clip {i + 1}/{n} · {m}")
-
-            record = scene.generate(req, progress=report, cancel=flag.is_set)
-            secs = ", ".join(f"{k} {v:.1f} s" for k, v in record.seconds.items() if k != "total")
-            lines.append(f"Clip {i + 1}/{n} `{record.name}` done in {record.seconds.get('total', 0):.1f} s "
-                         f"({record.frames} frames, {record.references} reference views; {secs}).")
-            clips = scene.clips
-            shown = viewer_update(ctx, scene, job_root, state)
-            yield {"status": "\n\n".join(lines), **shown,
-                   "downloads": downloads_for(scene_dir, downloads_dir, clips, exported=False),
-                   **clip_update(scene_dir, clips, clips[-1])}
+        with contextlib.closing(_clips_in_background(scene, requests, progress, flag)) as events:
+            for i, committed in enumerate(events):
+                record, clips = committed.record, committed.clips
+                secs = ", ".join(f"{k} {v:.1f} s" for k, v in record.seconds.items() if k != "total")
+                lines.append(f"Clip {i + 1}/{n} `{record.name}` done in {record.seconds.get('total', 0):.1f} s "
+                             f"({record.frames} frames, {record.references} reference views; {secs}).")
+                # Shown as soon as the clip is committed, while the next clip is being made.
+                shown = viewer_update(ctx, committed, job_root, state)
+                yield {"status": "\n\n".join(lines), **shown,
+                       "downloads": downloads_for(scene_dir, downloads_dir, clips, exported=False),
+                       **clip_update(scene_dir, clips, clips[-1])}
         progress(0.93, desc="export: cameras, 3DGS dataset, zip")
         scene.export(progress=lambda f, m: progress(0.93 + 0.07 * f, desc=f"export: {m}"))
         lines.append(f"Done in {time.perf_counter() - t_run:.1f} s. Everything is in the downloads; "
@@ -381,6 +379,34 @@ def _run(ctx: AppContext, state: dict, scene, engine: str, requests: list, flag,
         lines.append(f"**Stopped:** {message} Finished clips are kept.")
         yield {"status": "\n\n".join(lines), **_finish_partial(ctx, scene, scene_dir, downloads_dir, job_root, state)}
         raise gr.Error(f"{message} The {len(scene.clips)} finished clip(s) stay downloadable.") from None
+
+
+def _clips_in_background(scene, requests: list, progress: Callable, flag) -> Iterator:
+    """Run ``scene.generate_clips`` in a thread of its own and give each clip as it is committed
+    (``engine.scene.Committed``): the page shows clip k while clip k+1 is made. The thread's failure or cancel is
+    raised here; a caller that stops early (the page was closed) cancels the run and waits for it to end."""
+    events: queue.Queue = queue.Queue()
+    done = object()
+
+    def work():
+        try:
+            scene.generate_clips(requests, progress=lambda f, m: progress(0.08 + 0.84 * f, desc=m), cancel=flag.is_set, on_commit=events.put)
+            events.put(done)
+        except BaseException as e:  # noqa: BLE001 — handed to the page's thread, which words it
+            events.put(e)
+
+    # gradio's progress bar finds its event through context variables, which a new thread does not inherit.
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(work,), name="generation", daemon=True)
+    worker.start()
+    try:
+        while (event := events.get()) is not done:
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+    finally:
+        if worker.is_alive():
+            flag.set()
+            worker.join()
 
 
 def _finish_partial(ctx: AppContext, scene, scene_dir: Path, downloads_dir: Path, job_root: Path, state: dict) -> dict:

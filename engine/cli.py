@@ -123,15 +123,32 @@ def cmd_generate(args) -> int:
                 + [TrajectoryRequest.parse(n) for n in names or []] + [r for r in files.values() if not r.render_dir])
     requests = with_trajectory_prompts(
         requests or [TrajectoryRequest.parse(t) for t in scene.default_trajectories()], prompts)
+    evaluator = None
+    if args.evaluate:  # each clip judged in a thread of its own as it is committed, those already done first
+        from engine.evaluate import ClipEvaluator
+
+        evaluator = ClipEvaluator(out, threads=1, seed=args.seed)
+        for clip in scene.clips:
+            evaluator.submit(clip)
     bar = _Bar("generating")
     t0 = time.perf_counter()
     try:
-        scene.run(requests, progress=bar)
+        scene.run(requests, progress=bar,
+                  on_commit=(lambda c: evaluator.submit(c.clips[-1])) if evaluator is not None else None)
     finally:
         bar.close()
     print(f"Done in {time.perf_counter() - t0:.1f} s with the '{scene.settings.engine}' engine. Written to {out}:")
     for clip in scene.clips:
         print(f"  {clip['folder']}/  {_listing(scene.folder.clip_files(clip['name']).folder)}")
+    if evaluator is not None:
+        from engine.evaluate import table, write_scene_evaluation
+
+        t1 = time.perf_counter()
+        report = evaluator.report()
+        write_scene_evaluation(out, report)  # the zip is written again to hold it
+        print(table(report))
+        print(f"Evaluated {len(report['clips'])} clip(s) beside the run ({time.perf_counter() - t1:.1f} s more after "
+              f"it).")
     print(f"  {_listing(out, skip=(CLIPS,))}")
     return 0
 
@@ -261,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offload", choices=list(OFFLOAD_CHOICES), default="none",
                    help="GPU memory: " + offload_help_text())
     g.add_argument("--out", default="outputs/scene", help="job folder (an existing one is resumed)")
+    g.add_argument("--evaluate", action="store_true",
+                   help="judge each clip's camera accuracy as it is committed (as `evaluate` does, in a thread beside "
+                        "the loop) and write evaluation.json/.png with the scene")
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("revert", help="remove a scene's last clip: cache, memory, manifest and downloads as before it")

@@ -438,7 +438,7 @@ def evaluate_scene(job_dir: PathLike, clips: Optional[Sequence[str]] = None, ref
     """Judge the committed clips of the scene in ``job_dir`` (all, or those named in ``clips``) and, given a
     ``reference_cloud`` PLY, its ``scene.ply``: the report ``write_evaluation`` writes (JSON-ready)."""
     from engine.geometry.cache import PointCache
-    from engine.jobfolder import JobFolder, package_versions
+    from engine.jobfolder import JobFolder
 
     folder = JobFolder(job_dir)
     records = folder.read_manifest()["clips"]
@@ -467,12 +467,9 @@ def evaluate_scene(job_dir: PathLike, clips: Optional[Sequence[str]] = None, ref
     share = (0.9 if reference is not None else 1.0) / len(records)  # of the progress bar, per clip
     for i, record in enumerate(records):
         report(i * share, f"recovering the cameras of {record['name']}")
-        t0 = time.perf_counter()
-        asked.append(folder.clip_cameras(record))
-        result = evaluate_clip(folder.clip_frames(record), asked[-1], threads=threads, seed=seed)
-        result.seconds["total"] = time.perf_counter() - t0
-        results.append({"name": record["name"], "trajectory": record.get("trajectory", record["name"]),
-                        **result.to_json()})
+        result, cameras = judge_committed_clip(folder, record, threads=threads, seed=seed)
+        results.append(result)
+        asked.append(cameras)
     reconstruction = None
     if reference is not None:
         report(0.9, "comparing the reconstruction with the reference")
@@ -480,6 +477,25 @@ def evaluate_scene(job_dir: PathLike, clips: Optional[Sequence[str]] = None, ref
         reconstruction = evaluate_reconstruction(cloud, reference, threshold, align, threads=threads).to_json()
         reconstruction["reference"] = Path(reference_cloud).name
     report(1.0, "evaluation done")
+    return scene_report(results, asked, reconstruction, threads=threads, seed=seed)
+
+
+def judge_committed_clip(folder, record: dict, *, threads: int = 2, seed: int = 0) -> tuple[dict, Cameras]:
+    """``evaluate_clip`` of a committed clip of the job folder ``folder`` (an ``engine.jobfolder.JobFolder``) from
+    its files: its entry in the report (with its name and trajectory) and its asked cameras."""
+    t0 = time.perf_counter()
+    cameras = folder.clip_cameras(record)
+    result = evaluate_clip(folder.clip_frames(record), cameras, threads=threads, seed=seed)
+    result.seconds["total"] = time.perf_counter() - t0
+    return {"name": record["name"], "trajectory": record.get("trajectory", record["name"]), **result.to_json()}, cameras
+
+
+def scene_report(results: list[dict], asked: list[Cameras], reconstruction: Optional[dict], *, threads: int,
+                 seed: int) -> dict:
+    """The report of judged clips (``judge_committed_clip``) and a reconstruction figure: per clip, the scene's
+    means, the definitions, the settings and the versions (what ``write_evaluation`` writes)."""
+    from engine.jobfolder import package_versions
+
     scene = {"clips": len(results), "frames": sum(r["frames"] for r in results),
              "registered": sum(r["registered"] for r in results),
              "clips_with_figures": sum(r["rot_err_deg"] is not None for r in results)}
@@ -488,6 +504,38 @@ def evaluate_scene(job_dir: PathLike, clips: Optional[Sequence[str]] = None, ref
             "settings": {"matching": MATCHING, "mapping": "global (GLOMAP), incremental fallback",
                          "intrinsics": "fixed to the clip's cameras (PINHOLE)", "threads": threads, "seed": seed},
             "clips": results, "scene": scene, "reconstruction": reconstruction, "up": up_direction(asked)}
+
+
+class ClipEvaluator:
+    """Camera accuracy of each clip as the scene loop commits it (``generate --evaluate``): a thread of its own
+    judges the clips in turn from their committed files, off the loop's critical path. ``report`` waits for the last
+    and gives what ``evaluate_scene`` gives for the same clips."""
+
+    def __init__(self, job_dir: PathLike, *, threads: int = 1, seed: int = 0):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from engine.jobfolder import JobFolder
+
+        self.folder = JobFolder(job_dir)
+        self.threads, self.seed = threads, seed
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="clip-evaluator")
+        self._judged = []
+
+    def submit(self, record: dict) -> None:
+        """Judge the committed clip ``record`` (its manifest entry) after those submitted before it."""
+        self._judged.append(self._pool.submit(judge_committed_clip, self.folder, record, threads=self.threads,
+                                              seed=self.seed))
+
+    def report(self) -> dict:
+        """The report of every submitted clip, once all are judged."""
+        try:
+            judged = [j.result() for j in self._judged]
+        finally:
+            self._pool.shutdown(wait=True)
+        if not judged:
+            raise EvaluationError("There is no finished clip to evaluate.")
+        return scene_report([r for r, _ in judged], [c for _, c in judged], None, threads=self.threads,
+                            seed=self.seed)
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------

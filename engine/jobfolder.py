@@ -23,7 +23,8 @@ Layout (every file written atomically, ``engine.atomicio``; ``manifest.json`` is
 A clip is written into a temporary folder and renamed into place (``write_clip``), then the new cache file, then
 the manifest (``commit_clip``): a crash at any point leaves the last committed state intact, and reopening the folder
 (``clean_debris``, ``load_state``) resumes from it. The state a commit moves the scene to is made in memory
-(``commit_clip`` returns it; ``as_committed``), never read back from the files just written.
+(``with_clip``, ``as_committed``), never read back from the files just written: the scene moves on to the next clip
+while this one's files are written (``engine.scene.ClipWriter``), and commits it once they are.
 
 Revert writes back the manifest of the clip before (the commit point), then removes the clip's folder and
 cache file. Every writer is deterministic (fixed zip timestamps, sorted entries, lossless frames, no wall-clock
@@ -133,7 +134,8 @@ class ClipContent:
 @dataclass
 class ClipRecord:
     """A committed clip as the manifest lists it; ``seconds``: render, retrieve, generate, fuse, write (the clip's
-    files) and total."""
+    files), wait (for the clip before it to be written) and total (its time on the loop's critical path); ``timeline``:
+    each step's [start, end] in seconds since its run began (``engine.scene.ClipWriter``)."""
 
     name: str
     folder: str  # relative to the job folder
@@ -141,6 +143,7 @@ class ClipRecord:
     frames: int
     references: int
     seconds: dict = field(default_factory=dict)
+    timeline: dict = field(default_factory=dict)
 
 
 def clip_name(index: int, trajectory: str) -> str:
@@ -173,6 +176,14 @@ def unfinished_requests(manifest: dict) -> list[dict]:
     run = manifest.get("run") or {}
     requests = list(run.get("requests") or [])
     return requests[max(len(manifest.get("clips", [])) - int(run.get("first_clip", 0)), 0):]
+
+
+def with_clip(manifest: dict, record: ClipRecord) -> dict:
+    """A copy of ``manifest`` that lists the clip ``record`` and names its cache file as the current state."""
+    new = copy.deepcopy(manifest)
+    new["clips"].append(asdict(record))
+    new["state"]["cache"] = cache_file(len(new["clips"]))
+    return new
 
 
 def with_run(manifest: dict, requests: list[dict]) -> dict:
@@ -339,26 +350,22 @@ class JobFolder:
             content.memory.save(files.memory)
         return self.clip_files(name)
 
-    def commit_clip(self, manifest: dict, record: ClipRecord, cache: PointCache) -> tuple[dict, PointCache]:
-        """Commit the clip whose folder is written: save the grown cache as the next cache file, then write the
-        manifest that lists the clip (the commit point). Returns the committed state, made in memory: that manifest
-        and the cache as its file holds it (``as_committed``).
+    def commit_clip(self, manifest: dict, record: ClipRecord, cache: PointCache) -> dict:
+        """Commit the clip whose folder is written: save ``cache`` (the grown cache, ``as_committed``) as the next
+        cache file, then write the manifest that lists the clip (the commit point); returns that manifest.
 
         Not committed (disk full, a kill signal): the clip's folder and the new cache file are taken back, so the
         folder holds exactly the last committed state rather than orphans only a later clip would replace."""
-        new = copy.deepcopy(manifest)
-        new["clips"].append(asdict(record))
-        new["state"]["cache"] = cache_file(len(new["clips"]))
-        committed = as_committed(cache)
+        new = with_clip(manifest, record)
         try:
-            committed.save_ply(self.path / new["state"]["cache"])
+            cache.save_ply(self.path / new["state"]["cache"])
             self.write_manifest(new)
         except BaseException:
             shutil.rmtree(self.path / record.folder, ignore_errors=True)
             if new["state"]["cache"] != manifest["state"]["cache"]:
                 (self.path / new["state"]["cache"]).unlink(missing_ok=True)
             raise
-        return new, committed
+        return new
 
     # ---- the scene's cloud ----------------------------------------------------------------------------
     def write_scene_cloud(self, cache: PointCache, axes) -> SceneFiles:

@@ -17,12 +17,13 @@ def ensure(progress: Optional[Progress]) -> Progress:
     return progress if progress is not None else null_progress
 
 
-def span(progress: Optional[Progress], start: float, end: float) -> Progress:
-    """A callback for a sub-task that reports 0..1 of its own work as start..end of the parent's."""
+def span(progress: Optional[Progress], start: float, end: float, prefix: str = "") -> Progress:
+    """A callback for a sub-task that reports 0..1 of its own work as start..end of the parent's, each message after
+    ``prefix``."""
     parent = ensure(progress)
 
     def report(fraction: float, message: str) -> None:
         fraction = min(max(float(fraction), 0.0), 1.0)
-        parent(start + (end - start) * fraction, message)
+        parent(start + (end - start) * fraction, prefix + message)
 
     return report

@@ -2,7 +2,7 @@
 
 Every clip is conditioned on the 3D cache rendered along its cameras (GGM) and on reference frames retrieved
 from the memory bank (SSM); afterwards a few of its frames get depth, are scale-aligned to the cache and grow
-both the cache and the bank, so the next trajectory sees everything generated so far. ``Scene.generate`` runs one
+both the cache and the bank, so the next trajectory sees everything generated so far. ``Scene.make_clip`` runs one
 clip as named steps, in this order:
 
 1. ``render_cache``: the 3D cache rendered along the trajectory's cameras (colour, holes, depth).
@@ -10,7 +10,9 @@ clip as named steps, in this order:
 3. ``build_conditions``: the official model inputs (``engine.conditioning``).
 4. ``generate_frames``: the engine's clip generator (``engine.generators``), clip k seeded with ``clip_seed``.
 5. ``fuse``: kept frames get depth, scale-aligned to the cache, and grow a copy of it.
-6. ``write_and_commit``: the clip's files written, the clip committed, the scene moved on in memory.
+6. ``move_on``: the scene moved on in memory (manifest, cache, bank), made from the clip alone.
+7. ``ClipWriter``: the clip's files written and the clip committed, in a background thread while the next clip runs
+   steps 1-6 (``Scene.generate_clips``); the manifest lists a clip only once all its files are on disk.
 
 The rooms around the loop: ``engine.settings`` checks what a scene is asked for, ``engine.scene_start`` starts a
 scene (depth of the input, the first cache and bank), ``engine.generators`` makes each clip's frames,
@@ -23,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -37,14 +40,14 @@ from engine.geometry.memory import MemoryBank, sample_align_nframe
 from engine.geometry.render import RenderResult
 from engine.geometry.retrieval import References, Retrieval, retrieve, shortcut_bonus
 from engine.images import load_image
-from engine.jobfolder import (ClipContent, ClipRecord, JobFolder, clip_folder, clip_name, new_manifest, snapshot_file,
-                              unfinished_requests, with_run)
+from engine.jobfolder import (ClipContent, ClipRecord, JobFolder, as_committed, clip_folder, clip_name, new_manifest,
+                              snapshot_file, unfinished_requests, with_clip, with_run)
 from engine.progress import Progress, ensure, span
 from engine.sampling import SamplingCancelled
 from engine.scene_start import PANORAMA_KINDS, PANORAMA_START_YAWS
 from engine.settings import SceneError, SceneSettings, check_frames, check_prompt, engine_device
 
-__all__ = ["GenerationCancelled", "Scene", "TrajectoryRequest", "check_trajectory_prompts", "default_trajectory_names",
+__all__ = ["Committed", "GenerationCancelled", "Scene", "TrajectoryRequest", "check_trajectory_prompts", "default_trajectory_names",
            "open_for_files", "parse_trajectory_prompts", "revert", "with_trajectory_prompts"]
 
 DEFAULT_PHOTO_TRAJECTORIES = ("up", "left", "right", "orbit")  # the paper's benchmark set
@@ -173,13 +176,17 @@ def default_trajectory_names(kind: str) -> list[str]:
 
 @dataclass
 class Clip:
-    """One clip on its way through the steps of ``Scene.generate``; each step fills its part."""
+    """One clip on its way through the steps of ``Scene.make_clip``, ``move_on`` and its ``ClipWriter``; each step
+    fills its part."""
 
     request: TrajectoryRequest
     index: int  # 0-based, in the scene
     name: str  # its folder's name (``engine.jobfolder.clip_name``)
     cameras: Cameras  # [F], frame 0 the start view
+    origin: float = 0.0  # the run's start (``time.perf_counter``): the timeline's zero
+    t0: float = field(default_factory=time.perf_counter)  # the clip's start
     seconds: dict = field(default_factory=dict)  # each step's wall time
+    timeline: dict = field(default_factory=dict)  # each step's [start, end], seconds since ``origin``
     render: Optional[RenderResult] = None  # render_cache
     retrieval: Optional[Retrieval] = None  # retrieve
     references: Optional[References] = None
@@ -188,13 +195,112 @@ class Clip:
     kept: list = field(default_factory=list)  # fuse: the frames that grow the cache and the bank
     kept_depths: Optional[torch.Tensor] = None  # [K,H,W]
     cache: Optional[PointCache] = None  # the grown cache
+    references_json: Optional[dict] = None  # move_on: the references as references.json lists them
+    memory: Optional[MemoryBank] = None  # the clip's frames for the memory bank
+    committed_cache: Optional[PointCache] = None  # ``cache`` as its committed file holds it
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[None]:
         """Time the block as the step ``name`` (a failed step records nothing: its clip is not committed)."""
         t = time.perf_counter()
         yield
-        self.seconds[name] = time.perf_counter() - t
+        end = time.perf_counter()
+        self.seconds[name] = end - t
+        self.timeline[name] = [round(t - self.origin, 3), round(end - self.origin, 3)]
+
+    def record(self) -> ClipRecord:
+        """The clip as the manifest lists it."""
+        return ClipRecord(name=self.name, folder=clip_folder(self.name), trajectory=self.request.name,
+                          frames=len(self.cameras), references=len(self.retrieval.references),
+                          seconds=dict(self.seconds), timeline=dict(self.timeline))
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A clip just committed and the scene's state with it, as ``Scene.generate_clips``' ``on_commit`` gets it (it
+    reads like a scene to the page's views: ``manifest``, ``cache``, ``folder``, ``start_camera``, ``clips``)."""
+
+    record: ClipRecord
+    manifest: dict
+    cache: PointCache
+    folder: JobFolder
+    start_camera: Cameras
+
+    @property
+    def clips(self) -> list[dict]:
+        return list(self.manifest["clips"])
+
+
+class ClipWriter:
+    """Writes and commits a scene's clips in the order they are handed over (``Scene.generate_clips``): in one
+    background thread (``background``), so clip k's files are written while clip k+1 is made, at most one clip
+    waiting to be written; or at once. It holds the manifest as committed on disk. A failed write is raised at the
+    next ``wait`` (the loop stops there, so no clip after it is written).
+
+    A clip's ``seconds["total"]`` is its time on the loop's critical path: from its start to its hand-over (with the
+    wait for the clip before it, ``seconds["wait"]``), plus its writing only when that is not done behind; its
+    ``timeline`` shows when each step ran, the writing of clip k beside the steps of clip k+1."""
+
+    def __init__(self, scene: "Scene", background: bool, on_commit: Optional[Callable[[Committed], None]] = None):
+        self.scene = scene
+        self.manifest = copy.deepcopy(scene.manifest)
+        self.records: list[ClipRecord] = []
+        self.origin = time.perf_counter()
+        self.on_commit = on_commit
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="clip-writer") if background else None
+        self._pending: Optional[Future] = None
+        self._waited = 0.0
+
+    def wait(self) -> None:
+        """Wait until the clip handed over last is committed; its failure is raised here."""
+        t = time.perf_counter()
+        pending, self._pending = self._pending, None
+        try:
+            if pending is not None:
+                pending.result()
+        finally:
+            self._waited = time.perf_counter() - t
+
+    def hand_over(self, clip: Clip) -> None:
+        """Write and commit ``clip`` (moved on in memory: ``Scene.move_on``), behind the loop or at once."""
+        if self._pool is None:
+            self._commit(clip)
+            return
+        clip.seconds["wait"] = self._waited
+        clip.seconds["total"] = time.perf_counter() - clip.t0
+        self._pending = self._pool.submit(self._commit, clip)
+
+    def close(self) -> None:
+        """Wait for the last clip (its failure is raised), then end the thread."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _commit(self, clip: Clip) -> None:
+        scene, folder = self.scene, self.scene.folder
+        with clip.step("write"):
+            folder.write_clip(clip.name, scene.clip_content(clip))
+        if self._pool is None:
+            clip.seconds["total"] = time.perf_counter() - clip.t0
+        record = clip.record()
+        self.manifest = folder.commit_clip(self.manifest, record, clip.committed_cache)
+        self.manifest = write_cloud(folder, self.manifest, clip.committed_cache)
+        folder.snapshot(self.manifest)
+        self.records.append(record)
+        if self.on_commit is not None:
+            self.on_commit(Committed(record, copy.deepcopy(self.manifest), clip.committed_cache, folder,
+                                     scene.start_camera))
+
+
+def write_cloud(folder: JobFolder, manifest: dict, cache: PointCache) -> dict:
+    """Write the fused cloud of ``cache`` as people download it (``JobFolder.write_scene_cloud``) and return
+    ``manifest`` marked as having it (``cloud_written_for``), that manifest written."""
+    folder.write_scene_cloud(cache, scene_start.gltf_axes(manifest["kind"]))
+    manifest = {**manifest, "cloud_written_for": manifest["state"]["cache"]}
+    folder.write_manifest(manifest)
+    return manifest
 
 
 class Scene:
@@ -395,36 +501,75 @@ class Scene:
         return self._generator
 
     def run(self, trajectories: Optional[Sequence[Union[str, TrajectoryRequest]]] = None,
-            progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None) -> list[ClipRecord]:
-        """Generate every trajectory not yet done (resume-safe), then export the scene."""
+            progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
+            on_commit: Optional[Callable[["Committed"], None]] = None) -> list[ClipRecord]:
+        """Generate every trajectory not yet done (resume-safe), each clip's files written behind the next clip
+        (``generate_clips``), then export the scene."""
         requests = [TrajectoryRequest.parse(t) for t in (trajectories or self.default_trajectories())]
         done = {c["trajectory"] for c in self.manifest["clips"]}
         todo = [r for r in requests if r.name not in done]
         self.plan_run(todo)
         report = ensure(progress)
-        records = []
-        for i, req in enumerate(todo):
-            records.append(self.generate(req, progress=span(report, i / (len(todo) + 0.2), (i + 1) / (len(todo) + 0.2)),
-                                         cancel=cancel))
+        records = self.generate_clips(todo, progress=span(report, 0.0, len(todo) / (len(todo) + 0.2)), cancel=cancel,
+                                      on_commit=on_commit)
         self.export(progress=span(report, len(todo) / (len(todo) + 0.2), 1.0))
         return records
 
     def generate(self, request: Union[str, TrajectoryRequest], progress: Optional[Progress] = None,
                  cancel: Optional[Callable[[], bool]] = None) -> ClipRecord:
-        """Generate one clip along a trajectory, grow cache and memory, and commit it to the job folder: the steps
-        of the module doc, each timed; a set ``cancel`` flag stops the clip between steps."""
+        """Generate one clip along a trajectory, grow cache and memory, and commit it to the job folder before
+        returning."""
+        return self.generate_clips([request], progress=progress, cancel=cancel, behind=False)[0]
+
+    def generate_clips(self, requests: Sequence[Union[str, TrajectoryRequest]], progress: Optional[Progress] = None,
+                       cancel: Optional[Callable[[], bool]] = None,
+                       on_commit: Optional[Callable[["Committed"], None]] = None,
+                       behind: bool = True) -> list[ClipRecord]:
+        """Generate a clip along each request in turn (``make_clip``: the steps of the module doc), move the scene
+        on in memory after each (``move_on``) and hand it to a ``ClipWriter``: with ``behind``, clip k's files are
+        written and committed in a background thread while clip k+1 is made. ``on_commit`` (called in the writer's
+        thread) gets each clip as it is committed. Returns the committed clips' records.
+
+        Whatever stops the run (a failed step, a cancel, a failed write), every clip handed over before it is
+        committed or, if its writing failed, the scene goes back to the last committed state (``reload``): the
+        object and the folder agree, and a resume starts there."""
+        report = ensure(progress)
+        requests = list(requests)
+        writer = ClipWriter(self, background=behind and len(requests) > 1, on_commit=on_commit)
+        try:
+            for i, req in enumerate(requests):
+                n = len(requests)
+                clip = self.make_clip(req, span(report, i / n, (i + 1) / n, prefix=f"clip {i + 1}/{n} · "), cancel,
+                                      origin=writer.origin)
+                writer.wait()
+                self.move_on(clip)
+                writer.hand_over(clip)
+        finally:
+            try:
+                writer.close()
+            finally:
+                if len(writer.manifest["clips"]) == len(self.manifest["clips"]):
+                    self.manifest = writer.manifest  # as committed, with the clips' write seconds
+                else:  # a clip was handed over but not committed
+                    self.reload()
+        return writer.records
+
+    def make_clip(self, request: Union[str, TrajectoryRequest], progress: Progress,
+                  cancel: Optional[Callable[[], bool]], origin: float) -> "Clip":
+        """One clip through the steps from ``render_cache`` to ``fuse``, each timed; a set ``cancel`` flag stops it
+        between steps. ``origin``: the run's start, for the clip's timeline."""
         report = ensure(progress)
 
         def stop_if_cancelled() -> None:
             if cancel is not None and cancel():
                 raise GenerationCancelled()
 
+        stop_if_cancelled()
         generator = self._clip_generator()
-        t0 = time.perf_counter()
         req = TrajectoryRequest.parse(request)
         cameras = self.plan(req)
         index = len(self.manifest["clips"])
-        clip = Clip(req, index, clip_name(index, req.name), cameras)
+        clip = Clip(req, index, clip_name(index, req.name), cameras, origin=origin)
         with clip.step("render"):
             report(0.0, f"{clip.name}: rendering the 3D cache")
             # Only the paper's branch-form memory reads pointmaps; the released (stitched) form renders none.
@@ -436,12 +581,12 @@ class Scene:
         stop_if_cancelled()
         with clip.step("generate"):
             clip.conditions = self.build_conditions(clip, generator)
-            clip.frames = self.generate_frames(clip, generator, span(report, 0.1, 0.8), cancel)
+            clip.frames = self.generate_frames(clip, generator, span(report, 0.1, 0.9), cancel)
         stop_if_cancelled()
         with clip.step("fuse"):
-            report(0.8, f"{clip.name}: depth of kept frames")
-            self.fuse(clip, span(report, 0.8, 0.9), stop_if_cancelled)
-        return self.write_and_commit(clip, t0, report)
+            report(0.9, f"{clip.name}: depth of kept frames")
+            self.fuse(clip, span(report, 0.9, 1.0), stop_if_cancelled)
+        return clip
 
     # ---- the steps ------------------------------------------------------------------------------------
     def render_cache(self, cameras: Cameras, pointmaps: bool = False) -> RenderResult:
@@ -515,38 +660,15 @@ class Scene:
         clip.cache.downsample(self.settings.point_budget)
         clip.kept_depths = torch.stack(depths)
 
-    def write_and_commit(self, clip: Clip, t0: float, report: Progress) -> ClipRecord:
-        """Write the clip's files (``clip_content``: everything in memory first), commit the clip, and move the
-        scene on. The state after the commit (the manifest listing the clip, the grown cache as its committed file
-        holds it, the bank with the clip's kept frames) is made in memory from the clip, never read back from the
-        files written here, so those files could be written while the next clip starts, as long as the commit waits
-        for them."""
-        report(0.92, f"{clip.name}: writing outputs")
-        with clip.step("write"):
-            content = self.clip_content(clip)
-            self.folder.write_clip(clip.name, content)
-        clip.seconds["total"] = time.perf_counter() - t0
-        record = ClipRecord(name=clip.name, folder=clip_folder(clip.name), trajectory=clip.request.name,
-                            frames=len(clip.cameras), references=len(clip.retrieval.references),
-                            seconds=clip.seconds)
-        self.manifest, self.cache = self.folder.commit_clip(self.manifest, record, clip.cache)
-        # The previous cache file stays: ``revert`` goes back to it.
-        self.bank.extend(content.memory)
-        self.write_scene_cloud()
-        self.folder.snapshot(self.manifest)
-        report(1.0, f"{clip.name}: done")
-        return record
-
-    def clip_content(self, clip: Clip) -> ClipContent:
-        """What is written of a clip: its frames and cameras, what the model was given (in the official files'
-        convention: holes mid-grey, frame 0 the input view), the geometry it left (the grown cache's depth from
-        every camera), the references it had and the frames it gives the memory bank."""
-        seen = clip.cache.render(clip.cameras, radius=self.splat_radius(clip.cameras))
-        render, covered = clip.conditions.render_frames()
+    def move_on(self, clip: Clip) -> None:
+        """The scene after ``clip``, in memory: the manifest lists it, the cache is the grown one as its committed
+        file holds it (``as_committed``), the bank holds the clip's kept frames exactly as its files hold them. All
+        made from the clip, never read back from its files, so the next clip can start before they are written."""
         references = clip.retrieval.to_json()
         references["bank_frames"] = [f"{self.bank.sources[i]}#{self.bank.frame_ids[i]}" for i in
                                      clip.retrieval.references]
         references["bank_labels"] = [self.bank.labels[i] for i in clip.retrieval.references]
+        clip.references_json = references
         memory = MemoryBank()
         # The kept frames exactly as the clip's files hold them (8-bit, lossless), so a resumed scene's bank is this
         # one; each labelled as the shortcut rules read it.
@@ -554,8 +676,25 @@ class Scene:
         memory.add(kept, clip.cameras[clip.kept], clip.kept_depths.cpu(),
                    frame_ids=[frame_id(clip.index, i) for i in clip.kept], source=clip.name,
                    labels=[clip.request.label or clip.request.name] * len(clip.kept))
+        clip.memory = memory
+        clip.committed_cache = as_committed(clip.cache)
+        self.manifest = with_clip(self.manifest, clip.record())
+        self.cache = clip.committed_cache  # the previous cache file stays: ``revert`` goes back to it
+        self.bank.extend(memory)
+
+    def clip_content(self, clip: Clip) -> ClipContent:
+        """What is written of a clip (after ``move_on``): its frames and cameras, what the model was given (in the
+        official files' convention: holes mid-grey, frame 0 the input view), the geometry it left (the grown cache's
+        depth from every camera), the references it had and the frames it gives the memory bank."""
+        seen = clip.cache.render(clip.cameras, radius=self.splat_radius(clip.cameras))
+        render, covered = clip.conditions.render_frames()
         return ClipContent(frames=clip.frames, cameras=clip.cameras, render=render, covered=covered,
-                           depth=(seen.depth, seen.mask), references=references, memory=memory)
+                           depth=(seen.depth, seen.mask), references=clip.references_json, memory=clip.memory)
+
+    def reload(self) -> None:
+        """Go back to the state the job folder has committed (after a clip that could not be written, a revert)."""
+        reopened = Scene.open(self.job_dir, depth_source=self.depth_source, announce=self.announce)
+        self.manifest, self.cache, self.bank = reopened.manifest, reopened.cache, reopened.bank
 
     # ---- what the steps ask of the scene -------------------------------------------------------------
     def splat_radius(self, cams: Cameras) -> int:
@@ -604,15 +743,12 @@ class Scene:
 
     # ---- outputs --------------------------------------------------------------------------------------
     def write_scene_cloud(self, only_if_stale: bool = False) -> dict:
-        """The fused cloud as people download it (``JobFolder.write_scene_cloud``): ``{"ply", "glb", "splats"}``."""
+        """The fused cloud as people download it (``write_cloud``): ``{"ply", "glb", "splats"}``."""
         files = self.folder.scene_files()
         paths = {"ply": files.cloud, "glb": files.glb, "splats": files.splats}
-        state = self.manifest["state"]["cache"]
-        if not (only_if_stale and self.manifest.get("cloud_written_for") == state
+        if not (only_if_stale and self.manifest.get("cloud_written_for") == self.manifest["state"]["cache"]
                 and all(p.exists() for p in paths.values())):
-            self.folder.write_scene_cloud(self.cache, scene_start.gltf_axes(self.manifest["kind"]))
-            self.manifest["cloud_written_for"] = state
-            self.folder.write_manifest(self.manifest)
+            self.manifest = write_cloud(self.folder, self.manifest, self.cache)
         return paths
 
     def export(self, progress: Optional[Progress] = None) -> dict:
@@ -647,8 +783,7 @@ class Scene:
             raise SceneError(f"The 3D cache from before clip {removed['name']} was not kept, so it cannot be removed.")
         report(0.1, f"removing {removed['name']}")
         self.folder.remove_last_clip(self.manifest, previous)
-        reopened = Scene.open(self.job_dir, depth_source=self.depth_source, announce=self.announce)
-        self.manifest, self.cache, self.bank = reopened.manifest, reopened.cache, reopened.bank
+        self.reload()
         if n == 1:
             self.folder.remove_scene_outputs()
         else:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-TIMING_KEYS = frozenset({"seconds", "created"})  # wall-clock values: the only things two runs may differ in
+TIMING_KEYS = frozenset({"seconds", "timeline", "created"})  # wall-clock values: the only things two runs may differ in
 
 
 def without_timings(value):

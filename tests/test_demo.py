@@ -179,16 +179,16 @@ def test_engine_error_mid_run_is_one_sentence_and_keeps_earlier_clips(ctx, examp
     from engine.scene import Scene
     from engine.settings import SceneError
 
-    original = Scene.generate
+    original = Scene.make_clip
     calls = []
 
-    def failing_second(self, request, **kw):
+    def failing_second(self, request, *a, **kw):
         calls.append(request)
         if len(calls) == 2:
             raise SceneError("The 3D cache has no points in front of this trajectory; choose a smaller angle.")
-        return original(self, request, **kw)
+        return original(self, request, *a, **kw)
 
-    monkeypatch.setattr(Scene, "generate", failing_second)
+    monkeypatch.setattr(Scene, "make_clip", failing_second)
     inp = GenerationInputs(image=str(examples / PHOTO), trajectories=["left", "right"], frames=FRAMES)
     updates = []
     with pytest.raises(gr.Error) as err:
@@ -268,11 +268,11 @@ def test_gpu_memory_option_reaches_the_scene_and_unknown_ones_are_refused(ctx, e
     # Generating the planned scene runs with the option chosen when Generate is pressed.
     ran_with = []
 
-    def stop(self, request, **_):
+    def stop(self, request, *_, **__):
         ran_with.append(self.settings.offload)
         raise GenerationCancelled("stopped by the test")
 
-    monkeypatch.setattr(Scene, "generate", stop)
+    monkeypatch.setattr(Scene, "make_clip", stop)
     updates = list(generation.generate(ctx, state, replace(inp, offload="model"), session="off"))
     assert ran_with == ["model"] and updates[0]["state"]["job"] == state["job"]
     with pytest.raises(gr.Error, match="choose one of: none, text-encoder, model, group"):

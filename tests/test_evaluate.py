@@ -383,3 +383,23 @@ def test_bench_prints_its_table(capsys, one_thread):
                    "--threads", "1"])
     out = capsys.readouterr().out
     assert "| total s (median) |" in out and "| 5/5 | global |" in out
+
+
+def test_generate_evaluate_judges_each_clip_as_the_evaluate_command_does(preview_scene, examples, tmp_path, capsys):
+    """``generate --evaluate`` on a scene with clips done (a resume adding one more): the clips judged beside the loop,
+    the earlier ones included, carry the figures ``evaluate --threads 1`` gives for the finished scene afterwards."""
+    out = tmp_path / "scene"
+    shutil.copytree(preview_scene, out)
+    assert cli_main(["generate", "--image", str(examples / PHOTO), "--engine", "preview", "--frames", "5",
+                     "--trajectories", "up,left,right", "--out", str(out), "--evaluate"]) == 0
+    printed = capsys.readouterr().out
+    beside = json.loads((out / "evaluation.json").read_text())
+    assert [c["name"] for c in beside["clips"]] == ["00_up", "01_left", "02_right"] and "02_right" in printed
+    with zipfile.ZipFile(out / "scene.zip") as zf:
+        assert zf.read("evaluation.json") == (out / "evaluation.json").read_bytes()
+    assert cli_main(["evaluate", str(out), "--threads", "1", "--json", str(tmp_path / "after.json")]) == 0
+    after = json.loads((tmp_path / "after.json").read_text())
+    for a, b in zip(beside["clips"], after["clips"]):
+        assert a["registered"] == b["registered"] and a["registered"] >= 3, a["name"]
+        for key in ("rot_err_deg", "trans_err", "ate"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["name"], key)

@@ -142,13 +142,12 @@ def test_revert_within_one_run_restores_the_first_clips_files(examples, tmp_path
                          announce=lambda m: None)
     first = {}
 
-    def after_first_clip():
-        manifest = json.loads((out / "manifest.json").read_text())
-        if len(manifest["clips"]) == 1 and (out / "state" / "manifest-0001.json").is_file() and not first:
+    def after_first_clip(committed):  # in the writer's thread, before the second clip can be written
+        if len(committed.clips) == 1:
+            assert (out / "state" / "manifest-0001.json").is_file()
             first.update(_tree(out))
-        return False
 
-    scene.run(["up", "left"], cancel=after_first_clip)
+    scene.run(["up", "left"], on_commit=after_first_clip)
     assert first and len(json.loads((out / "manifest.json").read_text())["clips"]) == 2
     both = _tree(out)
     assert cli_main(["revert", str(out)]) == 0

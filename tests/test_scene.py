@@ -326,8 +326,8 @@ def test_resume_after_an_interruption_finishes_as_an_uninterrupted_run(examples,
     scene = Scene.create(out, examples / PHOTO, settings=settings, depth_source=PlaneTestDepth(),
                          announce=lambda m: None)
 
-    def cancel():
-        return len(json.loads((out / "manifest.json").read_text())["clips"]) >= 2
+    def cancel():  # set once two clips are made: the third stops at its first step, the two are committed
+        return len(scene.manifest["clips"]) >= 2
 
     with pytest.raises(GenerationCancelled):
         scene.run(planned, cancel=cancel)

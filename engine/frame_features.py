@@ -101,6 +101,13 @@ def load_frame_describer(spec: Optional[Union[str, Path]] = None, device: Union[
         if key in _LOADED:
             return _LOADED[key]
         try:
+            if not Path(spec).is_dir():
+                # Asking the hub cache first costs a file lookup; importing transformers to learn the same costs
+                # seconds (about 3 s on 2 cores), on every preview run without the weights.
+                from huggingface_hub import try_to_load_from_cache
+
+                if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+                    raise FileNotFoundError(spec)
             from transformers import AutoImageProcessor, Dinov2Model
 
             # The release asks for the fast (torchvision) processor: `use_fast=True`, `backend="torchvision"` here.

@@ -188,3 +188,19 @@ def test_a_failed_write_leaves_the_scene_object_at_the_committed_state(photo, tm
     whole = tmp_path / "whole"
     _new_scene(whole, photo).generate_clips(TRAJECTORIES)
     assert_same_scene(job, whole)
+
+
+def test_the_engine_runs_numpy_and_scipy_on_one_blas_thread():
+    """OpenBLAS threads stalled the writer's and the page's numpy products when both ran at once (engine/__init__.py):
+    once the engine is imported, every BLAS library threadpoolctl finds runs one thread, whether numpy was imported
+    before the engine (as the app and pytest do) or scipy after it."""
+    import subprocess
+    import sys
+
+    code = ("import numpy, json, threadpoolctl; import engine; import scipy.linalg; "
+            "print(json.dumps([(i['user_api'], i['num_threads']) for i in threadpoolctl.threadpool_info()]))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    blas = [n for api, n in json.loads(out) if api == "blas"]
+    assert len(blas) >= 1 and set(blas) == {1}, out

@@ -128,6 +128,37 @@ def test_continue_adds_trajectories_to_the_same_scene(ctx, run):
     assert Path(clip).is_file() and Path(mask).name == "render_mask.mp4"
 
 
+def test_each_clip_is_shown_while_the_next_one_is_being_made(ctx, examples, monkeypatch):
+    """The second clip's steps are held until the page has shown the first clip (its video, the viewers, its
+    download): a page that showed a clip only after the next one ended would never release them (the test fails
+    after 60 s instead of hanging)."""
+    import threading
+
+    from engine.scene import Scene
+
+    shown_first, real = threading.Event(), Scene.make_clip
+
+    def held(self, request, *a, **kw):
+        if len(self.manifest["clips"]) == 1:  # the second clip waits for the page
+            assert shown_first.wait(60), "the first clip was not shown while the second was being made"
+        return real(self, request, *a, **kw)
+
+    monkeypatch.setattr(Scene, "make_clip", held)
+    inp = GenerationInputs(image=str(examples / PHOTO), trajectories=["left", "up"], frames=FRAMES)
+    updates = []
+    for u in generation.generate(ctx, {}, inp, session="s-stream"):
+        updates.append(u)
+        if "clip_video" in u:
+            scene_dir = Path(u["clip_video"]).parents[2]
+            committed = [c["name"] for c in json.loads((scene_dir / "manifest.json").read_text())["clips"]]
+            if not shown_first.is_set():
+                assert committed == ["00_left"] and Path(u["clip_video"]).parent.name == "00_left"
+                assert "00_left.mp4" in [Path(p).name for p in u["downloads"]]
+                shown_first.set()
+    assert [u["clip_choice"]["choices"][-1] for u in updates if "clip_video" in u] == ["00_left", "01_up"]
+    assert updates[-1]["status"].splitlines()[-1].startswith("Done in")
+
+
 def test_cancel_stops_after_the_current_stage_and_keeps_finished_clips(ctx, examples):
     def cancel_in_second_clip(fraction, desc):
         if desc.startswith("clip 2/2"):

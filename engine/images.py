@@ -224,8 +224,8 @@ def check_image(source: ImageSource, max_pixels: int = MAX_PIXELS, min_side: int
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Float images ``[...,3,H,W]`` in [0,1] -> uint8 numpy ``[...,H,W,3]`` (rounded, clipped)."""
-    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
+    x = images.detach().float().clamp(0, 1).mul_(255).round_().to(torch.uint8)  # clamp makes the one float copy
+    return x.movedim(-3, -1).contiguous().cpu().numpy()  # contiguous: what encoders and pipes take as it is
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

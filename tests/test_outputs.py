@@ -100,7 +100,25 @@ def test_bad_frames_refused(tmp_path):
         write_video(tmp_path / "x.mp4", torch.rand(3, 32, 32))
     with pytest.raises(OutputError, match="NaN"):
         write_video(tmp_path / "x.mp4", torch.full((1, 3, 8, 8), float("nan")))
+    for bad in (float("inf"), -float("inf"), float("nan")):  # one bad value among finite ones
+        frames = torch.rand(2, 3, 8, 8)
+        frames[1, 2, 7, 3] = bad
+        with pytest.raises(OutputError, match="infinite"):
+            write_video(tmp_path / "x.mp4", frames)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_video_bytes_are_imageios(tmp_path):
+    """The pipe to ffmpeg writes the file imageio's FFMPEG writer writes with the same settings, frame by frame."""
+    frames = _smooth_frames(7, 30, 46)
+    ours = write_video(tmp_path / "ours.mp4", frames, fps=16, crf=17)
+    writer = imageio.get_writer(tmp_path / "imageio.mp4", format="FFMPEG", mode="I", fps=16, codec="libx264",
+                                pixelformat="yuv420p", quality=None, macro_block_size=1, ffmpeg_log_level="error",
+                                output_params=["-crf", "17", "-movflags", "+faststart"])
+    for frame in (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
+        writer.append_data(frame)
+    writer.close()
+    assert ours.read_bytes() == (tmp_path / "imageio.mp4").read_bytes()
 
 
 # ---- point clouds --------------------------------------------------------------------------------
@@ -281,27 +299,18 @@ def test_failed_write_keeps_earlier_file_and_leaves_no_temp(tmp_path, monkeypatc
     target = write_video(tmp_path / "clip.mp4", _smooth_frames(2, 16, 16))
     before = target.read_bytes()
 
-    real_get_writer = imageio.get_writer
-
     class Boom(RuntimeError):
         pass
 
-    def failing_get_writer(*args, **kwargs):
-        writer = real_get_writer(*args, **kwargs)
-        calls = {"n": 0}
-        real_append = writer.append_data
+    # ffmpeg failing part-way (it reads some frames, writes part of the file, then exits with an error).
+    failing = tmp_path.parent / f"{tmp_path.name}-failing-ffmpeg.sh"
+    failing.write_text('#!/bin/sh\nhead -c 100 > /dev/null\nfor a; do out="$a"; done\n'
+                       'printf partial > "$out"\necho "disk full" >&2\nexit 1\n')
+    failing.chmod(0o755)
+    import engine.outputs as outputs_module
 
-        def append(frame):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise Boom("disk full")
-            real_append(frame)
-
-        writer.append_data = append
-        return writer
-
-    monkeypatch.setattr(imageio, "get_writer", failing_get_writer)
-    with pytest.raises(Boom):
+    monkeypatch.setattr(outputs_module, "_ffmpeg_exe", lambda: str(failing))
+    with pytest.raises(OutputError, match="disk full"):
         write_video(target, _smooth_frames(3, 16, 16))
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]

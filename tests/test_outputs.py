@@ -114,7 +114,7 @@ def test_video_bytes_are_imageios(tmp_path):
     ours = write_video(tmp_path / "ours.mp4", frames, fps=16, crf=17)
     writer = imageio.get_writer(tmp_path / "imageio.mp4", format="FFMPEG", mode="I", fps=16, codec="libx264",
                                 pixelformat="yuv420p", quality=None, macro_block_size=1, ffmpeg_log_level="error",
-                                output_params=["-crf", "17", "-movflags", "+faststart"])
+                                output_params=["-crf", "17", "-threads", "1", "-movflags", "+faststart"])
     for frame in (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
         writer.append_data(frame)
     writer.close()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from engine.atomicio import atomic_path, atomic_write_json
 from engine.geometry.cameras import Cameras
-from engine.images import save_image, to_uint8
+from engine.images import to_uint8
 from engine.plyio import write_vertices
 
 PathLike = Union[str, Path]
@@ -270,18 +270,59 @@ def opencv_c2w_to_nerfstudio(c2w: np.ndarray) -> np.ndarray:
     return out
 
 
+DatasetImage = Union[torch.Tensor, Path]  # one image [3,H,W] in [0,1], or a lossless PNG file of one
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """``(h, w)`` of a PNG file from its header."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise OutputError(f"Dataset image {path.name} is not a PNG file.")
+            return im.height, im.width
+    except OSError:
+        raise OutputError(f"Dataset image {path.name} cannot be read as a PNG file.") from None
+
+
+def _write_if_changed(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically, unless the file already holds exactly these bytes."""
+    try:
+        if target.stat().st_size == len(data) and target.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_transforms_json(
-    folder: PathLike, images: torch.Tensor, cameras: Cameras, image_dir: str = "images"
+    folder: PathLike, images: Union[torch.Tensor, Sequence[DatasetImage]], cameras: Cameras, image_dir: str = "images"
 ) -> Path:
     """A nerfstudio dataset: ``images/frame_00001.png`` ... and ``transforms.json`` (camera_model OPENCV).
+
+    ``images``: ``[N,3,H,W]`` in [0,1], or one entry per image, each ``[3,H,W]`` or the path of a PNG file that
+    already holds the image losslessly (a clip's ``frames/NNNN.png``): that file is copied byte for byte rather than
+    decoded and encoded again. An image file that already holds the same bytes is left as it is.
 
     Nerfstudio, like COLMAP and this project, puts pixel centres at ``+0.5``, so ``fl_x, fl_y, cx, cy`` are
     the intrinsics unchanged. Images are written first and ``transforms.json`` last, so a present
     ``transforms.json`` always describes complete images.
     """
+    from engine.images import encode_png
+
     folder = Path(folder)
-    images = _check_frames(images, "write_transforms_json")
-    n, _, h, w = images.shape
+    if isinstance(images, torch.Tensor):
+        images = list(_check_frames(images, "write_transforms_json"))
+    items = [Path(x) if isinstance(x, (str, Path)) else x for x in images]
+    if not items:
+        raise OutputError("write_transforms_json needs at least one image.")
+    sizes = {tuple(_png_size(x)) if isinstance(x, Path) else tuple(_check_frames(x[None], "write_transforms_json")
+                                                                     .shape[-2:]) for x in items}
+    if len(sizes) != 1:
+        raise OutputError(f"write_transforms_json got images of different sizes {sorted(sizes)}; give one size.")
+    (h, w), n = sizes.pop(), len(items)
     if len(cameras) != n:
         raise OutputError(f"write_transforms_json got {n} images but {len(cameras)} cameras; give one camera per image.")
     if (cameras.width, cameras.height) != (w, h):
@@ -293,9 +334,9 @@ def write_transforms_json(
         return {"fl_x": float(k[0, 0]), "fl_y": float(k[1, 1]), "cx": float(k[0, 2]), "cy": float(k[1, 2]), "w": w, "h": h}
 
     frames = []
-    for i in range(n):
+    for i, item in enumerate(items):
         rel = f"{image_dir}/frame_{i + 1:05d}.png"
-        save_image(folder / rel, images[i])
+        _write_if_changed(folder / rel, item.read_bytes() if isinstance(item, Path) else encode_png(to_uint8(item)))
         frames.append({"file_path": rel, "transform_matrix": c2w[i].tolist(), **intr(K[i])})
     data = {"camera_model": "OPENCV", **intr(K[0]), "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "frames": frames}
     return atomic_write_json(folder / "transforms.json", data)

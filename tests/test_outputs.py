@@ -265,6 +265,34 @@ def test_transforms_json_nerfstudio(tmp_path):
         write_transforms_json(tmp_path / "bad", images[:2], cams)
 
 
+
+def test_transforms_json_copies_png_files_and_leaves_equal_ones(tmp_path):
+    """Images given as PNG files are copied byte for byte (not re-encoded); the dataset equals, file for file in
+    pixels, the one written from the decoded tensors; a second write with the same images rewrites no image file."""
+    n, h, w = 4, 24, 32
+    cams = _random_cameras(n, w, h, seed=5)
+    frames = _smooth_frames(n, h, w)
+    sources = []
+    for i in range(1, n):  # the first image as a tensor, the others as files written by another encoder (Pillow)
+        sources.append(tmp_path / f"src{i}.png")
+        Image.fromarray((frames[i] * 255).round().byte().permute(1, 2, 0).numpy()).save(sources[-1], compress_level=9)
+    path = write_transforms_json(tmp_path / "mixed", [frames[0], *sources], cams)
+    from_tensors = write_transforms_json(tmp_path / "tensors", frames, cams)
+    assert json.loads(path.read_text()) == json.loads(from_tensors.read_text())
+    for i in range(n):
+        rel = f"images/frame_{i + 1:05d}.png"
+        if i:
+            assert (tmp_path / "mixed" / rel).read_bytes() == sources[i - 1].read_bytes()
+        a, b = Image.open(tmp_path / "mixed" / rel), Image.open(tmp_path / "tensors" / rel)
+        assert a.mode == b.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "mixed" / "images").iterdir()}
+    inodes = {p.name: p.stat().st_ino for p in (tmp_path / "mixed" / "images").iterdir()}
+    write_transforms_json(tmp_path / "mixed", [frames[0], *sources], cams)
+    assert {p.name: p.stat().st_ino for p in (tmp_path / "mixed" / "images").iterdir()} == inodes
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "mixed" / "images").iterdir()} == stamps
+    with pytest.raises(OutputError, match="different sizes"):
+        write_transforms_json(tmp_path / "bad", [frames[0], *sources[:1], torch.rand(3, h + 2, w)], cams[:3])
+
 # ---- zip, atomicity --------------------------------------------------------------------
 
 def test_zip_contains_exactly_the_files_and_is_deterministic(tmp_path):

@@ -15,8 +15,11 @@ behind. Files are written so that common tools open them unchanged:
 from __future__ import annotations
 
 import fnmatch
+import os
+import struct
 import subprocess
 import zipfile
+import zlib
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -349,8 +352,128 @@ def _excluded(rel: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(name, pat) for pat in patterns)
 
 
+ZIP_STORED_SUFFIXES = (".mp4", ".png", ".jpg", ".jpeg", ".webp", ".glb", ".zip")  # already compressed
+ZIP_LEVEL = 1  # zlib level of the deflated entries (PLY, JSON): 2.6x faster than zlib's default 6, zip 3 % larger
+_ZIP_FLAGS = 0x6  # general purpose bits 1-2 of a deflated entry: "super fast" (APPNOTE 4.4.4), this writer's mark
+_ZIP_MADE_BY = (3 << 8) | 20  # Unix, zip 2.0
+_ZIP_MAX = 0xFFFFFFFF  # beyond this (a size or an offset) an archive needs ZIP64: written by zipfile instead
+
+
+def _dos_date_time(date_time=ZIP_DATE) -> tuple[int, int]:
+    y, mo, d, h, mi, sec = date_time
+    return ((y - 1980) << 9) | (mo << 5) | d, (h << 11) | (mi << 5) | (sec // 2)
+
+
+def _deflate(data: bytes) -> bytes:
+    """Raw deflate (the zip entry's data) at ``ZIP_LEVEL``."""
+    c = zlib.compressobj(ZIP_LEVEL, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush()
+
+
+def _reusable_entries(zip_path: Path) -> dict:
+    """The deflated entries of an archive this writer made (``_ZIP_FLAGS``): name -> (crc, size, raw data reader).
+    Empty when there is no such file or it cannot be read (it is then simply not reused)."""
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (OSError, zipfile.BadZipFile):
+        return {}
+    entries = {}
+    with zf:
+        for info in zf.infolist():
+            if info.compress_type == zipfile.ZIP_DEFLATED and info.flag_bits == _ZIP_FLAGS:
+                entries[info.filename] = (info.CRC, info.file_size, info.header_offset, info.compress_size)
+    return entries
+
+
+def _read_raw(zip_path: Path, header_offset: int, compress_size: int) -> bytes:
+    with open(zip_path, "rb") as fh:
+        fh.seek(header_offset)
+        head = fh.read(30)
+        if len(head) != 30 or head[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile("no local header")
+        name_len, extra_len = struct.unpack("<HH", head[26:30])
+        fh.seek(header_offset + 30 + name_len + extra_len)
+        return fh.read(compress_size)
+
+
+def _entry_data(zip_path: Path, old: dict, rel: str, data: bytes, crc: int) -> bytes:
+    """The deflated data of ``data``: the previous archive's entry when it holds exactly these bytes (checked by
+    inflating it, not by its checksum alone), else compressed now."""
+    found = old.get(rel)
+    if found is not None and found[:2] == (crc, len(data)):
+        try:
+            raw = _read_raw(zip_path, found[2], found[3])
+            if zlib.decompress(raw, -15) == data:
+                return raw
+        except (OSError, zlib.error, zipfile.BadZipFile):
+            pass
+    return _deflate(data)
+
+
+def _write_zip(tmp: Path, zip_path: Path, files: list) -> None:
+    """``files`` ``[(rel, path)]`` as a zip at ``tmp``, every field fixed (``ZIP_DATE``, sorted input, mode 0644,
+    no extra fields), so the same files give the same bytes. Deflated entries are compressed by a thread pool (zlib
+    lets other threads run) or taken over from the archive being replaced (``_entry_data``); stored ones are copied."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    old = _reusable_entries(zip_path) if zip_path.is_file() else {}
+    date, time_ = _dos_date_time()
+    deflated = [(rel, f) for rel, f in files if f.suffix.lower() not in ZIP_STORED_SUFFIXES]
+
+    def prepare(item):
+        rel, f = item
+        data = f.read_bytes()
+        crc = zlib.crc32(data)
+        return crc, len(data), _entry_data(zip_path, old, rel, data, crc)
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        ready = dict(zip((rel for rel, _ in deflated), pool.map(prepare, deflated)))
+    central, offset = [], 0
+    with open(tmp, "wb") as out:
+        for rel, f in files:
+            name = rel.encode("utf-8")
+            flags = 0x800 if not rel.isascii() else 0  # bit 11: the name is UTF-8
+            if rel in ready:
+                crc, size, data = ready.pop(rel)
+                method, flags = zipfile.ZIP_DEFLATED, flags | _ZIP_FLAGS
+            else:
+                data = f.read_bytes()
+                crc, size, method = zlib.crc32(data), len(data), zipfile.ZIP_STORED
+            if max(size, len(data), offset) > _ZIP_MAX:
+                raise OverflowError("ZIP64 needed")
+            out.write(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, flags, method, time_, date, crc, len(data), size,
+                                  len(name), 0) + name)
+            out.write(data)
+            central.append(struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", _ZIP_MADE_BY, 20, flags, method, time_,
+                                       date, crc, len(data), size, len(name), 0, 0, 0, 0, 0o644 << 16, offset) + name)
+            offset += 30 + len(name) + len(data)
+        directory = b"".join(central)
+        if offset + len(directory) > _ZIP_MAX or len(central) > 0xFFFF:
+            raise OverflowError("ZIP64 needed")
+        out.write(directory)
+        out.write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, len(central), len(central), len(directory), offset, 0))
+
+
+def _write_zip_zip64(tmp: Path, files: list) -> None:
+    """The same archive through ``zipfile`` (ZIP64 where needed), for archives beyond 4 GB."""
+    with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+        for rel, f in files:
+            info = zipfile.ZipInfo(rel, date_time=ZIP_DATE)
+            info.external_attr = 0o644 << 16
+            stored = f.suffix.lower() in ZIP_STORED_SUFFIXES
+            info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+            with open(f, "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+
+
 def zip_folder(folder: PathLike, zip_path: PathLike, exclude: Iterable[str] = (), only: Iterable[str] = ()) -> Path:
     """Zip every file under ``folder`` (sorted, fixed timestamps: identical inputs give identical bytes).
+
+    PLY, JSON and other uncompressed files are deflated (``ZIP_LEVEL``), files already compressed are stored
+    (``ZIP_STORED_SUFFIXES``). When ``zip_path`` already holds an archive of this writer, its entries for files that
+    have not changed are reused as they are (``_entry_data``): the result is byte for byte the archive written
+    from scratch.
 
     ``exclude`` holds glob patterns matched against the relative path and the file name; when ``only`` is
     given, just the files matching one of its patterns are kept (e.g. a dataset alone). Hidden files
@@ -369,14 +492,8 @@ def zip_folder(folder: PathLike, zip_path: PathLike, exclude: Iterable[str] = ()
         if not _excluded(rel, patterns) and (not wanted or _excluded(rel, wanted)):
             files.append((rel, f))
     with atomic_path(zip_path, suffix=".zip") as tmp:
-        with zipfile.ZipFile(tmp, "w") as zf:
-            for rel, f in files:
-                info = zipfile.ZipInfo(rel, date_time=ZIP_DATE)
-                info.external_attr = 0o644 << 16
-                # Videos, PNGs and GLBs are already compressed; deflating them again costs time for nothing.
-                stored = f.suffix.lower() in (".mp4", ".png", ".jpg", ".jpeg", ".webp", ".glb", ".zip")
-                info.compress_type = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
-                with open(f, "rb") as src, zf.open(info, "w") as dst:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
+        try:
+            _write_zip(tmp, zip_path, files)
+        except OverflowError:
+            _write_zip_zip64(tmp, files)
     return zip_path

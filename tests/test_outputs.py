@@ -323,6 +323,62 @@ def test_zip_contains_exactly_the_files_and_is_deterministic(tmp_path):
         assert zf.namelist() == ["images/a.png", "images/b.png"]
 
 
+
+def test_zip_rebuilt_over_its_previous_archive_equals_one_built_from_scratch(tmp_path, monkeypatch):
+    """An archive written over the previous one (its unchanged deflated entries reused) is byte for byte the archive
+    written from scratch, after files changed (same size too), appeared and went; Python's zipfile reads every entry
+    back as the file's bytes; only the changed and new files are compressed again."""
+    import engine.outputs as outputs_module
+
+    rng = np.random.default_rng(3)
+    job = tmp_path / "job"
+    (job / "clips" / "00_up").mkdir(parents=True)
+    (job / "scene.ply").write_bytes(rng.normal(size=20000).astype(np.float32).tobytes())
+    (job / "scene_splats.ply").write_bytes(np.repeat(rng.normal(size=3000), 7).astype(np.float32).tobytes())
+    (job / "manifest.json").write_text(json.dumps({"clips": ["00_up"]}))
+    (job / "clips" / "00_up" / "clip.mp4").write_bytes(rng.bytes(5000))
+    (job / "clips" / "00_up" / "caméra.json").write_text("{}")  # a UTF-8 name
+    z = zip_folder(job, job / "scene.zip")
+    first = z.read_bytes()
+
+    (job / "manifest.json").write_text(json.dumps({"clips": ["00_up", "01_on"]}))
+    splats = bytearray((job / "scene_splats.ply").read_bytes())
+    splats[100] ^= 0xFF  # same size, other bytes
+    (job / "scene_splats.ply").write_bytes(bytes(splats))
+    (job / "clips" / "01_on").mkdir()
+    (job / "clips" / "01_on" / "cameras.json").write_text("[1, 2]")
+    (job / "clips" / "00_up" / "caméra.json").unlink()
+    compressed = []
+    real = outputs_module._deflate
+    monkeypatch.setattr(outputs_module, "_deflate", lambda data: compressed.append(len(data)) or real(data))
+    again = zip_folder(job, job / "scene.zip").read_bytes()
+    monkeypatch.undo()
+    scratch = zip_folder(job, tmp_path / "scratch.zip", exclude=["scene.zip"]).read_bytes()  # the same files
+    assert again == scratch and again != first
+    sizes = {p.name: p.stat().st_size for p in job.rglob("*") if p.is_file() and p.name != "scene.zip"}
+    assert sorted(compressed) == sorted([sizes["manifest.json"], sizes["scene_splats.ply"], sizes["cameras.json"]])
+    with zipfile.ZipFile(job / "scene.zip") as zf:
+        assert zf.testzip() is None
+        names = zf.namelist()
+        assert names == sorted(names) and set(names) == {p.relative_to(job).as_posix() for p in job.rglob("*")
+                                                          if p.is_file() and p.name != "scene.zip"}
+        for info in zf.infolist():
+            assert zf.read(info) == (job / info.filename).read_bytes() and info.date_time == (1980, 1, 1, 0, 0, 0)
+            stored = info.filename.endswith(".mp4")
+            assert info.compress_type == (zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+    import shutil
+    import subprocess
+
+    if shutil.which("unzip"):  # Info-ZIP, a second reader: every entry's data and checksum
+        done = subprocess.run(["unzip", "-tq", str(job / "scene.zip")], capture_output=True, text=True)
+        assert done.returncode == 0 and "No errors" in done.stdout, done.stdout + done.stderr
+    # An archive another writer made (Python's zipfile, deflate level 9) is read but none of its entries reused.
+    with zipfile.ZipFile(job / "scene.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for p in sorted(job.rglob("*")):
+            if p.is_file() and p.name != "scene.zip":
+                zf.write(p, p.relative_to(job).as_posix())
+    assert zip_folder(job, job / "scene.zip").read_bytes() == scratch
+
 def test_failed_write_keeps_earlier_file_and_leaves_no_temp(tmp_path, monkeypatch):
     target = write_video(tmp_path / "clip.mp4", _smooth_frames(2, 16, 16))
     before = target.read_bytes()
@@ -351,17 +407,20 @@ def test_failed_write_keeps_earlier_file_and_leaves_no_temp(tmp_path, monkeypatc
         (job / f"{name}.txt").write_text(name)
     z = zip_folder(job, tmp_path / "out.zip")
     zbefore = z.read_bytes()
-    real_open = zipfile.ZipFile.open
+    import engine.outputs as outputs_module
+
+    real_deflate = outputs_module._deflate
     seen = {"n": 0}
 
-    def failing_open(self, name, mode="r", *a, **k):
-        if mode == "w":
-            seen["n"] += 1
-            if seen["n"] == 2:
-                raise Boom("interrupted")
-        return real_open(self, name, mode, *a, **k)
+    def failing_deflate(data):
+        seen["n"] += 1
+        if seen["n"] == 2:
+            raise Boom("interrupted")
+        return real_deflate(data)
 
-    monkeypatch.setattr(zipfile.ZipFile, "open", failing_open)
+    for name in "abc":  # changed: nothing of the archive being replaced can be reused
+        (job / f"{name}.txt").write_text(name * 2)
+    monkeypatch.setattr(outputs_module, "_deflate", failing_deflate)
     with pytest.raises(Boom):
         zip_folder(job, z)
     monkeypatch.undo()

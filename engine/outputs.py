@@ -141,34 +141,44 @@ def write_mask_video(path: PathLike, masks: torch.Tensor, fps: float = 16) -> Pa
     masks = torch.as_tensor(masks)
     if masks.dim() != 3:
         raise OutputError(f"write_mask_video needs masks shaped [F,H,W]; got {tuple(masks.shape)}.")
-    frames = masks.bool().float()[:, None].expand(-1, 3, -1, -1)
+    frames = masks.bool()[:, None].expand(-1, 3, -1, -1).to(torch.uint8) * 255  # 8-bit: no float frames to round
     return write_video(path, frames, fps=fps)
 
 
-def depth_to_colors(depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Depth maps ``[F,H,W]`` as colour frames ``[F,3,H,W]`` in [0,1]: inverse depth on the turbo colour map
-    (near = red, far = blue), one range for all frames (the 2nd to 98th percentile of the valid inverse
-    depths, so the colours do not flicker from frame to frame); invalid pixels black."""
+def depth_to_rgb8(depth: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """``depth_to_colors`` as 8-bit colours ``[F,H,W,3]`` (what the video is made of)."""
     import cv2
 
     d = _numpy(depth, np.float64)
     ok = _numpy(valid).astype(bool) & np.isfinite(d) & (d > 0)
     if d.ndim != 3 or ok.shape != d.shape:
         raise OutputError(f"depth_to_colors needs depth and valid shaped [F,H,W]; got {d.shape} and {ok.shape}.")
-    inv = np.where(ok, 1.0 / np.where(ok, d, 1.0), 0.0)
+    inv = np.zeros_like(d)
+    np.divide(1.0, d, out=inv, where=ok)
     if ok.any():
         lo, hi = np.percentile(inv[ok], [2.0, 98.0])
     else:
         lo, hi = 0.0, 1.0
     t = np.clip((inv - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    rgb = np.stack([cv2.applyColorMap(np.round(f * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1] for f in t])
-    rgb = np.where(ok[..., None], rgb, 0).astype(np.float32) / 255.0
-    return torch.from_numpy(rgb).permute(0, 3, 1, 2)
+    index = np.rint(t * 255).astype(np.uint8)
+    f, h, w = index.shape
+    # One colour-map call for every frame (a per-pixel lookup), BGR to RGB, invalid pixels black.
+    rgb = cv2.applyColorMap(index.reshape(f * h, w), cv2.COLORMAP_TURBO).reshape(f, h, w, 3)[..., ::-1]
+    rgb = np.ascontiguousarray(rgb)
+    rgb[~ok] = 0
+    return rgb
+
+
+def depth_to_colors(depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Depth maps ``[F,H,W]`` as colour frames ``[F,3,H,W]`` in [0,1]: inverse depth on the turbo colour map
+    (near = red, far = blue), one range for all frames (the 2nd to 98th percentile of the valid inverse
+    depths, so the colours do not flicker from frame to frame); invalid pixels black."""
+    return torch.from_numpy(depth_to_rgb8(depth, valid).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
 
 
 def write_depth_video(path: PathLike, depth: torch.Tensor, valid: torch.Tensor, fps: float = 16) -> Path:
-    """A depth video (``depth_to_colors``) as an MP4."""
-    return write_video(path, depth_to_colors(depth, valid), fps=fps)
+    """A depth video (``depth_to_colors``) as an MP4, from the 8-bit colours directly."""
+    return write_video(path, torch.from_numpy(depth_to_rgb8(depth, valid)).permute(0, 3, 1, 2), fps=fps)
 
 
 def read_video(path: PathLike) -> torch.Tensor:

@@ -95,6 +95,23 @@ def test_mask_video_roundtrip(tmp_path):
     assert (decoded == masks.numpy()).mean() > 0.99
 
 
+
+def test_mask_and_depth_videos_are_their_float_frames_video(tmp_path):
+    """The mask and depth videos, written from 8-bit frames, are byte for byte the videos of the float frames they
+    stand for (white/black masks; ``depth_to_colors``)."""
+    from engine.outputs import depth_to_colors, write_depth_video
+
+    g = torch.Generator().manual_seed(8)
+    masks = torch.rand(3, 30, 46, generator=g) > 0.5
+    depth = torch.rand(3, 30, 46, generator=g) * 4 + 0.5
+    valid = torch.rand(3, 30, 46, generator=g) > 0.2
+    a = write_mask_video(tmp_path / "m8.mp4", masks).read_bytes()
+    assert a == write_video(tmp_path / "mf.mp4", masks.float()[:, None].expand(-1, 3, -1, -1)).read_bytes()
+    b = write_depth_video(tmp_path / "d8.mp4", depth, valid).read_bytes()
+    assert b == write_video(tmp_path / "df.mp4", depth_to_colors(depth, valid)).read_bytes()
+    odd = write_mask_video(tmp_path / "odd8.mp4", masks[:, :29, :45]).read_bytes()  # padded to even
+    assert odd == write_video(tmp_path / "oddf.mp4", masks[:, :29, :45].float()[:, None].expand(-1, 3, -1, -1)).read_bytes()
+
 def test_bad_frames_refused(tmp_path):
     with pytest.raises(OutputError, match=r"\[F,3,H,W\]"):
         write_video(tmp_path / "x.mp4", torch.rand(3, 32, 32))

@@ -15,6 +15,7 @@ behind. Files are written so that common tools open them unchanged:
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import struct
 import subprocess
@@ -211,6 +212,9 @@ def write_point_cloud_ply(path: PathLike, points: ArrayLike, colors: Optional[Ar
                                  "red": c[:, 0], "green": c[:, 1], "blue": c[:, 2]})
 
 
+GLB_GENERATOR = "WorldStereo Studio (engine/outputs.py)"
+
+
 def write_point_cloud_glb(
     path: PathLike, points: ArrayLike, colors: Optional[ArrayLike] = None, axes: Optional[np.ndarray] = OPENCV_TO_OPENGL
 ) -> Path:
@@ -218,19 +222,45 @@ def write_point_cloud_glb(
 
     ``axes`` rotates the points into glTF's y-up frame; the default assumes an OpenCV-style world (y down,
     z forward, as a perspective scene anchored at its first camera is). Pass None to keep coordinates.
-    """
-    import trimesh
 
+    Written here in the layout trimesh's GLB exporter gives a ``PointCloud`` (one node, one mesh, one default
+    material; float32 VEC3 positions then normalised uint8 RGBA colours in one buffer), without importing trimesh
+    (a quarter of a second) for a JSON header and two arrays.
+    """
     p, c, _ = _points_colors(points, colors, "write_point_cloud_glb")
-    if p.shape[0] == 0:
+    n = p.shape[0]
+    if n == 0:
         raise OutputError("write_point_cloud_glb got no finite points; there is nothing to show.")
     if axes is not None:
         p = p @ np.asarray(axes, dtype=np.float64).T
-    rgba = np.concatenate([c, np.full((c.shape[0], 1), 255, np.uint8)], axis=1)
-    cloud = trimesh.PointCloud(p.astype(np.float32), colors=rgba)
-    data = cloud.export(file_type="glb")
+    pos = np.ascontiguousarray(p, dtype=np.float32)
+    rgba = np.empty((n, 4), np.uint8)
+    rgba[:, :3], rgba[:, 3] = c, 255
+    gltf = {
+        "scene": 0, "scenes": [{"nodes": [0]}], "asset": {"version": "2.0", "generator": GLB_GENERATOR},
+        "accessors": [
+            {"componentType": 5126, "type": "VEC3", "byteOffset": 0, "bufferView": 0, "count": n,
+             "max": pos.max(axis=0).tolist(), "min": pos.min(axis=0).tolist()},
+            {"componentType": 5121, "count": n, "normalized": True, "type": "VEC4", "byteOffset": 0, "bufferView": 1,
+             "max": rgba.max(axis=0).tolist(), "min": rgba.min(axis=0).tolist()}],
+        "meshes": [{"name": "geometry_0", "primitives": [{"attributes": {"POSITION": 0, "COLOR_0": 1}, "mode": 0,
+                                                          "material": 0}]}],
+        "materials": [{"pbrMetallicRoughness": {"baseColorFactor": [1, 1, 1, 1], "metallicFactor": 0,
+                                                "roughnessFactor": 0}}],
+        "nodes": [{"name": "geometry_0", "mesh": 0}],
+        "buffers": [{"byteLength": pos.nbytes + rgba.nbytes}],
+        "bufferViews": [{"buffer": 0, "byteOffset": 0, "byteLength": pos.nbytes},
+                        {"buffer": 0, "byteOffset": pos.nbytes, "byteLength": rgba.nbytes}],
+    }
+    header = json.dumps(gltf, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 4)  # chunks are 4-byte aligned: JSON padded with spaces
+    body = pos.tobytes() + rgba.tobytes()  # 12 n + 4 n bytes: aligned already
     with atomic_path(Path(path), suffix=".glb") as tmp:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<4sII", b"glTF", 2, 12 + 8 + len(header) + 8 + len(body)))
+            fh.write(struct.pack("<I4s", len(header), b"JSON") + header)
+            fh.write(struct.pack("<I4s", len(body), b"BIN\x00"))
+            fh.write(body)
     return Path(path)
 
 

@@ -208,6 +208,32 @@ def test_glb_is_points_with_colours(tmp_path):
     np.testing.assert_array_equal(colours[:, :3], cols)
 
 
+
+@pytest.mark.parametrize("n, axes", [(1, None), (300, "opencv"), (1001, "zup")])
+def test_glb_is_the_one_trimesh_exports_and_trimesh_reads_it(tmp_path, n, axes):
+    """The GLB equals trimesh's export of the same ``PointCloud`` (JSON header but the generator's name, binary chunk
+    byte for byte), and trimesh loads it back as the points and colours."""
+    import trimesh
+
+    from engine.outputs import OPENCV_TO_OPENGL, ZUP_TO_OPENGL
+
+    pts, cols = _cloud(n, seed=n)
+    rot = {"opencv": OPENCV_TO_OPENGL, "zup": ZUP_TO_OPENGL, None: None}[axes]
+    ours = write_point_cloud_glb(tmp_path / "ours.glb", pts, cols, axes=rot)
+    moved = pts if rot is None else pts @ rot.T
+    rgba = np.concatenate([cols, np.full((n, 1), 255, np.uint8)], axis=1)
+    (tmp_path / "trimesh.glb").write_bytes(trimesh.PointCloud(moved.astype(np.float32), colors=rgba)
+                                           .export(file_type="glb"))
+    gltf, binary = _parse_glb(ours)
+    theirs, their_binary = _parse_glb(tmp_path / "trimesh.glb")
+    assert gltf.pop("asset") == {"version": "2.0", "generator": "WorldStereo Studio (engine/outputs.py)"}
+    theirs.pop("asset")
+    assert gltf == theirs and binary == their_binary
+    loaded = trimesh.load(ours, force="scene")
+    (cloud,) = loaded.geometry.values()
+    np.testing.assert_allclose(cloud.vertices, moved, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(cloud.colors)[:, :3], cols)
+
 def test_splat_ply_layout(tmp_path):
     pts, cols = _cloud(200, seed=2)
     scales = np.linspace(0.01, 0.05, 200)

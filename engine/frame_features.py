@@ -86,6 +86,21 @@ class FrameDescriber:
         return FrameFeatures(None if self.model is None else self.features(pixels), image_quality(pixels))
 
 
+def _check_present(spec: str) -> None:
+    """Raise ``OSError`` (as ``from_pretrained`` would, later) when ``spec`` is neither a folder nor a hub id whose
+    ``config.json`` the Hugging Face cache holds: nothing could be loaded, so transformers need not be imported."""
+    if Path(spec).is_dir():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(spec, "config.json")
+    except Exception:  # not a repository id at all
+        cached = None
+    if not isinstance(cached, str):
+        raise OSError(f"{spec} is not in the Hugging Face cache")
+
+
 _LOADED: dict = {}
 _LOADED_LOCK = threading.Lock()
 
@@ -101,13 +116,7 @@ def load_frame_describer(spec: Optional[Union[str, Path]] = None, device: Union[
         if key in _LOADED:
             return _LOADED[key]
         try:
-            if not Path(spec).is_dir():
-                # Asking the hub cache first costs a file lookup; importing transformers to learn the same costs
-                # seconds (about 3 s on 2 cores), on every preview run without the weights.
-                from huggingface_hub import try_to_load_from_cache
-
-                if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
-                    raise FileNotFoundError(spec)
+            _check_present(spec)  # before importing transformers: seconds spent for nothing when the weights are absent
             from transformers import AutoImageProcessor, Dinov2Model
 
             # The release asks for the fast (torchvision) processor: `use_fast=True`, `backend="torchvision"` here.

@@ -224,8 +224,15 @@ def check_image(source: ImageSource, max_pixels: int = MAX_PIXELS, min_side: int
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Float images ``[...,3,H,W]`` in [0,1] -> uint8 numpy ``[...,H,W,3]`` (rounded, clipped)."""
-    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()
+    # In numpy (one thread): torch's threaded element-wise kernels cost milliseconds per frame on a busy machine with
+    # few cores, numpy's the memory traffic. Same float32 arithmetic, ties rounded to even as torch.round does.
+    x = images.detach().cpu()
+    x = np.moveaxis((x if x.dtype == torch.float32 else x.float()).numpy(), -3, -1)
+    y = np.clip(x, 0.0, 1.0)  # the one float copy
+    np.multiply(y, 255.0, out=y)
+    np.rint(y, out=y)
+    with np.errstate(invalid="ignore"):  # NaN (callers refuse it first) casts to 0
+        return y.astype(np.uint8, order="C")  # contiguous channels-last: what encoders and pipes take
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -234,11 +241,36 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(to_uint8(image))
 
 
+def encode_png(pixels: np.ndarray) -> bytes:
+    """8-bit RGB ``[H,W,3]`` as PNG bytes (8 bits per channel, lossless, the same bytes for the same pixels).
+
+    Encoded by OpenCV's libpng at zlib level 1 with the Paeth filter on every row and Huffman-only coding: frames
+    written while a scene runs cost about half of Pillow's level 1 (3.2 against 5.9 ms at 240x384, 12 against 20 ms
+    at 480x768) and come out smaller, and OpenCV lets other Python threads run while it encodes (Pillow does not).
+    """
+    import cv2
+
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise ValueError(f"encode_png needs uint8 pixels [H,W,3]; got {pixels.dtype} {pixels.shape}.")
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(pixels[..., ::-1]),  # OpenCV takes BGR
+                           [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY,
+                            cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_PAETH])
+    if not ok:
+        raise OSError("OpenCV could not encode the image as PNG.")
+    return buf.tobytes()
+
+
 def save_image(path: PathLike, image: torch.Tensor) -> Path:
-    """Write ``[3,H,W]`` in [0,1] atomically; the format follows the extension (PNG when there is none)."""
+    """Write ``[3,H,W]`` in [0,1] atomically; the format follows the extension (PNG when there is none; PNGs through
+    ``encode_png``)."""
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"save_image needs one image [3,H,W]; got shape {tuple(image.shape)}.")
     with atomic_path(path) as tmp:
-        # Fast PNG compression: these files are written during generation, where seconds matter more than bytes.
-        to_pil(image).save(tmp, format=fmt, **({"compress_level": 1} if fmt == "PNG" else {}))
+        if fmt == "PNG":
+            tmp.write_bytes(encode_png(to_uint8(image)))
+        else:
+            to_pil(image).save(tmp, format=fmt)
     return path

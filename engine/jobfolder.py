@@ -383,13 +383,14 @@ class JobFolder:
         official camera file, and the nerfstudio dataset of the same frames (``start_frame`` [3,H,W], then the clips'
         frames as generated)."""
         files = self.scene_files()
-        cams, images = [start_camera], [start_frame[None]]
+        cams, images = [start_camera], [start_frame]
         for clip in manifest["clips"]:
             cams.append(self.clip_cameras(clip)[1:])
-            images.append(self.clip_frames(clip)[1:])
+            images.extend(self.clip_frame_files(clip)[1:])
         all_cams = Cameras.cat(cams)
         outputs.write_cameras_json(files.cameras, all_cams)
-        outputs.write_transforms_json(self.path, torch.cat(images), all_cams, image_dir=DATASET_IMAGES)
+        # The clips' lossless PNGs are copied as they are, not decoded and encoded again.
+        outputs.write_transforms_json(self.path, images, all_cams, image_dir=DATASET_IMAGES)
         # Frames of a removed clip (``revert``) must not linger in the dataset or the zip.
         listed = {f["file_path"] for f in json.loads(files.transforms.read_text())["frames"]}
         for stale in files.images.glob("*"):
@@ -409,6 +410,12 @@ class JobFolder:
         if not frames:  # a scene made before clips kept their frames: the video is all there is
             return outputs.read_video(files.video)
         return torch.stack([load_image(f) for f in frames])
+
+    def clip_frame_files(self, clip: dict) -> list:
+        """A committed clip's generated frames as its lossless PNG files (``frames/NNNN.png``, in order); a scene made
+        before clips kept them: the frames decoded from the video (``[3,H,W]`` each)."""
+        files = sorted(self.clip_files(clip["name"]).frames.glob("*.png"))
+        return files or list(outputs.read_video(self.clip_files(clip["name"]).video))
 
     def clip_cameras(self, clip: dict) -> Cameras:
         """A committed clip's cameras, as its frames were asked to follow them."""

@@ -6,6 +6,8 @@ conditioned on, and lets the memory, cache growth and outputs run end to end.
 """
 from __future__ import annotations
 
+import os
+
 import cv2
 import numpy as np
 import torch
@@ -17,19 +19,27 @@ PREVIEW_NOTE = (
 
 
 def fill_holes(frames: torch.Tensor, covered: torch.Tensor, radius: int = 5) -> torch.Tensor:
-    """Inpaint the uncovered pixels of ``frames [F,3,H,W]`` (covered: bool ``[F,H,W]``); covered pixels are kept."""
+    """Inpaint the uncovered pixels of ``frames [F,3,H,W]`` (covered: bool ``[F,H,W]``); covered pixels are kept.
+
+    Frames are filled by a small thread pool (OpenCV lets other threads run while it inpaints); each frame's result
+    depends on that frame alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
     out = frames.detach().cpu().float().clone()
     covered = covered.detach().cpu()
-    for i in range(out.shape[0]):
-        holes = ~covered[i]
-        if not bool(holes.any()):
-            continue
-        if not bool(covered[i].any()):
-            continue  # nothing to propagate from: an all-black frame is the honest answer
-        img = (out[i].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
-        filled = cv2.inpaint(img, holes.numpy().astype(np.uint8), radius, cv2.INPAINT_TELEA)
-        filled_t = torch.from_numpy(filled).permute(2, 0, 1).float() / 255.0
-        out[i] = torch.where(holes[None], filled_t, out[i])
+    holes_all = (~covered).numpy()
+    todo = [i for i in range(out.shape[0]) if holes_all[i].any() and not holes_all[i].all()]
+    # (no holes: nothing to fill; nothing covered: nothing to propagate from, an all-black frame is the honest answer)
+    pixels = out.permute(0, 2, 3, 1).numpy()  # a view of ``out``: each frame is filled in place
+
+    def fill(i: int) -> None:
+        img = np.clip(np.rint(pixels[i] * 255.0), 0, 255).astype(np.uint8)
+        filled = cv2.inpaint(img, holes_all[i].astype(np.uint8), radius, cv2.INPAINT_TELEA)
+        holes = holes_all[i]
+        pixels[i][holes] = filled[holes].astype(np.float32) / np.float32(255.0)
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(fill, todo))
     return out
 
 

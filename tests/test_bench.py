@@ -197,3 +197,20 @@ def test_gpu_check_records_failed_and_timed_out_sections(gpu_check_on_cpu, tmp_p
     assert sections["env"]["status"].startswith("stopped after 1 s")
     assert sections["tests"]["status"].startswith("not run")
     assert "| env | stopped after 1 s" in result.with_suffix(".md").read_text()
+
+
+def test_loop_bench_reads_stage_numbers_and_prints_its_tables(monkeypatch):
+    """bench/loop.py: the stage seconds of a clip record are its numbers only (a timeline or a flag is left out); a
+    run at the real size (1 clip of 3 frames, the scene part skipped) prints the machine, the size and every stage."""
+    loop = _bench("loop", monkeypatch)
+    record = {"seconds": {"render": 0.5, "write": 2, "timeline": [["render", 0.0, 0.5]], "overlapped": True,
+                          "steps": {"fuse": 1.0}}}
+    assert loop.stage_seconds(record) == {"render": 0.5, "write": 2.0}
+    assert loop.stage_seconds({}) == {}
+    runs = [{"clips": [{"render": 1.0, "write": 3.0}, {"render": 2.0}], "export": 0.5},
+            {"clips": [{"render": 4.0, "write": 1.0}], "export": 1.5}]
+    assert loop.stage_medians(runs) == {"render": 2.0, "write": 2.0, "export": 1.0}
+    out = _run("bench/loop.py", "--repeats", "1", "--clips", "1", "--frames", "3", "--skip-scene")
+    assert "cores usable" in out and "load average" in out and "480x768, 3 frames" in out
+    for stage in ("render", "retrieve", "generate", "fuse", "write", "export", "total"):
+        assert f"| {stage} | " in out

@@ -204,6 +204,44 @@ def test_numpy_and_pil_inputs_and_save_roundtrip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_to_uint8_is_torchs_clamp_scale_round(dtype):
+    """``to_uint8`` (numpy) gives what torch's clamp, scale by 255 and round-half-to-even give, channels last and
+    contiguous, for one image and for batches."""
+    g = torch.Generator().manual_seed(9)
+    for shape in [(3, 5, 7), (4, 3, 9, 11), (2, 2, 3, 6, 6)]:
+        x = (torch.rand(*shape, generator=g) * 1.4 - 0.2).to(dtype)
+        x.view(-1)[:3] = torch.tensor([0.5, 1.5, 2.5]) / 255  # near ties
+        expected = x.float().clamp(0, 1).mul(255).round().to(torch.uint8).movedim(-3, -1).numpy()
+        got = to_uint8(x)
+        assert got.dtype == np.uint8 and got.flags["C_CONTIGUOUS"] and np.array_equal(got, expected)
+
+def test_png_frames_are_lossless_8bit_rgb_and_deterministic(tmp_path):
+    """``save_image``'s PNGs, read by Pillow and by the PNG header itself: 8-bit RGB, no interlace, the pixels exactly
+    ``to_uint8`` of the frame (rounded, clipped), the same bytes when written again; other formats still by Pillow."""
+    import struct
+    import zlib
+
+    g = torch.Generator().manual_seed(4)
+    frame = torch.rand(3, 61, 83, generator=g) * 1.2 - 0.1  # values outside [0,1] are clipped
+    frame[:, :20] = torch.linspace(0, 1, 83)  # smooth rows besides noise
+    expected = np.clip(np.round(frame.permute(1, 2, 0).numpy().astype(np.float64) * 255), 0, 255).astype(np.uint8)
+    first = save_image(tmp_path / "a.png", frame).read_bytes()
+    with Image.open(tmp_path / "a.png") as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(im), expected)
+    assert first[:8] == b"\x89PNG\r\n\x1a\n" and first[12:16] == b"IHDR"
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", first[16:29])
+    assert (width, height, depth, colour, interlace) == (83, 61, 8, 2, 0)
+    assert zlib.crc32(first[12:29]) == struct.unpack(">I", first[29:33])[0]
+    assert save_image(tmp_path / "b.png", frame).read_bytes() == first
+    save_image(tmp_path / "c.jpg", frame)
+    with Image.open(tmp_path / "c.jpg") as im:
+        assert im.format == "JPEG"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.jpg"]
+
 def test_check_image_decides_as_load_image_does_and_reports_the_upright_size(tmp_path):
     """The upload check refuses exactly what the loader refuses (the hostile corpus: truncated, bombs, too small, not
     images) and reports the size the loader's tensor has (EXIF rotation included), without converting to floats."""

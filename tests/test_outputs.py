@@ -95,12 +95,47 @@ def test_mask_video_roundtrip(tmp_path):
     assert (decoded == masks.numpy()).mean() > 0.99
 
 
+
+def test_mask_and_depth_videos_are_their_float_frames_video(tmp_path):
+    """The mask and depth videos, written from 8-bit frames, are byte for byte the videos of the float frames they
+    stand for (white/black masks; ``depth_to_colors``)."""
+    from engine.outputs import depth_to_colors, write_depth_video
+
+    g = torch.Generator().manual_seed(8)
+    masks = torch.rand(3, 30, 46, generator=g) > 0.5
+    depth = torch.rand(3, 30, 46, generator=g) * 4 + 0.5
+    valid = torch.rand(3, 30, 46, generator=g) > 0.2
+    a = write_mask_video(tmp_path / "m8.mp4", masks).read_bytes()
+    assert a == write_video(tmp_path / "mf.mp4", masks.float()[:, None].expand(-1, 3, -1, -1)).read_bytes()
+    b = write_depth_video(tmp_path / "d8.mp4", depth, valid).read_bytes()
+    assert b == write_video(tmp_path / "df.mp4", depth_to_colors(depth, valid)).read_bytes()
+    odd = write_mask_video(tmp_path / "odd8.mp4", masks[:, :29, :45]).read_bytes()  # padded to even
+    assert odd == write_video(tmp_path / "oddf.mp4", masks[:, :29, :45].float()[:, None].expand(-1, 3, -1, -1)).read_bytes()
+
 def test_bad_frames_refused(tmp_path):
     with pytest.raises(OutputError, match=r"\[F,3,H,W\]"):
         write_video(tmp_path / "x.mp4", torch.rand(3, 32, 32))
     with pytest.raises(OutputError, match="NaN"):
         write_video(tmp_path / "x.mp4", torch.full((1, 3, 8, 8), float("nan")))
+    for bad in (float("inf"), -float("inf"), float("nan")):  # one bad value among finite ones
+        frames = torch.rand(2, 3, 8, 8)
+        frames[1, 2, 7, 3] = bad
+        with pytest.raises(OutputError, match="infinite"):
+            write_video(tmp_path / "x.mp4", frames)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_video_bytes_are_imageios(tmp_path):
+    """The pipe to ffmpeg writes the file imageio's FFMPEG writer writes with the same settings, frame by frame."""
+    frames = _smooth_frames(7, 30, 46)
+    ours = write_video(tmp_path / "ours.mp4", frames, fps=16, crf=17)
+    writer = imageio.get_writer(tmp_path / "imageio.mp4", format="FFMPEG", mode="I", fps=16, codec="libx264",
+                                pixelformat="yuv420p", quality=None, macro_block_size=1, ffmpeg_log_level="error",
+                                output_params=["-crf", "17", "-threads", "1", "-movflags", "+faststart"])
+    for frame in (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy():
+        writer.append_data(frame)
+    writer.close()
+    assert ours.read_bytes() == (tmp_path / "imageio.mp4").read_bytes()
 
 
 # ---- point clouds --------------------------------------------------------------------------------
@@ -172,6 +207,32 @@ def test_glb_is_points_with_colours(tmp_path):
     colours = _accessor(gltf, binary, prim["attributes"]["COLOR_0"], np.uint8, width)
     np.testing.assert_array_equal(colours[:, :3], cols)
 
+
+
+@pytest.mark.parametrize("n, axes", [(1, None), (300, "opencv"), (1001, "zup")])
+def test_glb_is_the_one_trimesh_exports_and_trimesh_reads_it(tmp_path, n, axes):
+    """The GLB equals trimesh's export of the same ``PointCloud`` (JSON header but the generator's name, binary chunk
+    byte for byte), and trimesh loads it back as the points and colours."""
+    import trimesh
+
+    from engine.outputs import OPENCV_TO_OPENGL, ZUP_TO_OPENGL
+
+    pts, cols = _cloud(n, seed=n)
+    rot = {"opencv": OPENCV_TO_OPENGL, "zup": ZUP_TO_OPENGL, None: None}[axes]
+    ours = write_point_cloud_glb(tmp_path / "ours.glb", pts, cols, axes=rot)
+    moved = pts if rot is None else pts @ rot.T
+    rgba = np.concatenate([cols, np.full((n, 1), 255, np.uint8)], axis=1)
+    (tmp_path / "trimesh.glb").write_bytes(trimesh.PointCloud(moved.astype(np.float32), colors=rgba)
+                                           .export(file_type="glb"))
+    gltf, binary = _parse_glb(ours)
+    theirs, their_binary = _parse_glb(tmp_path / "trimesh.glb")
+    assert gltf.pop("asset") == {"version": "2.0", "generator": "WorldStereo Studio (engine/outputs.py)"}
+    theirs.pop("asset")
+    assert gltf == theirs and binary == their_binary
+    loaded = trimesh.load(ours, force="scene")
+    (cloud,) = loaded.geometry.values()
+    np.testing.assert_allclose(cloud.vertices, moved, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(cloud.colors)[:, :3], cols)
 
 def test_splat_ply_layout(tmp_path):
     pts, cols = _cloud(200, seed=2)
@@ -247,6 +308,34 @@ def test_transforms_json_nerfstudio(tmp_path):
         write_transforms_json(tmp_path / "bad", images[:2], cams)
 
 
+
+def test_transforms_json_copies_png_files_and_leaves_equal_ones(tmp_path):
+    """Images given as PNG files are copied byte for byte (not re-encoded); the dataset equals, file for file in
+    pixels, the one written from the decoded tensors; a second write with the same images rewrites no image file."""
+    n, h, w = 4, 24, 32
+    cams = _random_cameras(n, w, h, seed=5)
+    frames = _smooth_frames(n, h, w)
+    sources = []
+    for i in range(1, n):  # the first image as a tensor, the others as files written by another encoder (Pillow)
+        sources.append(tmp_path / f"src{i}.png")
+        Image.fromarray((frames[i] * 255).round().byte().permute(1, 2, 0).numpy()).save(sources[-1], compress_level=9)
+    path = write_transforms_json(tmp_path / "mixed", [frames[0], *sources], cams)
+    from_tensors = write_transforms_json(tmp_path / "tensors", frames, cams)
+    assert json.loads(path.read_text()) == json.loads(from_tensors.read_text())
+    for i in range(n):
+        rel = f"images/frame_{i + 1:05d}.png"
+        if i:
+            assert (tmp_path / "mixed" / rel).read_bytes() == sources[i - 1].read_bytes()
+        a, b = Image.open(tmp_path / "mixed" / rel), Image.open(tmp_path / "tensors" / rel)
+        assert a.mode == b.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "mixed" / "images").iterdir()}
+    inodes = {p.name: p.stat().st_ino for p in (tmp_path / "mixed" / "images").iterdir()}
+    write_transforms_json(tmp_path / "mixed", [frames[0], *sources], cams)
+    assert {p.name: p.stat().st_ino for p in (tmp_path / "mixed" / "images").iterdir()} == inodes
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "mixed" / "images").iterdir()} == stamps
+    with pytest.raises(OutputError, match="different sizes"):
+        write_transforms_json(tmp_path / "bad", [frames[0], *sources[:1], torch.rand(3, h + 2, w)], cams[:3])
+
 # ---- zip, atomicity --------------------------------------------------------------------
 
 def test_zip_contains_exactly_the_files_and_is_deterministic(tmp_path):
@@ -277,31 +366,78 @@ def test_zip_contains_exactly_the_files_and_is_deterministic(tmp_path):
         assert zf.namelist() == ["images/a.png", "images/b.png"]
 
 
+
+def test_zip_rebuilt_over_its_previous_archive_equals_one_built_from_scratch(tmp_path, monkeypatch):
+    """An archive written over the previous one (its unchanged deflated entries reused) is byte for byte the archive
+    written from scratch, after files changed (same size too), appeared and went; Python's zipfile reads every entry
+    back as the file's bytes; only the changed and new files are compressed again."""
+    import engine.outputs as outputs_module
+
+    rng = np.random.default_rng(3)
+    job = tmp_path / "job"
+    (job / "clips" / "00_up").mkdir(parents=True)
+    (job / "scene.ply").write_bytes(rng.normal(size=20000).astype(np.float32).tobytes())
+    (job / "scene_splats.ply").write_bytes(np.repeat(rng.normal(size=3000), 7).astype(np.float32).tobytes())
+    (job / "manifest.json").write_text(json.dumps({"clips": ["00_up"]}))
+    (job / "clips" / "00_up" / "clip.mp4").write_bytes(rng.bytes(5000))
+    (job / "clips" / "00_up" / "caméra.json").write_text("{}")  # a UTF-8 name
+    z = zip_folder(job, job / "scene.zip")
+    first = z.read_bytes()
+
+    (job / "manifest.json").write_text(json.dumps({"clips": ["00_up", "01_on"]}))
+    splats = bytearray((job / "scene_splats.ply").read_bytes())
+    splats[100] ^= 0xFF  # same size, other bytes
+    (job / "scene_splats.ply").write_bytes(bytes(splats))
+    (job / "clips" / "01_on").mkdir()
+    (job / "clips" / "01_on" / "cameras.json").write_text("[1, 2]")
+    (job / "clips" / "00_up" / "caméra.json").unlink()
+    compressed = []
+    real = outputs_module._deflate
+    monkeypatch.setattr(outputs_module, "_deflate", lambda data: compressed.append(len(data)) or real(data))
+    again = zip_folder(job, job / "scene.zip").read_bytes()
+    monkeypatch.undo()
+    scratch = zip_folder(job, tmp_path / "scratch.zip", exclude=["scene.zip"]).read_bytes()  # the same files
+    assert again == scratch and again != first
+    sizes = {p.name: p.stat().st_size for p in job.rglob("*") if p.is_file() and p.name != "scene.zip"}
+    assert sorted(compressed) == sorted([sizes["manifest.json"], sizes["scene_splats.ply"], sizes["cameras.json"]])
+    with zipfile.ZipFile(job / "scene.zip") as zf:
+        assert zf.testzip() is None
+        names = zf.namelist()
+        assert names == sorted(names) and set(names) == {p.relative_to(job).as_posix() for p in job.rglob("*")
+                                                          if p.is_file() and p.name != "scene.zip"}
+        for info in zf.infolist():
+            assert zf.read(info) == (job / info.filename).read_bytes() and info.date_time == (1980, 1, 1, 0, 0, 0)
+            stored = info.filename.endswith(".mp4")
+            assert info.compress_type == (zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED)
+    import shutil
+    import subprocess
+
+    if shutil.which("unzip"):  # Info-ZIP, a second reader: every entry's data and checksum
+        done = subprocess.run(["unzip", "-tq", str(job / "scene.zip")], capture_output=True, text=True)
+        assert done.returncode == 0 and "No errors" in done.stdout, done.stdout + done.stderr
+    # An archive another writer made (Python's zipfile, deflate level 9) is read but none of its entries reused.
+    with zipfile.ZipFile(job / "scene.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for p in sorted(job.rglob("*")):
+            if p.is_file() and p.name != "scene.zip":
+                zf.write(p, p.relative_to(job).as_posix())
+    assert zip_folder(job, job / "scene.zip").read_bytes() == scratch
+
 def test_failed_write_keeps_earlier_file_and_leaves_no_temp(tmp_path, monkeypatch):
     target = write_video(tmp_path / "clip.mp4", _smooth_frames(2, 16, 16))
     before = target.read_bytes()
 
-    real_get_writer = imageio.get_writer
-
     class Boom(RuntimeError):
         pass
 
-    def failing_get_writer(*args, **kwargs):
-        writer = real_get_writer(*args, **kwargs)
-        calls = {"n": 0}
-        real_append = writer.append_data
+    # ffmpeg failing part-way (it reads some frames, writes part of the file, then exits with an error).
+    failing = tmp_path.parent / f"{tmp_path.name}-failing-ffmpeg.sh"
+    failing.write_text('#!/bin/sh\nhead -c 100 > /dev/null\nfor a; do out="$a"; done\n'
+                       'printf partial > "$out"\necho "disk full" >&2\nexit 1\n')
+    failing.chmod(0o755)
+    import engine.outputs as outputs_module
 
-        def append(frame):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise Boom("disk full")
-            real_append(frame)
-
-        writer.append_data = append
-        return writer
-
-    monkeypatch.setattr(imageio, "get_writer", failing_get_writer)
-    with pytest.raises(Boom):
+    monkeypatch.setattr(outputs_module, "_ffmpeg_exe", lambda: str(failing))
+    with pytest.raises(OutputError, match="disk full"):
         write_video(target, _smooth_frames(3, 16, 16))
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
@@ -314,17 +450,20 @@ def test_failed_write_keeps_earlier_file_and_leaves_no_temp(tmp_path, monkeypatc
         (job / f"{name}.txt").write_text(name)
     z = zip_folder(job, tmp_path / "out.zip")
     zbefore = z.read_bytes()
-    real_open = zipfile.ZipFile.open
+    import engine.outputs as outputs_module
+
+    real_deflate = outputs_module._deflate
     seen = {"n": 0}
 
-    def failing_open(self, name, mode="r", *a, **k):
-        if mode == "w":
-            seen["n"] += 1
-            if seen["n"] == 2:
-                raise Boom("interrupted")
-        return real_open(self, name, mode, *a, **k)
+    def failing_deflate(data):
+        seen["n"] += 1
+        if seen["n"] == 2:
+            raise Boom("interrupted")
+        return real_deflate(data)
 
-    monkeypatch.setattr(zipfile.ZipFile, "open", failing_open)
+    for name in "abc":  # changed: nothing of the archive being replaced can be reused
+        (job / f"{name}.txt").write_text(name * 2)
+    monkeypatch.setattr(outputs_module, "_deflate", failing_deflate)
     with pytest.raises(Boom):
         zip_folder(job, z)
     monkeypatch.undo()

@@ -380,6 +380,24 @@ def test_describer_loads_a_folder_and_falls_back_in_one_line(tmp_path, monkeypat
     assert described.image is None and described.quality.shape == (2,)
 
 
+
+def test_describer_without_weights_does_not_import_transformers(tmp_path):
+    """Weights absent from the cache: the pose-only describer and its one line, without importing transformers (seconds
+    of a preview scene's first retrieval); a folder holding the weights still loads them (the test above)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, engine.frame_features as ff; lines = [];"
+            "d = ff.load_frame_describer(announce=lines.append);"
+            "print(d.model is None, len(lines), 'transformers' in sys.modules)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "empty-hub"), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "1", "False"]
+
 # ---- the official scene reader --------------------------------------------------------------------------
 
 def write_traj(folder, prompt=None, n=3):

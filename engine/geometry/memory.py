@@ -25,6 +25,7 @@ from PIL import Image
 
 from engine.atomicio import atomic_folder, atomic_write_json
 from engine.geometry.cameras import Cameras, CameraFormatError
+from engine.images import encode_png
 
 PathLike = Union[str, Path]
 
@@ -153,7 +154,7 @@ class MemoryBank:
             pixels = self.images.mul(255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
             for i in range(len(self)):
                 name = f"{i:04d}"
-                Image.fromarray(pixels[i]).save(tmp / "images" / f"{name}.png", format="PNG", compress_level=1)
+                (tmp / "images" / f"{name}.png").write_bytes(encode_png(pixels[i]))
                 np.save(tmp / "depths" / f"{name}.npy", self.depths[i].numpy().astype(np.float32))
                 frames.append({"image": f"images/{name}.png", "depth": f"depths/{name}.npy",
                                "frame_id": self.frame_ids[i], "source": self.sources[i], "label": self.labels[i]})

@@ -47,8 +47,8 @@ from engine.sampling import SamplingCancelled
 from engine.scene_start import PANORAMA_KINDS, PANORAMA_START_YAWS
 from engine.settings import SceneError, SceneSettings, check_frames, check_prompt, engine_device
 
-__all__ = ["Committed", "GenerationCancelled", "Scene", "TrajectoryRequest", "check_trajectory_prompts", "default_trajectory_names",
-           "open_for_files", "parse_trajectory_prompts", "revert", "with_trajectory_prompts"]
+__all__ = ["ClipWriter", "Committed", "GenerationCancelled", "Scene", "TrajectoryRequest", "check_trajectory_prompts",
+           "default_trajectory_names", "open_for_files", "parse_trajectory_prompts", "revert", "with_trajectory_prompts"]
 
 DEFAULT_PHOTO_TRAJECTORIES = ("up", "left", "right", "orbit")  # the paper's benchmark set
 CANCELLED = "Generation was cancelled; the scene keeps every finished clip."

@@ -117,6 +117,16 @@ class PlaneTestDepth:
         return DepthSource(PlaneDepth(depth=2.0, fov_x=60.0), "test plane")
 
 
+def noise_photo(folder: Path, seed: int) -> Path:
+    """A 192x128 photo of uniform noise (``folder/photo.png``): every part textured, nothing for a model to know."""
+    from PIL import Image
+
+    path = folder / "photo.png"
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((128, 192, 3)) * 255).astype(np.uint8)).save(path)
+    return path
+
+
 def tiny_clip_inputs(frames: int, height: int, width: int, seed: int = 0):
     """Random inputs of one clip (a sideways camera track, random render and mask) and two references:
     ``(pipeline keyword arguments, References)``."""

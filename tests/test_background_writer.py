@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import engine.settings as settings_mod
-from conftest import PlaneTestDepth
+from conftest import PlaneTestDepth, noise_photo
 from engine import outputs
 from engine.cli import main as cli_main
 from engine.jobfolder import JobFolder
@@ -39,10 +38,7 @@ def small_preview(monkeypatch):
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("photo") / "photo.png"
-    rng = np.random.default_rng(11)
-    Image.fromarray((rng.random((128, 192, 3)) * 255).astype(np.uint8)).save(path)
-    return path
+    return noise_photo(tmp_path_factory.mktemp("photo"), seed=11)
 
 
 def _new_scene(job: Path, photo: Path) -> Scene:

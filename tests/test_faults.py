@@ -19,16 +19,14 @@ import time
 import weakref
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import engine.scene as scene_mod
 import engine.settings as settings_mod
 import engine.generators as generators
 from engine.cli import main as cli_main
-from conftest import PlaneTestDepth
+from conftest import PlaneTestDepth, noise_photo
 from engine.scene import GenerationCancelled, Scene
 from engine.settings import SceneSettings
 from scenefolder import assert_same_scene
@@ -51,10 +49,7 @@ def small_preview(monkeypatch):
 
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("photo") / "photo.png"
-    rng = np.random.default_rng(7)
-    Image.fromarray((rng.random((128, 192, 3)) * 255).astype(np.uint8)).save(path)
-    return path
+    return noise_photo(tmp_path_factory.mktemp("photo"), seed=7)
 
 
 def _tree(job: Path) -> dict:

@@ -390,7 +390,8 @@ def _clips_in_background(scene, requests: list, progress: Callable, flag) -> Ite
 
     def work():
         try:
-            scene.generate_clips(requests, progress=lambda f, m: progress(0.08 + 0.84 * f, desc=m), cancel=flag.is_set, on_commit=events.put)
+            scene.generate_clips(requests, progress=lambda f, m: progress(0.08 + 0.84 * f, desc=m),
+                                 cancel=flag.is_set, on_commit=events.put)
             events.put(done)
         except BaseException as e:  # noqa: BLE001 — handed to the page's thread, which words it
             events.put(e)

@@ -357,15 +357,16 @@ def _run(ctx: AppContext, state: dict, scene, engine: str, requests: list, flag,
                 lines.append(f"Clip {i + 1}/{n} `{record.name}` done in {record.seconds.get('total', 0):.1f} s "
                              f"({record.frames} frames, {record.references} reference views; {secs}).")
                 # Shown as soon as the clip is committed, while the next clip is being made.
-                shown = viewer_update(ctx, committed, job_root, state)
-                yield {"status": "\n\n".join(lines), **shown,
+                yield {"status": "\n\n".join(lines), **viewer_update(ctx, committed, job_root, state),
                        "downloads": downloads_for(scene_dir, downloads_dir, clips, exported=False),
                        **clip_update(scene_dir, clips, clips[-1])}
         progress(0.93, desc="export: cameras, 3DGS dataset, zip")
         scene.export(progress=lambda f, m: progress(0.93 + 0.07 * f, desc=f"export: {m}"))
         lines.append(f"Done in {time.perf_counter() - t_run:.1f} s. Everything is in the downloads; "
                      f"**Continue this scene** adds more trajectories to the same point cloud.")
-        yield {"status": "\n\n".join(lines), **shown,
+        # The viewers get the last clip's cloud again under a new file name: the same file sent again while the
+        # viewer still loads it (the export takes a fraction of a second now) can leave the splat view blank.
+        yield {"status": "\n\n".join(lines), **viewer_update(ctx, scene, job_root, state),
                "downloads": downloads_for(scene_dir, downloads_dir, scene.clips, exported=True)}
     except GenerationCancelled:
         lines.append(f"Cancelled. The {len(scene.clips)} finished clip(s) are kept and downloadable.")

@@ -485,7 +485,9 @@ def _example_cancel_resume(page, server_out):
     assert page.locator("#prompt textarea, #prompt input").first.input_value() != ""
     for name, on in (("left", True), ("right", True), ("up", True)):
         _set_checkbox(page, "trajectories", name, on)
-    _set_frames(page, 12)
+    # 24 frames a clip: the first clip is shown while the second is made (its files written meanwhile), so the
+    # cancel must land within the last two clips' time, under a loaded suite too.
+    _set_frames(page, 24)
     page.locator("#generate").click()
     # Cancel once the first clip is shown: the run stops after the stage in progress, finished clips stay.
     page.locator("#clip-video video[src]").wait_for(timeout=180_000)

@@ -117,12 +117,13 @@ class PlaneTestDepth:
         return DepthSource(PlaneDepth(depth=2.0, fov_x=60.0), "test plane")
 
 
-def noise_photo(folder: Path, seed: int) -> Path:
-    """A 192x128 photo of uniform noise (``folder/photo.png``): every part textured, nothing for a model to know."""
+@pytest.fixture(scope="module")
+def noise_photo(tmp_path_factory) -> Path:
+    """A 192x128 photo of uniform noise: every part textured, nothing for a model to know."""
     from PIL import Image
 
-    path = folder / "photo.png"
-    rng = np.random.default_rng(seed)
+    path = tmp_path_factory.mktemp("photo") / "photo.png"
+    rng = np.random.default_rng(7)
     Image.fromarray((rng.random((128, 192, 3)) * 255).astype(np.uint8)).save(path)
     return path
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import engine.settings as settings_mod
-from conftest import PlaneTestDepth, noise_photo
+from conftest import PlaneTestDepth
 from engine import outputs
 from engine.cli import main as cli_main
 from engine.jobfolder import JobFolder
@@ -34,11 +34,6 @@ TRAJECTORIES = ["up", "left", "right"]
 def small_preview(monkeypatch):
     # Quarter-size preview buckets keep a clip to about a second; the writing order does not depend on the size.
     monkeypatch.setitem(settings_mod.ENGINE_SCALE, "preview", 0.25)
-
-
-@pytest.fixture(scope="module")
-def photo(tmp_path_factory) -> Path:
-    return noise_photo(tmp_path_factory.mktemp("photo"), seed=11)
 
 
 def _new_scene(job: Path, photo: Path) -> Scene:
@@ -73,11 +68,11 @@ def _assert_byte_identical(a: Path, b: Path) -> int:
     return len(names)
 
 
-def test_written_behind_equals_written_in_turn_byte_for_byte(photo, tmp_path):
+def test_written_behind_equals_written_in_turn_byte_for_byte(noise_photo, tmp_path):
     behind, in_turn = tmp_path / "behind", tmp_path / "in-turn"
-    scene = _new_scene(behind, photo)
+    scene = _new_scene(behind, noise_photo)
     scene.run(TRAJECTORIES)
-    sequential = _new_scene(in_turn, photo)
+    sequential = _new_scene(in_turn, noise_photo)
     sequential.plan_run([TrajectoryRequest.parse(t) for t in TRAJECTORIES])  # the resume record ``run`` writes
     for name in TRAJECTORIES:
         sequential.generate(name)  # one clip at a time: each written and committed before the next starts
@@ -93,7 +88,7 @@ def test_written_behind_equals_written_in_turn_byte_for_byte(photo, tmp_path):
     assert np.array_equal(scene.cache.points.numpy(), reopened.cache.points.numpy())
 
 
-def test_writing_runs_beside_the_next_clip_and_off_its_critical_path(photo, tmp_path, monkeypatch):
+def test_writing_runs_beside_the_next_clip_and_off_its_critical_path(noise_photo, tmp_path, monkeypatch):
     """With each clip's writing made slow (0.6 s more), clip k's write span overlaps clip k+1's steps, no clip's
     ``total`` contains a write, and the loop ends well before the sum of its steps."""
     slow = 0.6
@@ -104,7 +99,7 @@ def test_writing_runs_beside_the_next_clip_and_off_its_critical_path(photo, tmp_
         return real(self, name, content)
 
     monkeypatch.setattr(JobFolder, "write_clip", slow_write)
-    scene = _new_scene(tmp_path / "job", photo)
+    scene = _new_scene(tmp_path / "job", noise_photo)
     t0 = time.perf_counter()
     records = scene.generate_clips(TRAJECTORIES)
     wall = time.perf_counter() - t0
@@ -127,12 +122,12 @@ def test_writing_runs_beside_the_next_clip_and_off_its_critical_path(photo, tmp_
     assert wall < in_turn - slow, (wall, in_turn)
 
 
-def test_a_failed_write_mid_scene_ends_in_one_sentence_and_resumes(photo, tmp_path, monkeypatch, capsys):
+def test_a_failed_write_mid_scene_ends_in_one_sentence_and_resumes(noise_photo, tmp_path, monkeypatch, capsys):
     """Disk full while the second clip's video is written (in the writer's thread, while the third clip is made):
     exit 1 with one sentence; the first clip stays committed byte for byte, nothing half-written stays; the same
     command then finishes the scene as an uninterrupted run writes it."""
     out = tmp_path / "job"
-    argv = ["generate", "--image", str(photo), "--engine", "preview", "--depth", "plane", "--frames", "5",
+    argv = ["generate", "--image", str(noise_photo), "--engine", "preview", "--depth", "plane", "--frames", "5",
             "--trajectories", ",".join(TRAJECTORIES), "--out"]
     real = outputs.write_video
 
@@ -161,10 +156,10 @@ def test_a_failed_write_mid_scene_ends_in_one_sentence_and_resumes(photo, tmp_pa
     assert_same_scene(out, tmp_path / "whole")
 
 
-def test_a_failed_write_leaves_the_scene_object_at_the_committed_state(photo, tmp_path, monkeypatch):
+def test_a_failed_write_leaves_the_scene_object_at_the_committed_state(noise_photo, tmp_path, monkeypatch):
     """The same object goes on after the failure: its manifest, cache and bank are the folder's committed ones."""
     job = tmp_path / "job"
-    scene = _new_scene(job, photo)
+    scene = _new_scene(job, noise_photo)
     real = JobFolder.write_clip
 
     def failing(self, name, content):
@@ -182,7 +177,7 @@ def test_a_failed_write_leaves_the_scene_object_at_the_committed_state(photo, tm
     assert np.array_equal(scene.cache.points.numpy(), reopened.cache.points.numpy())
     scene.generate_clips(TRAJECTORIES[1:])
     whole = tmp_path / "whole"
-    _new_scene(whole, photo).generate_clips(TRAJECTORIES)
+    _new_scene(whole, noise_photo).generate_clips(TRAJECTORIES)
     assert_same_scene(job, whole)
 
 

@@ -26,7 +26,7 @@ import engine.scene as scene_mod
 import engine.settings as settings_mod
 import engine.generators as generators
 from engine.cli import main as cli_main
-from conftest import PlaneTestDepth, noise_photo
+from conftest import PlaneTestDepth
 from engine.scene import GenerationCancelled, Scene
 from engine.settings import SceneSettings
 from scenefolder import assert_same_scene
@@ -48,8 +48,8 @@ def small_preview(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def photo(tmp_path_factory) -> Path:
-    return noise_photo(tmp_path_factory.mktemp("photo"), seed=7)
+def photo(noise_photo) -> Path:
+    return noise_photo
 
 
 def _tree(job: Path) -> dict:

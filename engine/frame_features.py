@@ -87,18 +87,12 @@ class FrameDescriber:
 
 
 def _check_present(spec: str) -> None:
-    """Raise ``OSError`` (as ``from_pretrained`` would, later) when ``spec`` is neither a folder nor a hub id whose
+    """Raise (as ``from_pretrained`` would, later) when ``spec`` is neither a folder nor a hub id whose
     ``config.json`` the Hugging Face cache holds: nothing could be loaded, so transformers need not be imported."""
-    if Path(spec).is_dir():
-        return
-    from huggingface_hub import try_to_load_from_cache
+    if not Path(spec).is_dir():
+        from engine.hub import hub_file
 
-    try:
-        cached = try_to_load_from_cache(spec, "config.json")
-    except Exception:  # not a repository id at all
-        cached = None
-    if not isinstance(cached, str):
-        raise OSError(f"{spec} is not in the Hugging Face cache")
+        hub_file(spec, "config.json", cache_only=True)  # HubFileUnavailable when the cache lacks it
 
 
 _LOADED: dict = {}

@@ -405,11 +405,7 @@ class JobFolder:
     # ---- reading clips --------------------------------------------------------------------------------
     def clip_frames(self, clip: dict) -> torch.Tensor:
         """A committed clip's generated frames ``[F,3,H,W]``, exactly as generated (8-bit)."""
-        files = self.clip_files(clip["name"])
-        frames = sorted(files.frames.glob("*.png"))
-        if not frames:  # a scene made before clips kept their frames: the video is all there is
-            return outputs.read_video(files.video)
-        return torch.stack([load_image(f) for f in frames])
+        return torch.stack([load_image(f) if isinstance(f, Path) else f for f in self.clip_frame_files(clip)])
 
     def clip_frame_files(self, clip: dict) -> list:
         """A committed clip's generated frames as its lossless PNG files (``frames/NNNN.png``, in order); a scene made

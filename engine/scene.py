@@ -536,9 +536,9 @@ class Scene:
         report = ensure(progress)
         requests = list(requests)
         writer = ClipWriter(self, background=behind and len(requests) > 1, on_commit=on_commit)
+        n = len(requests)
         try:
             for i, req in enumerate(requests):
-                n = len(requests)
                 clip = self.make_clip(req, span(report, i / n, (i + 1) / n, prefix=f"clip {i + 1}/{n} · "), cancel,
                                       origin=writer.origin)
                 writer.wait()

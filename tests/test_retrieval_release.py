@@ -380,7 +380,6 @@ def test_describer_loads_a_folder_and_falls_back_in_one_line(tmp_path, monkeypat
     assert described.image is None and described.quality.shape == (2,)
 
 
-
 def test_describer_without_weights_does_not_import_transformers(tmp_path):
     """Weights absent from the cache: the pose-only describer and its one line, without importing transformers (seconds
     of a preview scene's first retrieval); a folder holding the weights still loads them (the test above)."""
@@ -397,6 +396,7 @@ def test_describer_without_weights_does_not_import_transformers(tmp_path):
                          cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["True", "1", "False"]
+
 
 # ---- the official scene reader --------------------------------------------------------------------------
 

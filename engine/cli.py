@@ -135,6 +135,10 @@ def cmd_generate(args) -> int:
     try:
         scene.run(requests, progress=bar,
                   on_commit=(lambda c: evaluator.submit(c.clips[-1])) if evaluator is not None else None)
+    except BaseException:
+        if evaluator is not None:  # the error's sentence ends the command, not the evaluations still queued
+            evaluator.cancel()
+        raise
     finally:
         bar.close()
     print(f"Done in {time.perf_counter() - t0:.1f} s with the '{scene.settings.engine}' engine. Written to {out}:")

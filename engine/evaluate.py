@@ -526,6 +526,10 @@ class ClipEvaluator:
         self._judged.append(self._pool.submit(judge_committed_clip, self.folder, record, threads=self.threads,
                                               seed=self.seed))
 
+    def cancel(self) -> None:
+        """Drop the clips not yet judged (the run failed: nothing will be reported), without waiting for them."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
     def report(self) -> dict:
         """The report of every submitted clip, once all are judged."""
         try:
